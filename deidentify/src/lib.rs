@@ -1,0 +1,48 @@
+//! De-identification: the only crate that sees identifiable rows.
+//!
+//! It reads provider exports (CSV with built-in Synthea or file-given mappings, FHIR R4 Bundle JSON and
+//! bulk NDJSON) as canonical records ([`read`]), and transforms them under a validated
+//! [`policies::Profile`] ([`transform`]): keyed pseudonyms and per-person date shifts ([`keys`]),
+//! national-ID check digits ([`ids`]), generalisation, free-text scrubbing ([`scrub`]) and k-anonymity
+//! ([`kanon`]). What comes out is Arrow record batches with no direct identifier left; writing them
+//! (encrypted) and cataloguing them is the `enclave` crate's job.
+
+pub mod ids;
+pub mod kanon;
+pub mod keys;
+pub mod read;
+pub mod scrub;
+pub mod transform;
+pub mod value;
+
+pub use keys::{LinkageKey, Pseudonymizer};
+pub use read::{Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discover, read_file};
+pub use scrub::{PhiKind, ScrubCounts};
+pub use transform::{Deidentifier, ReleasedColumn, Skip, TableOutput, danger_plain_schema};
+
+/// Errors that stop a whole run (a bad row is never one of these: it is quarantined).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read.
+    #[error("cannot read {0}: {1}")]
+    Io(String, std::io::Error),
+    /// A CSV file's header could not be read.
+    #[error("cannot read CSV {0}: {1}")]
+    Csv(String, String),
+    /// Nothing to ingest at the input path.
+    #[error("no CSV, NDJSON or JSON export found at {0}")]
+    NoInput(String),
+    /// The consumer of rows failed (writing output, for example).
+    #[error("{0}")]
+    Sink(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> Error {
+        Error::Io(path.display().to_string(), e)
+    }
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

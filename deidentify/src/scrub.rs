@@ -1,0 +1,313 @@
+//! Free-text scrubbing: the person's own known identifiers plus pattern-found PHI become typed placeholders.
+//!
+//! Two sources of spans are merged: (1) every identifier the structured record holds for the note's
+//! patient (names with and without Synthea's numeric suffixes, MRN, national and licence numbers, phone in
+//! its usual spellings, e-mail, address, city, ZIP, birth and death dates in several formats), matched
+//! case-insensitively on word boundaries; (2) patterns for dates, phones, e-mails, URLs, IP addresses,
+//! ID-shaped numbers, postal codes, facility names, names after titles and ages over 89. Overlapping spans
+//! merge; each merged span becomes `[KIND]`, and replacements are counted per kind.
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use chrono::NaiveDate;
+use regex::Regex;
+
+/// The kind of PHI a placeholder stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PhiKind {
+    /// Person names.
+    Name,
+    /// Dates.
+    Date,
+    /// Telephone and fax numbers.
+    Phone,
+    /// E-mail addresses.
+    Email,
+    /// Record, national, licence, insurance and account numbers.
+    Id,
+    /// Street addresses and cities.
+    Address,
+    /// Postal codes.
+    Zip,
+    /// Web addresses.
+    Url,
+    /// IP addresses.
+    Ip,
+    /// Hospital and clinic names.
+    Facility,
+    /// Ages over 89.
+    Age,
+}
+
+impl PhiKind {
+    /// The placeholder's label (`NAME`, `DATE`, …).
+    pub fn label(self) -> &'static str {
+        match self {
+            PhiKind::Name => "NAME",
+            PhiKind::Date => "DATE",
+            PhiKind::Phone => "PHONE",
+            PhiKind::Email => "EMAIL",
+            PhiKind::Id => "ID",
+            PhiKind::Address => "ADDRESS",
+            PhiKind::Zip => "ZIP",
+            PhiKind::Url => "URL",
+            PhiKind::Ip => "IP",
+            PhiKind::Facility => "FACILITY",
+            PhiKind::Age => "AGE",
+        }
+    }
+}
+
+/// The identifiers one person's structured record holds, ready for matching in their notes.
+#[derive(Default)]
+pub struct KnownIdentifiers {
+    terms: Vec<(String, PhiKind)>,
+    matcher: Option<AhoCorasick>,
+}
+
+impl KnownIdentifiers {
+    /// Adds one identifier value (ignored when too short to match safely).
+    pub fn add(&mut self, value: &str, kind: PhiKind) {
+        let v = value.trim();
+        if v.chars().count() < 2 || (kind == PhiKind::Name && v.chars().count() < 3) {
+            return;
+        }
+        self.terms.push((v.to_owned(), kind));
+        if kind == PhiKind::Name {
+            // Synthea appends digits to names ("Sumiko254"); notes may carry either spelling.
+            let alpha = v.trim_end_matches(|c: char| c.is_ascii_digit());
+            if alpha.len() != v.len() && alpha.chars().count() >= 3 {
+                self.terms.push((alpha.to_owned(), kind));
+            }
+        }
+        if kind == PhiKind::Phone || kind == PhiKind::Id {
+            let digits: String = v.chars().filter(char::is_ascii_digit).collect();
+            if digits.len() >= 7 && digits != v {
+                self.terms.push((digits.clone(), kind));
+            }
+            if kind == PhiKind::Phone && digits.len() == 10 {
+                let (a, b, c) = (&digits[..3], &digits[3..6], &digits[6..]);
+                for f in [
+                    format!("{a}-{b}-{c}"),
+                    format!("({a}) {b}-{c}"),
+                    format!("{a}.{b}.{c}"),
+                    format!("{a} {b} {c}"),
+                ] {
+                    self.terms.push((f, kind));
+                }
+            }
+            if kind == PhiKind::Id && digits.len() == 10 {
+                self.terms.push((
+                    format!("{} {} {}", &digits[..3], &digits[3..6], &digits[6..]),
+                    kind,
+                ));
+            }
+        }
+    }
+
+    /// Adds a date in the spellings notes use (ISO, US and day-first numeric, month names).
+    pub fn add_date(&mut self, d: NaiveDate) {
+        for f in [
+            "%Y-%m-%d",
+            "%m/%d/%Y",
+            "%-m/%-d/%Y",
+            "%d/%m/%Y",
+            "%B %-d, %Y",
+            "%b %-d, %Y",
+            "%-d %B %Y",
+            "%Y年%-m月%-d日",
+        ] {
+            self.terms.push((d.format(f).to_string(), PhiKind::Date));
+        }
+    }
+
+    /// Builds the matcher; call after the last `add`.
+    pub fn seal(&mut self) {
+        self.terms.sort();
+        self.terms.dedup();
+        self.matcher = AhoCorasickBuilder::new()
+            .ascii_case_insensitive(true)
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(self.terms.iter().map(|(t, _)| t.as_str()))
+            .ok();
+    }
+}
+
+struct Pattern {
+    re: Regex,
+    kind: PhiKind,
+    /// Capture group holding the PHI (0: the whole match).
+    group: usize,
+}
+
+static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
+    const MONTH: &str = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)";
+    let specs: Vec<(String, PhiKind, usize)> = vec![
+        (r"\b(?:https?://|www\.)[^\s<>()]+".into(), PhiKind::Url, 0),
+        (r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b".into(), PhiKind::Email, 0),
+        (r"\b(?:\d{1,3}\.){3}\d{1,3}\b".into(), PhiKind::Ip, 0),
+        (r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?".into(), PhiKind::Date, 0),
+        (r"\b\d{1,2}[/.]\d{1,2}[/.]\d{2,4}\b".into(), PhiKind::Date, 0),
+        (format!(r"\b{MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b"), PhiKind::Date, 0),
+        (format!(r"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTH}\.?,?\s+\d{{4}}\b"), PhiKind::Date, 0),
+        (format!(r"\b{MONTH}\s+\d{{4}}\b"), PhiKind::Date, 0),
+        (r"\d{4}年\d{1,2}月(?:\d{1,2}日)?".into(), PhiKind::Date, 0),
+        (r"\b\d{3}-\d{2}-\d{4}\b".into(), PhiKind::Id, 0),
+        (r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)\s?|\b\d{2,4}[\s.-])\d{3,4}[\s.-]\d{4}\b".into(), PhiKind::Phone, 0),
+        (r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b".into(), PhiKind::Id, 0),
+        (
+            r"(?i)\b(?:MRN|medical record(?: number| no\.?)?|patient id|hospital number|NHS(?: number| no\.?)?|SSN|social security(?: number)?|insurance(?: id| number| no\.?)?|member id|policy(?: number| no\.?)|account(?: number| no\.?)?|acct|licen[cs]e(?: number| no\.?)?|passport(?: number| no\.?)?|serial(?: number| no\.?)?|VIN)\s*(?:is|:|#|no\.?)?\s*([A-Z0-9][A-Z0-9-]{3,})".into(),
+            PhiKind::Id,
+            1,
+        ),
+        (r"\b[A-Z]{1,3}\d{6,}[A-Z]?\b".into(), PhiKind::Id, 0),
+        (r"\b\d{7,}\b".into(), PhiKind::Id, 0),
+        (r"〒?\b\d{3}-\d{4}\b".into(), PhiKind::Zip, 0),
+        (r"\b\d{5}(?:-\d{4})?\b".into(), PhiKind::Zip, 0),
+        (
+            r"\b(?:[A-Z][A-Za-z.'&-]*\s+){1,5}(?:Hospital|Medical Center|Medical Centre|Clinic|Health Center|Health Centre|Infirmary|Health System|Medical Group)\b".into(),
+            PhiKind::Facility,
+            0,
+        ),
+        (
+            r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sr|Sra)\.?\s+((?:[A-Z][A-Za-z'-]*\d*)(?:\s+[A-Z][A-Za-z'-]*\d*){0,2})".into(),
+            PhiKind::Name,
+            1,
+        ),
+        (r"[一-龥ぁ-んァ-ヶ]{1,6}(?:様|さん|氏)".into(), PhiKind::Name, 0),
+        (
+            r"(?i)\b(?:9\d|1[0-2]\d)(?:\s*-?\s*(?:years?|yrs?)[\s-]*old\b|\s*y/?o\b|\s*歳)".into(),
+            PhiKind::Age,
+            0,
+        ),
+        (r"(?i)\baged?\s+(?:9\d|1[0-2]\d)\b".into(), PhiKind::Age, 0),
+    ];
+    specs
+        .into_iter()
+        .map(|(src, kind, group)| Pattern {
+            // The patterns are constants of this file, checked by the unit tests below.
+            #[allow(clippy::expect_used)]
+            re: Regex::new(&src).expect("scrub pattern compiles"),
+            kind,
+            group,
+        })
+        .collect()
+});
+
+/// Replacement counts per kind.
+pub type ScrubCounts = BTreeMap<PhiKind, u64>;
+
+/// Scrubs one text. `known` may be empty (no structured record for the person).
+pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> String {
+    let mut spans: Vec<(usize, usize, PhiKind)> = Vec::new();
+    if let Some(m) = &known.matcher {
+        let bytes = text.as_bytes();
+        for hit in m.find_iter(text) {
+            let (s, e) = (hit.start(), hit.end());
+            let before_ok = s == 0 || !is_word_byte(bytes[s - 1]);
+            let after_ok = e == bytes.len() || !is_word_byte(bytes[e]);
+            if before_ok && after_ok {
+                spans.push((s, e, known.terms[hit.pattern().as_usize()].1));
+            }
+        }
+    }
+    for p in PATTERNS.iter() {
+        for caps in p.re.captures_iter(text) {
+            if let Some(m) = caps.get(p.group) {
+                spans.push((m.start(), m.end(), p.kind));
+            }
+        }
+    }
+    if spans.is_empty() {
+        return text.to_owned();
+    }
+    // Earliest start first; at equal starts, the longest span (and the known-identifier kind) wins.
+    spans.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let mut out = String::with_capacity(text.len());
+    let mut pos = 0;
+    let mut current: Option<(usize, usize, PhiKind)> = None;
+    for (s, e, k) in spans {
+        match &mut current {
+            Some(c) if s < c.1 => c.1 = c.1.max(e),
+            _ => {
+                if let Some((cs, ce, ck)) = current.take() {
+                    emit(text, &mut out, &mut pos, cs, ce, ck, counts);
+                }
+                current = Some((s, e, k));
+            }
+        }
+    }
+    if let Some((cs, ce, ck)) = current {
+        emit(text, &mut out, &mut pos, cs, ce, ck, counts);
+    }
+    out.push_str(&text[pos..]);
+    out
+}
+
+fn emit(
+    text: &str,
+    out: &mut String,
+    pos: &mut usize,
+    s: usize,
+    e: usize,
+    k: PhiKind,
+    counts: &mut ScrubCounts,
+) {
+    out.push_str(&text[*pos..s]);
+    out.push('[');
+    out.push_str(k.label());
+    out.push(']');
+    *pos = e;
+    *counts.entry(k).or_default() += 1;
+}
+
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_identifiers_and_patterns_are_replaced() {
+        let mut k = KnownIdentifiers::default();
+        k.add("Sumiko254", PhiKind::Name);
+        k.add("Medhurst46", PhiKind::Name);
+        k.add("555-810-7203", PhiKind::Phone);
+        k.add("MRN00123456", PhiKind::Id);
+        k.add_date(NaiveDate::from_ymd_opt(1927, 5, 21).expect("date"));
+        k.seal();
+        let mut counts = ScrubCounts::new();
+        let text = "Mrs. Sumiko254 Medhurst46 (born May 21, 1927, now 96 years old) seen at St. Mary General Hospital \
+                    on 2023-01-27. Call (555) 810-7203 or mail s.m@example.org; MRN: MRN00123456, see \
+                    https://portal.example.org/x?id=1 from 10.0.0.12. Sumiko lives at ZIP 02155.";
+        let out = scrub(text, &k, &mut counts);
+        for leaked in [
+            "Sumiko",
+            "Medhurst",
+            "1927",
+            "810-7203",
+            "example.org",
+            "MRN00123456",
+            "10.0.0.12",
+            "02155",
+            "Mary General",
+            "96 years",
+        ] {
+            assert!(!out.contains(leaked), "{leaked} survived: {out}");
+        }
+        assert!(out.starts_with("Mrs. [NAME] (born [DATE]"), "{out}");
+        assert_eq!(counts.get(&PhiKind::Phone), Some(&1));
+        assert!(out.contains("seen at [FACILITY]"), "{out}");
+    }
+
+    #[test]
+    fn clinical_text_without_phi_is_untouched() {
+        let k = KnownIdentifiers::default();
+        let text = "Hemoglobin 13.2 g/dL, HbA1c 6.1 %. Continue metformin 500 mg twice daily.";
+        assert_eq!(scrub(text, &k, &mut ScrubCounts::new()), text);
+    }
+}

@@ -1,0 +1,818 @@
+//! The de-identifying transform: source records in, de-identified Arrow record batches out.
+//!
+//! Two passes. [`Deidentifier::add_patient`] sees every patient first: it validates the national ID, forms
+//! the keyed `person_id` and the date shift, keeps the identifiers the scrubber needs, and collects the
+//! quasi-identifiers. [`Deidentifier::finish_patients`] runs k-anonymity. Then
+//! [`Deidentifier::transform`] maps every row of every table through the profile into a [`TableOutput`],
+//! or says why it was quarantined or suppressed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Date32Builder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use chrono::{Datelike, NaiveDate, NaiveDateTime, TimeDelta};
+use policies::schema::{PATIENT_REF, PERSON_ID};
+use policies::{Action, ColumnRule, ColumnType, Generalization, LinkKey, Profile, Table};
+
+use crate::ids::validate_national_id;
+use crate::kanon::{KAnonOutcome, anonymize, climb};
+use crate::keys::Pseudonymizer;
+use crate::read::SourceRecord;
+use crate::scrub::{KnownIdentifiers, PhiKind, ScrubCounts, scrub};
+use crate::value::Value;
+
+/// One output value.
+#[derive(Debug, Clone)]
+pub enum Out {
+    /// Null.
+    Null,
+    /// Text.
+    Str(String),
+    /// 32-bit integer (years).
+    I32(i32),
+    /// 64-bit integer.
+    I64(i64),
+    /// Float.
+    F64(f64),
+    /// Days since the epoch.
+    Date(i32),
+    /// Microseconds since the epoch (UTC).
+    Ts(i64),
+}
+
+impl PartialEq for Out {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Out::Null, Out::Null) => true,
+            (Out::Str(a), Out::Str(b)) => a == b,
+            (Out::I32(a), Out::I32(b)) | (Out::Date(a), Out::Date(b)) => a == b,
+            (Out::I64(a), Out::I64(b)) | (Out::Ts(a), Out::Ts(b)) => a == b,
+            (Out::F64(a), Out::F64(b)) => a.to_bits() == b.to_bits(),
+            _ => false,
+        }
+    }
+}
+impl Eq for Out {}
+impl std::hash::Hash for Out {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        std::mem::discriminant(self).hash(h);
+        match self {
+            Out::Null => {}
+            Out::Str(s) => s.hash(h),
+            Out::I32(v) | Out::Date(v) => v.hash(h),
+            Out::I64(v) | Out::Ts(v) => v.hash(h),
+            Out::F64(v) => v.to_bits().hash(h),
+        }
+    }
+}
+impl PartialOrd for Out {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        match (self, other) {
+            (Out::Str(a), Out::Str(b)) => a.partial_cmp(b),
+            (Out::I32(a), Out::I32(b)) | (Out::Date(a), Out::Date(b)) => a.partial_cmp(b),
+            (Out::I64(a), Out::I64(b)) | (Out::Ts(a), Out::Ts(b)) => a.partial_cmp(b),
+            (Out::F64(a), Out::F64(b)) => a.partial_cmp(b),
+            (Out::Null, Out::Null) => Some(std::cmp::Ordering::Equal),
+            (Out::Null, _) => Some(std::cmp::Ordering::Less),
+            (_, Out::Null) => Some(std::cmp::Ordering::Greater),
+            _ => None,
+        }
+    }
+}
+
+const EPOCH: NaiveDate = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid constant date");
+
+pub(crate) fn days_from_date(d: NaiveDate) -> i32 {
+    i32::try_from((d - EPOCH).num_days()).unwrap_or(i32::MAX)
+}
+
+pub(crate) fn date_from_days(days: i32) -> Option<NaiveDate> {
+    EPOCH.checked_add_signed(TimeDelta::days(i64::from(days)))
+}
+
+fn micros(t: NaiveDateTime) -> i64 {
+    t.and_utc().timestamp_micros()
+}
+
+/// Why a row is not written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Skip {
+    /// Invalid: goes to the quarantine with this reason.
+    Quarantine(String),
+    /// Valid, but its person was suppressed by k-anonymity.
+    Suppressed,
+}
+
+struct Person {
+    person_id: String,
+    shift_days: i64,
+    known: Vec<(String, PhiKind)>,
+    known_dates: Vec<NaiveDate>,
+    qi: Vec<Out>,
+    suppressed: bool,
+    /// Its ID occurred twice: quarantined, not part of k-anonymity or the counts.
+    duplicate: bool,
+}
+
+/// One released column and what was done to it (for the catalog and the report).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleasedColumn {
+    /// Output name.
+    pub name: String,
+    /// Arrow type.
+    pub data_type: String,
+    /// Role.
+    pub role: String,
+    /// Action, with any k-anonymity generalisation level.
+    pub action: String,
+    /// DP bounds.
+    pub bounds: Option<(f64, f64)>,
+}
+
+enum Slot {
+    Person(usize),
+    Quarantined(String),
+}
+
+/// One released column: where it comes from and how.
+struct OutColumn {
+    field: Field,
+    source: usize,
+    rule: ColumnRule,
+    /// Position in the k-anonymity quasi-identifier list, if it is one.
+    qi: Option<usize>,
+}
+
+/// The de-identifying transform for one ingest run.
+pub struct Deidentifier {
+    profile: Profile,
+    keys: Pseudonymizer,
+    provider: String,
+    reference: NaiveDate,
+    people: Vec<Person>,
+    by_source_id: HashMap<String, Slot>,
+    outputs: BTreeMap<Table, (SchemaRef, Vec<OutColumn>)>,
+    kanon: Option<KAnonOutcome>,
+    scrub_counts: ScrubCounts,
+    cached_matcher: Option<(usize, KnownIdentifiers)>,
+    national_id_linked: u64,
+}
+
+impl Deidentifier {
+    /// Prepares a transform. `reference` is the date ages are computed at (the extraction date).
+    pub fn new(
+        profile: Profile,
+        keys: Pseudonymizer,
+        provider: &str,
+        reference: NaiveDate,
+    ) -> Deidentifier {
+        let qis = profile
+            .k_anonymity
+            .as_ref()
+            .map(|k| k.quasi_identifiers.clone())
+            .unwrap_or_default();
+        let mut outputs = BTreeMap::new();
+        for table in Table::ALL {
+            let mut cols = Vec::new();
+            let person = table.column_index(PATIENT_REF).unwrap_or(0);
+            let person_rule = ColumnRule {
+                column: PATIENT_REF,
+                ty: ColumnType::Text,
+                action: Action::Pseudonymize,
+                role: policies::Role::Identifier,
+                bounds: None,
+                output: PERSON_ID.to_owned(),
+            };
+            cols.push(OutColumn {
+                field: Field::new(PERSON_ID, DataType::Utf8, false),
+                source: person,
+                rule: person_rule,
+                qi: None,
+            });
+            for rule in profile.rules(table) {
+                if rule.action == Action::Drop || rule.column == PATIENT_REF {
+                    continue;
+                }
+                let dt = output_type(rule);
+                let qi = (table == Table::Patients)
+                    .then(|| qis.iter().position(|q| q == &rule.output))
+                    .flatten();
+                let source = table.column_index(rule.column).unwrap_or(0);
+                cols.push(OutColumn {
+                    field: Field::new(&rule.output, dt, true),
+                    source,
+                    rule: rule.clone(),
+                    qi,
+                });
+            }
+            let schema = Arc::new(Schema::new(
+                cols.iter().map(|c| c.field.clone()).collect::<Vec<_>>(),
+            ));
+            outputs.insert(table, (schema, cols));
+        }
+        Deidentifier {
+            profile,
+            keys,
+            provider: provider.to_owned(),
+            reference,
+            people: Vec::new(),
+            by_source_id: HashMap::new(),
+            outputs,
+            kanon: None,
+            scrub_counts: ScrubCounts::new(),
+            cached_matcher: None,
+            national_id_linked: 0,
+        }
+    }
+
+    /// The profile in force.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// The output schema of a table.
+    pub fn schema(&self, table: Table) -> SchemaRef {
+        self.outputs[&table].0.clone()
+    }
+
+    /// What was done to each released column of a table.
+    pub fn column_actions(&self, table: Table) -> Vec<ReleasedColumn> {
+        self.outputs[&table]
+            .1
+            .iter()
+            .map(|c| {
+                let mut action = match &c.rule.action {
+                    Action::Generalize(g) => format!("generalize: {g}"),
+                    a => a.name().to_owned(),
+                };
+                let level =
+                    c.qi.zip(self.kanon.as_ref())
+                        .and_then(|(i, k)| k.levels.get(i).copied());
+                if let Some(level @ 1..) = level {
+                    action.push_str(&format!("; k-anonymity generalisation level {level}"));
+                }
+                ReleasedColumn {
+                    name: c.field.name().clone(),
+                    data_type: c.field.data_type().to_string(),
+                    role: c.rule.role.name().to_owned(),
+                    action,
+                    bounds: c.rule.bounds,
+                }
+            })
+            .collect()
+    }
+
+    /// First pass: registers one patient. An invalid patient is remembered, and its rows quarantined later.
+    pub fn add_patient(&mut self, rec: &SourceRecord) {
+        let Some(source_id) = rec.text(PATIENT_REF).map(str::to_owned) else {
+            return;
+        };
+        if let Some(slot) = self.by_source_id.get_mut(&source_id) {
+            // Both rows of a duplicated ID are quarantined; the first one's person leaves the release.
+            if let Slot::Person(i) = slot {
+                self.people[*i].suppressed = true;
+                self.people[*i].duplicate = true;
+            }
+            *slot = Slot::Quarantined("duplicate patient ID in the export".into());
+            return;
+        }
+        let slot = match self.person_for(rec, &source_id) {
+            Ok(p) => {
+                self.people.push(p);
+                Slot::Person(self.people.len() - 1)
+            }
+            Err(reason) => Slot::Quarantined(reason),
+        };
+        self.by_source_id.insert(source_id, slot);
+    }
+
+    fn person_for(&mut self, rec: &SourceRecord, source_id: &str) -> Result<Person, String> {
+        let mut person_id = None;
+        for key in &self.profile.link_on {
+            match key {
+                LinkKey::NationalId => {
+                    if let Some(raw) = rec.text("national_id") {
+                        let (norm, _) =
+                            validate_national_id(raw).map_err(|e| format!("national_id: {e}"))?;
+                        person_id = Some(self.keys.person_from_national_id(&norm));
+                        self.national_id_linked += 1;
+                        break;
+                    }
+                }
+                LinkKey::PatientId => {
+                    person_id = Some(self.keys.person_from_local_id(&self.provider, source_id));
+                    break;
+                }
+            }
+        }
+        let person_id = person_id.ok_or("no identifier to link on")?;
+        let birth = rec.get("birth_date").and_then(Value::as_date);
+        if birth.is_some_and(|b| b > self.reference) {
+            return Err("birth_date: in the future".into());
+        }
+        let mut known = Vec::new();
+        for (col, kind) in [
+            ("first_name", PhiKind::Name),
+            ("middle_name", PhiKind::Name),
+            ("last_name", PhiKind::Name),
+            ("maiden_name", PhiKind::Name),
+            ("mrn", PhiKind::Id),
+            ("national_id", PhiKind::Id),
+            ("drivers_license", PhiKind::Id),
+            ("passport", PhiKind::Id),
+            ("insurance_id", PhiKind::Id),
+            ("phone", PhiKind::Phone),
+            ("email", PhiKind::Email),
+            ("address", PhiKind::Address),
+            ("city", PhiKind::Address),
+            ("zip", PhiKind::Zip),
+            (PATIENT_REF, PhiKind::Id),
+        ] {
+            if let Some(t) = rec.text(col) {
+                known.push((t.to_owned(), kind));
+            }
+        }
+        let known_dates = ["birth_date", "death_date"]
+            .iter()
+            .filter_map(|c| rec.get(c).and_then(Value::as_date))
+            .collect();
+        let shift_days = self
+            .keys
+            .shift_days(&person_id, self.profile.date_shift_days);
+        let mut person = Person {
+            person_id,
+            shift_days,
+            known,
+            known_dates,
+            qi: Vec::new(),
+            suppressed: false,
+            duplicate: false,
+        };
+        if let Some(k) = &self.profile.k_anonymity {
+            let cols = &self.outputs[&Table::Patients].1;
+            let mut qi = vec![Out::Null; k.quasi_identifiers.len()];
+            for c in cols {
+                if let Some(i) = c.qi {
+                    qi[i] = self.apply(
+                        &c.rule,
+                        rec.values[c.source].as_ref(),
+                        &person,
+                        &mut ScrubCounts::new(),
+                    )?;
+                }
+            }
+            person.qi = qi;
+        }
+        Ok(person)
+    }
+
+    /// Ends the first pass: runs k-anonymity over the registered patients.
+    pub fn finish_patients(&mut self) -> Option<&KAnonOutcome> {
+        let k = self.profile.k_anonymity.clone()?;
+        let mut eligible: Vec<&mut Person> =
+            self.people.iter_mut().filter(|p| !p.duplicate).collect();
+        let rows: Vec<Vec<Out>> = eligible.iter().map(|p| p.qi.clone()).collect();
+        let outcome = anonymize(&rows, k.k, k.max_suppression_ratio);
+        for (p, s) in eligible.iter_mut().zip(&outcome.suppressed) {
+            p.suppressed = *s;
+        }
+        self.kanon = Some(outcome);
+        self.kanon.as_ref()
+    }
+
+    /// Persons registered, released (not suppressed), and linked through a national ID.
+    pub fn person_counts(&self) -> (u64, u64, u64) {
+        let valid = self.people.iter().filter(|p| !p.duplicate).count() as u64;
+        let released = self.people.iter().filter(|p| !p.suppressed).count() as u64;
+        (valid, released, self.national_id_linked)
+    }
+
+    /// Placeholder counts of all scrubbing so far.
+    pub fn scrub_counts(&self) -> &ScrubCounts {
+        &self.scrub_counts
+    }
+
+    /// Second pass: transforms one row into `out` (which must be this table's output).
+    pub fn transform(&mut self, rec: &SourceRecord, out: &mut TableOutput) -> Result<(), Skip> {
+        let table = rec.table;
+        let source_id = rec
+            .text(PATIENT_REF)
+            .ok_or_else(|| Skip::Quarantine("missing patient reference".into()))?;
+        let idx = match self.by_source_id.get(source_id) {
+            Some(Slot::Person(i)) => *i,
+            Some(Slot::Quarantined(why)) => {
+                return Err(Skip::Quarantine(if table == Table::Patients {
+                    why.clone()
+                } else {
+                    format!("its patient was quarantined ({why})")
+                }));
+            }
+            None => {
+                return Err(Skip::Quarantine(
+                    "refers to a patient not among the export's valid patients".into(),
+                ));
+            }
+        };
+        if self.people[idx].suppressed {
+            return Err(Skip::Suppressed);
+        }
+        validate_row(rec).map_err(Skip::Quarantine)?;
+        let (_, cols) = &self.outputs[&table];
+        let person = &self.people[idx];
+        let mut row = Vec::with_capacity(cols.len());
+        let mut counts = ScrubCounts::new();
+        for c in cols {
+            let v = rec.values[c.source].as_ref();
+            let mut o = if c.rule.column == PATIENT_REF {
+                Out::Str(person.person_id.clone())
+            } else if c.rule.action == Action::Scrub {
+                match v.and_then(Value::as_text) {
+                    None => Out::Null,
+                    Some(text) => {
+                        if self.cached_matcher.as_ref().map(|(i, _)| *i) != Some(idx) {
+                            let mut k = KnownIdentifiers::default();
+                            for (t, kind) in &person.known {
+                                k.add(t, *kind);
+                            }
+                            for d in &person.known_dates {
+                                k.add_date(*d);
+                            }
+                            k.seal();
+                            self.cached_matcher = Some((idx, k));
+                        }
+                        let known = self.cached_matcher.as_ref().map(|(_, k)| k);
+                        Out::Str(scrub(
+                            text,
+                            known.unwrap_or(&KnownIdentifiers::default()),
+                            &mut counts,
+                        ))
+                    }
+                }
+            } else {
+                self.apply(&c.rule, v, person, &mut counts)
+                    .map_err(Skip::Quarantine)?
+            };
+            if let (Some(i), Some(k)) = (c.qi, &self.kanon) {
+                o = climb(&o, k.levels[i]);
+            }
+            row.push(o);
+        }
+        for (k, n) in counts {
+            *self.scrub_counts.entry(k).or_default() += n;
+        }
+        out.push(&row);
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        rule: &ColumnRule,
+        v: Option<&Value>,
+        person: &Person,
+        counts: &mut ScrubCounts,
+    ) -> Result<Out, String> {
+        let Some(v) = v else { return Ok(Out::Null) };
+        Ok(match (&rule.action, v) {
+            (Action::Keep, v) => plain(v),
+            (Action::Pseudonymize, v) => {
+                Out::Str(self.keys.token(rule.column, &self.provider, &text_of(v)))
+            }
+            (Action::DateShift, Value::Date(d)) => {
+                Out::Date(days_from_date(*d + TimeDelta::days(person.shift_days)))
+            }
+            (Action::DateShift, Value::Timestamp(t)) => {
+                Out::Ts(micros(*t + TimeDelta::days(person.shift_days)))
+            }
+            (Action::Generalize(Generalization::Year { top_code_age }), v) => {
+                let d = v
+                    .as_date()
+                    .ok_or_else(|| format!("{}: not a date", rule.column))?;
+                let mut year = d.year();
+                if let Some(top) = top_code_age {
+                    // Everyone this old or older shares one birth year: the latest year such a person has.
+                    let oldest = self.reference.year() - i32::try_from(*top).unwrap_or(90);
+                    if age_at(d, self.reference) >= *top {
+                        year = oldest;
+                    }
+                }
+                Out::I32(year)
+            }
+            (Action::Generalize(Generalization::Month), v) => {
+                let d = v
+                    .as_date()
+                    .ok_or_else(|| format!("{}: not a date", rule.column))?;
+                Out::Date(days_from_date(
+                    NaiveDate::from_ymd_opt(d.year(), d.month(), 1).unwrap_or(d),
+                ))
+            }
+            (Action::Generalize(Generalization::AgeBand { width, top }), v) => {
+                let d = v
+                    .as_date()
+                    .ok_or_else(|| format!("{}: not a date", rule.column))?;
+                let age = age_at(d, self.reference);
+                if age >= *top {
+                    Out::Str(format!("{top}+"))
+                } else {
+                    let lo = age - age % width.max(&1);
+                    Out::Str(format!("{lo}-{}", lo + width.max(&1) - 1))
+                }
+            }
+            (Action::Generalize(Generalization::Zip3), v) => {
+                Out::Str(zip3(&text_of(v), &self.profile.restricted_zip3))
+            }
+            (Action::Scrub, Value::Text(t)) => {
+                Out::Str(scrub(t, &KnownIdentifiers::default(), counts))
+            }
+            (Action::Drop, _) => Out::Null,
+            (a, _) => {
+                return Err(format!(
+                    "{}: {} does not apply to this value",
+                    rule.column,
+                    a.name()
+                ));
+            }
+        })
+    }
+}
+
+/// The Arrow schema of a table's source columns as read, before de-identification (benchmark baseline).
+pub fn danger_plain_schema(table: Table) -> SchemaRef {
+    let fields: Vec<Field> = table
+        .columns()
+        .iter()
+        .map(|c| {
+            let rule = ColumnRule {
+                column: c.name,
+                ty: c.ty,
+                action: Action::Keep,
+                role: policies::Role::Sensitive,
+                bounds: None,
+                output: c.name.to_owned(),
+            };
+            Field::new(c.name, output_type(&rule), true)
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+fn age_at(birth: NaiveDate, at: NaiveDate) -> u32 {
+    let mut age = at.year() - birth.year();
+    if (at.month(), at.day()) < (birth.month(), birth.day()) {
+        age -= 1;
+    }
+    u32::try_from(age.max(0)).unwrap_or(0)
+}
+
+fn zip3(zip: &str, restricted: &std::collections::BTreeSet<String>) -> String {
+    let digits: String = zip.chars().filter(char::is_ascii_digit).collect();
+    if !(digits.len() == 5 || digits.len() == 9 || digits.len() == 7) {
+        return "000".into();
+    }
+    let z3 = &digits[..3];
+    if restricted.contains(z3) {
+        "000".into()
+    } else {
+        z3.to_owned()
+    }
+}
+
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        Value::Date(d) => d.to_string(),
+        Value::Timestamp(t) => t.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Int(i) => i.to_string(),
+    }
+}
+
+fn plain(v: &Value) -> Out {
+    match v {
+        Value::Text(s) => Out::Str(s.clone()),
+        Value::Date(d) => Out::Date(days_from_date(*d)),
+        Value::Timestamp(t) => Out::Ts(micros(*t)),
+        Value::Float(f) => Out::F64(*f),
+        Value::Int(i) => Out::I64(*i),
+    }
+}
+
+fn output_type(rule: &ColumnRule) -> DataType {
+    match (&rule.action, rule.ty) {
+        (Action::Generalize(Generalization::Year { .. }), _) => DataType::Int32,
+        (Action::Generalize(Generalization::Month), _) => DataType::Date32,
+        (Action::Generalize(_) | Action::Pseudonymize | Action::Scrub, _) => DataType::Utf8,
+        (_, ColumnType::Text) => DataType::Utf8,
+        (_, ColumnType::Date) => DataType::Date32,
+        (_, ColumnType::Timestamp) => {
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        }
+        (_, ColumnType::Float) => DataType::Float64,
+        (_, ColumnType::Int) => DataType::Int64,
+    }
+}
+
+/// Row checks beyond parsing: required fields and code systems.
+fn validate_row(rec: &SourceRecord) -> Result<(), String> {
+    let required: &[&str] = match rec.table {
+        Table::Patients => &[],
+        Table::Encounters => &["encounter_id", "start"],
+        Table::Conditions => &["start", "code"],
+        Table::Observations => &["date", "code"],
+        Table::Medications => &["start", "code"],
+        Table::Procedures => &["start", "code"],
+        Table::Notes => &["date", "text"],
+    };
+    if let Some(missing) = required.iter().find(|c| rec.get(c).is_none()) {
+        return Err(format!("missing {missing}"));
+    }
+    if let Some(code) = rec.text("code") {
+        let ok = match rec.table {
+            Table::Observations => {
+                is_loinc(code)
+                    || (2..=8).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_uppercase())
+            }
+            Table::Conditions | Table::Procedures | Table::Encounters => {
+                (5..=18).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit())
+            }
+            Table::Medications => {
+                (1..=10).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit())
+            }
+            _ => true,
+        };
+        if !ok {
+            let system = match rec.table {
+                Table::Observations => "LOINC",
+                Table::Medications => "RxNorm",
+                _ => "SNOMED CT",
+            };
+            return Err(format!("code is not a valid {system} code"));
+        }
+    }
+    let date = |c: &str| rec.get(c).and_then(Value::as_date);
+    if let (Some(start), Some(stop)) = (date("start"), date("stop"))
+        && stop < start
+    {
+        return Err("stop is before start".into());
+    }
+    Ok(())
+}
+
+/// A LOINC code: 1–7 digits, a hyphen, and its mod-10 check digit.
+fn is_loinc(code: &str) -> bool {
+    let Some((body, check)) = code.split_once('-') else {
+        return false;
+    };
+    if body.is_empty()
+        || body.len() > 7
+        || check.len() != 1
+        || !body.bytes().all(|b| b.is_ascii_digit())
+    {
+        return false;
+    }
+    let digits: Vec<u32> = body.bytes().map(|b| u32::from(b - b'0')).collect();
+    // Mod 10 (Luhn-like) as LOINC defines it: double every other digit from the right, starting with the last.
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, d)| {
+            if i % 2 == 0 {
+                let x = d * 2;
+                x / 10 + x % 10
+            } else {
+                *d
+            }
+        })
+        .sum();
+    check
+        .parse::<u32>()
+        .is_ok_and(|c| c == (10 - sum % 10) % 10)
+}
+
+enum ColBuilder {
+    Utf8(StringBuilder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F64(Float64Builder),
+    Date(Date32Builder),
+    Ts(TimestampMicrosecondBuilder),
+}
+
+/// Accumulates output rows of one table into Arrow record batches.
+pub struct TableOutput {
+    schema: SchemaRef,
+    builders: Vec<ColBuilder>,
+    rows: usize,
+}
+
+impl TableOutput {
+    /// An empty accumulator for `schema`.
+    pub fn new(schema: SchemaRef) -> TableOutput {
+        let builders = schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Int32 => ColBuilder::I32(Int32Builder::new()),
+                DataType::Int64 => ColBuilder::I64(Int64Builder::new()),
+                DataType::Float64 => ColBuilder::F64(Float64Builder::new()),
+                DataType::Date32 => ColBuilder::Date(Date32Builder::new()),
+                DataType::Timestamp(..) => {
+                    ColBuilder::Ts(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+                }
+                _ => ColBuilder::Utf8(StringBuilder::new()),
+            })
+            .collect();
+        TableOutput {
+            schema,
+            builders,
+            rows: 0,
+        }
+    }
+
+    /// Rows buffered.
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    /// True when nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    fn push(&mut self, row: &[Out]) {
+        for (b, v) in self.builders.iter_mut().zip(row) {
+            match (b, v) {
+                (ColBuilder::Utf8(b), Out::Str(s)) => b.append_value(s),
+                (ColBuilder::I32(b), Out::I32(x)) => b.append_value(*x),
+                (ColBuilder::I64(b), Out::I64(x)) => b.append_value(*x),
+                (ColBuilder::F64(b), Out::F64(x)) => b.append_value(*x),
+                (ColBuilder::Date(b), Out::Date(x)) => b.append_value(*x),
+                (ColBuilder::Ts(b), Out::Ts(x)) => b.append_value(*x),
+                (ColBuilder::Utf8(b), _) => b.append_null(),
+                (ColBuilder::I32(b), _) => b.append_null(),
+                (ColBuilder::I64(b), _) => b.append_null(),
+                (ColBuilder::F64(b), _) => b.append_null(),
+                (ColBuilder::Date(b), _) => b.append_null(),
+                (ColBuilder::Ts(b), _) => b.append_null(),
+            }
+        }
+        self.rows += 1;
+    }
+
+    /// Appends a source row unchanged, identifiers and all. Only for the plain-Parquet baseline of the
+    /// ingest benchmark, which writes into a scratch directory it deletes.
+    pub fn danger_push_plain(&mut self, rec: &SourceRecord) {
+        let row: Vec<Out> = rec
+            .values
+            .iter()
+            .map(|v| v.as_ref().map_or(Out::Null, plain))
+            .collect();
+        self.push(&row);
+    }
+
+    /// Takes the buffered rows as one record batch.
+    pub fn take_batch(&mut self) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let arrays: Vec<ArrayRef> = self
+            .builders
+            .iter_mut()
+            .map(|b| match b {
+                ColBuilder::Utf8(b) => Arc::new(b.finish()) as ArrayRef,
+                ColBuilder::I32(b) => Arc::new(b.finish()),
+                ColBuilder::I64(b) => Arc::new(b.finish()),
+                ColBuilder::F64(b) => Arc::new(b.finish()),
+                ColBuilder::Date(b) => Arc::new(b.finish()),
+                ColBuilder::Ts(b) => Arc::new(b.finish()),
+            })
+            .collect();
+        self.rows = 0;
+        RecordBatch::try_new(self.schema.clone(), arrays)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loinc_check_digits_and_zip3() {
+        assert!(is_loinc("8302-2") && is_loinc("2339-0") && is_loinc("4548-4"));
+        assert!(!is_loinc("8302-3") && !is_loinc("X-1"));
+        let restricted = ["036".to_owned()].into_iter().collect();
+        assert_eq!(zip3("02155", &restricted), "021");
+        assert_eq!(zip3("03601", &restricted), "000");
+        assert_eq!(zip3("123-4567", &restricted), "123");
+        assert_eq!(zip3("", &restricted), "000");
+        assert_eq!(
+            age_at(
+                NaiveDate::from_ymd_opt(1936, 12, 1).expect("d"),
+                NaiveDate::from_ymd_opt(2026, 11, 25).expect("d")
+            ),
+            89
+        );
+    }
+}

@@ -1,0 +1,731 @@
+//! The provider ingest: export in, de-identified encrypted dataset version out, catalogued atomically.
+//!
+//! 1. The profile and any mapping are parsed and checked before a row is read.
+//! 2. Pass one reads only patients: person keys, date shifts, scrub lists, k-anonymity.
+//! 3. Pass two streams every row through the transform into one encrypted Parquet file per table, in a
+//!    staging directory; bad rows go to an encrypted quarantine file with their reason.
+//! 4. Files are fsynced, the staging directory is renamed into place, and the version is published in one
+//!    catalog transaction. A run that dies before that leaves nothing visible; re-running works.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use catalog::{CatalogStore, ColumnEntry, Coverage, NewVersion, Provenance, TableEntry};
+use deidentify::{
+    Deidentifier, Item, LinkageKey, Pass, Pseudonymizer, Skip, SourceFile, TableOutput,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use policies::{CsvMapping, Profile, Table};
+use serde::Serialize;
+
+use crate::datadir::DataDir;
+use crate::keys::{Keystore, Secret};
+use crate::storage::EncryptedWriter;
+use crate::{Error, Result};
+
+/// Rows buffered per table before they are handed to the Parquet writer.
+const BATCH_ROWS: usize = 8192;
+
+/// What to ingest and how.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Provider (hospital) ID.
+    pub provider: String,
+    /// Dataset name.
+    pub dataset: String,
+    /// Export file or directory.
+    pub input: PathBuf,
+    /// Profile name or file.
+    pub profile: String,
+    /// Version label (default: next number).
+    pub version: Option<String>,
+    /// Extra CSV mapping file.
+    pub mapping: Option<PathBuf>,
+    /// Fail when more than this share of rows is quarantined (default: the profile's).
+    pub max_quarantine_ratio: Option<f64>,
+    /// Consent scope recorded in the catalog.
+    pub consent_scope: String,
+    /// Show a progress bar (when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// Row accounting of one table.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct RowCounts {
+    /// Rows read from the export.
+    pub rows_in: u64,
+    /// Rows written.
+    pub written: u64,
+    /// Rows quarantined.
+    pub quarantined: u64,
+    /// Rows withheld because k-anonymity suppressed their person.
+    pub suppressed: u64,
+}
+
+impl RowCounts {
+    fn add(&mut self, o: &RowCounts) {
+        self.rows_in += o.rows_in;
+        self.written += o.written;
+        self.quarantined += o.quarantined;
+        self.suppressed += o.suppressed;
+    }
+
+    /// True when every row is accounted for.
+    pub fn balanced(&self) -> bool {
+        self.rows_in == self.written + self.quarantined + self.suppressed
+    }
+}
+
+/// Persons in the export and what became of them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PersonCounts {
+    /// Valid patients read.
+    pub in_export: u64,
+    /// Patients released.
+    pub released: u64,
+    /// Patients suppressed by k-anonymity.
+    pub suppressed: u64,
+    /// Patients whose person_id comes from a (validated) national ID, so they link across providers.
+    pub linked_by_national_id: u64,
+}
+
+/// The k-anonymity outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct KAnonReport {
+    /// k the profile requires.
+    pub k_required: u32,
+    /// Smallest released class.
+    pub k_reached: u64,
+    /// Classes released.
+    pub classes: u64,
+    /// Extra generalisation level per quasi-identifier.
+    pub generalisation_levels: BTreeMap<String, u8>,
+    /// Persons suppressed.
+    pub suppressed_persons: u64,
+}
+
+/// One column's treatment.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnAction {
+    /// Output column.
+    pub column: String,
+    /// Role.
+    pub role: String,
+    /// What was done.
+    pub action: String,
+}
+
+/// The ingest report: counts and actions only, never a value.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestReport {
+    /// Dataset.
+    pub dataset: String,
+    /// Version label.
+    pub version: String,
+    /// Provider.
+    pub provider: String,
+    /// Profile.
+    pub profile: String,
+    /// Detected source system.
+    pub source_system: String,
+    /// Start (RFC 3339).
+    pub started_at: String,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Files read.
+    pub files_read: Vec<String>,
+    /// Files not read, with why.
+    pub files_skipped: BTreeMap<String, String>,
+    /// FHIR resources outside the model, by type (not ingested).
+    pub resources_not_modelled: BTreeMap<String, u64>,
+    /// Per-table accounting.
+    pub tables: BTreeMap<String, RowCounts>,
+    /// All tables.
+    pub totals: RowCounts,
+    /// Quarantine reasons with counts.
+    pub quarantine_reasons: BTreeMap<String, u64>,
+    /// Persons.
+    pub persons: PersonCounts,
+    /// k-anonymity.
+    pub k_anonymity: Option<KAnonReport>,
+    /// Free-text placeholders inserted, per kind.
+    pub scrubbed: BTreeMap<String, u64>,
+    /// Date shift window (days, ±).
+    pub date_shift_days: u32,
+    /// Per table, every released column and its treatment.
+    pub actions: BTreeMap<String, Vec<ColumnAction>>,
+}
+
+impl IngestReport {
+    /// The human summary.
+    pub fn summary(&self) -> String {
+        let t = &self.totals;
+        let mut s = format!(
+            "ingested {}@{} from provider {} under profile {} ({})\n",
+            self.dataset, self.version, self.provider, self.profile, self.source_system
+        );
+        s += &format!(
+            "rows in {} = written {} + quarantined {} + suppressed {}{}\n",
+            t.rows_in,
+            t.written,
+            t.quarantined,
+            t.suppressed,
+            if t.balanced() { "" } else { "  (UNBALANCED)" }
+        );
+        for (name, c) in &self.tables {
+            s += &format!(
+                "  {name:<13} in {:>9}  written {:>9}  quarantined {:>7}  suppressed {:>7}\n",
+                c.rows_in, c.written, c.quarantined, c.suppressed
+            );
+        }
+        s += &format!(
+            "persons: {} in export, {} released, {} suppressed, {} linked by national ID\n",
+            self.persons.in_export,
+            self.persons.released,
+            self.persons.suppressed,
+            self.persons.linked_by_national_id
+        );
+        if let Some(k) = &self.k_anonymity {
+            s += &format!(
+                "k-anonymity: required k = {}, reached k = {} over {} classes",
+                k.k_required, k.k_reached, k.classes
+            );
+            let lv: Vec<String> = k
+                .generalisation_levels
+                .iter()
+                .filter(|(_, l)| **l > 0)
+                .map(|(c, l)| format!("{c} +{l}"))
+                .collect();
+            if !lv.is_empty() {
+                s += &format!("; generalised further: {}", lv.join(", "));
+            }
+            s += "\n";
+        }
+        if !self.scrubbed.is_empty() {
+            let parts: Vec<String> = self
+                .scrubbed
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            s += &format!("free text: placeholders inserted: {}\n", parts.join(", "));
+        }
+        if !self.quarantine_reasons.is_empty() {
+            s += "quarantined rows by reason:\n";
+            for (r, n) in &self.quarantine_reasons {
+                s += &format!("  {n:>7}  {r}\n");
+            }
+        }
+        if !self.files_skipped.is_empty() {
+            s += &format!(
+                "{} file(s) not ingested (see report.json)\n",
+                self.files_skipped.len()
+            );
+        }
+        if !self.resources_not_modelled.is_empty() {
+            let parts: Vec<String> = self
+                .resources_not_modelled
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            s += &format!(
+                "FHIR resources outside the model (not ingested): {}\n",
+                parts.join(", ")
+            );
+        }
+        s += &format!(
+            "took {:.1}s ({:.0} rows/s)\n",
+            self.seconds,
+            t.rows_in as f64 / self.seconds.max(1e-9)
+        );
+        s
+    }
+}
+
+struct TableSink {
+    output: TableOutput,
+    writer: EncryptedWriter,
+    counts: RowCounts,
+    span: (Option<String>, Option<String>),
+}
+
+struct Quarantine {
+    writer: EncryptedWriter,
+    rows: Vec<[String; 4]>,
+    schema: Arc<Schema>,
+}
+
+impl Quarantine {
+    fn push(
+        &mut self,
+        table: Option<Table>,
+        origin: String,
+        reason: String,
+        raw: String,
+    ) -> Result<()> {
+        self.rows.push([
+            table.map_or("unknown", Table::name).to_owned(),
+            origin,
+            reason,
+            raw,
+        ]);
+        if self.rows.len() >= 1024 {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let cols: Vec<Arc<dyn Array>> = (0..4)
+            .map(|i| {
+                Arc::new(
+                    self.rows
+                        .iter()
+                        .map(|r| Some(r[i].as_str()))
+                        .collect::<StringArray>(),
+                ) as Arc<dyn Array>
+            })
+            .collect();
+        self.rows.clear();
+        self.writer
+            .write(&RecordBatch::try_new(self.schema.clone(), cols)?)
+    }
+}
+
+/// Runs one ingest. Returns the report of the published version.
+pub fn ingest(
+    dir: &DataDir,
+    keystore: &Keystore,
+    catalog: &dyn CatalogStore,
+    opts: &IngestOptions,
+) -> Result<IngestReport> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now();
+    validate_name("dataset", &opts.dataset)?;
+    validate_name("provider", &opts.provider)?;
+    // Everything that can be wrong with the configuration is found before the first row.
+    let profile = Profile::load(&opts.profile)?;
+    let mut mappings = Vec::new();
+    if let Some(m) = &opts.mapping {
+        let text = std::fs::read_to_string(m).map_err(|e| Error::io(m, e))?;
+        mappings.extend(CsvMapping::parse_file(&text, &m.display().to_string())?);
+    }
+    mappings.extend(CsvMapping::synthea());
+    let discovery = deidentify::discover(&opts.input, &mappings)?;
+    let version = match &opts.version {
+        Some(v) => v.clone(),
+        None => catalog.next_version_label(&opts.dataset)?,
+    };
+    validate_name("version", &version)?;
+    if catalog.version(&opts.dataset, Some(&version)).is_ok() {
+        return Err(Error::Config(format!(
+            "dataset '{}' already has a version '{version}'",
+            opts.dataset
+        )));
+    }
+    let max_quarantine = opts
+        .max_quarantine_ratio
+        .unwrap_or(profile.max_quarantine_ratio);
+
+    let linkage = keystore.linkage_key()?;
+    let keys = Pseudonymizer::new(&LinkageKey::from_bytes(*linkage));
+    let mut deid = Deidentifier::new(
+        profile.clone(),
+        keys,
+        &opts.provider,
+        started_at.date_naive(),
+    );
+    let progress = progress_bar(opts.progress);
+    let mut unmodelled = BTreeMap::new();
+
+    // Pass one: patients.
+    progress.set_message("pass 1/2: patients");
+    for file in discovery.files.iter().filter(|f| f.may_hold_patients()) {
+        deidentify::read_file(
+            file,
+            Pass::PatientsOnly,
+            &mut BTreeMap::new(),
+            &mut |item| {
+                if let Item::Record(rec) = item {
+                    deid.add_patient(&rec);
+                    progress.inc(1);
+                }
+                Ok(())
+            },
+        )?;
+    }
+    let kanon = deid.finish_patients().cloned();
+
+    // Pass two: everything, into staging.
+    let (key_id, data_key) = keystore.new_data_key(&format!("{}@{version}", opts.dataset))?;
+    let staging = dir.staging_dir(&opts.dataset, &version)?;
+    let result = write_version(
+        &mut deid,
+        &discovery.files,
+        &staging,
+        &key_id,
+        &data_key,
+        &progress,
+        &mut unmodelled,
+    );
+    progress.finish_and_clear();
+    let (sinks, quarantine_reasons, unrecognised) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+
+    let mut tables = BTreeMap::new();
+    let mut totals = RowCounts::default();
+    let mut span: (Option<String>, Option<String>) = (None, None);
+    for (t, (counts, s)) in &sinks {
+        totals.add(counts);
+        tables.insert(t.name().to_owned(), *counts);
+        if *t != Table::Patients {
+            span.0 = [span.0.take(), s.0.clone()].into_iter().flatten().min();
+            span.1 = [span.1.take(), s.1.clone()].into_iter().flatten().max();
+        }
+    }
+    if unrecognised > 0 {
+        // Rows whose table could not even be told (unparseable JSON, no resourceType).
+        let c = RowCounts {
+            rows_in: unrecognised,
+            quarantined: unrecognised,
+            ..RowCounts::default()
+        };
+        totals.add(&c);
+        tables.insert("unrecognised".to_owned(), c);
+    }
+    let (in_export, released, linked) = deid.person_counts();
+    let qis = profile
+        .k_anonymity
+        .as_ref()
+        .map(|k| k.quasi_identifiers.clone())
+        .unwrap_or_default();
+    let report = IngestReport {
+        dataset: opts.dataset.clone(),
+        version: version.clone(),
+        provider: opts.provider.clone(),
+        profile: profile.name.clone(),
+        source_system: discovery.source_system.clone(),
+        started_at: started_at.to_rfc3339(),
+        seconds: started.elapsed().as_secs_f64(),
+        files_read: discovery
+            .files
+            .iter()
+            .map(|f| f.path().display().to_string())
+            .collect(),
+        files_skipped: discovery
+            .skipped
+            .iter()
+            .map(|(p, r)| (p.display().to_string(), r.clone()))
+            .collect(),
+        resources_not_modelled: unmodelled,
+        tables,
+        totals,
+        quarantine_reasons,
+        persons: PersonCounts {
+            in_export,
+            released,
+            suppressed: in_export - released,
+            linked_by_national_id: linked,
+        },
+        k_anonymity: profile
+            .k_anonymity
+            .as_ref()
+            .zip(kanon.as_ref())
+            .map(|(k, o)| KAnonReport {
+                k_required: k.k,
+                k_reached: o.k_reached,
+                classes: o.classes,
+                generalisation_levels: qis.iter().cloned().zip(o.levels.iter().copied()).collect(),
+                suppressed_persons: o.suppressed.iter().filter(|s| **s).count() as u64,
+            }),
+        scrubbed: deid
+            .scrub_counts()
+            .iter()
+            .map(|(k, n)| (k.label().to_owned(), *n))
+            .collect(),
+        date_shift_days: profile.date_shift_days,
+        actions: Table::ALL
+            .iter()
+            .map(|t| {
+                let cols = deid
+                    .column_actions(*t)
+                    .into_iter()
+                    .map(|c| ColumnAction {
+                        column: c.name,
+                        role: c.role,
+                        action: c.action,
+                    })
+                    .collect();
+                (t.name().to_owned(), cols)
+            })
+            .collect(),
+    };
+
+    let ratio = report.totals.quarantined as f64 / report.totals.rows_in.max(1) as f64;
+    if ratio > max_quarantine {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(Error::QuarantineLimit {
+            ratio,
+            limit: max_quarantine,
+            summary: report.summary(),
+        });
+    }
+    write_synced(
+        &staging.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    write_synced(&staging.join("report.txt"), report.summary().as_bytes())?;
+    sync_dir(&staging)?;
+
+    let relative = format!("datasets/{}/{}", opts.dataset, version);
+    let target = dir.root().join(&relative);
+    dir.publish_dir(&staging, &target)?;
+
+    let catalog_tables = Table::ALL
+        .iter()
+        .map(|t| TableEntry {
+            name: t.name().to_owned(),
+            file: format!("{}.parquet", t.name()),
+            rows: sinks.get(t).map_or(0, |(c, _)| c.written),
+            columns: deid
+                .column_actions(*t)
+                .into_iter()
+                .map(|c| ColumnEntry {
+                    name: c.name,
+                    data_type: c.data_type,
+                    role: c.role,
+                    action: c.action,
+                    lower: c.bounds.map(|b| b.0),
+                    upper: c.bounds.map(|b| b.1),
+                })
+                .collect(),
+        })
+        .collect();
+    let published = catalog.publish(&NewVersion {
+        dataset: opts.dataset.clone(),
+        version: version.clone(),
+        storage_path: relative,
+        key_id,
+        provenance: Provenance {
+            provider: opts.provider.clone(),
+            source_system: discovery.source_system.clone(),
+            extracted_at: started_at.to_rfc3339(),
+            legal_basis: profile.legal_basis.clone(),
+            consent_scope: opts.consent_scope.clone(),
+            profile: profile.name.clone(),
+        },
+        coverage: Coverage {
+            persons: released,
+            time_start: span.0,
+            time_end: span.1,
+        },
+        max_contributions: profile.dp.max_contributions,
+        tables: catalog_tables,
+        report: serde_json::to_value(&report)?,
+    });
+    if let Err(e) = published {
+        let _ = std::fs::remove_dir_all(&target);
+        return Err(e.into());
+    }
+    Ok(report)
+}
+
+type Sinks = BTreeMap<Table, (RowCounts, (Option<String>, Option<String>))>;
+
+fn write_version(
+    deid: &mut Deidentifier,
+    files: &[SourceFile],
+    staging: &Path,
+    key_id: &str,
+    key: &Secret,
+    progress: &ProgressBar,
+    unmodelled: &mut BTreeMap<String, u64>,
+) -> Result<(Sinks, BTreeMap<String, u64>, u64)> {
+    let mut sinks = BTreeMap::new();
+    for t in Table::ALL {
+        let schema = deid.schema(t);
+        let writer = EncryptedWriter::create(
+            &staging.join(format!("{}.parquet", t.name())),
+            schema.clone(),
+            key_id,
+            key,
+        )?;
+        sinks.insert(
+            t,
+            TableSink {
+                output: TableOutput::new(schema),
+                writer,
+                counts: RowCounts::default(),
+                span: (None, None),
+            },
+        );
+    }
+    let qschema = Arc::new(Schema::new(
+        ["table", "origin", "reason", "raw"]
+            .map(|n| Field::new(n, DataType::Utf8, false))
+            .to_vec(),
+    ));
+    let mut quarantine = Quarantine {
+        writer: EncryptedWriter::create(
+            &staging.join("quarantine.parquet"),
+            qschema.clone(),
+            key_id,
+            key,
+        )?,
+        rows: Vec::new(),
+        schema: qschema,
+    };
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    let mut orphan_quarantined = 0u64;
+    progress.set_position(0);
+    progress.set_message("pass 2/2: de-identifying");
+    let mut seen = 0u64;
+    for file in files {
+        tracing::info!(file = %file.path().display(), "reading");
+        deidentify::read_file(file, Pass::All, unmodelled, &mut |item| {
+            seen += 1;
+            if seen.is_multiple_of(4096) {
+                progress.set_position(seen);
+            }
+            match item {
+                Item::Record(rec) => {
+                    let sink = sinks
+                        .get_mut(&rec.table)
+                        .ok_or_else(|| deidentify::Error::Sink("no sink".into()))?;
+                    sink.counts.rows_in += 1;
+                    match deid.transform(&rec, &mut sink.output) {
+                        Ok(()) => {
+                            sink.counts.written += 1;
+                            if sink.output.len() >= BATCH_ROWS {
+                                flush(sink).map_err(|e| deidentify::Error::Sink(e.to_string()))?;
+                            }
+                        }
+                        Err(Skip::Suppressed) => sink.counts.suppressed += 1,
+                        Err(Skip::Quarantine(reason)) => {
+                            sink.counts.quarantined += 1;
+                            *reasons
+                                .entry(format!("{}: {reason}", rec.table))
+                                .or_default() += 1;
+                            quarantine
+                                .push(
+                                    Some(rec.table),
+                                    rec.origin.to_string(),
+                                    reason,
+                                    rec.render(),
+                                )
+                                .map_err(|e| deidentify::Error::Sink(e.to_string()))?;
+                        }
+                    }
+                }
+                Item::Rejected(r) => {
+                    match r.table.and_then(|t| sinks.get_mut(&t)) {
+                        Some(sink) => {
+                            sink.counts.rows_in += 1;
+                            sink.counts.quarantined += 1;
+                        }
+                        None => orphan_quarantined += 1,
+                    }
+                    let label = r.table.map_or("unknown", Table::name);
+                    *reasons.entry(format!("{label}: {}", r.reason)).or_default() += 1;
+                    quarantine
+                        .push(r.table, r.origin.to_string(), r.reason, r.raw)
+                        .map_err(|e| deidentify::Error::Sink(e.to_string()))?;
+                }
+            }
+            Ok(())
+        })?;
+        tracing::info!(rows = seen, "read {}", file.path().display());
+    }
+    quarantine.flush()?;
+    quarantine.writer.finish()?;
+    let mut out = BTreeMap::new();
+    for (t, mut sink) in sinks {
+        flush(&mut sink)?;
+        sink.writer.finish()?;
+        out.insert(t, (sink.counts, sink.span));
+    }
+    Ok((out, reasons, orphan_quarantined))
+}
+
+fn flush(sink: &mut TableSink) -> Result<()> {
+    if sink.output.is_empty() {
+        return Ok(());
+    }
+    let batch = sink.output.take_batch()?;
+    // Coverage: the earliest and latest event of the table's first temporal (or year) column.
+    if let Some((i, _)) = batch.schema().fields().iter().enumerate().find(|(_, f)| {
+        matches!(f.data_type(), DataType::Timestamp(..) | DataType::Date32)
+            || (f.data_type() == &DataType::Int32 && f.name() != "birth_year")
+    }) {
+        let text = arrow::compute::cast(batch.column(i), &DataType::Utf8)?;
+        if let Some(s) = text.as_any().downcast_ref::<StringArray>() {
+            for v in s.iter().flatten() {
+                if sink.span.0.as_deref().is_none_or(|m| v < m) {
+                    sink.span.0 = Some(v.to_owned());
+                }
+                if sink.span.1.as_deref().is_none_or(|m| v > m) {
+                    sink.span.1 = Some(v.to_owned());
+                }
+            }
+        }
+    }
+    sink.writer.write(&batch)
+}
+
+fn progress_bar(wanted: bool) -> ProgressBar {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} {msg}: {human_pos} rows, {per_sec}, {elapsed}")
+    {
+        pb.set_style(style);
+    }
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{what} '{name}' must be 1-64 of A-Z a-z 0-9 . _ - (not starting with .)"
+        )))
+    }
+}
+
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+pub(crate) fn sync_dir(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,84 @@
+//! The enclave core: keys, encrypted storage, the ingest pipeline, demo data, and the `enclave` binary.
+//!
+//! ```text
+//!  provider export ─► deidentify::read ─► deidentify::transform ─► storage::EncryptedWriter ─► catalog
+//!   (CSV / FHIR)       canonical rows      profile actions,          Parquet modular encryption   one
+//!                                          k-anonymity, scrubbing    (data key per version,       transaction
+//!                                                                     wrapped by the master key)
+//! ```
+//!
+//! Design goals, in order: no plaintext patient row at rest outside the provider's own files; no key
+//! material in logs, errors or Parquet metadata (the footer carries only a key ID); fail closed on any
+//! malformed configuration or input (bad rows go to the encrypted quarantine with a reason); memory
+//! bounded by batch and row-group size, not by input size.
+
+pub mod bench;
+pub mod datadir;
+pub mod demo;
+pub mod ingest;
+pub mod keys;
+pub mod storage;
+
+pub use datadir::DataDir;
+
+/// Errors of the enclave core. Expected errors (bad configuration, bad input, wrong key) are distinct
+/// from [`Error::Internal`], which means an invariant broke.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Configuration or arguments are wrong.
+    #[error("{0}")]
+    Config(String),
+    /// A key could not be found or opened.
+    #[error("key error: {0}")]
+    Key(String),
+    /// A file could not be read or written.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// The profile or mapping is invalid.
+    #[error(transparent)]
+    Policy(#[from] policies::Error),
+    /// The export could not be read.
+    #[error(transparent)]
+    Input(#[from] deidentify::Error),
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    /// Too many rows were quarantined.
+    #[error("{:.2}% of rows were quarantined, above the limit of {:.2}%; nothing was published\n{summary}", ratio * 100.0, limit * 100.0)]
+    QuarantineLimit {
+        /// Share quarantined.
+        ratio: f64,
+        /// Allowed share.
+        limit: f64,
+        /// The run's summary.
+        summary: String,
+    },
+    /// Parquet failed.
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    /// Arrow failed.
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// DataFusion failed.
+    #[error("query: {0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// JSON encoding failed.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// An invariant broke.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> Error {
+        Error::Io(path.display().to_string(), e)
+    }
+}
+
+/// Result with the enclave [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

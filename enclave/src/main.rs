@@ -1,0 +1,409 @@
+//! The `enclave` command: initialise a data directory, generate demo exports, ingest, inspect the catalog,
+//! rotate keys, and benchmark. Run `enclave --help` for the commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use catalog::CatalogStore;
+use clap::{Parser, Subcommand};
+use enclave::DataDir;
+use enclave::demo::{DemoFormat, DemoOptions};
+use enclave::ingest::{IngestOptions, ingest};
+
+#[derive(Parser)]
+#[command(
+    name = "enclave",
+    version,
+    about = "Privacy-preserving data enclave for hospital real-world data"
+)]
+struct Cli {
+    /// Data directory (database, master key, encrypted datasets).
+    #[arg(
+        long,
+        global = true,
+        env = "ENCLAVE_DATA_DIR",
+        default_value = "./enclave-data"
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the data directory, its database and a master key (idempotent; never overwrites a key).
+    Init,
+    /// Generate a synthetic hospital export (CSV and/or FHIR R4) with a manifest of planted identifiers.
+    DemoData {
+        /// Patients to generate.
+        #[arg(long, default_value_t = 100)]
+        patients: usize,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Formats to write.
+        #[arg(long, value_enum, default_value_t = DemoFormat::Both)]
+        format: DemoFormat,
+        /// Random seed (same seed, same bytes).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Share of rows to corrupt, e.g. 0.01.
+        #[arg(long, default_value_t = 0.0)]
+        inject_errors: f64,
+    },
+    /// De-identify an export under a profile and publish it as an encrypted dataset version.
+    Ingest {
+        /// Provider (hospital) ID.
+        #[arg(long)]
+        provider: String,
+        /// Dataset name.
+        #[arg(long)]
+        dataset: String,
+        /// Export file or directory (CSV, FHIR Bundle JSON, FHIR NDJSON).
+        #[arg(long)]
+        input: PathBuf,
+        /// Profile: a built-in name (hipaa-safe-harbor, jp-pseudonymized-medical) or a file.
+        #[arg(long)]
+        profile: String,
+        /// Version label (default: the next number).
+        #[arg(long)]
+        version: Option<String>,
+        /// CSV mapping file for layouts other than Synthea's.
+        #[arg(long)]
+        mapping: Option<PathBuf>,
+        /// Fail when more than this share of rows is quarantined (default: the profile's).
+        #[arg(long)]
+        max_quarantine_ratio: Option<f64>,
+        /// Consent scope to record in the catalog.
+        #[arg(
+            long,
+            default_value = "secondary use for research under the profile's legal basis"
+        )]
+        consent_scope: String,
+        /// Print the report as JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Browse the catalog.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Generate demo data, initialise, ingest it, and show the catalog entry: the whole provider flow.
+    Demo {
+        /// Patients to generate.
+        #[arg(long, default_value_t = 200)]
+        patients: usize,
+        /// Where to write the demo export.
+        #[arg(long, default_value = "./demo-export")]
+        export_dir: PathBuf,
+    },
+    /// Benchmarks (print figures; not tests).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// One line per dataset.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A dataset card: provenance, coverage, tables, columns, de-identification report.
+    Show {
+        /// Dataset name.
+        name: String,
+        /// Version (default: latest).
+        #[arg(long)]
+        version: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-wrap every data key and the linkage key under a new master key.
+    Rotate,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Ingest throughput and memory against plain Parquet writing of the same rows.
+    Ingest {
+        /// Patients to generate (about 60 observation rows each; 17000 ≈ 1M observations).
+        #[arg(long, default_value_t = 17_000)]
+        patients: usize,
+        /// Work directory (default: a temporary one).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+    /// Internal: run one measured phase in this process and print its figures as JSON.
+    #[command(hide = true)]
+    Phase {
+        /// plain | ingest
+        phase: String,
+        /// CSV directory.
+        input: PathBuf,
+        /// Output directory (plain) or data directory (ingest).
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENCLAVE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = DataDir::new(&cli.data_dir);
+    match cli.command {
+        Command::Init => {
+            for line in dir.init()? {
+                println!("{line}");
+            }
+            println!("data directory {} is ready", dir.root().display());
+        }
+        Command::DemoData {
+            patients,
+            out,
+            format,
+            seed,
+            inject_errors,
+        } => {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&inject_errors),
+                "--inject-errors must be within 0..=1"
+            );
+            let m = enclave::demo::generate(&DemoOptions {
+                patients,
+                out: out.clone(),
+                format,
+                seed,
+                inject_errors,
+                today: demo_today(),
+            })?;
+            let rows: Vec<String> = m.rows.iter().map(|(t, n)| format!("{t} {n}")).collect();
+            println!(
+                "wrote {} patients to {}: {}",
+                m.patients,
+                out.display(),
+                rows.join(", ")
+            );
+            if !m.injected_errors.is_empty() {
+                let e: Vec<String> = m
+                    .injected_errors
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                println!("injected errors: {}", e.join(", "));
+            }
+            println!("manifest: {}", out.join("manifest.json").display());
+        }
+        Command::Ingest {
+            provider,
+            dataset,
+            input,
+            profile,
+            version,
+            mapping,
+            max_quarantine_ratio,
+            consent_scope,
+            json,
+        } => {
+            let keystore = dir.keystore()?;
+            let catalog = dir.catalog()?;
+            let opts = IngestOptions {
+                provider,
+                dataset,
+                input,
+                profile,
+                version,
+                mapping,
+                max_quarantine_ratio,
+                consent_scope,
+                progress: true,
+            };
+            let report = ingest(&dir, &keystore, &catalog, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.summary());
+            }
+        }
+        Command::Catalog { command } => catalog_command(&dir, command)?,
+        Command::Keys {
+            command: KeysCommand::Rotate,
+        } => {
+            let mut ks = dir.keystore()?;
+            let before = ks.master_fingerprint();
+            let n = ks.rotate()?;
+            println!(
+                "re-wrapped {n} keys: master key {before} → {}",
+                ks.master_fingerprint()
+            );
+        }
+        Command::Demo {
+            patients,
+            export_dir,
+        } => {
+            let m = enclave::demo::generate(&DemoOptions {
+                patients,
+                out: export_dir.clone(),
+                format: DemoFormat::Both,
+                seed: 42,
+                inject_errors: 0.0,
+                today: demo_today(),
+            })?;
+            println!(
+                "1/4 generated {} synthetic patients in {}",
+                m.patients,
+                export_dir.display()
+            );
+            dir.init()?;
+            println!("2/4 data directory {} ready", dir.root().display());
+            let keystore = dir.keystore()?;
+            let catalog = dir.catalog()?;
+            let version = catalog.next_version_label("demo-cohort")?;
+            let opts = IngestOptions {
+                provider: "riverside-general".into(),
+                dataset: "demo-cohort".into(),
+                input: export_dir.join("csv"),
+                profile: "hipaa-safe-harbor".into(),
+                version: Some(version),
+                mapping: None,
+                max_quarantine_ratio: None,
+                consent_scope: "synthetic demo data".into(),
+                progress: true,
+            };
+            let report = ingest(&dir, &keystore, &catalog, &opts)?;
+            println!("3/4 ingested:\n{}", report.summary());
+            println!("4/4 catalog entry:\n");
+            print_card(&catalog.version("demo-cohort", None)?);
+        }
+        Command::Bench { command } => match command {
+            BenchCommand::Ingest { patients, work_dir } => {
+                enclave::bench::ingest_bench(patients, work_dir, demo_today())?
+            }
+            BenchCommand::Phase { phase, input, out } => {
+                enclave::bench::phase(&phase, &input, &out)?
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Demo data is generated relative to a fixed day, so the same seed gives the same export on any day.
+fn demo_today() -> chrono::NaiveDate {
+    chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap_or_default()
+}
+
+fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
+    let catalog = dir.catalog()?;
+    match command {
+        CatalogCommand::List { json } => {
+            let list = catalog.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no datasets yet: ingest one with `enclave ingest`");
+            } else {
+                println!(
+                    "{:<24} {:>8} {:>8} {:>9} {:>11}  providers",
+                    "dataset", "versions", "latest", "persons", "rows"
+                );
+                for d in list {
+                    println!(
+                        "{:<24} {:>8} {:>8} {:>9} {:>11}  {}",
+                        d.name,
+                        d.versions,
+                        d.latest,
+                        d.persons,
+                        d.rows,
+                        d.providers.join(", ")
+                    );
+                }
+            }
+        }
+        CatalogCommand::Show {
+            name,
+            version,
+            json,
+        } => {
+            let v = catalog
+                .version(&name, version.as_deref())
+                .with_context(|| format!("catalog show {name}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_card(&v);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_card(v: &catalog::VersionEntry) {
+    let e = &v.version;
+    let p = &e.provenance;
+    println!(
+        "dataset      {} (version {}, published {})",
+        e.dataset, e.version, v.published_at
+    );
+    println!(
+        "provider     {} — source {} extracted {}",
+        p.provider, p.source_system, p.extracted_at
+    );
+    println!("profile      {}", p.profile);
+    println!("legal basis  {}", p.legal_basis);
+    println!("consent      {}", p.consent_scope);
+    println!(
+        "coverage     {} persons, {} … {}",
+        e.coverage.persons,
+        e.coverage.time_start.as_deref().unwrap_or("?"),
+        e.coverage.time_end.as_deref().unwrap_or("?")
+    );
+    println!(
+        "DP           at most {} rows per person per query",
+        e.max_contributions
+    );
+    for t in &e.tables {
+        println!("\n  {} ({} rows)", t.name, t.rows);
+        for c in &t.columns {
+            let bounds = match (c.lower, c.upper) {
+                (Some(l), Some(u)) => format!("  bounds [{l}, {u}]"),
+                _ => String::new(),
+            };
+            println!(
+                "    {:<22} {:<26} {:<17} {}{}",
+                c.name, c.data_type, c.role, c.action, bounds
+            );
+        }
+    }
+    if let Some(summary) = e.report.get("totals") {
+        println!("\nrows: {summary}");
+    }
+}

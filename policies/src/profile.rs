@@ -1,0 +1,701 @@
+//! De-identification profiles: one action per canonical column, parsed and checked before any row is read.
+//!
+//! A profile file is TOML. Top-level keys set the person key, the date-shift window, the restricted postal
+//! areas and k-anonymity; one table per canonical table (`[patients]`, `[encounters]`, …) gives each column
+//! `{ action = …, role = …, … }`. A column with no rule is an error: nothing passes through by default.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::schema::{ColumnType, PATIENT_REF, Table};
+use crate::{Error, Result, line_of};
+
+/// What happens to one column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// The column is not written.
+    Drop,
+    /// The value is written unchanged.
+    Keep,
+    /// The value is replaced by a keyed HMAC token, stable for the same value and provider.
+    Pseudonymize,
+    /// The date is moved by the person's shift (one shift per person, same in every table).
+    DateShift,
+    /// The value is coarsened.
+    Generalize(Generalization),
+    /// Free text with the person's own identifiers and pattern-found PHI replaced by typed placeholders.
+    Scrub,
+}
+
+impl Action {
+    /// The action's name as written in a profile.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Drop => "drop",
+            Action::Keep => "keep",
+            Action::Pseudonymize => "pseudonymize",
+            Action::DateShift => "date_shift",
+            Action::Generalize(_) => "generalize",
+            Action::Scrub => "scrub",
+        }
+    }
+}
+
+/// How a `generalize` action coarsens a value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Generalization {
+    /// A date to its year; with `top_code_age`, birth years of people that old or older at the reference
+    /// date collapse into one value (the latest such year), so no age above the limit can be read off.
+    Year {
+        /// Ages at or above this are one category (90 for HIPAA Safe Harbor).
+        top_code_age: Option<u32>,
+    },
+    /// A date to the first day of its month.
+    Month,
+    /// A birth date to an age band at the reference date (`"40-44"`), with a top band (`"90+"`).
+    AgeBand {
+        /// Band width in years.
+        width: u32,
+        /// First age of the open top band.
+        top: u32,
+    },
+    /// A postal code to its first three digits; restricted areas and malformed codes become `"000"`.
+    Zip3,
+}
+
+impl fmt::Display for Generalization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Generalization::Year {
+                top_code_age: Some(a),
+            } => write!(f, "year (ages {a}+ top-coded)"),
+            Generalization::Year { top_code_age: None } => f.write_str("year"),
+            Generalization::Month => f.write_str("month"),
+            Generalization::AgeBand { width, top } => {
+                write!(f, "age band of {width} years, {top}+ top band")
+            }
+            Generalization::Zip3 => f.write_str("3-digit postal area, restricted areas to 000"),
+        }
+    }
+}
+
+/// What a column is, for disclosure control and the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Identifies a person directly.
+    Identifier,
+    /// Identifies a person in combination with other columns.
+    QuasiIdentifier,
+    /// Clinical content that must be protected but does not identify.
+    Sensitive,
+    /// A measurement, count or amount.
+    Value,
+}
+
+impl Role {
+    /// The role's name as written in a profile.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Identifier => "identifier",
+            Role::QuasiIdentifier => "quasi_identifier",
+            Role::Sensitive => "sensitive",
+            Role::Value => "value",
+        }
+    }
+}
+
+/// The rule for one source column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnRule {
+    /// Canonical source column.
+    pub column: &'static str,
+    /// Its source type.
+    pub ty: ColumnType,
+    /// What happens to it.
+    pub action: Action,
+    /// Its role.
+    pub role: Role,
+    /// Public clamping bounds for DP (numeric columns only).
+    pub bounds: Option<(f64, f64)>,
+    /// Output column name (defaults to the source name).
+    pub output: String,
+}
+
+/// Which identifier a person's keyed `person_id` is computed from (first present wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKey {
+    /// The national / insurance ID: links one patient across providers.
+    NationalId,
+    /// The provider's own patient ID: links within one provider only.
+    PatientId,
+}
+
+/// k-anonymity requirement over the patients table's quasi-identifiers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KAnonymity {
+    /// Every released combination of quasi-identifier values is shared by at least k persons.
+    pub k: u32,
+    /// Output columns of `patients` that form the quasi-identifier.
+    pub quasi_identifiers: Vec<String>,
+    /// Generalise further (one column a step at a time) while more than this share of persons would be
+    /// suppressed; then suppress what still violates k.
+    pub max_suppression_ratio: f64,
+}
+
+/// DP defaults declared by the profile for datasets ingested under it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpDefaults {
+    /// Rows one person may contribute to a query.
+    pub max_contributions: u32,
+}
+
+/// A validated de-identification profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Short name (`hipaa-safe-harbor`).
+    pub name: String,
+    /// One-line description.
+    pub description: String,
+    /// The legal basis the profile implements.
+    pub legal_basis: String,
+    /// Person key order.
+    pub link_on: Vec<LinkKey>,
+    /// Dates are shifted by a per-person offset in `[-n, n]` days (0: no shifting).
+    pub date_shift_days: u32,
+    /// 3-digit postal areas that are released as `000`.
+    pub restricted_zip3: BTreeSet<String>,
+    /// k-anonymity requirement, if any.
+    pub k_anonymity: Option<KAnonymity>,
+    /// Largest share of quarantined input rows before the run fails (a CLI flag overrides it).
+    pub max_quarantine_ratio: f64,
+    /// DP defaults.
+    pub dp: DpDefaults,
+    tables: BTreeMap<Table, Vec<ColumnRule>>,
+}
+
+impl Profile {
+    /// The rules of one table, in canonical column order.
+    pub fn rules(&self, table: Table) -> &[ColumnRule] {
+        self.tables.get(&table).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The rule of one column.
+    pub fn rule(&self, table: Table, column: &str) -> Option<&ColumnRule> {
+        self.rules(table).iter().find(|r| r.column == column)
+    }
+
+    /// Parses and validates a profile. `file` is used in error messages only.
+    pub fn parse(text: &str, file: &str) -> Result<Profile> {
+        let raw: RawProfile = toml::from_str(text).map_err(|e| Error::Invalid {
+            file: file.to_owned(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+            reason: e.message().to_owned(),
+        })?;
+        Validator { text, file }.profile(raw)
+    }
+
+    /// Loads a profile by built-in name or from a file path.
+    pub fn load(name_or_path: &str) -> Result<Profile> {
+        if let Some((file, text)) = crate::builtin_profile(name_or_path) {
+            return Profile::parse(text, file);
+        }
+        let path = Path::new(name_or_path);
+        if !path.exists() {
+            return Err(Error::UnknownProfile {
+                name: name_or_path.to_owned(),
+                known: crate::BUILTIN_PROFILES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Profile::parse(&text, &path.display().to_string())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    name: String,
+    description: String,
+    legal_basis: String,
+    link_on: Spanned<Vec<String>>,
+    #[serde(default)]
+    date_shift_days: u32,
+    #[serde(default)]
+    restricted_zip3: Vec<Spanned<String>>,
+    k_anonymity: Option<Spanned<RawK>>,
+    #[serde(default = "default_quarantine_ratio")]
+    max_quarantine_ratio: Spanned<f64>,
+    #[serde(default)]
+    dp: RawDp,
+    patients: Option<Spanned<RawTable>>,
+    encounters: Option<Spanned<RawTable>>,
+    conditions: Option<Spanned<RawTable>>,
+    observations: Option<Spanned<RawTable>>,
+    medications: Option<Spanned<RawTable>>,
+    procedures: Option<Spanned<RawTable>>,
+    notes: Option<Spanned<RawTable>>,
+}
+
+type RawTable = BTreeMap<Spanned<String>, Spanned<RawRule>>;
+
+impl RawProfile {
+    fn take_tables(&mut self) -> [(Table, Option<Spanned<RawTable>>); 7] {
+        [
+            (Table::Patients, self.patients.take()),
+            (Table::Encounters, self.encounters.take()),
+            (Table::Conditions, self.conditions.take()),
+            (Table::Observations, self.observations.take()),
+            (Table::Medications, self.medications.take()),
+            (Table::Procedures, self.procedures.take()),
+            (Table::Notes, self.notes.take()),
+        ]
+    }
+}
+
+fn default_quarantine_ratio() -> Spanned<f64> {
+    Spanned::new(0..0, 0.05)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawK {
+    k: u32,
+    quasi_identifiers: Vec<String>,
+    #[serde(default = "default_suppression")]
+    max_suppression_ratio: f64,
+}
+
+fn default_suppression() -> f64 {
+    0.05
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDp {
+    max_contributions: u32,
+}
+
+impl Default for RawDp {
+    fn default() -> Self {
+        RawDp {
+            max_contributions: 10,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    action: String,
+    role: Role,
+    to: Option<String>,
+    top_code_age: Option<u32>,
+    width: Option<u32>,
+    top: Option<u32>,
+    bounds: Option<[f64; 2]>,
+    #[serde(rename = "as")]
+    output: Option<String>,
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Validator<'_> {
+    fn err<T>(&self, offset: usize, reason: impl Into<String>) -> Result<T> {
+        Err(Error::Invalid {
+            file: self.file.to_owned(),
+            line: line_of(self.text, offset),
+            reason: reason.into(),
+        })
+    }
+
+    fn profile(&self, mut raw: RawProfile) -> Result<Profile> {
+        let mut link_on = Vec::new();
+        for key in raw.link_on.get_ref() {
+            link_on.push(match key.as_str() {
+                "national_id" => LinkKey::NationalId,
+                "patient_id" => LinkKey::PatientId,
+                other => {
+                    return self.err(
+                        raw.link_on.span().start,
+                        format!(
+                            "link_on: unknown key '{other}' (expected national_id or patient_id)"
+                        ),
+                    );
+                }
+            });
+        }
+        if !link_on.contains(&LinkKey::PatientId) {
+            return self.err(
+                raw.link_on.span().start,
+                "link_on must end with patient_id so every person gets a key",
+            );
+        }
+        let mut restricted = BTreeSet::new();
+        for z in &raw.restricted_zip3 {
+            if z.get_ref().len() != 3 || !z.get_ref().bytes().all(|b| b.is_ascii_digit()) {
+                return self.err(
+                    z.span().start,
+                    format!("restricted_zip3: '{}' is not three digits", z.get_ref()),
+                );
+            }
+            restricted.insert(z.get_ref().clone());
+        }
+        let ratio = *raw.max_quarantine_ratio.get_ref();
+        if !(0.0..=1.0).contains(&ratio) {
+            return self.err(
+                raw.max_quarantine_ratio.span().start,
+                "max_quarantine_ratio must be within 0..=1",
+            );
+        }
+        if raw.dp.max_contributions == 0 {
+            return self.err(0, "dp.max_contributions must be at least 1");
+        }
+
+        let mut tables = BTreeMap::new();
+        for (table, section) in raw.take_tables() {
+            let Some(section) = section else {
+                return self.err(
+                    0,
+                    format!("no [{table}] section: every table needs its rules"),
+                );
+            };
+            let at = section.span().start;
+            let mut rules = Vec::new();
+            for (column, rule) in section.into_inner() {
+                rules.push(self.rule(table, &column, &rule, raw.date_shift_days)?);
+            }
+            for def in table.columns() {
+                if def.name != PATIENT_REF
+                    && !rules.iter().any(|r: &ColumnRule| r.column == def.name)
+                {
+                    return self.err(
+                        at,
+                        format!(
+                            "[{table}] has no rule for column '{}': every column needs an action",
+                            def.name
+                        ),
+                    );
+                }
+            }
+            rules.sort_by_key(|r| table.column_index(r.column));
+            tables.insert(table, rules);
+        }
+
+        let k_anonymity = match raw.k_anonymity {
+            None => None,
+            Some(k) => {
+                let span = k.span().start;
+                let k = k.into_inner();
+                if k.k < 2 {
+                    return self.err(span, "k_anonymity.k must be at least 2");
+                }
+                if !(0.0..=1.0).contains(&k.max_suppression_ratio) {
+                    return self.err(
+                        span,
+                        "k_anonymity.max_suppression_ratio must be within 0..=1",
+                    );
+                }
+                if k.quasi_identifiers.is_empty() {
+                    return self.err(span, "k_anonymity.quasi_identifiers is empty");
+                }
+                for qi in &k.quasi_identifiers {
+                    let rule = tables[&Table::Patients]
+                        .iter()
+                        .find(|r| &r.output == qi && r.action != Action::Drop);
+                    match rule {
+                        None => {
+                            return self.err(
+                                span,
+                                format!(
+                                    "k_anonymity: '{qi}' is not a released column of [patients]"
+                                ),
+                            );
+                        }
+                        Some(r) if r.role != Role::QuasiIdentifier => {
+                            return self.err(
+                                span,
+                                format!("k_anonymity: '{qi}' must have role quasi_identifier"),
+                            );
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Some(KAnonymity {
+                    k: k.k,
+                    quasi_identifiers: k.quasi_identifiers,
+                    max_suppression_ratio: k.max_suppression_ratio,
+                })
+            }
+        };
+
+        Ok(Profile {
+            name: raw.name,
+            description: raw.description,
+            legal_basis: raw.legal_basis,
+            link_on,
+            date_shift_days: raw.date_shift_days,
+            restricted_zip3: restricted,
+            k_anonymity,
+            max_quarantine_ratio: ratio,
+            dp: DpDefaults {
+                max_contributions: raw.dp.max_contributions,
+            },
+            tables,
+        })
+    }
+
+    fn rule(
+        &self,
+        table: Table,
+        column: &Spanned<String>,
+        rule: &Spanned<RawRule>,
+        shift: u32,
+    ) -> Result<ColumnRule> {
+        let at = column.span().start;
+        let Some(index) = table.column_index(column.get_ref()) else {
+            return self.err(
+                at,
+                format!(
+                    "[{table}] has no column '{}' (columns: {})",
+                    column.get_ref(),
+                    table
+                        .columns()
+                        .iter()
+                        .map(|c| c.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        };
+        let def = table.columns()[index];
+        let raw = rule.get_ref();
+        let name = def.name;
+        let ty = def.ty;
+        let action = match (raw.action.as_str(), raw.to.as_deref()) {
+            ("drop", None) => Action::Drop,
+            ("keep", None) => Action::Keep,
+            ("pseudonymize", None) => Action::Pseudonymize,
+            ("date_shift", None) => Action::DateShift,
+            ("scrub", None) => Action::Scrub,
+            ("generalize", Some("year")) => Action::Generalize(Generalization::Year {
+                top_code_age: raw.top_code_age,
+            }),
+            ("generalize", Some("month")) => Action::Generalize(Generalization::Month),
+            ("generalize", Some("age_band")) => Action::Generalize(Generalization::AgeBand {
+                width: raw.width.unwrap_or(5),
+                top: raw.top.unwrap_or(90),
+            }),
+            ("generalize", Some("zip3")) => Action::Generalize(Generalization::Zip3),
+            ("generalize", other) => {
+                return self.err(at, format!(
+                    "{table}.{name}: generalize needs to = year | month | age_band | zip3, got {other:?}"
+                ));
+            }
+            (a, Some(_)) if a != "generalize" => {
+                return self.err(
+                    at,
+                    format!("{table}.{name}: 'to' only goes with generalize"),
+                );
+            }
+            (other, _) => {
+                return self.err(at, format!(
+                    "{table}.{name}: unknown action '{other}' (drop, keep, pseudonymize, date_shift, generalize, scrub)"
+                ));
+            }
+        };
+        let type_ok = match &action {
+            Action::Drop | Action::Keep => true,
+            Action::Pseudonymize | Action::Scrub => ty == ColumnType::Text,
+            Action::DateShift => ty.is_temporal(),
+            Action::Generalize(Generalization::Zip3) => ty == ColumnType::Text,
+            Action::Generalize(_) => ty.is_temporal(),
+        };
+        if !type_ok {
+            return self.err(
+                at,
+                format!(
+                    "{table}.{name}: action {} does not apply to a {ty:?} column",
+                    action.name()
+                ),
+            );
+        }
+        if name == PATIENT_REF && action != Action::Pseudonymize {
+            return self.err(
+                at,
+                format!(
+                    "{table}.{name}: the patient reference is always pseudonymized into person_id"
+                ),
+            );
+        }
+        if raw.role == Role::Identifier && !matches!(action, Action::Drop | Action::Pseudonymize) {
+            return self.err(
+                at,
+                format!(
+                    "{table}.{name}: an identifier must be dropped or pseudonymized, not '{}'",
+                    action.name()
+                ),
+            );
+        }
+        if action == Action::DateShift && shift == 0 {
+            return self.err(
+                at,
+                format!("{table}.{name}: date_shift needs date_shift_days > 0"),
+            );
+        }
+        let bounds = match raw.bounds {
+            None => None,
+            Some([lo, hi]) => {
+                if !ty.is_numeric() || !matches!(action, Action::Keep) {
+                    return self.err(
+                        at,
+                        format!("{table}.{name}: bounds go on kept numeric columns only"),
+                    );
+                }
+                if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+                    return self.err(
+                        at,
+                        format!("{table}.{name}: bounds must be finite with low < high"),
+                    );
+                }
+                Some((lo, hi))
+            }
+        };
+        let output = if name == PATIENT_REF {
+            crate::schema::PERSON_ID.to_owned()
+        } else {
+            raw.output.clone().unwrap_or_else(|| name.to_owned())
+        };
+        Ok(ColumnRule {
+            column: name,
+            ty,
+            action,
+            role: raw.role,
+            bounds,
+            output,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_profiles_parse_and_cover_every_column() {
+        for (name, _) in crate::BUILTIN_PROFILES {
+            let p = Profile::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            for t in Table::ALL {
+                for def in t.columns() {
+                    if def.name != PATIENT_REF {
+                        assert!(
+                            p.rule(t, def.name).is_some(),
+                            "{name}: {t}.{} has no rule",
+                            def.name
+                        );
+                    }
+                }
+            }
+            assert!(p.k_anonymity.is_some());
+        }
+    }
+
+    #[test]
+    fn safe_harbor_drops_or_pseudonymizes_every_direct_identifier() {
+        let p = Profile::load("hipaa-safe-harbor").expect("builtin");
+        for col in [
+            "mrn",
+            "national_id",
+            "drivers_license",
+            "passport",
+            "insurance_id",
+            "first_name",
+            "middle_name",
+            "last_name",
+            "maiden_name",
+            "address",
+            "city",
+            "county",
+            "lat",
+            "lon",
+            "phone",
+            "email",
+            "birthplace",
+        ] {
+            let r = p.rule(Table::Patients, col).expect("rule");
+            assert!(
+                matches!(r.action, Action::Drop | Action::Pseudonymize),
+                "{col}: {:?}",
+                r.action
+            );
+        }
+        assert_eq!(
+            p.rule(Table::Notes, "text").map(|r| &r.action),
+            Some(&Action::Scrub)
+        );
+        assert!(p.restricted_zip3.contains("036"));
+    }
+
+    fn with_line(text: &str, edit: impl Fn(&str) -> String) -> Error {
+        let edited = edit(text);
+        Profile::parse(&edited, "p.toml").expect_err("must be refused")
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let (_, text) = crate::builtin_profile("hipaa-safe-harbor").expect("builtin");
+        let e = with_line(text, |t| {
+            t.replacen(
+                "email = { action = \"drop\"",
+                "email = { action = \"keep\"",
+                1,
+            )
+        });
+        let line = text
+            .lines()
+            .position(|l| l.trim_start().starts_with("email ="))
+            .expect("email rule")
+            + 1;
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "p.toml:{line}: patients.email: an identifier must be dropped or pseudonymized, not 'keep'"
+            )
+        );
+        let e = with_line(text, |t| t.replacen("email = {", "e_mail = {", 1));
+        assert!(e.to_string().contains("has no column 'e_mail'"), "{e}");
+        let e = with_line(text, |t| {
+            t.replacen("action = \"scrub\"", "action = \"shred\"", 1)
+        });
+        assert!(e.to_string().contains("unknown action 'shred'"), "{e}");
+        let e = with_line(text, |t| t.replacen("k = 5", "k = \"five\"", 1));
+        assert!(e.to_string().starts_with("p.toml:"), "{e}");
+        let e = with_line(text, |t| {
+            t.lines()
+                .filter(|l| !l.trim_start().starts_with("email ="))
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        assert!(e.to_string().contains("no rule for column 'email'"), "{e}");
+    }
+
+    #[test]
+    fn unknown_profile_lists_the_builtin_ones() {
+        let e = Profile::load("no-such-profile").expect_err("unknown");
+        assert!(e.to_string().contains("hipaa-safe-harbor"), "{e}");
+    }
+}
