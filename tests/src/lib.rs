@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 pub fn enclave_bin() -> PathBuf {
     // tests/ is a workspace member; the binary lives in the shared target directory.
     let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/enclave (built because `enclave` has integration tests).
     let dir = exe
         .parent()
         .and_then(Path::parent)
@@ -43,4 +44,196 @@ pub fn shared_data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/data")
         .join(name)
+}
+
+/// A scratch directory with a data directory inside, driven through the binary.
+pub struct Scratch {
+    /// The temporary directory (deleted on drop).
+    pub tmp: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// A new scratch directory.
+    pub fn new() -> Scratch {
+        Scratch {
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Runs `enclave --data-dir <data> args…`, panicking on failure.
+    pub fn enclave(&self, data: &str, args: &[&str]) -> String {
+        let mut all = vec!["--data-dir", data];
+        all.extend_from_slice(args);
+        enclave(self.path(), &all)
+    }
+
+    /// Ingests `input` and returns the JSON report.
+    pub fn ingest(
+        &self,
+        data: &str,
+        provider: &str,
+        dataset: &str,
+        input: &Path,
+        profile: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let input = input.to_str().expect("utf-8 path");
+        let mut args = vec![
+            "ingest",
+            "--provider",
+            provider,
+            "--dataset",
+            dataset,
+            "--input",
+            input,
+            "--profile",
+            profile,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.enclave(data, &args)).expect("report JSON")
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}
+
+/// An opened data directory: its keystore, catalog, and a DataFusion session over a dataset's tables.
+pub struct Opened {
+    /// The keystore.
+    pub keystore: std::sync::Arc<enclave::keys::Keystore>,
+    /// The catalog.
+    pub catalog: catalog::SqliteCatalog,
+    root: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Opened {
+    /// Opens the data directory at `root`.
+    pub fn new(root: &Path) -> Opened {
+        let dir = enclave::DataDir::new(root);
+        Opened {
+            keystore: std::sync::Arc::new(dir.keystore().expect("keystore")),
+            catalog: dir.catalog().expect("catalog"),
+            root: root.to_owned(),
+            runtime: tokio::runtime::Runtime::new().expect("runtime"),
+        }
+    }
+
+    /// The pseudonymizer this enclave's linkage key gives.
+    pub fn pseudonymizer(&self) -> deidentify::Pseudonymizer {
+        let k = self.keystore.linkage_key().expect("linkage key");
+        deidentify::Pseudonymizer::new(&deidentify::LinkageKey::from_bytes(*k))
+    }
+
+    /// The latest version's directory of a dataset.
+    pub fn version_dir(&self, dataset: &str) -> PathBuf {
+        use catalog::CatalogStore;
+        let v = self
+            .catalog
+            .version(dataset, None)
+            .expect("dataset in catalog");
+        self.root.join(v.version.storage_path)
+    }
+
+    /// Runs SQL over a dataset's decrypted tables (and its quarantine, as `quarantine`); every value as text.
+    pub fn sql(&self, dataset: &str, query: &str) -> Vec<Vec<Option<String>>> {
+        let dir = self.version_dir(dataset);
+        self.runtime.block_on(async {
+            let ctx = enclave::storage::session(self.keystore.clone());
+            for entry in std::fs::read_dir(&dir).expect("version dir") {
+                let path = entry.expect("entry").path();
+                if path.extension().is_some_and(|e| e == "parquet") {
+                    let name = path
+                        .file_stem()
+                        .expect("stem")
+                        .to_string_lossy()
+                        .into_owned();
+                    enclave::storage::register_table(&ctx, &name, &path)
+                        .await
+                        .expect("register");
+                }
+            }
+            let batches = ctx
+                .sql(query)
+                .await
+                .expect("plan")
+                .collect()
+                .await
+                .expect("run");
+            to_rows(&batches)
+        })
+    }
+}
+
+/// Record batches as rows of optional strings.
+pub fn to_rows(batches: &[arrow::record_batch::RecordBatch]) -> Vec<Vec<Option<String>>> {
+    let mut rows = Vec::new();
+    for b in batches {
+        let cols: Vec<arrow::array::StringArray> = b
+            .columns()
+            .iter()
+            .map(|c| {
+                let s = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8)
+                    .expect("cast to text");
+                s.as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .expect("strings")
+                    .clone()
+            })
+            .collect();
+        for i in 0..b.num_rows() {
+            rows.push(
+                cols.iter()
+                    .map(|c| (!arrow::array::Array::is_null(c, i)).then(|| c.value(i).to_owned()))
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+/// Every file under `root`, recursively.
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Scans every byte of every file under `root` for each needle; returns `(file, needle)` hits.
+pub fn scan_bytes(root: &Path, needles: &[String]) -> Vec<(PathBuf, String)> {
+    let ac = aho_corasick::AhoCorasick::new(needles).expect("needles");
+    let mut hits = Vec::new();
+    for f in files_under(root) {
+        let bytes = std::fs::read(&f).expect("read file");
+        for m in ac.find_overlapping_iter(&bytes) {
+            hits.push((f.clone(), needles[m.pattern().as_usize()].clone()));
+        }
+    }
+    hits
+}
+
+/// The demo manifest written by `enclave demo-data`.
+pub fn manifest(export: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(export.join("manifest.json")).expect("manifest"))
+        .expect("manifest JSON")
 }
