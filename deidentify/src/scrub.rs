@@ -187,9 +187,11 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
     specs
         .into_iter()
         .map(|(src, kind, group)| Pattern {
-            // The patterns are constants of this file, checked by the unit tests below.
+            // ASCII word boundaries keep the fast DFA engines usable on text with non-ASCII characters
+            // (Unicode `\b` makes them give up on the first such byte). The patterns are constants of this
+            // file, checked by the unit tests below.
             #[allow(clippy::expect_used)]
-            re: Regex::new(&src).expect("scrub pattern compiles"),
+            re: Regex::new(&src.replace(r"\b", r"(?-u:\b)")).expect("scrub pattern compiles"),
             kind,
             group,
         })
@@ -214,9 +216,15 @@ pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> 
         }
     }
     for p in PATTERNS.iter() {
-        for caps in p.re.captures_iter(text) {
-            if let Some(m) = caps.get(p.group) {
+        for m in p.re.find_iter(text) {
+            if p.group == 0 {
                 spans.push((m.start(), m.end(), p.kind));
+            } else if let Some(g) =
+                p.re.captures_at(&text[..m.end()], m.start())
+                    .and_then(|c| c.get(p.group))
+            {
+                // Captures only where the fast search found a match.
+                spans.push((g.start(), g.end(), p.kind));
             }
         }
     }

@@ -51,7 +51,7 @@ pub struct IngestOptions {
     pub max_quarantine_ratio: Option<f64>,
     /// Consent scope recorded in the catalog.
     pub consent_scope: String,
-    /// Show a progress bar (when stderr is a terminal).
+    /// Report progress on stderr: a bar with rows/s on a terminal, a plain line every few seconds otherwise.
     pub progress: bool,
 }
 
@@ -344,11 +344,11 @@ pub fn ingest(
         &opts.provider,
         started_at.date_naive(),
     );
-    let progress = progress_bar(opts.progress);
+    let progress = Progress::new(opts.progress);
     let mut unmodelled = BTreeMap::new();
 
     // Pass one: patients.
-    progress.set_message("pass 1/2: patients");
+    progress.phase("pass 1/2: patients");
     for file in discovery.files.iter().filter(|f| f.may_hold_patients()) {
         deidentify::read_file(
             file,
@@ -357,7 +357,7 @@ pub fn ingest(
             &mut |item| {
                 if let Item::Record(rec) = item {
                     deid.add_patient(&rec);
-                    progress.inc(1);
+                    progress.tick(1);
                 }
                 Ok(())
             },
@@ -377,7 +377,7 @@ pub fn ingest(
         &progress,
         &mut unmodelled,
     );
-    progress.finish_and_clear();
+    progress.finish();
     let (sinks, quarantine_reasons, unrecognised) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -552,7 +552,7 @@ fn write_version(
     staging: &Path,
     key_id: &str,
     key: &Secret,
-    progress: &ProgressBar,
+    progress: &Progress,
     unmodelled: &mut BTreeMap<String, u64>,
 ) -> Result<(Sinks, BTreeMap<String, u64>, u64)> {
     let mut sinks = BTreeMap::new();
@@ -591,15 +591,14 @@ fn write_version(
     };
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     let mut orphan_quarantined = 0u64;
-    progress.set_position(0);
-    progress.set_message("pass 2/2: de-identifying");
+    progress.phase("pass 2/2: de-identifying");
     let mut seen = 0u64;
     for file in files {
         tracing::info!(file = %file.path().display(), "reading");
         deidentify::read_file(file, Pass::All, unmodelled, &mut |item| {
             seen += 1;
             if seen.is_multiple_of(4096) {
-                progress.set_position(seen);
+                progress.tick(4096);
             }
             match item {
                 Item::Record(rec) => {
@@ -686,18 +685,72 @@ fn flush(sink: &mut TableSink) -> Result<()> {
     sink.writer.write(&batch)
 }
 
-fn progress_bar(wanted: bool) -> ProgressBar {
-    if !wanted || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+/// Progress on stderr: an indicatif bar on a terminal, plain lines (at most every 5 s) otherwise.
+enum Progress {
+    Bar(ProgressBar),
+    Lines {
+        phase: std::cell::RefCell<(String, u64, Instant, Instant)>,
+    },
+    Off,
+}
+
+impl Progress {
+    fn new(wanted: bool) -> Progress {
+        if !wanted {
+            return Progress::Off;
+        }
+        if !std::io::stderr().is_terminal() {
+            let now = Instant::now();
+            return Progress::Lines {
+                phase: std::cell::RefCell::new((String::new(), 0, now, now)),
+            };
+        }
+        let pb = ProgressBar::new_spinner();
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {msg}: {human_pos} rows, {per_sec}, {elapsed}")
+        {
+            pb.set_style(style);
+        }
+        pb.enable_steady_tick(Duration::from_millis(120));
+        Progress::Bar(pb)
     }
-    let pb = ProgressBar::new_spinner();
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} {msg}: {human_pos} rows, {per_sec}, {elapsed}")
-    {
-        pb.set_style(style);
+
+    fn phase(&self, name: &str) {
+        match self {
+            Progress::Bar(pb) => {
+                pb.set_position(0);
+                pb.set_message(name.to_owned());
+            }
+            Progress::Lines { phase } => {
+                let now = Instant::now();
+                *phase.borrow_mut() = (name.to_owned(), 0, now, now);
+                eprintln!("{name}");
+            }
+            Progress::Off => {}
+        }
     }
-    pb.enable_steady_tick(Duration::from_millis(120));
-    pb
+
+    fn tick(&self, rows: u64) {
+        match self {
+            Progress::Bar(pb) => pb.inc(rows),
+            Progress::Lines { phase } => {
+                let mut p = phase.borrow_mut();
+                p.1 += rows;
+                if p.3.elapsed() >= Duration::from_secs(5) {
+                    p.3 = Instant::now();
+                    let rate = p.1 as f64 / p.2.elapsed().as_secs_f64().max(1e-9);
+                    eprintln!("{}: {} rows, {rate:.0} rows/s", p.0, p.1);
+                }
+            }
+            Progress::Off => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(pb) = self {
+            pb.finish_and_clear();
+        }
+    }
 }
 
 fn validate_name(what: &str, name: &str) -> Result<()> {

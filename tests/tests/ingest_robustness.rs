@@ -1,0 +1,229 @@
+//! Ingest under adverse conditions: a run killed part-way, and an export in a layout of the provider's own.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use enclave_e2e::{Opened, Scratch, enclave_bin, enclave_output};
+
+#[test]
+fn a_run_killed_part_way_publishes_nothing_and_rerunning_works() {
+    let s = Scratch::new();
+    s.enclave(
+        "data",
+        &[
+            "demo-data",
+            "--patients",
+            "1500",
+            "--out",
+            "export",
+            "--format",
+            "csv",
+        ],
+    );
+    s.enclave("data", &["init"]);
+    let mut child = Command::new(enclave_bin())
+        .args([
+            "--data-dir",
+            "data",
+            "ingest",
+            "--provider",
+            "H1",
+            "--dataset",
+            "big",
+            "--input",
+            "export/csv",
+            "--profile",
+            "hipaa-safe-harbor",
+        ])
+        .current_dir(s.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ingest");
+    // Wait until pass two is writing table files into staging, then kill the process outright.
+    let staging = s.path().join("data/staging");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let writing = loop {
+        let started = std::fs::read_dir(&staging)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                std::fs::read_dir(d.path())
+                    .map(|f| f.count() > 0)
+                    .unwrap_or(false)
+            });
+        if started || Instant::now() > deadline || child.try_wait().expect("poll").is_some() {
+            break started;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(writing, "the ingest reached its writing pass");
+    let finished_first = child.try_wait().expect("poll").is_some();
+    child.kill().ok();
+    child.wait().expect("reap");
+    assert!(
+        !finished_first,
+        "the run was still going when it was killed"
+    );
+
+    let show = enclave_output(s.path(), &["--data-dir", "data", "catalog", "show", "big"]);
+    assert!(
+        !show.status.success(),
+        "a killed run leaves no catalog version"
+    );
+    assert!(String::from_utf8_lossy(&show.stderr).contains("unknown dataset 'big'"));
+    assert!(
+        !s.path().join("data/datasets/big").exists(),
+        "nothing is visible under datasets/"
+    );
+
+    let report = s.ingest(
+        "data",
+        "H1",
+        "big",
+        &s.path().join("export/csv"),
+        "hipaa-safe-harbor",
+        &[],
+    );
+    assert_eq!(report["version"], "1");
+    let t = &report["totals"];
+    assert_eq!(
+        t["rows_in"].as_u64(),
+        Some(t["written"].as_u64().expect("n") + t["suppressed"].as_u64().expect("n"))
+    );
+    let opened = Opened::new(&s.path().join("data"));
+    let n = opened.sql("big", "SELECT COUNT(*) FROM observations");
+    assert_eq!(
+        n[0][0].as_deref(),
+        Some(
+            report["tables"]["observations"]["written"]
+                .to_string()
+                .as_str()
+        )
+    );
+}
+
+#[test]
+fn a_providers_own_csv_layout_ingests_through_a_mapping_file() {
+    let s = Scratch::new();
+    s.enclave("data", &["init"]);
+    let export = s.path().join("his-export");
+    std::fs::create_dir_all(&export).expect("mkdir");
+    let mut people =
+        String::from("PersonID,GivenName,FamilyName,DOB,Sex,PostCode,NHSNo,Telephone\n");
+    let mut labs = String::from("PersonID,TakenAt,Loinc,Test,Result,Unit\n");
+    for i in 0..30u32 {
+        people += &format!(
+            "P{i:03},Given{i},Family{i},19{:02}-0{}-1{},{},0214{},,07700 900{:03}\n",
+            40 + i,
+            1 + i % 9,
+            i % 9,
+            if i % 2 == 0 { "F" } else { "M" },
+            i % 10,
+            i
+        );
+        for j in 0..4u32 {
+            labs += &format!(
+                "P{i:03},2024-0{}-0{}T10:00:00Z,2339-0,Glucose,{},mg/dL\n",
+                1 + j,
+                1 + j,
+                90 + i + j
+            );
+        }
+    }
+    labs += "P999,2024-01-01T10:00:00Z,2339-0,Glucose,101,mg/dL\n";
+    std::fs::write(export.join("people.csv"), people).expect("write");
+    std::fs::write(export.join("labs.csv"), labs).expect("write");
+    std::fs::write(export.join("README.txt"), "export notes").expect("write");
+    let mapping = s.path().join("his-mapping.toml");
+    std::fs::write(
+        &mapping,
+        r#"
+[[table]]
+table = "patients"
+[table.columns]
+PersonID = "patient_id"
+GivenName = "first_name"
+FamilyName = "last_name"
+DOB = "birth_date"
+Sex = "gender"
+PostCode = "zip"
+NHSNo = "national_id"
+Telephone = "phone"
+
+[[table]]
+table = "observations"
+[table.columns]
+PersonID = "patient_id"
+TakenAt = "date"
+Loinc = "code"
+Test = "description"
+Result = "value"
+Unit = "units"
+"#,
+    )
+    .expect("write mapping");
+    let report = s.ingest(
+        "data",
+        "HIS",
+        "his",
+        &export,
+        "jp-pseudonymized-medical",
+        &[
+            "--mapping",
+            mapping.to_str().expect("utf8"),
+            "--max-quarantine-ratio",
+            "0.1",
+        ],
+    );
+    assert_eq!(report["tables"]["patients"]["rows_in"], 30);
+    assert_eq!(report["tables"]["observations"]["rows_in"], 121);
+    assert_eq!(
+        report["tables"]["observations"]["quarantined"], 1,
+        "the lab of an unknown person is quarantined"
+    );
+    assert_eq!(
+        report["persons"]["linked_by_national_id"], 0,
+        "blank national IDs fall back to the local ID"
+    );
+    let skipped = report["files_skipped"].as_object().expect("skipped");
+    assert!(
+        skipped.keys().any(|k| k.ends_with("README.txt")),
+        "{skipped:?}"
+    );
+    let opened = Opened::new(&s.path().join("data"));
+    let rows = opened.sql("his", "SELECT COUNT(DISTINCT person_id), MIN(value_numeric), MAX(value_numeric) FROM observations");
+    assert_eq!(rows[0][0].as_deref(), Some("30"));
+    assert_eq!(
+        (rows[0][1].as_deref(), rows[0][2].as_deref()),
+        (Some("90.0"), Some("122.0"))
+    );
+
+    // A mapping naming a column the model lacks is refused with its line, before any row is read.
+    std::fs::write(&mapping, "[[table]]\ntable = \"patients\"\n[table.columns]\nPersonID = \"patient_id\"\nDOB = \"dob\"\n").expect("write");
+    let out = enclave_output(
+        s.path(),
+        &[
+            "--data-dir",
+            "data",
+            "ingest",
+            "--provider",
+            "HIS",
+            "--dataset",
+            "his2",
+            "--input",
+            "his-export",
+            "--profile",
+            "hipaa-safe-harbor",
+            "--mapping",
+            "his-mapping.toml",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("his-mapping.toml:5: table patients has no column 'dob'"),
+        "{err}"
+    );
+}
