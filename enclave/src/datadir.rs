@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! enclave-data/
-//!   enclave.db                      catalog, keystore (and later ledger and audit log)
+//!   enclave.db                      catalog, keystore, budget ledger, audit log
+//!   audit-public-key.hex            Ed25519 key the audit checkpoints verify against
 //!   master.key                      32 random bytes, mode 0600 (unless ENCLAVE_MASTER_KEY_FILE names one)
 //!   datasets/<name>/<version>/      <table>.parquet, quarantine.parquet (encrypted), report.json/.txt
 //!   staging/                        runs in progress; never read
@@ -89,10 +90,39 @@ impl DataDir {
         let ks = Keystore::open(&self.db(), &self.master_key)?;
         catalog::SqliteCatalog::open(&self.db())?;
         ks.linkage_key()?;
+        let ledger = crate::ledger::Ledger::open(&self.db(), &ks)?;
+        let pk = ledger.public_key_hex();
+        let pk_path = self.audit_public_key_path();
+        match std::fs::read_to_string(&pk_path) {
+            Ok(existing) if existing.trim() == pk => {}
+            Ok(_) => {
+                return Err(Error::Key(format!(
+                    "{} does not hold this enclave's audit public key",
+                    pk_path.display()
+                )));
+            }
+            Err(_) => {
+                crate::ingest::write_synced(&pk_path, format!("{pk}\n").as_bytes())?;
+                did.push(format!(
+                    "exported the audit public key to {}",
+                    pk_path.display()
+                ));
+            }
+        }
         if !existed {
             did.push(format!("created database {}", self.db().display()));
         }
         Ok(did)
+    }
+
+    /// The exported audit public key (hex), which `audit verify` checks the log against.
+    pub fn audit_public_key_path(&self) -> PathBuf {
+        self.root.join("audit-public-key.hex")
+    }
+
+    /// Opens the budget ledger and audit log.
+    pub fn ledger(&self, keystore: &Keystore) -> Result<crate::ledger::Ledger> {
+        crate::ledger::Ledger::open(&self.db(), keystore)
     }
 
     /// Opens the keystore (the data directory must be initialised).

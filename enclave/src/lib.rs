@@ -12,11 +12,13 @@
 //! malformed configuration or input (bad rows go to the encrypted quarantine with a reason); memory
 //! bounded by batch and row-group size, not by input size.
 
+pub mod audit;
 pub mod bench;
 pub mod datadir;
 pub mod demo;
 pub mod ingest;
 pub mod keys;
+pub mod ledger;
 pub mod storage;
 
 pub use datadir::DataDir;
@@ -69,6 +71,22 @@ pub enum Error {
     /// JSON encoding failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    /// A query was refused; `rule` names the rule (`budget`, `row-level`, …).
+    #[error("refused by rule '{rule}': {message}")]
+    Refused {
+        /// The rule.
+        rule: String,
+        /// What the user needs to know.
+        message: String,
+    },
+    /// The audit log does not verify.
+    #[error("audit log broken at record {seq}: {why}")]
+    AuditBroken {
+        /// The first record that does not fit (0: the log's key itself).
+        seq: i64,
+        /// What is wrong with it.
+        why: String,
+    },
     /// An invariant broke.
     #[error("internal error: {0}")]
     Internal(String),

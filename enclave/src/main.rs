@@ -95,6 +95,16 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Privacy budgets per principal and dataset.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Generate demo data, initialise, ingest it, and show the catalog entry: the whole provider flow.
     Demo {
         /// Patients to generate.
@@ -130,6 +140,55 @@ enum CatalogCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BudgetCommand {
+    /// Grant (or change) a principal's total budget on a dataset; what is spent stays spent.
+    Set {
+        /// Principal (researcher).
+        principal: String,
+        /// Dataset.
+        dataset: String,
+        /// ε granted.
+        #[arg(long)]
+        epsilon: f64,
+        /// δ granted.
+        #[arg(long, default_value_t = 1e-6)]
+        delta: f64,
+        /// ρ granted, for datasets accounted in zCDP.
+        #[arg(long)]
+        rho: Option<f64>,
+    },
+    /// Budgets with what is spent and left.
+    Show {
+        /// Only this principal.
+        principal: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain, the checkpoint signatures and the budget totals; name the first bad record.
+    Verify {
+        /// The audit public key (hex) to verify against (default: the one exported at init).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// The latest records.
+    Tail {
+        /// How many.
+        #[arg(short, long, default_value_t = 20)]
+        n: usize,
+        /// JSON output (one object per line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign a checkpoint over the latest record now.
+    Checkpoint,
 }
 
 #[derive(Subcommand)]
@@ -266,6 +325,8 @@ fn run(cli: Cli) -> Result<()> {
                 ks.master_fingerprint()
             );
         }
+        Command::Budget { command } => budget_command(&dir, command)?,
+        Command::Audit { command } => audit_command(&dir, command)?,
         Command::Demo {
             patients,
             export_dir,
@@ -362,6 +423,116 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
                 print_card(&v);
             }
         }
+    }
+    Ok(())
+}
+
+fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
+    let keystore = dir.keystore()?;
+    let ledger = dir.ledger(&keystore)?;
+    match command {
+        BudgetCommand::Set {
+            principal,
+            dataset,
+            epsilon,
+            delta,
+            rho,
+        } => {
+            // Fail closed: a budget only exists for a dataset the catalog knows.
+            dir.catalog()?.version(&dataset, None)?;
+            let b = ledger.set_budget(&principal, &dataset, epsilon, delta, rho)?;
+            println!(
+                "{} on {}: ε {} (spent {}), δ {:e} (spent {:e}){}",
+                b.principal,
+                b.dataset,
+                b.epsilon,
+                b.spent_epsilon,
+                b.delta,
+                b.spent_delta,
+                b.rho
+                    .map(|r| format!(", ρ {r} (spent {})", b.spent_rho))
+                    .unwrap_or_default()
+            );
+        }
+        BudgetCommand::Show { principal, json } => {
+            let budgets = ledger.budgets(principal.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&budgets)?);
+            } else if budgets.is_empty() {
+                println!(
+                    "no budgets yet: grant one with `enclave budget set PRINCIPAL DATASET --epsilon E`"
+                );
+            } else {
+                println!(
+                    "{:<20} {:<20} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    "principal", "dataset", "ε", "ε spent", "ε left", "δ", "δ spent"
+                );
+                for b in budgets {
+                    println!(
+                        "{:<20} {:<20} {:>10.4} {:>10.4} {:>10.4} {:>10.2e} {:>10.2e}",
+                        b.principal,
+                        b.dataset,
+                        b.epsilon,
+                        b.spent_epsilon,
+                        b.epsilon_left(),
+                        b.delta,
+                        b.spent_delta
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
+    let keystore = dir.keystore()?;
+    let ledger = dir.ledger(&keystore)?;
+    match command {
+        AuditCommand::Verify { public_key } => {
+            let path = public_key.unwrap_or_else(|| dir.audit_public_key_path());
+            let pk = std::fs::read_to_string(&path)
+                .with_context(|| format!("read the audit public key {}", path.display()))?;
+            let v = ledger.verify(pk.trim())?;
+            println!(
+                "audit log verifies: {} records, {} signed checkpoints{}",
+                v.records,
+                v.checkpoints,
+                v.last_checkpoint
+                    .map(|s| format!(" (last at record {s})"))
+                    .unwrap_or_default()
+            );
+        }
+        AuditCommand::Tail { n, json } => {
+            for r in ledger.tail(n)? {
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    let cost = enclave::audit::from_units(r.cost_epsilon);
+                    let what = if r.outcome == "released" {
+                        format!("released, ε {cost}")
+                    } else {
+                        format!("refused ({})", r.rule)
+                    };
+                    println!(
+                        "#{:<6} {} {}@{} {} on {}@{}: {}\n        {}",
+                        r.seq,
+                        r.at,
+                        r.draft.principal,
+                        r.draft.origin,
+                        what,
+                        r.draft.dataset,
+                        r.draft.version,
+                        r.draft.plan_hash,
+                        r.draft.sql
+                    );
+                }
+            }
+        }
+        AuditCommand::Checkpoint => match ledger.checkpoint()? {
+            Some(seq) => println!("signed a checkpoint at record {seq}"),
+            None => println!("the audit log is empty"),
+        },
     }
     Ok(())
 }

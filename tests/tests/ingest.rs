@@ -196,7 +196,10 @@ fn demo_export_is_deidentified_encrypted_catalogued_and_readable_only_with_the_k
     let before = std::fs::read(data.join("master.key")).expect("key");
     drop(opened);
     let out = s.enclave("data", &["keys", "rotate"]);
-    assert!(out.contains("re-wrapped 3 keys"), "{out}");
+    assert!(
+        out.contains("re-wrapped 4 keys"),
+        "linkage, audit signing and two data keys: {out}"
+    );
     assert_ne!(std::fs::read(data.join("master.key")).expect("key"), before);
     let reopened = Opened::new(&data);
     let n = reopened.sql("cohort", "SELECT COUNT(*) FROM observations");

@@ -1,0 +1,426 @@
+//! The tamper-evident audit log: append-only records, each carrying the SHA-256 of the previous one, with
+//! Ed25519-signed checkpoints.
+//!
+//! A record says who asked, from where, when, on which dataset version, the SQL, the plan's hash, the
+//! privacy cost, and the outcome (released, or refused with the rule). Records are appended only inside the
+//! ledger's transaction ([`crate::ledger`]), so a charge and its record commit together. [`verify`]
+//! recomputes the chain and every checkpoint signature, cross-checks the budgets' spent totals against the
+//! released records, and names the first record that does not fit.
+
+use ring::digest::{SHA256, digest};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// A checkpoint is signed after every this many records.
+pub const CHECKPOINT_EVERY: i64 = 32;
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    version TEXT NOT NULL,
+    sql TEXT NOT NULL,
+    plan_hash TEXT NOT NULL,
+    cost_epsilon INTEGER NOT NULL,
+    cost_delta INTEGER NOT NULL,
+    cost_rho INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    seq INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_keys (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    public_key TEXT NOT NULL
+);";
+
+/// The hash before the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Budget amounts are stored as whole pico-units (10⁻¹² ε, δ or ρ), so sums are exact.
+pub const UNITS_PER: f64 = 1e12;
+
+/// A privacy amount in pico-units. Converting from `f64` rounds to the nearest unit; a difference of
+/// 10⁻¹² is far below any meaningful privacy loss, and it makes `0.1 + 0.1 + 0.1 == 0.3` hold exactly.
+pub fn to_units(x: f64) -> Result<i64> {
+    if !x.is_finite() || !(0.0..=9.0e6).contains(&x) {
+        return Err(Error::Config(format!(
+            "privacy amount {x} must be a finite number within 0..=9e6"
+        )));
+    }
+    Ok((x * UNITS_PER).round() as i64)
+}
+
+/// Pico-units back to a number.
+pub fn from_units(u: i64) -> f64 {
+    u as f64 / UNITS_PER
+}
+
+/// What a new record says (the ledger adds the sequence number, time and hashes).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Draft {
+    /// Who asked.
+    pub principal: String,
+    /// From where (`cli`, a client address).
+    pub origin: String,
+    /// Dataset.
+    pub dataset: String,
+    /// Dataset version.
+    pub version: String,
+    /// The SQL as received.
+    pub sql: String,
+    /// SHA-256 of the normalised plan (empty when the query never got a plan).
+    pub plan_hash: String,
+}
+
+/// One stored record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Record {
+    /// Position in the log, from 1.
+    pub seq: i64,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// What was asked.
+    #[serde(flatten)]
+    pub draft: Draft,
+    /// ε charged, in pico-units.
+    pub cost_epsilon: i64,
+    /// δ charged, in pico-units.
+    pub cost_delta: i64,
+    /// ρ charged, in pico-units (zCDP datasets).
+    pub cost_rho: i64,
+    /// `released` or `refused`.
+    pub outcome: String,
+    /// The refusal rule (empty when released).
+    pub rule: String,
+    /// Hash of the previous record.
+    pub prev_hash: String,
+    /// Hash of this record.
+    pub hash: String,
+}
+
+impl Record {
+    /// The record's hash: SHA-256 over the previous hash and every field, length-prefixed.
+    pub fn compute_hash(&self) -> String {
+        let mut buf = Vec::with_capacity(256 + self.draft.sql.len());
+        for field in [
+            self.prev_hash.as_str(),
+            &self.seq.to_string(),
+            &self.at,
+            &self.draft.principal,
+            &self.draft.origin,
+            &self.draft.dataset,
+            &self.draft.version,
+            &self.draft.sql,
+            &self.draft.plan_hash,
+            &self.cost_epsilon.to_string(),
+            &self.cost_delta.to_string(),
+            &self.cost_rho.to_string(),
+            &self.outcome,
+            &self.rule,
+        ] {
+            buf.extend_from_slice(&(field.len() as u64).to_be_bytes());
+            buf.extend_from_slice(field.as_bytes());
+        }
+        hex::encode(digest(&SHA256, &buf))
+    }
+}
+
+fn checkpoint_message(seq: i64, hash: &str) -> Vec<u8> {
+    format!("rwd-enclave audit checkpoint v1\n{seq}\n{hash}").into_bytes()
+}
+
+/// Appends a record inside the caller's transaction; signs a checkpoint when one is due.
+pub(crate) fn append(
+    tx: &Transaction<'_>,
+    signer: &Ed25519KeyPair,
+    draft: &Draft,
+    cost: [i64; 3],
+    outcome: &str,
+    rule: &str,
+) -> Result<Record> {
+    let last: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (seq, prev_hash) = last.map_or((1, GENESIS.to_owned()), |(s, h)| (s + 1, h));
+    let mut rec = Record {
+        seq,
+        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        draft: draft.clone(),
+        cost_epsilon: cost[0],
+        cost_delta: cost[1],
+        cost_rho: cost[2],
+        outcome: outcome.to_owned(),
+        rule: rule.to_owned(),
+        prev_hash,
+        hash: String::new(),
+    };
+    rec.hash = rec.compute_hash();
+    tx.execute(
+        "INSERT INTO audit_log (seq, at, principal, origin, dataset, version, sql, plan_hash, cost_epsilon, cost_delta,
+            cost_rho, outcome, rule, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            rec.seq, rec.at, rec.draft.principal, rec.draft.origin, rec.draft.dataset, rec.draft.version, rec.draft.sql,
+            rec.draft.plan_hash, rec.cost_epsilon, rec.cost_delta, rec.cost_rho, rec.outcome, rec.rule, rec.prev_hash,
+            rec.hash
+        ],
+    )?;
+    if seq % CHECKPOINT_EVERY == 0 {
+        sign_checkpoint(tx, signer, seq, &rec.hash)?;
+    }
+    Ok(rec)
+}
+
+fn sign_checkpoint(conn: &Connection, signer: &Ed25519KeyPair, seq: i64, hash: &str) -> Result<()> {
+    let sig = signer.sign(&checkpoint_message(seq, hash));
+    conn.execute(
+        "INSERT OR REPLACE INTO audit_checkpoints (seq, hash, signature, at) VALUES (?1, ?2, ?3, ?4)",
+        params![seq, hash, hex::encode(sig.as_ref()), chrono::Utc::now().to_rfc3339()],
+    )?;
+    Ok(())
+}
+
+/// Signs a checkpoint over the latest record now (`enclave audit checkpoint`, and before a verify).
+pub(crate) fn checkpoint_now(conn: &Connection, signer: &Ed25519KeyPair) -> Result<Option<i64>> {
+    let last: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match last {
+        Some((seq, hash)) => {
+            sign_checkpoint(conn, signer, seq, &hash)?;
+            Ok(Some(seq))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Stores the public key the checkpoints verify against (first time only) and returns it (hex).
+pub(crate) fn register_public_key(conn: &Connection, signer: &Ed25519KeyPair) -> Result<String> {
+    let pk = hex::encode(signer.public_key().as_ref());
+    conn.execute(
+        "INSERT OR IGNORE INTO audit_keys (id, public_key) VALUES (1, ?1)",
+        [&pk],
+    )?;
+    let stored: String =
+        conn.query_row("SELECT public_key FROM audit_keys WHERE id = 1", [], |r| {
+            r.get(0)
+        })?;
+    if stored != pk {
+        return Err(Error::Key(
+            "the audit signing key does not match the registered public key".into(),
+        ));
+    }
+    Ok(pk)
+}
+
+fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        seq: r.get(0)?,
+        at: r.get(1)?,
+        draft: Draft {
+            principal: r.get(2)?,
+            origin: r.get(3)?,
+            dataset: r.get(4)?,
+            version: r.get(5)?,
+            sql: r.get(6)?,
+            plan_hash: r.get(7)?,
+        },
+        cost_epsilon: r.get(8)?,
+        cost_delta: r.get(9)?,
+        cost_rho: r.get(10)?,
+        outcome: r.get(11)?,
+        rule: r.get(12)?,
+        prev_hash: r.get(13)?,
+        hash: r.get(14)?,
+    })
+}
+
+const SELECT_RECORD: &str =
+    "SELECT seq, at, principal, origin, dataset, version, sql, plan_hash, cost_epsilon, cost_delta,
+    cost_rho, outcome, rule, prev_hash, hash FROM audit_log";
+
+/// The last `n` records, oldest first.
+pub fn tail(conn: &Connection, n: usize) -> Result<Vec<Record>> {
+    let mut stmt = conn.prepare(&format!("{SELECT_RECORD} ORDER BY seq DESC LIMIT ?1"))?;
+    let mut out = stmt
+        .query_map([n as i64], read_record)?
+        .collect::<Result<Vec<_>, _>>()?;
+    out.reverse();
+    Ok(out)
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verified {
+    /// Records checked.
+    pub records: i64,
+    /// Checkpoints whose signature verified.
+    pub checkpoints: i64,
+    /// Sequence number of the last signed checkpoint.
+    pub last_checkpoint: Option<i64>,
+}
+
+/// Recomputes the chain and checkpoint signatures against `public_key_hex`, and checks every budget's spent
+/// totals equal the sum of its released records. Returns the first problem as [`Error::AuditBroken`].
+pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
+    let broken = |seq: i64, why: String| Error::AuditBroken { seq, why };
+    let stored_pk: Option<String> = conn
+        .query_row("SELECT public_key FROM audit_keys WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if stored_pk.as_deref().is_some_and(|pk| pk != public_key_hex) {
+        return Err(broken(
+            0,
+            "the database's audit public key differs from the one exported at init".into(),
+        ));
+    }
+    let pk_bytes = hex::decode(public_key_hex)
+        .map_err(|_| Error::Config("audit public key is not hex".into()))?;
+    let public_key = UnparsedPublicKey::new(&ED25519, pk_bytes);
+
+    let mut stmt = conn.prepare(&format!("{SELECT_RECORD} ORDER BY seq"))?;
+    let mut rows = stmt.query([])?;
+    let (mut expected_seq, mut prev) = (1i64, GENESIS.to_owned());
+    let mut hashes = std::collections::HashMap::new();
+    let mut released: std::collections::HashMap<(String, String), [i64; 3]> =
+        std::collections::HashMap::new();
+    while let Some(row) = rows.next()? {
+        let rec = read_record(row)?;
+        if rec.seq != expected_seq {
+            return Err(broken(
+                expected_seq,
+                format!(
+                    "record {expected_seq} is missing (next present is {})",
+                    rec.seq
+                ),
+            ));
+        }
+        if rec.prev_hash != prev {
+            return Err(broken(rec.seq, "its previous-hash does not match the record before it (deleted, inserted or reordered)".into()));
+        }
+        if rec.compute_hash() != rec.hash {
+            return Err(broken(
+                rec.seq,
+                "its contents do not match its hash (edited)".into(),
+            ));
+        }
+        if rec.outcome == "released" {
+            let e = released
+                .entry((rec.draft.principal.clone(), rec.draft.dataset.clone()))
+                .or_default();
+            e[0] += rec.cost_epsilon;
+            e[1] += rec.cost_delta;
+            e[2] += rec.cost_rho;
+        } else if rec.outcome != "refused" {
+            return Err(broken(
+                rec.seq,
+                format!("unknown outcome '{}'", rec.outcome),
+            ));
+        }
+        hashes.insert(rec.seq, rec.hash.clone());
+        prev = rec.hash;
+        expected_seq += 1;
+    }
+    let records = expected_seq - 1;
+
+    let mut checkpoints = 0;
+    let mut last_checkpoint = None;
+    let mut stmt =
+        conn.prepare("SELECT seq, hash, signature FROM audit_checkpoints ORDER BY seq")?;
+    let cps = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    for cp in cps {
+        let (seq, hash, sig) = cp?;
+        let sig = hex::decode(&sig).unwrap_or_default();
+        if public_key
+            .verify(&checkpoint_message(seq, &hash), &sig)
+            .is_err()
+        {
+            return Err(broken(
+                seq,
+                "its checkpoint signature does not verify".into(),
+            ));
+        }
+        match hashes.get(&seq) {
+            Some(h) if *h == hash => {}
+            Some(_) => {
+                return Err(broken(
+                    seq,
+                    "it differs from the signed checkpoint (rewritten after signing)".into(),
+                ));
+            }
+            None => {
+                return Err(broken(
+                    seq,
+                    "a signed checkpoint names it but it is gone (truncated)".into(),
+                ));
+            }
+        }
+        checkpoints += 1;
+        last_checkpoint = Some(seq);
+    }
+
+    // Every charge is in the log: the budgets' spent totals equal the released records' costs.
+    let mut stmt = conn
+        .prepare("SELECT principal, dataset, spent_epsilon, spent_delta, spent_rho FROM budgets")?;
+    let budgets = stmt.query_map([], |r| {
+        Ok((
+            (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+            [
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ],
+        ))
+    })?;
+    for b in budgets {
+        let (key, spent) = b?;
+        let logged = released.remove(&key).unwrap_or_default();
+        if logged != spent {
+            return Err(broken(
+                records,
+                format!(
+                    "the budget of {} on {} has spent more or less than its released records account for",
+                    key.0, key.1
+                ),
+            ));
+        }
+    }
+    if let Some(((p, d), _)) = released.into_iter().find(|(_, c)| c.iter().any(|x| *x > 0)) {
+        return Err(broken(
+            records,
+            format!("released records charge {p} on {d}, which has no budget"),
+        ));
+    }
+    Ok(Verified {
+        records,
+        checkpoints,
+        last_checkpoint,
+    })
+}

@@ -1,0 +1,567 @@
+//! The privacy-budget ledger: budgets per principal × dataset, charged together with the audit record.
+//!
+//! [`Ledger::charge`] runs one `BEGIN IMMEDIATE` SQLite transaction: it reads what is left, refuses if the
+//! cost does not fit, else adds the cost to what is spent, and appends the audit record (released or
+//! refused) — then commits with `synchronous = FULL`. Only after that returns may an answer be released.
+//! `IMMEDIATE` takes the write lock first, so concurrent charges, from threads or processes, are serialised
+//! and can never overspend; a crash before the commit loses the charge and the answer together, a crash
+//! after it loses only the answer.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use ring::signature::Ed25519KeyPair;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+use crate::audit::{self, Draft, Record, from_units, to_units};
+use crate::keys::Keystore;
+use crate::{Error, Result};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS budgets (
+    principal TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    epsilon INTEGER NOT NULL,
+    delta INTEGER NOT NULL,
+    rho INTEGER,
+    spent_epsilon INTEGER NOT NULL DEFAULT 0,
+    spent_delta INTEGER NOT NULL DEFAULT 0,
+    spent_rho INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (principal, dataset)
+);";
+
+/// Key ID of the audit signing key in the keystore.
+pub const AUDIT_SIGNING_KEY_ID: &str = "audit-signing";
+
+/// The privacy cost of one query.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Cost {
+    /// ε under basic composition (for zCDP datasets: the (ε, δ) equivalent, informative only).
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// ρ (zCDP datasets; 0 otherwise). When non-zero, the charge is against the ρ budget.
+    pub rho: f64,
+}
+
+/// One budget and what is spent of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Budget {
+    /// Principal (researcher).
+    pub principal: String,
+    /// Dataset.
+    pub dataset: String,
+    /// ε granted.
+    pub epsilon: f64,
+    /// δ granted.
+    pub delta: f64,
+    /// ρ granted (zCDP), if any.
+    pub rho: Option<f64>,
+    /// ε spent.
+    pub spent_epsilon: f64,
+    /// δ spent.
+    pub spent_delta: f64,
+    /// ρ spent.
+    pub spent_rho: f64,
+}
+
+impl Budget {
+    /// ε left.
+    pub fn epsilon_left(&self) -> f64 {
+        (self.epsilon - self.spent_epsilon).max(0.0)
+    }
+}
+
+/// A released query's record and the budget after it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Charged {
+    /// The audit record.
+    pub record: Record,
+    /// The budget after the charge.
+    pub budget: Budget,
+}
+
+/// The ledger over the enclave database.
+pub struct Ledger {
+    conn: Mutex<Connection>,
+    signer: Ed25519KeyPair,
+}
+
+impl Ledger {
+    /// Opens the ledger and audit log in `db`; the audit signing key comes from (or is created in) the keystore.
+    pub fn open(db: &Path, keystore: &Keystore) -> Result<Ledger> {
+        let conn = Connection::open(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(audit::SCHEMA)?;
+        let seed = match keystore.get(AUDIT_SIGNING_KEY_ID) {
+            Ok(s) => s,
+            Err(Error::Key(_)) => {
+                let s = crate::keys::random_secret()?;
+                keystore.put(
+                    AUDIT_SIGNING_KEY_ID,
+                    "audit checkpoint signing (Ed25519 seed)",
+                    &s,
+                )?;
+                s
+            }
+            Err(e) => return Err(e),
+        };
+        let signer = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
+            .map_err(|_| Error::Key("the audit signing seed is not a valid Ed25519 seed".into()))?;
+        audit::register_public_key(&conn, &signer)?;
+        Ok(Ledger {
+            conn: Mutex::new(conn),
+            signer,
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The audit public key (hex), for verification outside the enclave.
+    pub fn public_key_hex(&self) -> String {
+        use ring::signature::KeyPair;
+        hex::encode(self.signer.public_key().as_ref())
+    }
+
+    /// Sets (or changes) the total granted to a principal on a dataset; what is spent stays spent.
+    pub fn set_budget(
+        &self,
+        principal: &str,
+        dataset: &str,
+        epsilon: f64,
+        delta: f64,
+        rho: Option<f64>,
+    ) -> Result<Budget> {
+        if principal.trim().is_empty() {
+            return Err(Error::Config("principal must not be empty".into()));
+        }
+        if delta >= 1.0 {
+            return Err(Error::Config("delta must be below 1".into()));
+        }
+        let (e, d) = (to_units(epsilon)?, to_units(delta)?);
+        let r = rho.map(to_units).transpose()?;
+        self.conn().execute(
+            "INSERT INTO budgets (principal, dataset, epsilon, delta, rho, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (principal, dataset) DO UPDATE SET epsilon = ?3, delta = ?4, rho = ?5, updated_at = ?6",
+            params![principal, dataset, e, d, r, chrono::Utc::now().to_rfc3339()],
+        )?;
+        self.budget(principal, dataset)?
+            .ok_or_else(|| Error::Internal("budget vanished after upsert".into()))
+    }
+
+    /// One budget.
+    pub fn budget(&self, principal: &str, dataset: &str) -> Result<Option<Budget>> {
+        Ok(read_budget(&self.conn(), principal, dataset)?)
+    }
+
+    /// Every budget, or those of one principal.
+    pub fn budgets(&self, principal: Option<&str>) -> Result<Vec<Budget>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT principal, dataset, epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho FROM budgets
+             WHERE ?1 IS NULL OR principal = ?1 ORDER BY principal, dataset",
+        )?;
+        let rows = stmt
+            .query_map([principal], budget_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Checks, charges and records one query in one transaction. On refusal (no budget, or not enough left)
+    /// the refusal is recorded and [`Error::Refused`] returned.
+    pub fn charge(&self, draft: &Draft, cost: Cost) -> Result<Charged> {
+        let units = [
+            to_units(cost.epsilon)?,
+            to_units(cost.delta)?,
+            to_units(cost.rho)?,
+        ];
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let budget = read_budget(&tx, &draft.principal, &draft.dataset)?;
+        let refusal = match &budget {
+            None => Some((
+                "budget",
+                format!(
+                    "{} has no privacy budget on dataset '{}'",
+                    draft.principal, draft.dataset
+                ),
+            )),
+            Some(b) => {
+                let raw = raw_budget(&tx, &draft.principal, &draft.dataset)?;
+                if units[2] > 0 {
+                    match raw.rho {
+                        None => Some((
+                            "budget",
+                            format!(
+                                "dataset '{}' is charged in ρ but this budget has no ρ",
+                                draft.dataset
+                            ),
+                        )),
+                        Some(total) if raw.spent_rho + units[2] > total => Some((
+                            "budget",
+                            format!(
+                                "budget exhausted: {:.6} ρ left, query needs {:.6}",
+                                from_units(total - raw.spent_rho),
+                                cost.rho
+                            ),
+                        )),
+                        Some(_) => None,
+                    }
+                } else if raw.spent_epsilon + units[0] > raw.epsilon {
+                    Some((
+                        "budget",
+                        format!(
+                            "budget exhausted: {:.6} ε left, query needs {:.6}",
+                            b.epsilon_left(),
+                            cost.epsilon
+                        ),
+                    ))
+                } else if raw.spent_delta + units[1] > raw.delta {
+                    Some((
+                        "budget",
+                        format!(
+                            "budget exhausted: {:.3e} δ left, query needs {:.3e}",
+                            (b.delta - b.spent_delta).max(0.0),
+                            cost.delta
+                        ),
+                    ))
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some((rule, message)) = refusal {
+            audit::append(
+                &tx,
+                &self.signer,
+                draft,
+                [0, 0, 0],
+                "refused",
+                &format!("{rule}: {message}"),
+            )?;
+            tx.commit()?;
+            return Err(Error::Refused {
+                rule: rule.to_owned(),
+                message,
+            });
+        }
+        tx.execute(
+            "UPDATE budgets SET spent_epsilon = spent_epsilon + ?3, spent_delta = spent_delta + ?4, spent_rho = spent_rho + ?5
+             WHERE principal = ?1 AND dataset = ?2",
+            params![draft.principal, draft.dataset, units[0], units[1], units[2]],
+        )?;
+        let record = audit::append(&tx, &self.signer, draft, units, "released", "")?;
+        let budget = read_budget(&tx, &draft.principal, &draft.dataset)?
+            .ok_or_else(|| Error::Internal("budget vanished".into()))?;
+        tx.commit()?;
+        Ok(Charged { record, budget })
+    }
+
+    /// Records a refusal for a rule other than the budget (nothing is charged).
+    pub fn refuse(&self, draft: &Draft, rule: &str, message: &str) -> Result<Record> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let rec = audit::append(
+            &tx,
+            &self.signer,
+            draft,
+            [0, 0, 0],
+            "refused",
+            &format!("{rule}: {message}"),
+        )?;
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    /// The last `n` audit records.
+    pub fn tail(&self, n: usize) -> Result<Vec<Record>> {
+        audit::tail(&self.conn(), n)
+    }
+
+    /// Signs a checkpoint over the latest record.
+    pub fn checkpoint(&self) -> Result<Option<i64>> {
+        audit::checkpoint_now(&self.conn(), &self.signer)
+    }
+
+    /// Verifies the audit log against `public_key_hex` (the key exported at init).
+    pub fn verify(&self, public_key_hex: &str) -> Result<audit::Verified> {
+        audit::verify(&self.conn(), public_key_hex)
+    }
+}
+
+struct RawBudget {
+    epsilon: i64,
+    delta: i64,
+    rho: Option<i64>,
+    spent_epsilon: i64,
+    spent_delta: i64,
+    spent_rho: i64,
+}
+
+fn raw_budget(conn: &Connection, principal: &str, dataset: &str) -> Result<RawBudget> {
+    Ok(conn.query_row(
+        "SELECT epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho FROM budgets WHERE principal = ?1 AND dataset = ?2",
+        params![principal, dataset],
+        |r| {
+            Ok(RawBudget {
+                epsilon: r.get(0)?,
+                delta: r.get(1)?,
+                rho: r.get(2)?,
+                spent_epsilon: r.get(3)?,
+                spent_delta: r.get(4)?,
+                spent_rho: r.get(5)?,
+            })
+        },
+    )?)
+}
+
+fn budget_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Budget> {
+    Ok(Budget {
+        principal: r.get(0)?,
+        dataset: r.get(1)?,
+        epsilon: from_units(r.get(2)?),
+        delta: from_units(r.get(3)?),
+        rho: r.get::<_, Option<i64>>(4)?.map(from_units),
+        spent_epsilon: from_units(r.get(5)?),
+        spent_delta: from_units(r.get(6)?),
+        spent_rho: from_units(r.get(7)?),
+    })
+}
+
+fn read_budget(
+    conn: &Connection,
+    principal: &str,
+    dataset: &str,
+) -> rusqlite::Result<Option<Budget>> {
+    conn.query_row(
+        "SELECT principal, dataset, epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho FROM budgets
+         WHERE principal = ?1 AND dataset = ?2",
+        params![principal, dataset],
+        budget_row,
+    )
+    .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::keys::MasterKey;
+
+    fn setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (db, key) = (dir.path().join("enclave.db"), dir.path().join("master.key"));
+        MasterKey::create(&key).expect("key");
+        (dir, db, key)
+    }
+
+    fn draft(principal: &str, sql: &str) -> Draft {
+        Draft {
+            principal: principal.into(),
+            origin: "test".into(),
+            dataset: "cohort".into(),
+            version: "1".into(),
+            sql: sql.into(),
+            plan_hash: "p".into(),
+        }
+    }
+
+    #[test]
+    fn a_budget_of_one_answers_two_queries_of_point_four_and_refuses_the_third() {
+        let (_d, db, key) = setup();
+        let ks = Keystore::open(&db, &key).expect("ks");
+        let ledger = Ledger::open(&db, &ks).expect("ledger");
+        ledger
+            .set_budget("alice", "cohort", 1.0, 1e-6, None)
+            .expect("set");
+        let c = Cost {
+            epsilon: 0.4,
+            ..Cost::default()
+        };
+        ledger.charge(&draft("alice", "q1"), c).expect("first");
+        let second = ledger.charge(&draft("alice", "q2"), c).expect("second");
+        assert!((second.budget.epsilon_left() - 0.2).abs() < 1e-12);
+        let third = ledger.charge(&draft("alice", "q3"), c).expect_err("third");
+        assert_eq!(
+            third.to_string(),
+            "refused by rule 'budget': budget exhausted: 0.200000 ε left, query needs 0.400000"
+        );
+        assert!(
+            matches!(
+                ledger.charge(&draft("bob", "q"), c),
+                Err(Error::Refused { .. })
+            ),
+            "no budget, no answer"
+        );
+        let tail = ledger.tail(10).expect("tail");
+        assert_eq!(
+            tail.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>(),
+            ["released", "released", "refused", "refused"]
+        );
+        let v = ledger.verify(&ledger.public_key_hex()).expect("verifies");
+        assert_eq!(v.records, 4);
+    }
+
+    #[test]
+    fn tenths_add_up_exactly() {
+        let (_d, db, key) = setup();
+        let ks = Keystore::open(&db, &key).expect("ks");
+        let ledger = Ledger::open(&db, &ks).expect("ledger");
+        ledger
+            .set_budget("alice", "cohort", 0.3, 0.0, None)
+            .expect("set");
+        for i in 0..3 {
+            ledger
+                .charge(
+                    &draft("alice", &format!("q{i}")),
+                    Cost {
+                        epsilon: 0.1,
+                        ..Cost::default()
+                    },
+                )
+                .expect("fits");
+        }
+        assert!(
+            ledger
+                .charge(
+                    &draft("alice", "q4"),
+                    Cost {
+                        epsilon: 0.1,
+                        ..Cost::default()
+                    }
+                )
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn sixty_four_racing_connections_never_overspend() {
+        let (_d, db, key) = setup();
+        let ks = Arc::new(Keystore::open(&db, &key).expect("ks"));
+        Ledger::open(&db, &ks)
+            .expect("ledger")
+            .set_budget("alice", "cohort", 1.0, 0.0, None)
+            .expect("set");
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let (db, ks) = (db.clone(), ks.clone());
+                std::thread::spawn(move || {
+                    // Each thread has its own connection, as separate processes would.
+                    let ledger = Ledger::open(&db, &ks).expect("ledger");
+                    ledger
+                        .charge(
+                            &draft("alice", &format!("q{i}")),
+                            Cost {
+                                epsilon: 0.1,
+                                ..Cost::default()
+                            },
+                        )
+                        .is_ok()
+                })
+            })
+            .collect();
+        let released = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .filter(|ok| *ok)
+            .count();
+        assert_eq!(released, 10);
+        let ledger = Ledger::open(&db, &ks).expect("ledger");
+        let v = ledger.verify(&ledger.public_key_hex()).expect("verifies");
+        assert_eq!(v.records, 64);
+        assert_eq!(
+            ledger
+                .budget("alice", "cohort")
+                .expect("b")
+                .expect("some")
+                .spent_epsilon,
+            1.0
+        );
+    }
+
+    fn tamper(db: &Path, sql: &str) {
+        Connection::open(db)
+            .expect("open")
+            .execute_batch(sql)
+            .expect("tamper");
+    }
+
+    #[test]
+    fn editing_deleting_or_reordering_a_record_is_found_and_named() {
+        for (what, sql, seq) in [
+            (
+                "edit",
+                "UPDATE audit_log SET sql = 'SELECT 1' WHERE seq = 7",
+                7,
+            ),
+            ("delete", "DELETE FROM audit_log WHERE seq = 5", 5),
+            (
+                "reorder",
+                "UPDATE audit_log SET seq = -1 WHERE seq = 3; UPDATE audit_log SET seq = 3 WHERE seq = 4; UPDATE audit_log SET seq = 4 WHERE seq = -1",
+                3,
+            ),
+            (
+                "rewrite after checkpoint",
+                "UPDATE audit_log SET rule = 'x' WHERE seq = 32",
+                32,
+            ),
+        ] {
+            let (_d, db, key) = setup();
+            let ks = Keystore::open(&db, &key).expect("ks");
+            let ledger = Ledger::open(&db, &ks).expect("ledger");
+            ledger
+                .set_budget("alice", "cohort", 100.0, 0.0, None)
+                .expect("set");
+            for i in 0..40 {
+                ledger
+                    .charge(
+                        &draft("alice", &format!("SELECT COUNT(*) -- {i}")),
+                        Cost {
+                            epsilon: 0.0,
+                            ..Cost::default()
+                        },
+                    )
+                    .expect("charge");
+            }
+            ledger
+                .verify(&ledger.public_key_hex())
+                .expect("clean log verifies");
+            tamper(&db, sql);
+            match ledger.verify(&ledger.public_key_hex()) {
+                Err(Error::AuditBroken { seq: s, .. }) => assert_eq!(s, seq, "{what}"),
+                other => panic!("{what}: expected a broken chain, got {other:?}"),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn spent_never_exceeds_the_budget(budget in 0.0f64..5.0, costs in proptest::collection::vec(0.0f64..1.5, 1..30)) {
+            let (_d, db, key) = setup();
+            let ks = Keystore::open(&db, &key).expect("ks");
+            let ledger = Ledger::open(&db, &ks).expect("ledger");
+            ledger.set_budget("p", "cohort", budget, 0.0, None).expect("set");
+            let total = to_units(budget).expect("units");
+            let mut spent = 0i64;
+            for (i, c) in costs.iter().enumerate() {
+                let cost = to_units(*c).expect("units");
+                let got = ledger.charge(&draft("p", &format!("q{i}")), Cost { epsilon: *c, ..Cost::default() });
+                prop_assert_eq!(got.is_ok(), spent + cost <= total);
+                if got.is_ok() { spent += cost; }
+                let b = ledger.budget("p", "cohort").expect("b").expect("some");
+                prop_assert!(b.spent_epsilon <= b.epsilon);
+            }
+        }
+    }
+}
