@@ -16,6 +16,7 @@ pub mod audit;
 pub mod bench;
 pub mod datadir;
 pub mod demo;
+pub mod dp;
 pub mod ingest;
 pub mod keys;
 pub mod ledger;

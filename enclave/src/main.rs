@@ -105,6 +105,26 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Answer one DP aggregate query locally, through the same engine, ledger and audit path as the gateway.
+    Sql {
+        /// Principal to run as.
+        #[arg(long = "as")]
+        principal: String,
+        /// Dataset.
+        #[arg(long)]
+        dataset: String,
+        /// ε to spend (ρ on zCDP datasets; default 0.1).
+        #[arg(long)]
+        epsilon: Option<f64>,
+        /// δ for private group-key selection (default 1e-6).
+        #[arg(long)]
+        delta: Option<f64>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// The query.
+        sql: String,
+    },
     /// Generate demo data, initialise, ingest it, and show the catalog entry: the whole provider flow.
     Demo {
         /// Patients to generate.
@@ -325,6 +345,26 @@ fn run(cli: Cli) -> Result<()> {
                 ks.master_fingerprint()
             );
         }
+        Command::Sql {
+            principal,
+            dataset,
+            epsilon,
+            delta,
+            json,
+            sql,
+        } => {
+            let engine = enclave::dp::DpEngine::open(&dir)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let options = enclave::dp::QueryOptions {
+                epsilon,
+                delta,
+                origin: "cli".into(),
+            };
+            let answer = rt.block_on(engine.answer(&principal, &dataset, &sql, &options))?;
+            print_answer(&answer, json)?;
+        }
         Command::Budget { command } => budget_command(&dir, command)?,
         Command::Audit { command } => audit_command(&dir, command)?,
         Command::Demo {
@@ -425,6 +465,85 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
+    if json {
+        let rows = enclave_rows(&a.batch)?;
+        let out = serde_json::json!({
+            "columns": a.batch.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>(),
+            "rows": rows,
+            "noise": a.noise,
+            "cost": a.cost,
+            "cost_split": a.cost_split.iter().map(|(what, n)| serde_json::json!({"what": what, "epsilon": n.epsilon, "delta": n.delta, "rho": n.rho, "scale": n.scale})).collect::<Vec<_>>(),
+            "budget": a.budget,
+            "audit_seq": a.audit_seq,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let schema = a.batch.schema();
+    let rows = enclave_rows(&a.batch)?;
+    let mut header: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    for n in &a.noise {
+        header.push(format!("{} 95% CI", n.column));
+    }
+    println!("{}", header.join(" | "));
+    for (r, row) in rows.iter().enumerate() {
+        let mut cells: Vec<String> = row
+            .iter()
+            .map(|v| {
+                v.as_ref()
+                    .map_or("NULL".into(), |x| match x.parse::<f64>() {
+                        Ok(f) if x.contains('.') => format!("{f:.3}"),
+                        _ => x.clone(),
+                    })
+            })
+            .collect();
+        for n in &a.noise {
+            let (lo, hi) = n.intervals[r];
+            cells.push(if lo.is_nan() {
+                "n/a".into()
+            } else {
+                format!("[{lo:.3}, {hi:.3}]")
+            });
+        }
+        println!("{}", cells.join(" | "));
+    }
+    println!("({} rows)", rows.len());
+    for n in &a.noise {
+        println!("noise: {} has scale {:.4}", n.column, n.scale);
+    }
+    if a.cost.rho > 0.0 {
+        println!(
+            "cost: ρ {:.6}; budget left: ρ {:.6}",
+            a.cost.rho,
+            a.budget.rho.unwrap_or(0.0) - a.budget.spent_rho
+        );
+    } else {
+        println!(
+            "cost: ε {:.6}, δ {:.2e}; budget left: ε {:.6}, δ {:.2e}",
+            a.cost.epsilon,
+            a.cost.delta,
+            a.budget.epsilon_left(),
+            (a.budget.delta - a.budget.spent_delta).max(0.0)
+        );
+    }
+    println!("audit record #{}", a.audit_seq);
+    Ok(())
+}
+
+fn enclave_rows(b: &arrow::record_batch::RecordBatch) -> Result<Vec<Vec<Option<String>>>> {
+    let mut rows = vec![Vec::new(); b.num_rows()];
+    for c in b.columns() {
+        for (r, row) in rows.iter_mut().enumerate() {
+            row.push(
+                (!arrow::array::Array::is_null(c, r))
+                    .then(|| arrow::util::display::array_value_to_string(c, r).unwrap_or_default()),
+            );
+        }
+    }
+    Ok(rows)
 }
 
 fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {

@@ -1,0 +1,721 @@
+//! The differentially private SQL engine: the only way to learn anything about rows.
+//!
+//! ```text
+//!  SQL ─► query::analyze (refusal rules) ─► bounded plan: WHERE, clamp to bounds, ≤ k rows per person
+//!      ─► DataFusion: exact aggregates per group ─► noise: opendp (key selection, Laplace / Gaussian)
+//!      ─► ledger: charge + audit record, one transaction ─► post-processing (HAVING, ORDER BY, LIMIT)
+//! ```
+//!
+//! The privacy unit is the person: every table carries `person_id`, each person contributes at most
+//! `max_contributions` rows (chosen at random, after joins and WHERE), and every sensitivity follows from
+//! that bound and the catalogued value bounds. Group keys are selected privately (released only above a
+//! noisy threshold, with δ accounted). Nothing is released before the charge and its audit record commit.
+
+pub mod noise;
+pub(crate) mod query;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use catalog::{CatalogStore, SqliteCatalog, VersionEntry};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use ring::digest::{SHA256, digest};
+use serde::Serialize;
+
+use crate::audit::Draft;
+use crate::keys::Keystore;
+use crate::ledger::{Budget, Cost, Ledger};
+use crate::{Error, Result};
+use noise::{Accounting, Noise};
+use query::{AggKind, Analyzed};
+
+/// Per-query settings.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// ε to spend (default: the engine's default, 0.1). Under zCDP: ρ.
+    pub epsilon: Option<f64>,
+    /// δ for private key selection (default 1e-6).
+    pub delta: Option<f64>,
+    /// Where the query came from, for the audit log.
+    pub origin: String,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        QueryOptions {
+            epsilon: None,
+            delta: None,
+            origin: "cli".into(),
+        }
+    }
+}
+
+/// One released column's noise, row by row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ColumnNoise {
+    /// Output column.
+    pub column: String,
+    /// Noise scale (Laplace b or Gaussian σ) of the value as released (for AVG: of its sum).
+    pub scale: f64,
+    /// 95 % interval per row: (low, high); NaN where none is known (quantiles).
+    pub intervals: Vec<(f64, f64)>,
+}
+
+/// A DP answer.
+#[derive(Debug, Clone)]
+pub struct DpAnswer {
+    /// The noisy result.
+    pub batch: RecordBatch,
+    /// Noise and intervals of the columns that show an aggregate unchanged.
+    pub noise: Vec<ColumnNoise>,
+    /// What the query cost.
+    pub cost: Cost,
+    /// How the cost splits over the mechanisms: (what, cost).
+    pub cost_split: Vec<(String, Noise)>,
+    /// The budget after the charge.
+    pub budget: Budget,
+    /// The audit record's sequence number.
+    pub audit_seq: i64,
+}
+
+/// The engine over one data directory.
+pub struct DpEngine {
+    root: PathBuf,
+    keystore: Arc<Keystore>,
+    catalog: SqliteCatalog,
+    ledger: Ledger,
+    default_epsilon: f64,
+    default_delta: f64,
+    danger_no_noise: bool,
+}
+
+impl DpEngine {
+    /// Opens the engine on an initialised data directory.
+    pub fn open(dir: &crate::DataDir) -> Result<DpEngine> {
+        let keystore = Arc::new(dir.keystore()?);
+        let ledger = dir.ledger(&keystore)?;
+        Ok(DpEngine {
+            root: dir.root().to_owned(),
+            catalog: dir.catalog()?,
+            keystore,
+            ledger,
+            default_epsilon: 0.1,
+            default_delta: 1e-6,
+            danger_no_noise: false,
+        })
+    }
+
+    /// Turns noise off while keeping every other step (bounding, clamping, accounting, audit). Only for
+    /// tests that measure sensitivity; the binary never calls it.
+    pub fn danger_without_noise(mut self) -> DpEngine {
+        self.danger_no_noise = true;
+        self
+    }
+
+    /// The ledger (budgets, audit log).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Answers one query for `principal` on `dataset` (its latest version), or refuses with the rule.
+    /// Every outcome is in the audit log before this returns.
+    pub async fn answer(
+        &self,
+        principal: &str,
+        dataset: &str,
+        sql: &str,
+        options: &QueryOptions,
+    ) -> Result<DpAnswer> {
+        let mut draft = Draft {
+            principal: principal.to_owned(),
+            origin: options.origin.clone(),
+            dataset: dataset.to_owned(),
+            version: String::new(),
+            sql: sql.to_owned(),
+            plan_hash: String::new(),
+        };
+        match self.answer_inner(&mut draft, options).await {
+            Ok(a) => Ok(a),
+            Err(Error::Refused { rule, message }) => {
+                // Budget refusals are recorded by the ledger's own transaction; record every other one here.
+                if rule != "budget" {
+                    self.ledger.refuse(&draft, &rule, &message)?;
+                }
+                Err(Error::Refused { rule, message })
+            }
+            Err(e) => {
+                self.ledger
+                    .refuse(&draft, "error", "the query failed inside the enclave")?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn answer_inner(&self, draft: &mut Draft, options: &QueryOptions) -> Result<DpAnswer> {
+        let version = match self.catalog.version(&draft.dataset, None) {
+            Ok(v) => v,
+            Err(catalog::Error::UnknownDataset(_)) => {
+                return query::refuse("catalog", format!("no dataset '{}'", draft.dataset));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        draft.version = version.version.version.clone();
+        let Some(budget) = self.ledger.budget(&draft.principal, &draft.dataset)? else {
+            return query::refuse(
+                "access",
+                format!(
+                    "{} has no grant on dataset '{}'",
+                    draft.principal, draft.dataset
+                ),
+            );
+        };
+        let analyzed = query::analyze(&draft.sql, &version)?;
+        let accounting = if budget.rho.is_some() {
+            Accounting::Zcdp
+        } else {
+            Accounting::Basic
+        };
+        let total = options.epsilon.unwrap_or(self.default_epsilon);
+        let delta = options.delta.unwrap_or(self.default_delta);
+        if !(total > 0.0 && total.is_finite() && (0.0..1.0).contains(&delta)) {
+            return query::refuse("options", "ε (or ρ) must be positive and δ within [0, 1)");
+        }
+        if accounting == Accounting::Zcdp && !analyzed.groups.is_empty() {
+            return query::refuse(
+                "accounting",
+                "grouped queries on zCDP datasets are not offered yet; query without GROUP BY",
+            );
+        }
+        // Cheap pre-check; the ledger's transaction is the authority.
+        let left = match accounting {
+            Accounting::Basic => budget.epsilon_left(),
+            Accounting::Zcdp => (budget.rho.unwrap_or(0.0) - budget.spent_rho).max(0.0),
+        };
+        if total > left + 1e-12 {
+            let unit = if accounting == Accounting::Zcdp {
+                "ρ"
+            } else {
+                "ε"
+            };
+            return Err(self
+                .ledger
+                .charge(
+                    draft,
+                    Cost {
+                        epsilon: total,
+                        delta: 0.0,
+                        rho: 0.0,
+                    },
+                )
+                .err()
+                .unwrap_or_else(|| Error::Refused {
+                    rule: "budget".into(),
+                    message: format!(
+                        "budget exhausted: {left:.6} {unit} left, query needs {total:.6}"
+                    ),
+                }));
+        }
+        let k = i64::from(version.version.max_contributions.max(1));
+        let plan = Plan::new(&analyzed, k)?;
+        draft.plan_hash = hex::encode(digest(
+            &SHA256,
+            format!("{}\n{}\n{}", plan.aggregate_sql, analyzed.post, k).as_bytes(),
+        ));
+
+        let ctx = self.session(&version, &analyzed.tables).await?;
+        let exact = ctx.sql(&plan.aggregate_sql).await?.collect().await?;
+        let exact = arrow::compute::concat_batches(&plan_schema(&exact)?, &exact)?;
+        let released = self.noise(&analyzed, &plan, &exact, k, total, delta, accounting)?;
+
+        let cost = released.cost;
+        let charged = self.ledger.charge(draft, cost)?;
+        let (batch, noise) = post_process(&analyzed, released).await?;
+        Ok(DpAnswer {
+            batch,
+            noise,
+            cost,
+            cost_split: plan
+                .split_names
+                .clone()
+                .into_iter()
+                .zip(plan.noises.lock_noises())
+                .collect(),
+            budget: charged.budget,
+            audit_seq: charged.record.seq,
+        })
+    }
+
+    async fn session(&self, version: &VersionEntry, tables: &[String]) -> Result<SessionContext> {
+        let ctx = crate::storage::session(self.keystore.clone());
+        let dir = self.root.join(&version.version.storage_path);
+        for t in tables {
+            let entry = version
+                .version
+                .tables
+                .iter()
+                .find(|e| &e.name == t)
+                .ok_or_else(|| Error::Internal(format!("table {t} vanished")))?;
+            crate::storage::register_table(&ctx, t, &dir.join(&entry.file)).await?;
+        }
+        Ok(ctx)
+    }
+}
+
+fn plan_schema(batches: &[RecordBatch]) -> Result<Arc<Schema>> {
+    batches
+        .first()
+        .map(|b| b.schema())
+        .ok_or_else(|| Error::Internal("aggregate returned no batch".into()))
+}
+
+/// The SQL that computes the exact, bounded aggregates, and how the ε is split.
+struct Plan {
+    aggregate_sql: String,
+    split_names: Vec<String>,
+    noises: NoiseLog,
+    parts: usize,
+}
+
+/// The noise of each mechanism, in the order of `split_names`.
+#[derive(Default)]
+struct NoiseLog(std::sync::Mutex<Vec<Noise>>);
+
+impl NoiseLog {
+    fn push(&self, n: Noise) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(n);
+    }
+    fn lock_noises(&self) -> Vec<Noise> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn float_lit(x: f64) -> String {
+    format!("{x:?}")
+}
+
+impl Plan {
+    fn new(a: &Analyzed, k: i64) -> Result<Plan> {
+        let mut inner = Vec::new();
+        for (i, g) in a.groups.iter().enumerate() {
+            inner.push(format!("{g} AS __g{i}"));
+        }
+        for (j, agg) in a.aggregates.iter().enumerate() {
+            if let Some(arg) = &agg.arg {
+                inner.push(format!("{arg} AS __v{j}"));
+            }
+        }
+        inner.push(format!("{} AS __pid", a.person));
+        let mut sql = format!("SELECT {} FROM {}", inner.join(", "), a.from);
+        if let Some(w) = &a.selection {
+            sql += &format!(" WHERE {w}");
+        }
+        let bounded = format!(
+            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY __pid ORDER BY random()) AS __rn FROM ({sql}) AS __i) AS __r WHERE __rn <= {k}"
+        );
+        let mut outs: Vec<String> = (0..a.groups.len()).map(|i| format!("__g{i}")).collect();
+        outs.push("COUNT(*) AS __n".into());
+        let mut split_names = Vec::new();
+        if !a.groups.is_empty() {
+            split_names.push("group selection + COUNT(*)".to_owned());
+        }
+        for (j, agg) in a.aggregates.iter().enumerate() {
+            let clamp = agg.bounds.map(|(l, u)| {
+                let x = format!("CAST(__v{j} AS DOUBLE)");
+                format!(
+                    "CASE WHEN {x} < {l} THEN {l} WHEN {x} > {u} THEN {u} ELSE {x} END",
+                    l = float_lit(l),
+                    u = float_lit(u)
+                )
+            });
+            let c = clamp.clone().unwrap_or_default();
+            match agg.kind {
+                AggKind::CountRows => {
+                    if a.groups.is_empty() {
+                        split_names.push(agg.key.clone());
+                    }
+                }
+                AggKind::CountValues => {
+                    outs.push(format!("COUNT(__v{j}) AS __cnt{j}"));
+                    split_names.push(agg.key.clone());
+                }
+                AggKind::CountPersons => {
+                    outs.push(format!("COUNT(DISTINCT __pid) AS __pers{j}"));
+                    split_names.push(agg.key.clone());
+                }
+                AggKind::Sum => {
+                    outs.push(format!("COALESCE(SUM({c}), 0.0) AS __sum{j}"));
+                    split_names.push(agg.key.clone());
+                }
+                AggKind::Avg => {
+                    outs.push(format!("COALESCE(SUM({c}), 0.0) AS __sum{j}"));
+                    outs.push(format!("COUNT(__v{j}) AS __cnt{j}"));
+                    split_names.push(format!("{} (sum)", agg.key));
+                    split_names.push(format!("{} (count)", agg.key));
+                }
+                AggKind::Variance | AggKind::Stddev => {
+                    outs.push(format!("COALESCE(SUM({c}), 0.0) AS __sum{j}"));
+                    outs.push(format!("COALESCE(SUM(({c}) * ({c})), 0.0) AS __sq{j}"));
+                    outs.push(format!("COUNT(__v{j}) AS __cnt{j}"));
+                    split_names.push(format!("{} (sum)", agg.key));
+                    split_names.push(format!("{} (sum of squares)", agg.key));
+                    split_names.push(format!("{} (count)", agg.key));
+                }
+                AggKind::Quantile(_) => {
+                    outs.push(format!(
+                        "ARRAY_AGG({c}) FILTER (WHERE __v{j} IS NOT NULL) AS __arr{j}"
+                    ));
+                    split_names.push(agg.key.clone());
+                }
+            }
+        }
+        let group_by = if a.groups.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " GROUP BY {}",
+                (0..a.groups.len())
+                    .map(|i| format!("__g{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let aggregate_sql = format!(
+            "SELECT {} FROM ({bounded}) AS __b{group_by}",
+            outs.join(", ")
+        );
+        let parts = split_names.len().max(1);
+        Ok(Plan {
+            aggregate_sql,
+            split_names,
+            noises: NoiseLog::default(),
+            parts,
+        })
+    }
+}
+
+/// One aggregate's noisy values over the released groups.
+struct AggValues {
+    values: Vec<f64>,
+    /// 95 % interval per group (NaN when none is known).
+    intervals: Vec<(f64, f64)>,
+    /// Noise scale of the released value (of the sum, for AVG).
+    scale: f64,
+    /// Released as an integer (counts).
+    integer: bool,
+}
+
+/// The noisy per-group values, before post-processing.
+struct Released {
+    /// Group-key columns of the released groups.
+    groups: Vec<ArrayRef>,
+    /// Per aggregate, per released group.
+    values: Vec<AggValues>,
+    cost: Cost,
+}
+
+fn col_i64(b: &RecordBatch, name: &str) -> Result<Vec<i64>> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| Error::Internal(format!("missing {name}")))?;
+    let c = arrow::compute::cast(c, &DataType::Int64)?;
+    let a = c
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .ok_or_else(|| Error::Internal("not int".into()))?;
+    Ok(a.iter().map(|v| v.unwrap_or(0)).collect())
+}
+
+fn col_f64(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| Error::Internal(format!("missing {name}")))?;
+    let c = arrow::compute::cast(c, &DataType::Float64)?;
+    let a = c
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .ok_or_else(|| Error::Internal("not float".into()))?;
+    Ok(a.iter().map(|v| v.unwrap_or(0.0)).collect())
+}
+
+impl DpEngine {
+    #[allow(clippy::too_many_arguments)]
+    fn noise(
+        &self,
+        a: &Analyzed,
+        plan: &Plan,
+        exact: &RecordBatch,
+        k: i64,
+        total: f64,
+        delta: f64,
+        acc: Accounting,
+    ) -> Result<Released> {
+        let part = total / plan.parts as f64;
+        let off = self.danger_no_noise;
+        let mut cost = Cost::default();
+        let mut add = |n: &Noise| {
+            cost.epsilon += n.epsilon;
+            cost.delta += n.delta;
+            cost.rho += n.rho;
+            plan.noises.push(*n);
+        };
+        let n_groups = a.groups.len();
+        // Which rows (groups) are released, and their noisy row counts.
+        let (rows, noisy_n, n_noise): (Vec<usize>, Vec<f64>, Noise) = if n_groups == 0 {
+            (vec![0], Vec::new(), Noise::default())
+        } else {
+            let keys: Vec<String> = (0..exact.num_rows())
+                .map(|r| {
+                    let parts: Vec<String> = (0..n_groups)
+                        .map(|g| {
+                            arrow::util::display::array_value_to_string(exact.column(g), r)
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    serde_json::to_string(&parts).unwrap_or_default()
+                })
+                .collect();
+            let counts: HashMap<String, i64> =
+                keys.iter().cloned().zip(col_i64(exact, "__n")?).collect();
+            let (kept, n, _threshold) = noise::select_keys(&counts, k, part, delta, off)?;
+            add(&n);
+            let mut rows: Vec<usize> = (0..keys.len())
+                .filter(|r| kept.contains_key(&keys[*r]))
+                .collect();
+            rows.sort_by(|x, y| keys[*x].cmp(&keys[*y]));
+            let noisy: Vec<f64> = rows.iter().map(|r| kept[&keys[*r]] as f64).collect();
+            (rows, noisy, n)
+        };
+        let pick_i = |v: Vec<i64>| -> Vec<i64> {
+            rows.iter()
+                .map(|r| v.get(*r).copied().unwrap_or(0))
+                .collect()
+        };
+        let pick_f = |v: Vec<f64>| -> Vec<f64> {
+            rows.iter()
+                .map(|r| v.get(*r).copied().unwrap_or(0.0))
+                .collect()
+        };
+        let interval = |v: &[f64], n: &Noise| -> Vec<(f64, f64)> {
+            v.iter()
+                .map(|x| (x - n.half_width_95, x + n.half_width_95))
+                .collect()
+        };
+
+        let mut values = Vec::new();
+        for (j, agg) in a.aggregates.iter().enumerate() {
+            let bound = agg.bounds.map_or(0.0, |(l, u)| l.abs().max(u.abs()));
+            let count_of =
+                |name: &str, sens: i64, add: &mut dyn FnMut(&Noise)| -> Result<(Vec<f64>, Noise)> {
+                    let (v, n) =
+                        noise::counts(&pick_i(col_i64(exact, name)?), sens, part, acc, off)?;
+                    add(&n);
+                    Ok((v.into_iter().map(|x| x as f64).collect(), n))
+                };
+            let sum_of =
+                |name: &str, sens: f64, add: &mut dyn FnMut(&Noise)| -> Result<(Vec<f64>, Noise)> {
+                    let (v, n) = noise::sums(&pick_f(col_f64(exact, name)?), sens, part, acc, off)?;
+                    add(&n);
+                    Ok((v, n))
+                };
+            let entry = match agg.kind {
+                AggKind::CountRows if n_groups > 0 => (
+                    noisy_n.clone(),
+                    interval(&noisy_n, &n_noise),
+                    n_noise.scale,
+                    true,
+                ),
+                AggKind::CountRows => {
+                    let (v, n) = count_of("__n", k, &mut add)?;
+                    let iv = interval(&v, &n);
+                    (v, iv, n.scale, true)
+                }
+                AggKind::CountValues => {
+                    let (v, n) = count_of(&format!("__cnt{j}"), k, &mut add)?;
+                    let iv = interval(&v, &n);
+                    (v, iv, n.scale, true)
+                }
+                AggKind::CountPersons => {
+                    let (v, n) = count_of(
+                        &format!("__pers{j}"),
+                        if n_groups == 0 { 1 } else { k },
+                        &mut add,
+                    )?;
+                    let iv = interval(&v, &n);
+                    (v, iv, n.scale, true)
+                }
+                AggKind::Sum => {
+                    let (v, n) = sum_of(&format!("__sum{j}"), k as f64 * bound, &mut add)?;
+                    let iv = interval(&v, &n);
+                    (v, iv, n.scale, false)
+                }
+                AggKind::Avg => {
+                    let (s, ns) = sum_of(&format!("__sum{j}"), k as f64 * bound, &mut add)?;
+                    let (c, nc) = count_of(&format!("__cnt{j}"), k, &mut add)?;
+                    let (lo, hi) = agg.bounds.unwrap_or((f64::MIN, f64::MAX));
+                    let avg: Vec<f64> = s
+                        .iter()
+                        .zip(&c)
+                        .map(|(s, c)| (s / c.max(1.0)).clamp(lo, hi))
+                        .collect();
+                    // Delta-method interval for a ratio of two independent noisy values.
+                    let iv = avg
+                        .iter()
+                        .zip(&c)
+                        .map(|(m, c)| {
+                            let c = c.max(1.0);
+                            let sd = ((ns.std * ns.std) + m * m * (nc.std * nc.std)).sqrt() / c;
+                            ((m - 1.96 * sd).max(lo), (m + 1.96 * sd).min(hi))
+                        })
+                        .collect();
+                    (avg, iv, ns.scale, false)
+                }
+                AggKind::Variance | AggKind::Stddev => {
+                    let (s, _) = sum_of(&format!("__sum{j}"), k as f64 * bound, &mut add)?;
+                    let (q, _) = sum_of(&format!("__sq{j}"), k as f64 * bound * bound, &mut add)?;
+                    let (c, nc) = count_of(&format!("__cnt{j}"), k, &mut add)?;
+                    let var: Vec<f64> = s
+                        .iter()
+                        .zip(&q)
+                        .zip(&c)
+                        .map(|((s, q), c)| {
+                            let c = c.max(2.0);
+                            ((q - s * s / c) / (c - 1.0)).clamp(0.0, bound * bound)
+                        })
+                        .collect();
+                    let v: Vec<f64> = if agg.kind == AggKind::Stddev {
+                        var.iter().map(|x| x.sqrt()).collect()
+                    } else {
+                        var
+                    };
+                    let iv = v.iter().map(|_| (f64::NAN, f64::NAN)).collect();
+                    (v, iv, nc.scale, false)
+                }
+                AggKind::Quantile(alpha) => {
+                    let (l, u) = agg.bounds.unwrap_or((0.0, 1.0));
+                    let candidates: Vec<f64> = (0..=1000)
+                        .map(|i| l + (u - l) * f64::from(i) / 1000.0)
+                        .collect();
+                    let col = exact
+                        .column_by_name(&format!("__arr{j}"))
+                        .ok_or_else(|| Error::Internal("missing array".into()))?;
+                    let list = col
+                        .as_any()
+                        .downcast_ref::<arrow::array::ListArray>()
+                        .ok_or_else(|| Error::Internal("not a list".into()))?;
+                    let mut out = Vec::new();
+                    let mut total_noise = Noise::default();
+                    for r in &rows {
+                        let vals: Vec<f64> = if list.is_null(*r) {
+                            Vec::new()
+                        } else {
+                            let inner = list.value(*r);
+                            let inner = arrow::compute::cast(&inner, &DataType::Float64)?;
+                            let f = inner
+                                .as_any()
+                                .downcast_ref::<Float64Array>()
+                                .ok_or_else(|| Error::Internal("not float".into()))?;
+                            f.iter().flatten().collect()
+                        };
+                        let (q, n) =
+                            noise::quantile(&vals, &candidates, alpha, k as u32, part, off)?;
+                        out.push(q);
+                        total_noise = n;
+                    }
+                    // Each person's ≤ k values are spread over groups; the map is linear in k, so one
+                    // group's cost at d_in = k bounds the total.
+                    add(&total_noise);
+                    let iv = out.iter().map(|_| (f64::NAN, f64::NAN)).collect();
+                    (out, iv, total_noise.scale, false)
+                }
+            };
+            values.push(AggValues {
+                values: entry.0,
+                intervals: entry.1,
+                scale: entry.2,
+                integer: entry.3,
+            });
+        }
+        let idx = UInt32Array::from(rows.iter().map(|r| *r as u32).collect::<Vec<_>>());
+        let groups = (0..n_groups)
+            .map(|g| arrow::compute::take(exact.column(g), &idx, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Released {
+            groups,
+            values,
+            cost,
+        })
+    }
+}
+
+async fn post_process(a: &Analyzed, r: Released) -> Result<(RecordBatch, Vec<ColumnNoise>)> {
+    let mut fields = Vec::new();
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for (i, g) in r.groups.iter().enumerate() {
+        fields.push(Field::new(format!("__g{i}"), g.data_type().clone(), true));
+        cols.push(g.clone());
+    }
+    for (
+        j,
+        AggValues {
+            values: v,
+            intervals: iv,
+            integer,
+            ..
+        },
+    ) in r.values.iter().enumerate()
+    {
+        if *integer {
+            fields.push(Field::new(format!("__a{j}"), DataType::Int64, true));
+            cols.push(Arc::new(Int64Array::from(
+                v.iter().map(|x| *x as i64).collect::<Vec<_>>(),
+            )));
+        } else {
+            fields.push(Field::new(format!("__a{j}"), DataType::Float64, true));
+            cols.push(Arc::new(Float64Array::from(v.clone())));
+        }
+        fields.push(Field::new(format!("__a{j}__lo"), DataType::Float64, true));
+        cols.push(Arc::new(Float64Array::from(
+            iv.iter().map(|x| x.0).collect::<Vec<_>>(),
+        )));
+        fields.push(Field::new(format!("__a{j}__hi"), DataType::Float64, true));
+        cols.push(Arc::new(Float64Array::from(
+            iv.iter().map(|x| x.1).collect::<Vec<_>>(),
+        )));
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let noisy = RecordBatch::try_new(schema.clone(), cols)?;
+    let ctx = SessionContext::new();
+    ctx.register_table(
+        "noisy",
+        Arc::new(MemTable::try_new(schema, vec![vec![noisy]])?),
+    )?;
+    let out = ctx.sql(&a.post).await?.collect().await?;
+    let out_schema = ctx.sql(&a.post).await?.schema().as_arrow().clone();
+    let all = arrow::compute::concat_batches(&Arc::new(out_schema), &out)?;
+    let n_user = a.output_aggregates.len();
+    let user = all.project(&(0..n_user).collect::<Vec<_>>())?;
+    let mut noise = Vec::new();
+    let mut hidden = n_user;
+    for (i, agg) in a.output_aggregates.iter().enumerate() {
+        if let Some(j) = agg {
+            let lo = col_f64(&all, all.schema().field(hidden).name())?;
+            let hi = col_f64(&all, all.schema().field(hidden + 1).name())?;
+            hidden += 2;
+            noise.push(ColumnNoise {
+                column: user.schema().field(i).name().clone(),
+                scale: r.values[*j].scale,
+                intervals: lo.into_iter().zip(hi).collect(),
+            });
+        }
+    }
+    Ok((user, noise))
+}
+
+/// The canonical dataset directory of a version (for tools that read files directly).
+pub fn version_dir(root: &Path, v: &VersionEntry) -> PathBuf {
+    root.join(&v.version.storage_path)
+}

@@ -1,0 +1,262 @@
+//! The only place noise is drawn: thin wrappers over opendp's vetted measurements.
+//!
+//! Each wrapper builds the measurement for a target privacy loss and a bounded sensitivity, asks the
+//! measurement's own privacy map what it costs (that, not the target, is what is charged), and invokes it.
+//! `danger_no_noise` skips only the invocation — for the sensitivity tests, never reachable from the CLI.
+
+use std::collections::HashMap;
+
+use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
+use opendp::measurements::{
+    make_gaussian, make_laplace, make_laplace_threshold, make_private_quantile,
+};
+use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
+use opendp::metrics::{
+    AbsoluteDistance, L0PInfDistance, L1Distance, L2Distance, SymmetricDistance,
+};
+
+use crate::{Error, Result};
+
+fn dp_err(e: opendp::error::Error) -> Error {
+    Error::Internal(format!("opendp: {e}"))
+}
+
+/// How an answer was noised, for the user and the audit.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Noise {
+    /// The distribution's scale parameter (Laplace b, or Gaussian σ).
+    pub scale: f64,
+    /// Its standard deviation.
+    pub std: f64,
+    /// Half-width of the central 95 % interval of the noise.
+    pub half_width_95: f64,
+    /// ε charged (basic composition), or the (ε, δ) equivalent under zCDP.
+    pub epsilon: f64,
+    /// δ charged.
+    pub delta: f64,
+    /// ρ charged (zCDP only).
+    pub rho: f64,
+}
+
+/// Which privacy accounting a dataset uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Accounting {
+    /// Pure/approximate DP under basic composition: Laplace mechanisms, costs in (ε, δ).
+    Basic,
+    /// Zero-concentrated DP: Gaussian mechanisms, costs in ρ.
+    Zcdp,
+}
+
+fn laplace_noise(scale: f64, epsilon: f64, delta: f64) -> Noise {
+    // Laplace(b): sd = √2·b; P(|X| > t) = e^{-t/b}, so the 95 % half-width is b·ln 20.
+    Noise {
+        scale,
+        std: std::f64::consts::SQRT_2 * scale,
+        half_width_95: scale * 20f64.ln(),
+        epsilon,
+        delta,
+        rho: 0.0,
+    }
+}
+
+fn gaussian_noise(scale: f64, rho: f64) -> Noise {
+    Noise {
+        scale,
+        std: scale,
+        half_width_95: 1.959_963_984_540_054 * scale,
+        epsilon: 0.0,
+        delta: 0.0,
+        rho,
+    }
+}
+
+/// Noisy integer counts with L1 sensitivity `sensitivity` (Laplace) or L2 (Gaussian), for `budget` ε or ρ.
+pub fn counts(
+    values: &[i64],
+    sensitivity: i64,
+    budget: f64,
+    accounting: Accounting,
+    danger_no_noise: bool,
+) -> Result<(Vec<i64>, Noise)> {
+    let domain = VectorDomain::new(AtomDomain::<i64>::default());
+    match accounting {
+        Accounting::Basic => {
+            let scale = sensitivity as f64 / budget;
+            let m = make_laplace::<_, _, MaxDivergence>(
+                domain,
+                L1Distance::<i64>::default(),
+                scale,
+                None,
+            )
+            .map_err(dp_err)?;
+            let eps = m.map(&sensitivity).map_err(dp_err)?;
+            let out = if danger_no_noise {
+                values.to_vec()
+            } else {
+                m.invoke(&values.to_vec()).map_err(dp_err)?
+            };
+            Ok((out, laplace_noise(scale, eps, 0.0)))
+        }
+        Accounting::Zcdp => {
+            let scale = sensitivity as f64 / (2.0 * budget).sqrt();
+            let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                domain,
+                L2Distance::<i64>::default(),
+                scale,
+                None,
+            )
+            .map_err(dp_err)?;
+            let rho = m.map(&sensitivity).map_err(dp_err)?;
+            let out = if danger_no_noise {
+                values.to_vec()
+            } else {
+                m.invoke(&values.to_vec()).map_err(dp_err)?
+            };
+            Ok((out, gaussian_noise(scale, rho)))
+        }
+    }
+}
+
+/// Noisy float sums with sensitivity `sensitivity`, for `budget` ε or ρ.
+pub fn sums(
+    values: &[f64],
+    sensitivity: f64,
+    budget: f64,
+    accounting: Accounting,
+    danger_no_noise: bool,
+) -> Result<(Vec<f64>, Noise)> {
+    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan());
+    match accounting {
+        Accounting::Basic => {
+            let scale = sensitivity / budget;
+            let m = make_laplace::<_, _, MaxDivergence>(
+                domain,
+                L1Distance::<f64>::default(),
+                scale,
+                None,
+            )
+            .map_err(dp_err)?;
+            let eps = m.map(&sensitivity).map_err(dp_err)?;
+            let out = if danger_no_noise {
+                values.to_vec()
+            } else {
+                m.invoke(&values.to_vec()).map_err(dp_err)?
+            };
+            Ok((out, laplace_noise(scale, eps, 0.0)))
+        }
+        Accounting::Zcdp => {
+            let scale = sensitivity / (2.0 * budget).sqrt();
+            let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                domain,
+                L2Distance::<f64>::default(),
+                scale,
+                None,
+            )
+            .map_err(dp_err)?;
+            let rho = m.map(&sensitivity).map_err(dp_err)?;
+            let out = if danger_no_noise {
+                values.to_vec()
+            } else {
+                m.invoke(&values.to_vec()).map_err(dp_err)?
+            };
+            Ok((out, gaussian_noise(scale, rho)))
+        }
+    }
+}
+
+/// Private key selection: noisy counts per key, released only above a threshold. A person touches at most
+/// `contributions` keys with at most `contributions` rows in all. The threshold is raised until the
+/// mechanism's own privacy map says δ ≤ `delta`.
+pub fn select_keys(
+    counts: &HashMap<String, i64>,
+    contributions: i64,
+    epsilon: f64,
+    delta: f64,
+    danger_no_noise: bool,
+) -> Result<(HashMap<String, i64>, Noise, i64)> {
+    let scale = contributions as f64 / epsilon;
+    let d_in = (contributions as u32, contributions, contributions);
+    let mut threshold = contributions + (scale * (1.0 / (2.0 * delta)).ln()).ceil() as i64;
+    for _ in 0..64 {
+        let domain = MapDomain::new(
+            AtomDomain::<String>::default(),
+            AtomDomain::<i64>::default(),
+        );
+        let metric = L0PInfDistance::<1, _>(AbsoluteDistance::<i64>::default());
+        let m = make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+            domain, metric, scale, threshold, None,
+        )
+        .map_err(dp_err)?;
+        let (eps, d) = m.map(&d_in).map_err(dp_err)?;
+        if d <= delta {
+            let out = if danger_no_noise {
+                counts
+                    .iter()
+                    .filter(|(_, c)| **c >= threshold)
+                    .map(|(k, c)| (k.clone(), *c))
+                    .collect()
+            } else {
+                m.invoke(counts).map_err(dp_err)?
+            };
+            return Ok((out, laplace_noise(scale, eps, d), threshold));
+        }
+        threshold += (scale.ceil() as i64).max(1);
+    }
+    Err(Error::Internal(format!("no threshold reaches δ = {delta}")))
+}
+
+/// A private quantile (exponential mechanism over `candidates`), each person contributing up to
+/// `contributions` values, for `epsilon`.
+pub fn quantile(
+    values: &[f64],
+    candidates: &[f64],
+    alpha: f64,
+    contributions: u32,
+    epsilon: f64,
+    danger_no_noise: bool,
+) -> Result<(f64, Noise)> {
+    let build = |scale: f64| {
+        make_private_quantile(
+            VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
+            SymmetricDistance,
+            MaxDivergence,
+            candidates.to_vec(),
+            alpha,
+            scale,
+        )
+    };
+    // The privacy map is inversely proportional to the scale: calibrate from scale 1.
+    let eps_at_1 = build(1.0)
+        .map_err(dp_err)?
+        .map(&contributions)
+        .map_err(dp_err)?;
+    let scale = eps_at_1 / epsilon;
+    let m = build(scale).map_err(dp_err)?;
+    let eps = m.map(&contributions).map_err(dp_err)?;
+    let out = if danger_no_noise {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let exact = v
+            .get(((v.len() as f64 - 1.0) * alpha).round() as usize)
+            .copied()
+            .unwrap_or(candidates[0]);
+        candidates
+            .iter()
+            .copied()
+            .min_by(|a, b| (a - exact).abs().total_cmp(&(b - exact).abs()))
+            .unwrap_or(exact)
+    } else {
+        m.invoke(&values.to_vec()).map_err(dp_err)?
+    };
+    Ok((
+        out,
+        Noise {
+            scale,
+            std: f64::NAN,
+            half_width_95: f64::NAN,
+            epsilon: eps,
+            delta: 0.0,
+            rho: 0.0,
+        },
+    ))
+}
