@@ -84,6 +84,9 @@ pub struct ColumnEntry {
     pub lower: Option<f64>,
     /// Public upper clamping bound for DP.
     pub upper: Option<f64>,
+    /// Public domain of a categorical column (every value a group key can take).
+    #[serde(default)]
+    pub domain: Option<Vec<String>>,
 }
 
 /// One released table.
@@ -211,6 +214,7 @@ CREATE TABLE IF NOT EXISTS catalog_columns (
     action TEXT NOT NULL,
     lower REAL,
     upper REAL,
+    domain TEXT,
     PRIMARY KEY (version_id, table_name, name),
     FOREIGN KEY (version_id, table_name) REFERENCES catalog_tables(version_id, name)
 );
@@ -274,7 +278,7 @@ impl SqliteCatalog {
             "SELECT name, file, rows FROM catalog_tables WHERE version_id = ?1 ORDER BY rowid",
         )?;
         let mut columns = conn.prepare(
-            "SELECT name, data_type, role, action, lower, upper FROM catalog_columns
+            "SELECT name, data_type, role, action, lower, upper, domain FROM catalog_columns
              WHERE version_id = ?1 AND table_name = ?2 ORDER BY position",
         )?;
         let table_rows = tables
@@ -296,6 +300,9 @@ impl SqliteCatalog {
                         action: r.get(3)?,
                         lower: r.get(4)?,
                         upper: r.get(5)?,
+                        domain: r
+                            .get::<_, Option<String>>(6)?
+                            .and_then(|d| serde_json::from_str(&d).ok()),
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -359,8 +366,11 @@ impl CatalogStore for SqliteCatalog {
                 for (pos, c) in t.columns.iter().enumerate() {
                     tx.execute(
                         "INSERT INTO catalog_columns (version_id, table_name, position, name, data_type, role, action,
-                            lower, upper) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                        params![id, t.name, pos, c.name, c.data_type, c.role, c.action, c.lower, c.upper],
+                            lower, upper, domain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                        params![
+                            id, t.name, pos, c.name, c.data_type, c.role, c.action, c.lower, c.upper,
+                            c.domain.as_ref().map(serde_json::to_string).transpose()?
+                        ],
                     )?;
                 }
             }
@@ -487,6 +497,7 @@ mod tests {
                     action: "pseudonymize".into(),
                     lower: None,
                     upper: None,
+                    domain: Some(vec!["a".into()]),
                 }],
             }],
             report: serde_json::json!({"rows_in": 3}),

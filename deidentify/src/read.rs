@@ -836,7 +836,15 @@ fn patient(r: &Json, b: &mut RowBuilder) -> Result<(), String> {
     }
     b.set("birth_date", s(r, "/birthDate"))?;
     b.set("death_date", s(r, "/deceasedDateTime"))?;
-    b.set("gender", s(r, "/gender"))?;
+    // FHIR's administrative gender, in the single-letter codes Synthea's CSV (and the domains) use.
+    let gender = s(r, "/gender").map(|g| match g {
+        "female" => "F",
+        "male" => "M",
+        "other" => "O",
+        "unknown" => "U",
+        other => other,
+    });
+    b.set("gender", gender)?;
     b.set(
         "marital",
         s(r, "/maritalStatus/coding/0/code").or_else(|| s(r, "/maritalStatus/text")),

@@ -132,6 +132,8 @@ pub struct ReleasedColumn {
     pub action: String,
     /// DP bounds.
     pub bounds: Option<(f64, f64)>,
+    /// Public domain (categorical columns).
+    pub domain: Option<Vec<String>>,
 }
 
 enum Slot {
@@ -187,6 +189,7 @@ impl Deidentifier {
                 role: policies::Role::Identifier,
                 bounds: None,
                 output: PERSON_ID.to_owned(),
+                domain: None,
             };
             cols.push(OutColumn {
                 field: Field::new(PERSON_ID, DataType::Utf8, false),
@@ -262,6 +265,7 @@ impl Deidentifier {
                     role: c.rule.role.name().to_owned(),
                     action,
                     bounds: c.rule.bounds,
+                    domain: c.rule.domain.clone(),
                 }
             })
             .collect()
@@ -553,6 +557,7 @@ pub fn danger_plain_schema(table: Table) -> SchemaRef {
                 role: policies::Role::Sensitive,
                 bounds: None,
                 output: c.name.to_owned(),
+                domain: None,
             };
             Field::new(c.name, output_type(&rule), true)
         })

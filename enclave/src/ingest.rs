@@ -511,6 +511,7 @@ pub fn ingest(
                     action: c.action,
                     lower: c.bounds.map(|b| b.0),
                     upper: c.bounds.map(|b| b.1),
+                    domain: c.domain,
                 })
                 .collect(),
         })

@@ -124,6 +124,9 @@ pub struct ColumnRule {
     pub bounds: Option<(f64, f64)>,
     /// Output column name (defaults to the source name).
     pub output: String,
+    /// Public domain of a categorical column: every value a group key over it can take. Declared, never
+    /// derived from data, so DP queries can release every key (empty ones too) without key selection.
+    pub domain: Option<Vec<String>>,
 }
 
 /// Which identifier a person's keyed `person_id` is computed from (first present wins).
@@ -307,6 +310,7 @@ struct RawRule {
     bounds: Option<[f64; 2]>,
     #[serde(rename = "as")]
     output: Option<String>,
+    domain: Option<Vec<String>>,
 }
 
 struct Validator<'a> {
@@ -575,6 +579,25 @@ impl Validator<'_> {
                 Some((lo, hi))
             }
         };
+        let domain = match &raw.domain {
+            None => None,
+            Some(values) => {
+                let mut sorted = values.clone();
+                sorted.sort();
+                sorted.dedup();
+                if action != Action::Keep || ty != ColumnType::Text || raw.role == Role::Identifier
+                {
+                    return self.err(at, format!("{table}.{name}: a domain goes on kept, non-identifier text columns only"));
+                }
+                if values.is_empty() || values.len() > 1000 || sorted.len() != values.len() {
+                    return self.err(
+                        at,
+                        format!("{table}.{name}: a domain lists 1 to 1000 distinct values"),
+                    );
+                }
+                Some(values.clone())
+            }
+        };
         let output = if name == PATIENT_REF {
             crate::schema::PERSON_ID.to_owned()
         } else {
@@ -587,6 +610,7 @@ impl Validator<'_> {
             role: raw.role,
             bounds,
             output,
+            domain,
         })
     }
 }

@@ -310,8 +310,21 @@ impl Plan {
         }
         inner.push(format!("{} AS __pid", a.person));
         let mut sql = format!("SELECT {} FROM {}", inner.join(", "), a.from);
-        if let Some(w) = &a.selection {
-            sql += &format!(" WHERE {w}");
+        let mut conditions: Vec<String> = a.selection.iter().map(|w| format!("({w})")).collect();
+        if a.public_groups() {
+            // Rows outside a declared domain are not counted: the released keys are exactly the domain's.
+            for (g, d) in a.groups.iter().zip(&a.group_domains) {
+                let list = d
+                    .iter()
+                    .flatten()
+                    .map(|v| format!("'{}'", v.replace('\'', "''")))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                conditions.push(format!("({g}) IN ({list})"));
+            }
+        }
+        if !conditions.is_empty() {
+            sql += &format!(" WHERE {}", conditions.join(" AND "));
         }
         let bounded = format!(
             "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY __pid ORDER BY random()) AS __rn FROM ({sql}) AS __i) AS __r WHERE __rn <= {k}"
@@ -319,7 +332,7 @@ impl Plan {
         let mut outs: Vec<String> = (0..a.groups.len()).map(|i| format!("__g{i}")).collect();
         outs.push("COUNT(*) AS __n".into());
         let mut split_names = Vec::new();
-        if !a.groups.is_empty() {
+        if !a.groups.is_empty() && !a.public_groups() {
             split_names.push("group selection + COUNT(*)".to_owned());
         }
         for (j, agg) in a.aggregates.iter().enumerate() {
@@ -334,7 +347,7 @@ impl Plan {
             let c = clamp.clone().unwrap_or_default();
             match agg.kind {
                 AggKind::CountRows => {
-                    if a.groups.is_empty() {
+                    if a.groups.is_empty() || a.public_groups() {
                         split_names.push(agg.key.clone());
                     }
                 }
@@ -463,21 +476,52 @@ impl DpEngine {
             plan.noises.push(*n);
         };
         let n_groups = a.groups.len();
-        // Which rows (groups) are released, and their noisy row counts.
-        let (rows, noisy_n, n_noise): (Vec<usize>, Vec<f64>, Noise) = if n_groups == 0 {
-            (vec![0], Vec::new(), Noise::default())
-        } else {
-            let keys: Vec<String> = (0..exact.num_rows())
-                .map(|r| {
-                    let parts: Vec<String> = (0..n_groups)
-                        .map(|g| {
-                            arrow::util::display::array_value_to_string(exact.column(g), r)
-                                .unwrap_or_default()
-                        })
-                        .collect();
-                    serde_json::to_string(&parts).unwrap_or_default()
+        let key_of = |r: usize| -> String {
+            let parts: Vec<String> = (0..n_groups)
+                .map(|g| {
+                    arrow::util::display::array_value_to_string(exact.column(g), r)
+                        .unwrap_or_default()
                 })
                 .collect();
+            serde_json::to_string(&parts).unwrap_or_default()
+        };
+        // Which groups are released (as rows of `exact`; None for an empty key of a public domain), and,
+        // under private selection, their noisy row counts.
+        let mut public_keys: Option<Vec<Vec<String>>> = None;
+        let (rows, noisy_n, n_noise): (Vec<Option<usize>>, Vec<f64>, Noise) = if n_groups == 0 {
+            (
+                vec![(exact.num_rows() > 0).then_some(0)],
+                Vec::new(),
+                Noise::default(),
+            )
+        } else if a.public_groups() {
+            let mut keys: Vec<Vec<String>> = vec![Vec::new()];
+            for d in a.group_domains.iter().flatten() {
+                keys = keys
+                    .into_iter()
+                    .flat_map(|k| d.iter().map(move |v| [k.clone(), vec![v.clone()]].concat()))
+                    .collect();
+                if keys.len() > 100_000 {
+                    return query::refuse(
+                        "group-by",
+                        "the public domains multiply to more than 100,000 groups",
+                    );
+                }
+            }
+            let index: HashMap<String, usize> =
+                (0..exact.num_rows()).map(|r| (key_of(r), r)).collect();
+            let rows = keys
+                .iter()
+                .map(|k| {
+                    index
+                        .get(&serde_json::to_string(k).unwrap_or_default())
+                        .copied()
+                })
+                .collect();
+            public_keys = Some(keys);
+            (rows, Vec::new(), Noise::default())
+        } else {
+            let keys: Vec<String> = (0..exact.num_rows()).map(key_of).collect();
             let counts: HashMap<String, i64> =
                 keys.iter().cloned().zip(col_i64(exact, "__n")?).collect();
             let (kept, n, _threshold) = noise::select_keys(&counts, k, part, delta, off)?;
@@ -487,16 +531,17 @@ impl DpEngine {
                 .collect();
             rows.sort_by(|x, y| keys[*x].cmp(&keys[*y]));
             let noisy: Vec<f64> = rows.iter().map(|r| kept[&keys[*r]] as f64).collect();
-            (rows, noisy, n)
+            (rows.into_iter().map(Some).collect(), noisy, n)
         };
+        let private_selection = n_groups > 0 && public_keys.is_none();
         let pick_i = |v: Vec<i64>| -> Vec<i64> {
             rows.iter()
-                .map(|r| v.get(*r).copied().unwrap_or(0))
+                .map(|r| r.and_then(|r| v.get(r).copied()).unwrap_or(0))
                 .collect()
         };
         let pick_f = |v: Vec<f64>| -> Vec<f64> {
             rows.iter()
-                .map(|r| v.get(*r).copied().unwrap_or(0.0))
+                .map(|r| r.and_then(|r| v.get(r).copied()).unwrap_or(0.0))
                 .collect()
         };
         let interval = |v: &[f64], n: &Noise| -> Vec<(f64, f64)> {
@@ -522,7 +567,7 @@ impl DpEngine {
                     Ok((v, n))
                 };
             let entry = match agg.kind {
-                AggKind::CountRows if n_groups > 0 => (
+                AggKind::CountRows if private_selection => (
                     noisy_n.clone(),
                     interval(&noisy_n, &n_noise),
                     n_noise.scale,
@@ -609,16 +654,18 @@ impl DpEngine {
                     let mut out = Vec::new();
                     let mut total_noise = Noise::default();
                     for r in &rows {
-                        let vals: Vec<f64> = if list.is_null(*r) {
-                            Vec::new()
-                        } else {
-                            let inner = list.value(*r);
-                            let inner = arrow::compute::cast(&inner, &DataType::Float64)?;
-                            let f = inner
-                                .as_any()
-                                .downcast_ref::<Float64Array>()
-                                .ok_or_else(|| Error::Internal("not float".into()))?;
-                            f.iter().flatten().collect()
+                        let vals: Vec<f64> = match r {
+                            None => Vec::new(),
+                            Some(r) if list.is_null(*r) => Vec::new(),
+                            Some(r) => {
+                                let inner = list.value(*r);
+                                let inner = arrow::compute::cast(&inner, &DataType::Float64)?;
+                                let f = inner
+                                    .as_any()
+                                    .downcast_ref::<Float64Array>()
+                                    .ok_or_else(|| Error::Internal("not float".into()))?;
+                                f.iter().flatten().collect()
+                            }
                         };
                         let (q, n) =
                             noise::quantile(&vals, &candidates, alpha, k as u32, part, off)?;
@@ -639,10 +686,25 @@ impl DpEngine {
                 integer: entry.3,
             });
         }
-        let idx = UInt32Array::from(rows.iter().map(|r| *r as u32).collect::<Vec<_>>());
-        let groups = (0..n_groups)
-            .map(|g| arrow::compute::take(exact.column(g), &idx, None))
-            .collect::<Result<Vec<_>, _>>()?;
+        let groups: Vec<ArrayRef> = match public_keys {
+            Some(keys) => (0..n_groups)
+                .map(|g| {
+                    Arc::new(arrow::array::StringArray::from(
+                        keys.iter().map(|k| k[g].clone()).collect::<Vec<_>>(),
+                    )) as ArrayRef
+                })
+                .collect(),
+            None => {
+                let idx = UInt32Array::from(
+                    rows.iter()
+                        .map(|r| r.unwrap_or(0) as u32)
+                        .collect::<Vec<_>>(),
+                );
+                (0..n_groups)
+                    .map(|g| arrow::compute::take(exact.column(g), &idx, None))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
         Ok(Released {
             groups,
             values,

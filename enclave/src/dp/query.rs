@@ -106,6 +106,8 @@ pub(crate) struct Analyzed {
     pub selection: Option<String>,
     /// Group-key expressions.
     pub groups: Vec<String>,
+    /// The public domain of each group key that is a bare column with a declared domain.
+    pub group_domains: Vec<Option<Vec<String>>>,
     /// Aggregates, deduplicated.
     pub aggregates: Vec<Aggregate>,
     /// The post-processing query over the noisy table `noisy` (columns `__g{i}` and `__a{j}`).
@@ -114,6 +116,13 @@ pub(crate) struct Analyzed {
     pub output_aggregates: Vec<Option<usize>>,
     /// The tables referenced.
     pub tables: Vec<String>,
+}
+
+impl Analyzed {
+    /// True when every group key has a declared public domain (every key is released, no selection).
+    pub(crate) fn public_groups(&self) -> bool {
+        !self.groups.is_empty() && self.group_domains.iter().all(Option::is_some)
+    }
 }
 
 struct Scope<'a> {
@@ -286,6 +295,19 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
         check_group_key(g, &scope)?;
     }
     let group_texts: Vec<String> = groups.iter().map(ToString::to_string).collect();
+    let group_domains: Vec<Option<Vec<String>>> = groups
+        .iter()
+        .map(|g| match g {
+            Expr::Identifier(id) => scope
+                .resolve(std::slice::from_ref(id))
+                .ok()
+                .and_then(|(_, c)| c.domain.clone()),
+            Expr::CompoundIdentifier(p) => {
+                scope.resolve(p).ok().and_then(|(_, c)| c.domain.clone())
+            }
+            _ => None,
+        })
+        .collect();
 
     // Aggregates from the projection, HAVING and ORDER BY.
     let mut aggregates: Vec<Aggregate> = Vec::new();
@@ -366,7 +388,13 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
         for (item, (expr, alias)) in s.projection.iter_mut().zip(&projected) {
             output_aggregates.push(aggregates.iter().position(|a| a.key == expr.to_string()));
             // Keep the user's column name: the alias, or the expression as written.
-            let name = alias.clone().unwrap_or_else(|| expr.to_string());
+            let name = alias.clone().unwrap_or_else(|| match expr {
+                Expr::CompoundIdentifier(parts) => parts
+                    .last()
+                    .map_or_else(|| expr.to_string(), |p| p.value.clone()),
+                Expr::Identifier(id) => id.value.clone(),
+                _ => expr.to_string(),
+            });
             *item = SelectItem::ExprWithAlias {
                 expr: expr.clone(),
                 alias: Ident::with_quote('"', name),
@@ -390,6 +418,7 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
         person,
         selection: select.selection.as_ref().map(ToString::to_string),
         groups: group_texts,
+        group_domains,
         aggregates,
         post: post.to_string(),
         output_aggregates,
