@@ -63,6 +63,9 @@ pub struct ColumnNoise {
     pub scale: f64,
     /// 95 % interval per row: (low, high); NaN where none is known (quantiles).
     pub intervals: Vec<(f64, f64)>,
+    /// How far one person can move the exact value: the bounded sensitivity the noise is calibrated to
+    /// (NaN for values derived from several mechanisms: AVG, VARIANCE, STDDEV, quantiles).
+    pub sensitivity: f64,
 }
 
 /// A DP answer.
@@ -140,14 +143,13 @@ impl DpEngine {
         };
         match self.answer_inner(&mut draft, options).await {
             Ok(a) => Ok(a),
-            Err(Error::Refused { rule, message }) => {
-                // Budget refusals are recorded by the ledger's own transaction; record every other one here.
-                if rule != "budget" {
-                    self.ledger.refuse(&draft, &rule, &message)?;
-                }
+            // The ledger recorded this outcome in its own transaction.
+            Err(Failure::Recorded(e)) => Err(e),
+            Err(Failure::Unrecorded(Error::Refused { rule, message })) => {
+                self.ledger.refuse(&draft, &rule, &message)?;
                 Err(Error::Refused { rule, message })
             }
-            Err(e) => {
+            Err(Failure::Unrecorded(e)) => {
                 self.ledger
                     .refuse(&draft, "error", "the query failed inside the enclave")?;
                 Err(e)
@@ -155,23 +157,30 @@ impl DpEngine {
         }
     }
 
-    async fn answer_inner(&self, draft: &mut Draft, options: &QueryOptions) -> Result<DpAnswer> {
+    async fn answer_inner(
+        &self,
+        draft: &mut Draft,
+        options: &QueryOptions,
+    ) -> Result<DpAnswer, Failure> {
         let version = match self.catalog.version(&draft.dataset, None) {
             Ok(v) => v,
             Err(catalog::Error::UnknownDataset(_)) => {
-                return query::refuse("catalog", format!("no dataset '{}'", draft.dataset));
+                return Err(Failure::refused(
+                    "catalog",
+                    format!("no dataset '{}'", draft.dataset),
+                ));
             }
             Err(e) => return Err(e.into()),
         };
         draft.version = version.version.version.clone();
         let Some(budget) = self.ledger.budget(&draft.principal, &draft.dataset)? else {
-            return query::refuse(
+            return Err(Failure::refused(
                 "access",
                 format!(
                     "{} has no grant on dataset '{}'",
                     draft.principal, draft.dataset
                 ),
-            );
+            ));
         };
         let analyzed = query::analyze(&draft.sql, &version)?;
         let accounting = if budget.rho.is_some() {
@@ -182,13 +191,16 @@ impl DpEngine {
         let total = options.epsilon.unwrap_or(self.default_epsilon);
         let delta = options.delta.unwrap_or(self.default_delta);
         if !(total > 0.0 && total.is_finite() && (0.0..1.0).contains(&delta)) {
-            return query::refuse("options", "ε (or ρ) must be positive and δ within [0, 1)");
+            return Err(Failure::refused(
+                "options",
+                "ε (or ρ) must be positive and δ within [0, 1)",
+            ));
         }
         if accounting == Accounting::Zcdp && !analyzed.groups.is_empty() {
-            return query::refuse(
+            return Err(Failure::refused(
                 "accounting",
                 "grouped queries on zCDP datasets are not offered yet; query without GROUP BY",
-            );
+            ));
         }
         // Cheap pre-check; the ledger's transaction is the authority.
         let left = match accounting {
@@ -201,23 +213,10 @@ impl DpEngine {
             } else {
                 "ε"
             };
-            return Err(self
-                .ledger
-                .charge(
-                    draft,
-                    Cost {
-                        epsilon: total,
-                        delta: 0.0,
-                        rho: 0.0,
-                    },
-                )
-                .err()
-                .unwrap_or_else(|| Error::Refused {
-                    rule: "budget".into(),
-                    message: format!(
-                        "budget exhausted: {left:.6} {unit} left, query needs {total:.6}"
-                    ),
-                }));
+            return Err(Failure::refused(
+                "budget",
+                format!("budget exhausted: {left:.6} {unit} left, query needs {total:.6}"),
+            ));
         }
         let k = i64::from(version.version.max_contributions.max(1));
         let plan = Plan::new(&analyzed, k)?;
@@ -232,7 +231,7 @@ impl DpEngine {
         let released = self.noise(&analyzed, &plan, &exact, k, total, delta, accounting)?;
 
         let cost = released.cost;
-        let charged = self.ledger.charge(draft, cost)?;
+        let charged = self.ledger.charge(draft, cost).map_err(Failure::Recorded)?;
         let (batch, noise) = post_process(&analyzed, released).await?;
         Ok(DpAnswer {
             batch,
@@ -270,6 +269,29 @@ fn plan_schema(batches: &[RecordBatch]) -> Result<Arc<Schema>> {
         .first()
         .map(|b| b.schema())
         .ok_or_else(|| Error::Internal("aggregate returned no batch".into()))
+}
+
+/// Why a query was not answered, and whether the audit log has it already.
+enum Failure {
+    /// Not yet in the audit log: `answer` records it.
+    Unrecorded(Error),
+    /// Recorded by the ledger's charge transaction.
+    Recorded(Error),
+}
+
+impl Failure {
+    fn refused(rule: &str, message: impl Into<String>) -> Failure {
+        Failure::Unrecorded(Error::Refused {
+            rule: rule.to_owned(),
+            message: message.into(),
+        })
+    }
+}
+
+impl<E: Into<Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Unrecorded(e.into())
+    }
 }
 
 /// The SQL that computes the exact, bounded aggregates, and how the ε is split.
@@ -419,6 +441,8 @@ struct AggValues {
     scale: f64,
     /// Released as an integer (counts).
     integer: bool,
+    /// How far one person can move the exact value (NaN for derived values: AVG, VARIANCE, quantiles).
+    sensitivity: f64,
 }
 
 /// The noisy per-group values, before post-processing.
@@ -572,16 +596,17 @@ impl DpEngine {
                     interval(&noisy_n, &n_noise),
                     n_noise.scale,
                     true,
+                    n_noise.sensitivity(),
                 ),
                 AggKind::CountRows => {
                     let (v, n) = count_of("__n", k, &mut add)?;
                     let iv = interval(&v, &n);
-                    (v, iv, n.scale, true)
+                    (v, iv, n.scale, true, n.sensitivity())
                 }
                 AggKind::CountValues => {
                     let (v, n) = count_of(&format!("__cnt{j}"), k, &mut add)?;
                     let iv = interval(&v, &n);
-                    (v, iv, n.scale, true)
+                    (v, iv, n.scale, true, n.sensitivity())
                 }
                 AggKind::CountPersons => {
                     let (v, n) = count_of(
@@ -590,12 +615,12 @@ impl DpEngine {
                         &mut add,
                     )?;
                     let iv = interval(&v, &n);
-                    (v, iv, n.scale, true)
+                    (v, iv, n.scale, true, n.sensitivity())
                 }
                 AggKind::Sum => {
                     let (v, n) = sum_of(&format!("__sum{j}"), k as f64 * bound, &mut add)?;
                     let iv = interval(&v, &n);
-                    (v, iv, n.scale, false)
+                    (v, iv, n.scale, false, n.sensitivity())
                 }
                 AggKind::Avg => {
                     let (s, ns) = sum_of(&format!("__sum{j}"), k as f64 * bound, &mut add)?;
@@ -616,7 +641,7 @@ impl DpEngine {
                             ((m - 1.96 * sd).max(lo), (m + 1.96 * sd).min(hi))
                         })
                         .collect();
-                    (avg, iv, ns.scale, false)
+                    (avg, iv, ns.scale, false, f64::NAN)
                 }
                 AggKind::Variance | AggKind::Stddev => {
                     let (s, _) = sum_of(&format!("__sum{j}"), k as f64 * bound, &mut add)?;
@@ -637,7 +662,7 @@ impl DpEngine {
                         var
                     };
                     let iv = v.iter().map(|_| (f64::NAN, f64::NAN)).collect();
-                    (v, iv, nc.scale, false)
+                    (v, iv, nc.scale, false, f64::NAN)
                 }
                 AggKind::Quantile(alpha) => {
                     let (l, u) = agg.bounds.unwrap_or((0.0, 1.0));
@@ -676,7 +701,7 @@ impl DpEngine {
                     // group's cost at d_in = k bounds the total.
                     add(&total_noise);
                     let iv = out.iter().map(|_| (f64::NAN, f64::NAN)).collect();
-                    (out, iv, total_noise.scale, false)
+                    (out, iv, total_noise.scale, false, f64::NAN)
                 }
             };
             values.push(AggValues {
@@ -684,6 +709,7 @@ impl DpEngine {
                 intervals: entry.1,
                 scale: entry.2,
                 integer: entry.3,
+                sensitivity: entry.4,
             });
         }
         let groups: Vec<ArrayRef> = match public_keys {
@@ -770,6 +796,7 @@ async fn post_process(a: &Analyzed, r: Released) -> Result<(RecordBatch, Vec<Col
             noise.push(ColumnNoise {
                 column: user.schema().field(i).name().clone(),
                 scale: r.values[*j].scale,
+                sensitivity: r.values[*j].sensitivity,
                 intervals: lo.into_iter().zip(hi).collect(),
             });
         }

@@ -38,6 +38,18 @@ pub struct Noise {
     pub rho: f64,
 }
 
+impl Noise {
+    /// The sensitivity this noise is calibrated to, recovered from the mechanism's own privacy map:
+    /// Laplace ε = Δ/b, Gaussian ρ = Δ²/(2σ²).
+    pub fn sensitivity(&self) -> f64 {
+        if self.rho > 0.0 {
+            self.scale * (2.0 * self.rho).sqrt()
+        } else {
+            self.epsilon * self.scale
+        }
+    }
+}
+
 /// Which privacy accounting a dataset uses.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Accounting {

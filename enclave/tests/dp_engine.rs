@@ -1,0 +1,257 @@
+//! The DP engine's guarantees, measured: noise matches its declared scale and intervals cover at their
+//! stated rate; one person moves no released value by more than the declared sensitivity; concurrent
+//! queries never overspend and every one is audited.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use enclave::DataDir;
+use enclave::dp::{DpAnswer, DpEngine, QueryOptions};
+use enclave::ingest::{IngestOptions, ingest};
+use proptest::prelude::*;
+
+/// Writes a Synthea-layout export: `values[p]` are person p's glucose observations.
+fn export(dir: &Path, values: &[Vec<f64>]) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut patients = String::from("Id,BIRTHDATE,GENDER,FIRST,LAST,ZIP\n");
+    let mut obs =
+        String::from("DATE,PATIENT,ENCOUNTER,CATEGORY,CODE,DESCRIPTION,VALUE,UNITS,TYPE\n");
+    for (p, vs) in values.iter().enumerate() {
+        patients += &format!("p{p},1980-01-{:02},F,Name{p},Family{p},02139\n", 1 + p % 28);
+        for (i, v) in vs.iter().enumerate() {
+            let category = if i % 2 == 0 {
+                "laboratory"
+            } else {
+                "vital-signs"
+            };
+            obs += &format!(
+                "2024-01-01T10:00:00Z,p{p},e{p},{category},2339-0,Glucose,{v},mg/dL,numeric\n"
+            );
+        }
+    }
+    std::fs::write(dir.join("patients.csv"), patients).expect("write");
+    std::fs::write(dir.join("observations.csv"), obs).expect("write");
+}
+
+fn ingest_as(dir: &DataDir, dataset: &str, input: &Path) {
+    let opts = IngestOptions {
+        provider: "H1".into(),
+        dataset: dataset.into(),
+        input: input.to_owned(),
+        profile: "hipaa-safe-harbor".into(),
+        version: None,
+        mapping: None,
+        max_quarantine_ratio: None,
+        consent_scope: "test".into(),
+        progress: false,
+    };
+    let r = ingest(
+        dir,
+        &dir.keystore().expect("ks"),
+        &dir.catalog().expect("catalog"),
+        &opts,
+    )
+    .expect("ingest");
+    assert_eq!(
+        r.totals.suppressed + r.totals.quarantined,
+        0,
+        "every test person is released"
+    );
+}
+
+fn column_f64(a: &DpAnswer, name: &str) -> Vec<f64> {
+    let c = a.batch.column_by_name(name).expect("column");
+    let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Float64).expect("cast");
+    let f = c
+        .as_any()
+        .downcast_ref::<arrow::array::Float64Array>()
+        .expect("f64");
+    f.iter().map(|v| v.unwrap_or(f64::NAN)).collect()
+}
+
+#[test]
+fn noise_matches_its_declared_scale_and_intervals_cover_95_percent() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let values: Vec<Vec<f64>> = (0..200).map(|p| vec![60.0 + f64::from(p % 90)]).collect();
+    export(&tmp.path().join("export"), &values);
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_as(&dir, "stats", &tmp.path().join("export"));
+    let engine = DpEngine::open(&dir).expect("engine");
+    engine
+        .ledger()
+        .set_budget("alice", "stats", 1e6, 0.0, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // One row per person, so bounding keeps every row and the exact answers are known.
+    let (true_n, true_sum) = (200.0, values.iter().flatten().sum::<f64>());
+    let options = QueryOptions {
+        epsilon: Some(1.0),
+        ..QueryOptions::default()
+    };
+    // 2,000 repetitions put the 10 % and 93–97 % margins about four standard errors out: not flaky.
+    let reps = 2000;
+    let (mut err_n, mut err_s, mut cover_n, mut cover_s) = (Vec::new(), Vec::new(), 0, 0);
+    let mut declared = (0.0, 0.0);
+    for _ in 0..reps {
+        let a = rt
+            .block_on(engine.answer(
+                "alice",
+                "stats",
+                "SELECT COUNT(*) AS n, SUM(value_numeric) AS s FROM observations",
+                &options,
+            ))
+            .expect("answer");
+        let (n, s) = (column_f64(&a, "n")[0], column_f64(&a, "s")[0]);
+        err_n.push(n - true_n);
+        err_s.push(s - true_sum);
+        let (in_n, in_s) = (&a.noise[0], &a.noise[1]);
+        declared = (
+            std::f64::consts::SQRT_2 * in_n.scale,
+            std::f64::consts::SQRT_2 * in_s.scale,
+        );
+        cover_n += usize::from(in_n.intervals[0].0 <= true_n && true_n <= in_n.intervals[0].1);
+        cover_s += usize::from(in_s.intervals[0].0 <= true_sum && true_sum <= in_s.intervals[0].1);
+        assert!(
+            (a.cost.epsilon - 1.0).abs() < 1e-9,
+            "the query costs exactly its ε: {}",
+            a.cost.epsilon
+        );
+    }
+    let sd = |e: &[f64]| (e.iter().map(|x| x * x).sum::<f64>() / e.len() as f64).sqrt();
+    let (sd_n, sd_s) = (sd(&err_n), sd(&err_s));
+    let (cov_n, cov_s) = (cover_n as f64 / reps as f64, cover_s as f64 / reps as f64);
+    println!(
+        "COUNT: empirical sd {sd_n:.2} vs declared {:.2}; 95% intervals covered {:.1}%",
+        declared.0,
+        cov_n * 100.0
+    );
+    println!(
+        "SUM:   empirical sd {sd_s:.0} vs declared {:.0}; 95% intervals covered {:.1}%",
+        declared.1,
+        cov_s * 100.0
+    );
+    assert!(
+        (sd_n / declared.0 - 1.0).abs() <= 0.10,
+        "COUNT sd {sd_n} vs {}",
+        declared.0
+    );
+    assert!(
+        (sd_s / declared.1 - 1.0).abs() <= 0.10,
+        "SUM sd {sd_s} vs {}",
+        declared.1
+    );
+    assert!((0.93..=0.97).contains(&cov_n), "COUNT coverage {cov_n}");
+    assert!((0.93..=0.97).contains(&cov_s), "SUM coverage {cov_s}");
+    // Every answer above is audited.
+    let pk = std::fs::read_to_string(dir.audit_public_key_path()).expect("pk");
+    assert_eq!(
+        engine.ledger().verify(pk.trim()).expect("verifies").records,
+        reps as i64
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    /// Adding one person with 1,000 rows (values far outside the bounds too) moves each released value
+    /// by at most the sensitivity the engine declares for it. Noise off, through the `danger_` switch.
+    #[test]
+    fn one_person_moves_a_value_by_at_most_its_declared_sensitivity(
+        others in proptest::collection::vec(proptest::collection::vec(-100.0f64..1500.0, 1..6), 10..30),
+        heavy in proptest::collection::vec(-3000.0f64..9000.0, 1000),
+    ) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut with = others.clone();
+        with.push(heavy);
+        export(&tmp.path().join("without"), &others);
+        export(&tmp.path().join("with"), &with);
+        let dir = DataDir::new(tmp.path().join("data"));
+        dir.init().expect("init");
+        ingest_as(&dir, "without", &tmp.path().join("without"));
+        ingest_as(&dir, "with", &tmp.path().join("with"));
+        let engine = DpEngine::open(&dir).expect("engine").danger_without_noise();
+        for d in ["with", "without"] {
+            engine.ledger().set_budget("alice", d, 1e6, 0.5, None).expect("budget");
+        }
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        for sql in [
+            "SELECT COUNT(*) AS n, SUM(value_numeric) AS s, COUNT(value_numeric) AS c, COUNT(DISTINCT person_id) AS p FROM observations",
+            "SELECT category, COUNT(*) AS n, SUM(value_numeric) AS s FROM observations GROUP BY category",
+        ] {
+            let a = rt.block_on(engine.answer("alice", "with", sql, &QueryOptions::default())).expect("with");
+            let b = rt.block_on(engine.answer("alice", "without", sql, &QueryOptions::default())).expect("without");
+            prop_assert_eq!(a.batch.num_rows(), b.batch.num_rows());
+            for n in &a.noise {
+                // L1 distance over all released groups: the person's rows may sit in several groups.
+                let moved: f64 = column_f64(&a, &n.column).iter().zip(column_f64(&b, &n.column)).map(|(x, y)| (x - y).abs()).sum();
+                prop_assert!(n.sensitivity.is_finite() && n.sensitivity > 0.0, "{} declares a sensitivity", n.column);
+                prop_assert!(moved <= n.sensitivity + 1e-6, "{}: moved {} > sensitivity {}", n.column, moved, n.sensitivity);
+            }
+        }
+    }
+}
+
+#[test]
+fn sixty_four_racing_queries_release_exactly_what_the_budget_fits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let values: Vec<Vec<f64>> = (0..30).map(|p| vec![f64::from(p); 3]).collect();
+    export(&tmp.path().join("export"), &values);
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_as(&dir, "race", &tmp.path().join("export"));
+    DpEngine::open(&dir)
+        .expect("engine")
+        .ledger()
+        .set_budget("alice", "race", 1.0, 0.0, None)
+        .expect("budget");
+    let dir = Arc::new(dir);
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                // Each thread is its own engine with its own database connections, like separate gateways.
+                let engine = DpEngine::open(&dir).expect("engine");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let options = QueryOptions {
+                    epsilon: Some(0.1),
+                    ..QueryOptions::default()
+                };
+                rt.block_on(engine.answer(
+                    "alice",
+                    "race",
+                    "SELECT COUNT(*) FROM observations",
+                    &options,
+                ))
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let released = results.iter().filter(|r| r.is_ok()).count();
+    let budget_refusals = results
+        .iter()
+        .filter(|r| matches!(r, Err(enclave::Error::Refused { rule, .. }) if rule == "budget"))
+        .count();
+    assert_eq!((released, budget_refusals), (10, 54));
+    let engine = DpEngine::open(&dir).expect("engine");
+    let pk = std::fs::read_to_string(dir.audit_public_key_path()).expect("pk");
+    let v = engine
+        .ledger()
+        .verify(pk.trim())
+        .expect("the chain verifies");
+    assert_eq!(v.records, 64);
+    let log = engine.ledger().tail(100).expect("tail");
+    assert_eq!(log.iter().filter(|r| r.outcome == "released").count(), 10);
+    assert_eq!(log.iter().filter(|r| r.outcome == "refused").count(), 54);
+    let b = engine
+        .ledger()
+        .budget("alice", "race")
+        .expect("b")
+        .expect("some");
+    assert!((b.spent_epsilon - 1.0).abs() < 1e-12 && b.spent_epsilon <= b.epsilon);
+}
