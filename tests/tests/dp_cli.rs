@@ -1,0 +1,163 @@
+//! The researcher's local path through the real binary: `enclave sql` spends exactly what it says,
+//! refuses what the budget cannot pay, and every query is in an audit log that `enclave audit verify`
+//! checks — and that fails, naming the record, when someone edits the database behind its back.
+
+use std::path::Path;
+
+use enclave_e2e::{Scratch, enclave_output};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tampering() {
+    let s = Scratch::new();
+    s.enclave("enclave-data", &["demo", "--patients", "60"]);
+    let out = s.enclave(
+        "enclave-data",
+        &["budget", "set", "alice", "demo-cohort", "--epsilon", "1.0"],
+    );
+    assert!(out.contains("alice on demo-cohort: ε 1"), "{out}");
+    let q = "SELECT department, COUNT(*) AS visits, AVG(base_cost) AS cost FROM encounters GROUP BY department ORDER BY department";
+
+    let first = s.enclave(
+        "enclave-data",
+        &[
+            "sql",
+            "--as",
+            "alice",
+            "--dataset",
+            "demo-cohort",
+            "--epsilon",
+            "0.4",
+            q,
+        ],
+    );
+    assert!(
+        first.contains("cost: ε 0.400000") && first.contains("budget left: ε 0.600000"),
+        "{first}"
+    );
+    assert!(
+        first.contains("visits 95% CI") && first.contains("(8 rows)"),
+        "{first}"
+    );
+    let second: serde_json::Value = serde_json::from_str(&s.enclave(
+        "enclave-data",
+        &[
+            "sql",
+            "--as",
+            "alice",
+            "--dataset",
+            "demo-cohort",
+            "--epsilon",
+            "0.4",
+            "--json",
+            q,
+        ],
+    ))
+    .expect("json");
+    assert_eq!(second["rows"].as_array().expect("rows").len(), 8);
+    assert_eq!(
+        second["columns"],
+        serde_json::json!(["department", "visits", "cost"])
+    );
+    assert!((second["cost"]["epsilon"].as_f64().expect("eps") - 0.4).abs() < 1e-9);
+    assert!(second["noise"][0]["scale"].as_f64().expect("scale") > 0.0);
+
+    let third = enclave_output(
+        s.path(),
+        &[
+            "--data-dir",
+            "enclave-data",
+            "sql",
+            "--as",
+            "alice",
+            "--dataset",
+            "demo-cohort",
+            "--epsilon",
+            "0.4",
+            q,
+        ],
+    );
+    assert!(!third.status.success());
+    let err = String::from_utf8_lossy(&third.stderr);
+    assert!(
+        err.contains(
+            "refused by rule 'budget': budget exhausted: 0.200000 ε left, query needs 0.400000"
+        ),
+        "{err}"
+    );
+    let row_level = enclave_output(
+        s.path(),
+        &[
+            "--data-dir",
+            "enclave-data",
+            "sql",
+            "--as",
+            "alice",
+            "--dataset",
+            "demo-cohort",
+            "SELECT * FROM patients",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&row_level.stderr).contains("rule 'row-level'"));
+
+    let verify = s.enclave("enclave-data", &["audit", "verify"]);
+    assert!(verify.contains("audit log verifies: 4 records"), "{verify}");
+    let tail = s.enclave("enclave-data", &["audit", "tail", "--json"]);
+    let outcomes: Vec<String> = tail
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["outcome"]
+                .as_str()
+                .expect("o")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(outcomes, ["released", "released", "refused", "refused"]);
+
+    for (name, sql, seq) in [
+        (
+            "edit",
+            "UPDATE audit_log SET sql = 'SELECT 1' WHERE seq = 2",
+            "record 2",
+        ),
+        ("delete", "DELETE FROM audit_log WHERE seq = 3", "record 3"),
+        (
+            "reorder",
+            "UPDATE audit_log SET seq = 99 WHERE seq = 1; UPDATE audit_log SET seq = 1 WHERE seq = 2; UPDATE audit_log SET seq = 2 WHERE seq = 99",
+            "record 1",
+        ),
+    ] {
+        let copy = s.path().join(format!("tampered-{name}"));
+        copy_dir(&s.path().join("enclave-data"), &copy);
+        rusqlite::Connection::open(copy.join("enclave.db"))
+            .expect("open")
+            .execute_batch(sql)
+            .expect("tamper");
+        let out = enclave_output(
+            s.path(),
+            &[
+                "--data-dir",
+                copy.to_str().expect("utf8"),
+                "audit",
+                "verify",
+            ],
+        );
+        assert!(!out.status.success(), "{name}: verify must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("audit log broken at {seq}")),
+            "{name}: {err}"
+        );
+    }
+}
