@@ -495,11 +495,11 @@ fn read_csv(
         }
         match failure {
             Some(reason) => sink(reject(reason))?,
-            None => sink(Item::Record(SourceRecord {
+            None => sink(Item::Record(derive(SourceRecord {
                 table,
                 values,
                 origin: origin(),
-            }))?,
+            })))?,
         }
     }
     Ok(())
@@ -516,6 +516,25 @@ fn split_obs_value(v: &str, ty: Option<&str>) -> Result<(Option<Value>, Option<V
         (Some("numeric") | None, Some(f)) => Ok((Some(Value::Float(f)), None)),
         _ => Ok((None, Some(Value::Text(v.to_owned())))),
     }
+}
+
+/// Fills the derived columns (the length of stay of an encounter, in days, from its own start and stop).
+fn derive(mut rec: SourceRecord) -> SourceRecord {
+    if rec.table == Table::Encounters {
+        let ts = |c: &str| match rec.get(c) {
+            Some(Value::Timestamp(t)) => Some(*t),
+            _ => None,
+        };
+        if let (Some(start), Some(stop), Some(i)) = (
+            ts("start"),
+            ts("stop"),
+            rec.table.column_index(policies::schema::LENGTH_OF_STAY),
+        ) {
+            let days = (stop - start).num_seconds() as f64 / 86_400.0;
+            rec.values[i] = (days >= 0.0).then_some(Value::Float(days));
+        }
+    }
+    rec
 }
 
 // ---- FHIR R4 -------------------------------------------------------------------------------------------
@@ -553,11 +572,11 @@ fn resource(
     match result {
         Ok(()) => {
             for values in rows {
-                sink(Item::Record(SourceRecord {
+                sink(Item::Record(derive(SourceRecord {
                     table,
                     values,
                     origin: origin.clone(),
-                }))?;
+                })))?;
             }
             Ok(())
         }

@@ -105,7 +105,7 @@ impl Table {
                 "organization_id": Text, "provider_id": Text, "payer_id": Text, "department": Text,
                 "encounter_class": Text, "code": Text, "description": Text, "base_cost": Float,
                 "total_cost": Float, "payer_coverage": Float, "reason_code": Text,
-                "reason_description": Text,
+                "reason_description": Text, "length_of_stay_days": Float,
             ],
             Table::Conditions => cols![
                 "patient_id": Text, "encounter_id": Text, "start": Date, "stop": Date,
@@ -154,6 +154,10 @@ pub struct ColumnDef {
     /// Source value type.
     pub ty: ColumnType,
 }
+
+/// Derived by the reader, never mapped from a source column: `encounters.length_of_stay_days` is
+/// `(stop − start)` in days, computed before any date is shifted or generalised (a duration is not a date).
+pub const LENGTH_OF_STAY: &str = "length_of_stay_days";
 
 /// The column every non-patient table uses to point at its patient.
 pub const PATIENT_REF: &str = "patient_id";
