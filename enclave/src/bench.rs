@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use catalog::CatalogStore;
 use deidentify::{Item, Pass, TableOutput, danger_plain_schema};
 use parquet::arrow::ArrowWriter;
 use policies::{CsvMapping, Table};
@@ -227,5 +228,454 @@ pub fn ingest_bench(
         " row groups of {} rows; only the per-patient index grows with the number of patients)",
         crate::storage::ROW_GROUP_ROWS
     );
+    Ok(())
+}
+
+// ---- enclave bench dp ----------------------------------------------------------------------------------
+
+/// The median of some durations, in seconds.
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// `enclave bench dp`: plain DataFusion on an unencrypted copy of the same rows against the whole DP path
+/// (decrypt, bound, aggregate, noise, ledger, audit), and the enclave against SmartNoise SQL.
+pub fn dp_bench(
+    patients: usize,
+    work_dir: Option<PathBuf>,
+    runs: usize,
+    smartnoise: bool,
+    today: chrono::NaiveDate,
+) -> Result<()> {
+    let work = work_dir.unwrap_or_else(|| std::env::temp_dir().join("enclave-bench-dp"));
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io("runtime".into(), e))?;
+    let export = work.join(format!("export-{patients}"));
+    if !export.join("manifest.json").exists() {
+        println!("generating {patients} patients …");
+        crate::demo::generate(&DemoOptions {
+            patients,
+            out: export.clone(),
+            format: DemoFormat::Csv,
+            seed: 7,
+            inject_errors: 0.0,
+            today,
+        })?;
+    }
+    let dir = DataDir::new(work.join(format!("data-{patients}")));
+    let keystore;
+    if !dir.db().exists() {
+        dir.init()?;
+        keystore = dir.keystore()?;
+        println!("ingesting …");
+        let r = ingest(
+            &dir,
+            &keystore,
+            &dir.catalog()?,
+            &IngestOptions {
+                provider: "bench".into(),
+                dataset: "bench".into(),
+                input: export.join("csv"),
+                profile: "hipaa-safe-harbor".into(),
+                version: None,
+                mapping: None,
+                max_quarantine_ratio: None,
+                consent_scope: "benchmark".into(),
+                progress: true,
+            },
+        )?;
+        println!("{}", r.summary());
+    } else {
+        keystore = dir.keystore()?;
+    }
+    let keystore = std::sync::Arc::new(keystore);
+    let plain_dir = work.join(format!("plain-{patients}"));
+    let engine = crate::dp::DpEngine::open(&dir)?;
+    let version = dir.catalog()?.version("bench", None)?;
+    let tables: Vec<String> = version
+        .version
+        .tables
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    rt.block_on(async {
+        if !plain_dir.exists() {
+            // The same decrypted rows, written as plain unencrypted Parquet.
+            std::fs::create_dir_all(&plain_dir).map_err(|e| Error::io(&plain_dir, e))?;
+            let ctx = crate::storage::session(keystore.clone());
+            let vdir = dir.root().join(&version.version.storage_path);
+            for t in &tables {
+                crate::storage::register_table(&ctx, t, &vdir.join(format!("{t}.parquet"))).await?;
+                let target = plain_dir.join(format!("{t}.parquet"));
+                ctx.sql(&format!(
+                    "COPY (SELECT * FROM {t}) TO '{}' STORED AS PARQUET",
+                    target.display()
+                ))
+                .await?
+                .collect()
+                .await?;
+            }
+        }
+        Ok::<(), Error>(())
+    })?;
+    engine
+        .ledger()
+        .set_budget("bench", "bench", 1e6, 0.5, None)?;
+    let rows: u64 = version
+        .version
+        .tables
+        .iter()
+        .filter(|t| t.name == "observations")
+        .map(|t| t.rows)
+        .sum();
+    let k = f64::from(version.version.max_contributions);
+    println!(
+        "\nplain DataFusion vs the DP engine, {rows} observation rows, median of {runs} runs, ε = 1 per query\n"
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>7}",
+        "query", "plain s", "DP s", "ratio"
+    );
+    let clamp = "CASE WHEN value_numeric < 0.0 THEN 0.0 WHEN value_numeric > 1000.0 THEN 1000.0 ELSE value_numeric END";
+    let queries = [
+        ("grouped COUNT", "SELECT category, COUNT(*) AS n FROM observations GROUP BY category".to_owned(), "SELECT category, COUNT(*) AS n FROM observations GROUP BY category".to_owned(), 0.0),
+        (
+            "grouped AVG with clamping",
+            "SELECT category, AVG(value_numeric) AS v FROM observations GROUP BY category".to_owned(),
+            format!("SELECT category, AVG({clamp}) AS v FROM observations GROUP BY category"),
+            1000.0,
+        ),
+        (
+            "two-table join",
+            "SELECT p.gender, COUNT(*) AS n FROM observations o JOIN patients p ON p.person_id = o.person_id GROUP BY p.gender".to_owned(),
+            "SELECT p.gender, COUNT(*) AS n FROM observations o JOIN patients p ON p.person_id = o.person_id GROUP BY p.gender".to_owned(),
+            0.0,
+        ),
+    ];
+    let mut scale_lines = Vec::new();
+    for (name, dp_sql, plain_sql, bound) in &queries {
+        let plain_times: Vec<f64> = (0..runs)
+            .map(|_| {
+                rt.block_on(async {
+                    let ctx = datafusion::prelude::SessionContext::new();
+                    let t0 = Instant::now();
+                    for t in &tables {
+                        let p = plain_dir.join(format!("{t}.parquet"));
+                        ctx.register_parquet(
+                            t.as_str(),
+                            p.to_string_lossy().as_ref(),
+                            Default::default(),
+                        )
+                        .await?;
+                    }
+                    ctx.sql(plain_sql).await?.collect().await?;
+                    Ok::<f64, Error>(t0.elapsed().as_secs_f64())
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut last = None;
+        let mut dp_times = Vec::new();
+        for _ in 0..runs {
+            let t0 = Instant::now();
+            let a = rt.block_on(engine.answer(
+                "bench",
+                "bench",
+                dp_sql,
+                &crate::dp::QueryOptions {
+                    epsilon: Some(1.0),
+                    delta: None,
+                    origin: "bench".into(),
+                },
+            ))?;
+            dp_times.push(t0.elapsed().as_secs_f64());
+            last = Some(a);
+        }
+        let (p, d) = (median(plain_times), median(dp_times));
+        println!("{name:<34} {p:>10.3} {d:>10.3} {:>6.2}×", d / p);
+        if let Some(a) = last {
+            for (what, n) in &a.cost_split {
+                // The formula, from first principles: Laplace b = Δ / ε for the ε this mechanism was
+                // charged, with Δ from k and the bounds [0, M]: k for counts, k·M for a SUM, k·M/2 for
+                // AVG's sum (taken of values centred on M/2).
+                let delta = if what.starts_with("AVG") && what.contains("(sum)") {
+                    k * bound / 2.0
+                } else if what.starts_with("SUM") {
+                    k * bound
+                } else {
+                    k
+                };
+                scale_lines.push(format!(
+                    "{name:<28} {what:<34} {:>8.4} {:>12.3} {:>12.3}",
+                    n.epsilon,
+                    n.scale,
+                    delta / n.epsilon
+                ));
+            }
+        }
+    }
+    println!("\ndeclared noise scale beside the Laplace formula Δ/ε for each mechanism (k = {k}):");
+    println!(
+        "{:<28} {:<34} {:>8} {:>12} {:>12}",
+        "query", "mechanism", "ε", "declared b", "formula b"
+    );
+    for l in scale_lines {
+        println!("{l}");
+    }
+    if smartnoise {
+        smartnoise_comparison(&work, runs.max(20), &rt)?;
+    }
+    Ok(())
+}
+
+const DEPARTMENTS: [&str; 8] = [
+    "Cardiology",
+    "Emergency",
+    "General Medicine",
+    "Obstetrics",
+    "Oncology",
+    "Orthopedics",
+    "Pediatrics",
+    "Psychiatry",
+];
+
+/// Grouped COUNT(*) + AVG(length of stay) by department on 100k encounters of 20k patients (5 each, so the
+/// bound of 5 rows per person keeps every row), ε = 1 in total, through the enclave and SmartNoise SQL.
+fn smartnoise_comparison(work: &Path, runs: usize, rt: &tokio::runtime::Runtime) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let dir_export = work.join("sn-export");
+    std::fs::create_dir_all(&dir_export).map_err(|e| Error::io(&dir_export, e))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let (mut patients, mut encounters) = (
+        String::from("Id,BIRTHDATE,GENDER,FIRST,LAST,ZIP\n"),
+        String::from("Id,START,STOP,PATIENT,DEPARTMENT,ENCOUNTERCLASS\n"),
+    );
+    let mut sn_csv = String::from("person_id,department,los\n");
+    let mut truth: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    let base = chrono::NaiveDate::from_ymd_opt(2024, 1, 1)
+        .and_then(|d| d.and_hms_opt(8, 0, 0))
+        .unwrap_or_default();
+    for p in 0..20_000 {
+        patients += &format!(
+            "p{p},{}-0{}-1{},{},N{p},F{p},02139\n",
+            1930 + p % 90,
+            1 + p % 9,
+            p % 10,
+            if p % 2 == 0 { "F" } else { "M" }
+        );
+        for e in 0..5 {
+            let dept = DEPARTMENTS[rng.random_range(0..8)];
+            let los: f64 = (-3.0 * rng.random_range(1e-9..1.0f64).ln()).min(40.0);
+            let los = (los * 24.0).round() / 24.0;
+            let start = base + chrono::Duration::days(rng.random_range(0..700));
+            let stop = start + chrono::Duration::hours((los * 24.0) as i64);
+            encounters += &format!(
+                "e{p}-{e},{},{},p{p},{dept},inpatient\n",
+                start.format("%Y-%m-%dT%H:%M:%SZ"),
+                stop.format("%Y-%m-%dT%H:%M:%SZ")
+            );
+            sn_csv += &format!("p{p},{dept},{los}\n");
+            let t = truth.entry(dept).or_default();
+            t.0 += 1.0;
+            t.1 += los.min(30.0);
+        }
+    }
+    std::fs::write(dir_export.join("patients.csv"), patients)
+        .map_err(|e| Error::io(&dir_export, e))?;
+    std::fs::write(dir_export.join("encounters.csv"), encounters)
+        .map_err(|e| Error::io(&dir_export, e))?;
+    std::fs::write(work.join("sn-encounters.csv"), sn_csv).map_err(|e| Error::io(work, e))?;
+    let profile = work.join("bench-profile.toml");
+    let (_, text) = policies::builtin_profile("hipaa-safe-harbor")
+        .ok_or_else(|| Error::Internal("builtin profile".into()))?;
+    std::fs::write(
+        &profile,
+        text.replace("max_contributions = 10", "max_contributions = 5"),
+    )
+    .map_err(|e| Error::io(&profile, e))?;
+    let dir = DataDir::new(work.join("sn-data"));
+    let _ = std::fs::remove_dir_all(dir.root());
+    dir.init()?;
+    ingest(
+        &dir,
+        &dir.keystore()?,
+        &dir.catalog()?,
+        &IngestOptions {
+            provider: "bench".into(),
+            dataset: "sn".into(),
+            input: dir_export.clone(),
+            profile: profile.display().to_string(),
+            version: None,
+            mapping: None,
+            max_quarantine_ratio: None,
+            consent_scope: "benchmark".into(),
+            progress: false,
+        },
+    )?;
+    let engine = crate::dp::DpEngine::open(&dir)?;
+    engine.ledger().set_budget("bench", "sn", 1e6, 0.5, None)?;
+    let sql = "SELECT department, COUNT(*) AS n, AVG(length_of_stay_days) AS los FROM encounters GROUP BY department";
+    let (mut ours, mut times) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let a = rt.block_on(engine.answer(
+            "bench",
+            "sn",
+            sql,
+            &crate::dp::QueryOptions {
+                epsilon: Some(1.0),
+                delta: None,
+                origin: "bench".into(),
+            },
+        ))?;
+        times.push(t0.elapsed().as_secs_f64());
+        let depts = arrow::compute::cast(a.batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+        let depts = depts
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .ok_or_else(|| Error::Internal("utf8".into()))?;
+        let nums = |i: usize| -> Result<Vec<f64>> {
+            let c = arrow::compute::cast(a.batch.column(i), &arrow::datatypes::DataType::Float64)?;
+            Ok(c.as_any()
+                .downcast_ref::<arrow::array::Float64Array>()
+                .map(|f| f.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+                .unwrap_or_default())
+        };
+        let (n, los) = (nums(1)?, nums(2)?);
+        ours.push(
+            (0..a.batch.num_rows())
+                .map(|r| (depts.value(r).to_owned(), (n[r], los[r])))
+                .collect::<BTreeMap<_, _>>(),
+        );
+    }
+    let venv = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(".cache/enclave-bench-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        println!(
+            "\ncreating {} and installing smartnoise-sql …",
+            venv.display()
+        );
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "smartnoise-sql", "pandas"])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok {
+            return Err(Error::Config(
+                "could not install smartnoise-sql into the benchmark venv".into(),
+            ));
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/smartnoise_compare.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args([
+            "--csv",
+            &work.join("sn-encounters.csv").display().to_string(),
+            "--metadata",
+            &work.join("sn-meta.yaml").display().to_string(),
+        ])
+        .args([
+            "--epsilon",
+            "1.0",
+            "--max-ids",
+            "5",
+            "--upper",
+            "30",
+            "--runs",
+            &runs.to_string(),
+        ])
+        .output()
+        .map_err(|e| Error::Io("smartnoise".into(), e))?;
+    if !out.status.success() {
+        return Err(Error::Internal(format!(
+            "smartnoise script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let sn: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let sn_times: Vec<f64> = sn["times"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+        .unwrap_or_default();
+    let (ours_t, sn_t) = (median(times), median(sn_times));
+    println!(
+        "\nCOUNT(*) + AVG(length of stay) by department: 100,000 encounters, 20,000 patients, ≤ 5 rows each, ε = 1 in total, {runs} runs"
+    );
+    println!(
+        "median time per query: enclave {:.3} s, SmartNoise SQL {:.3} s ({:.1}× faster); SmartNoise reports ε = {:.3}",
+        ours_t,
+        sn_t,
+        sn_t / ours_t,
+        sn["epsilon"].as_f64().unwrap_or(f64::NAN)
+    );
+    println!(
+        "\n{:<18} {:>7} {:>9} {:>9} {:>9} {:>9} | {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "department",
+        "true n",
+        "ours bias",
+        "ours sd",
+        "SN bias",
+        "SN sd",
+        "los",
+        "ours b",
+        "ours sd",
+        "SN b",
+        "SN sd"
+    );
+    let stats = |xs: Vec<f64>, truth: f64| {
+        let xs: Vec<f64> = xs.into_iter().filter(|x| x.is_finite()).collect();
+        let m = xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+        let sd =
+            (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len().max(2) - 1) as f64).sqrt();
+        (m - truth, sd)
+    };
+    for (dept, (n, sum)) in &truth {
+        let mean = sum / n;
+        let pick = |v: &[BTreeMap<String, (f64, f64)>], f: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+            v.iter().filter_map(|m| m.get(*dept).map(f)).collect()
+        };
+        let sn_rows: Vec<BTreeMap<String, (f64, f64)>> = sn["answers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| {
+                        m.as_object()
+                            .map(|o| {
+                                o.iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.clone(),
+                                            (
+                                                v["n"].as_f64().unwrap_or(f64::NAN),
+                                                v["los"].as_f64().unwrap_or(f64::NAN),
+                                            ),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (ob, os) = stats(pick(&ours, |x| x.0), *n);
+        let (sb, ss) = stats(pick(&sn_rows, |x| x.0), *n);
+        let (lb, ls) = stats(pick(&ours, |x| x.1), mean);
+        let (slb, sls) = stats(pick(&sn_rows, |x| x.1), mean);
+        println!(
+            "{dept:<18} {n:>7.0} {ob:>9.2} {os:>9.2} {sb:>9.2} {ss:>9.2} | {mean:>6.3} {lb:>8.3} {ls:>8.3} {slb:>8.3} {sls:>8.3}"
+        );
+    }
     Ok(())
 }

@@ -228,6 +228,21 @@ enum BenchCommand {
         #[arg(long)]
         work_dir: Option<PathBuf>,
     },
+    /// The DP engine against plain DataFusion on the same rows, and against SmartNoise SQL.
+    Dp {
+        /// Patients to generate (about 60 observation rows each; 170000 ≈ 10M observations).
+        #[arg(long, default_value_t = 170_000)]
+        patients: usize,
+        /// Work directory (kept between runs, so data is generated and ingested once).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Runs per query (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Also compare with SmartNoise SQL (creates a Python venv under ~/.cache and pip-installs it).
+        #[arg(long)]
+        smartnoise: bool,
+    },
     /// Internal: run one measured phase in this process and print its figures as JSON.
     #[command(hide = true)]
     Phase {
@@ -412,6 +427,12 @@ fn run(cli: Cli) -> Result<()> {
             BenchCommand::Phase { phase, input, out } => {
                 enclave::bench::phase(&phase, &input, &out)?
             }
+            BenchCommand::Dp {
+                patients,
+                work_dir,
+                runs,
+                smartnoise,
+            } => enclave::bench::dp_bench(patients, work_dir, runs, smartnoise, demo_today())?,
         },
     }
     Ok(())

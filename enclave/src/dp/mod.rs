@@ -299,7 +299,6 @@ struct Plan {
     aggregate_sql: String,
     split_names: Vec<String>,
     noises: NoiseLog,
-    parts: usize,
 }
 
 /// The noise of each mechanism, in the order of `split_names`.
@@ -355,7 +354,15 @@ impl Plan {
         outs.push("COUNT(*) AS __n".into());
         let mut split_names = Vec::new();
         if !a.groups.is_empty() && !a.public_groups() {
-            split_names.push("group selection + COUNT(*)".to_owned());
+            let counted = a.aggregates.iter().any(|x| x.kind == AggKind::CountRows);
+            split_names.push(
+                if counted {
+                    "group selection + COUNT(*)"
+                } else {
+                    "group selection"
+                }
+                .to_owned(),
+            );
         }
         for (j, agg) in a.aggregates.iter().enumerate() {
             let clamp = agg.bounds.map(|(l, u)| {
@@ -386,7 +393,11 @@ impl Plan {
                     split_names.push(agg.key.clone());
                 }
                 AggKind::Avg => {
-                    outs.push(format!("COALESCE(SUM({c}), 0.0) AS __sum{j}"));
+                    let center = agg.bounds.map_or(0.0, |(l, u)| (l + u) / 2.0);
+                    outs.push(format!(
+                        "COALESCE(SUM(({c}) - {}), 0.0) AS __csum{j}",
+                        float_lit(center)
+                    ));
                     outs.push(format!("COUNT(__v{j}) AS __cnt{j}"));
                     split_names.push(format!("{} (sum)", agg.key));
                     split_names.push(format!("{} (count)", agg.key));
@@ -422,12 +433,10 @@ impl Plan {
             "SELECT {} FROM ({bounded}) AS __b{group_by}",
             outs.join(", ")
         );
-        let parts = split_names.len().max(1);
         Ok(Plan {
             aggregate_sql,
             split_names,
             noises: NoiseLog::default(),
-            parts,
         })
     }
 }
@@ -490,7 +499,13 @@ impl DpEngine {
         delta: f64,
         acc: Accounting,
     ) -> Result<Released> {
-        let part = total / plan.parts as f64;
+        // ε is split evenly over the aggregates (private key selection shares COUNT(*)'s part, or takes
+        // its own when there is no COUNT(*)), then evenly over an aggregate's own mechanisms (AVG: 2).
+        let private_groups = !a.groups.is_empty() && !a.public_groups();
+        let has_count_rows = a.aggregates.iter().any(|x| x.kind == AggKind::CountRows);
+        let shares = a.aggregates.len() + usize::from(private_groups && !has_count_rows);
+        let share = total / shares.max(1) as f64;
+        let part = share;
         let off = self.danger_no_noise;
         let mut cost = Cost::default();
         let mut add = |n: &Noise| {
@@ -577,6 +592,12 @@ impl DpEngine {
         let mut values = Vec::new();
         for (j, agg) in a.aggregates.iter().enumerate() {
             let bound = agg.bounds.map_or(0.0, |(l, u)| l.abs().max(u.abs()));
+            let part = share
+                / match agg.kind {
+                    AggKind::Avg => 2.0,
+                    AggKind::Variance | AggKind::Stddev => 3.0,
+                    _ => 1.0,
+                };
             let count_of =
                 |name: &str, sens: i64, add: &mut dyn FnMut(&Noise)| -> Result<(Vec<f64>, Noise)> {
                     let (v, n) =
@@ -623,13 +644,16 @@ impl DpEngine {
                     (v, iv, n.scale, false, n.sensitivity())
                 }
                 AggKind::Avg => {
-                    let (s, ns) = sum_of(&format!("__sum{j}"), k as f64 * bound, &mut add)?;
+                    // The sum is of values centred on the middle of the bounds: half the sensitivity.
+                    let (lo, hi) = agg.bounds.unwrap_or((0.0, 0.0));
+                    let center = (lo + hi) / 2.0;
+                    let (s, ns) =
+                        sum_of(&format!("__csum{j}"), k as f64 * (hi - lo) / 2.0, &mut add)?;
                     let (c, nc) = count_of(&format!("__cnt{j}"), k, &mut add)?;
-                    let (lo, hi) = agg.bounds.unwrap_or((f64::MIN, f64::MAX));
                     let avg: Vec<f64> = s
                         .iter()
                         .zip(&c)
-                        .map(|(s, c)| (s / c.max(1.0)).clamp(lo, hi))
+                        .map(|(s, c)| (center + s / c.max(1.0)).clamp(lo, hi))
                         .collect();
                     // Delta-method interval for a ratio of two independent noisy values.
                     let iv = avg
@@ -637,7 +661,8 @@ impl DpEngine {
                         .zip(&c)
                         .map(|(m, c)| {
                             let c = c.max(1.0);
-                            let sd = ((ns.std * ns.std) + m * m * (nc.std * nc.std)).sqrt() / c;
+                            let d = m - center;
+                            let sd = ((ns.std * ns.std) + d * d * (nc.std * nc.std)).sqrt() / c;
                             ((m - 1.96 * sd).max(lo), (m + 1.96 * sd).min(hi))
                         })
                         .collect();
