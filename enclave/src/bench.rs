@@ -56,15 +56,8 @@ pub fn phase(name: &str, input: &Path, out: &Path) -> Result<()> {
                 &dir.keystore()?,
                 &dir.catalog()?,
                 &IngestOptions {
-                    provider: "bench".into(),
-                    dataset: "bench".into(),
-                    input: input.to_owned(),
-                    profile: "hipaa-safe-harbor".into(),
-                    version: None,
-                    mapping: None,
-                    max_quarantine_ratio: None,
                     consent_scope: "benchmark".into(),
-                    progress: false,
+                    ..IngestOptions::new("bench", "bench", input, "hipaa-safe-harbor")
                 },
             )?;
             (
@@ -277,15 +270,9 @@ pub fn dp_bench(
             &keystore,
             &dir.catalog()?,
             &IngestOptions {
-                provider: "bench".into(),
-                dataset: "bench".into(),
-                input: export.join("csv"),
-                profile: "hipaa-safe-harbor".into(),
-                version: None,
-                mapping: None,
-                max_quarantine_ratio: None,
                 consent_scope: "benchmark".into(),
                 progress: true,
+                ..IngestOptions::new("bench", "bench", export.join("csv"), "hipaa-safe-harbor")
             },
         )?;
         println!("{}", r.summary());
@@ -504,15 +491,8 @@ fn smartnoise_comparison(work: &Path, runs: usize, rt: &tokio::runtime::Runtime)
         &dir.keystore()?,
         &dir.catalog()?,
         &IngestOptions {
-            provider: "bench".into(),
-            dataset: "sn".into(),
-            input: dir_export.clone(),
-            profile: profile.display().to_string(),
-            version: None,
-            mapping: None,
-            max_quarantine_ratio: None,
             consent_scope: "benchmark".into(),
-            progress: false,
+            ..IngestOptions::new("bench", "sn", dir_export, &profile.display().to_string())
         },
     )?;
     let engine = crate::dp::DpEngine::open(&dir)?;

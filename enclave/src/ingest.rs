@@ -55,6 +55,29 @@ pub struct IngestOptions {
     pub progress: bool,
 }
 
+impl IngestOptions {
+    /// Options with the defaults: next version label, built-in mappings, the profile's quarantine limit,
+    /// no progress output.
+    pub fn new(
+        provider: &str,
+        dataset: &str,
+        input: impl Into<PathBuf>,
+        profile: &str,
+    ) -> IngestOptions {
+        IngestOptions {
+            provider: provider.to_owned(),
+            dataset: dataset.to_owned(),
+            input: input.into(),
+            profile: profile.to_owned(),
+            version: None,
+            mapping: None,
+            max_quarantine_ratio: None,
+            consent_scope: "secondary use for research under the profile's legal basis".into(),
+            progress: false,
+        }
+    }
+}
+
 /// Row accounting of one table.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct RowCounts {

@@ -331,15 +331,12 @@ fn run(cli: Cli) -> Result<()> {
             let keystore = dir.keystore()?;
             let catalog = dir.catalog()?;
             let opts = IngestOptions {
-                provider,
-                dataset,
-                input,
-                profile,
                 version,
                 mapping,
                 max_quarantine_ratio,
                 consent_scope,
                 progress: true,
+                ..IngestOptions::new(&provider, &dataset, input, &profile)
             };
             let report = ingest(&dir, &keystore, &catalog, &opts)?;
             if json {
@@ -405,15 +402,15 @@ fn run(cli: Cli) -> Result<()> {
             let catalog = dir.catalog()?;
             let version = catalog.next_version_label("demo-cohort")?;
             let opts = IngestOptions {
-                provider: "riverside-general".into(),
-                dataset: "demo-cohort".into(),
-                input: export_dir.join("csv"),
-                profile: "hipaa-safe-harbor".into(),
                 version: Some(version),
-                mapping: None,
-                max_quarantine_ratio: None,
                 consent_scope: "synthetic demo data".into(),
                 progress: true,
+                ..IngestOptions::new(
+                    "riverside-general",
+                    "demo-cohort",
+                    export_dir.join("csv"),
+                    "hipaa-safe-harbor",
+                )
             };
             let report = ingest(&dir, &keystore, &catalog, &opts)?;
             println!("3/4 ingested:\n{}", report.summary());

@@ -35,15 +35,8 @@ fn export(dir: &Path, values: &[Vec<f64>]) {
 
 fn ingest_as(dir: &DataDir, dataset: &str, input: &Path) {
     let opts = IngestOptions {
-        provider: "H1".into(),
-        dataset: dataset.into(),
-        input: input.to_owned(),
-        profile: "hipaa-safe-harbor".into(),
-        version: None,
-        mapping: None,
-        max_quarantine_ratio: None,
         consent_scope: "test".into(),
-        progress: false,
+        ..IngestOptions::new("H1", &dataset, input, "hipaa-safe-harbor")
     };
     let r = ingest(
         dir,

@@ -156,15 +156,13 @@ fn main() {
     let dir = DataDir::new(tmp.path().join("data"));
     dir.init().expect("init");
     let opts = IngestOptions {
-        provider: "H1".into(),
-        dataset: "cohort".into(),
-        input: export.join("csv"),
-        profile: "jp-pseudonymized-medical".into(),
-        version: None,
-        mapping: None,
-        max_quarantine_ratio: None,
         consent_scope: "test".into(),
-        progress: false,
+        ..IngestOptions::new(
+            "H1",
+            "cohort",
+            export.join("csv"),
+            "jp-pseudonymized-medical",
+        )
     };
     ingest(
         &dir,
