@@ -36,7 +36,7 @@ fn export(dir: &Path, values: &[Vec<f64>]) {
 fn ingest_as(dir: &DataDir, dataset: &str, input: &Path) {
     let opts = IngestOptions {
         consent_scope: "test".into(),
-        ..IngestOptions::new("H1", &dataset, input, "hipaa-safe-harbor")
+        ..IngestOptions::new("H1", dataset, input, "hipaa-safe-harbor")
     };
     let r = ingest(
         dir,
