@@ -119,10 +119,17 @@ pub struct NewVersion {
     pub coverage: Coverage,
     /// Rows one person may contribute to a DP query.
     pub max_contributions: u32,
+    /// Privacy accounting of queries on this version: `basic` ((ε, δ)) or `zcdp` (ρ).
+    #[serde(default = "basic")]
+    pub accounting: String,
     /// Tables.
     pub tables: Vec<TableEntry>,
     /// The ingest report (JSON).
     pub report: serde_json::Value,
+}
+
+fn basic() -> String {
+    "basic".into()
 }
 
 /// A published version.
@@ -193,6 +200,7 @@ CREATE TABLE IF NOT EXISTS catalog_versions (
     time_start TEXT,
     time_end TEXT,
     max_contributions INTEGER NOT NULL,
+    accounting TEXT NOT NULL DEFAULT 'basic',
     report TEXT NOT NULL,
     published_at TEXT NOT NULL,
     UNIQUE (dataset, version)
@@ -243,7 +251,8 @@ impl SqliteCatalog {
     fn load_version(conn: &Connection, id: i64) -> Result<VersionEntry> {
         let (mut entry, published_at) = conn.query_row(
             "SELECT dataset, version, storage_path, key_id, provider, source_system, extracted_at, legal_basis,
-                    consent_scope, profile, persons, time_start, time_end, max_contributions, report, published_at
+                    consent_scope, profile, persons, time_start, time_end, max_contributions, report, published_at,
+                    accounting
              FROM catalog_versions WHERE id = ?1",
             [id],
             |r| {
@@ -264,6 +273,7 @@ impl SqliteCatalog {
                         },
                         coverage: Coverage { persons: r.get(10)?, time_start: r.get(11)?, time_end: r.get(12)? },
                         max_contributions: r.get(13)?,
+                        accounting: r.get(16)?,
                         tables: Vec::new(),
                         report: serde_json::Value::String(report),
                     },
@@ -348,13 +358,13 @@ impl CatalogStore for SqliteCatalog {
             tx.execute(
                 "INSERT INTO catalog_versions (dataset, version, seq, storage_path, key_id, provider, source_system,
                     extracted_at, legal_basis, consent_scope, profile, persons, time_start, time_end,
-                    max_contributions, report, published_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                    max_contributions, report, published_at, accounting)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
                 params![
                     v.dataset, v.version, seq, v.storage_path, v.key_id, p.provider, p.source_system,
                     p.extracted_at, p.legal_basis, p.consent_scope, p.profile, v.coverage.persons,
                     v.coverage.time_start, v.coverage.time_end, v.max_contributions,
-                    serde_json::to_string(&v.report)?, now
+                    serde_json::to_string(&v.report)?, now, v.accounting
                 ],
             )?;
             let id = tx.last_insert_rowid();
@@ -486,6 +496,7 @@ mod tests {
                 time_end: Some("2020".into()),
             },
             max_contributions: 10,
+            accounting: "basic".into(),
             tables: vec![TableEntry {
                 name: "patients".into(),
                 file: "patients.parquet".into(),

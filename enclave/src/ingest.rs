@@ -558,6 +558,7 @@ pub fn ingest(
             time_end: span.1,
         },
         max_contributions: profile.dp.max_contributions,
+        accounting: profile.dp.accounting.name().to_owned(),
         tables: catalog_tables,
         report: serde_json::to_value(&report)?,
     });

@@ -495,6 +495,7 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
             "cost": a.cost,
             "cost_split": a.cost_split.iter().map(|(what, n)| serde_json::json!({"what": what, "epsilon": n.epsilon, "delta": n.delta, "rho": n.rho, "scale": n.scale})).collect::<Vec<_>>(),
             "budget": a.budget,
+            "epsilon_delta_equivalent": a.epsilon_delta_equivalent,
             "audit_seq": a.audit_seq,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -533,8 +534,9 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
         println!("noise: {} has scale {:.4}", n.column, n.scale);
     }
     if a.cost.rho > 0.0 {
+        let (e, d) = a.epsilon_delta_equivalent.unwrap_or((f64::NAN, f64::NAN));
         println!(
-            "cost: ρ {:.6}; budget left: ρ {:.6}",
+            "cost: ρ {:.6} (≈ ε {e:.4} at δ {d:.1e}); budget left: ρ {:.6}",
             a.cost.rho,
             a.budget.rho.unwrap_or(0.0) - a.budget.spent_rho
         );

@@ -248,3 +248,93 @@ fn sixty_four_racing_queries_release_exactly_what_the_budget_fits() {
         .expect("some");
     assert!((b.spent_epsilon - 1.0).abs() < 1e-12 && b.spent_epsilon <= b.epsilon);
 }
+
+#[test]
+fn a_zcdp_dataset_charges_rho_and_states_its_epsilon_delta_equivalent() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let values: Vec<Vec<f64>> = (0..40).map(|p| vec![f64::from(p); 2]).collect();
+    export(&tmp.path().join("export"), &values);
+    let profile = tmp.path().join("zcdp.toml");
+    let (_, text) = policies::builtin_profile("hipaa-safe-harbor").expect("builtin");
+    std::fs::write(
+        &profile,
+        text.replace(
+            "max_contributions = 10",
+            "max_contributions = 10\naccounting = \"zcdp\"",
+        ),
+    )
+    .expect("write");
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    let opts = IngestOptions::new(
+        "H1",
+        "z",
+        tmp.path().join("export"),
+        &profile.display().to_string(),
+    );
+    ingest(
+        &dir,
+        &dir.keystore().expect("ks"),
+        &dir.catalog().expect("catalog"),
+        &opts,
+    )
+    .expect("ingest");
+    let engine = DpEngine::open(&dir).expect("engine");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let q = |sql: &str, rho: f64| {
+        rt.block_on(engine.answer(
+            "alice",
+            "z",
+            sql,
+            &QueryOptions {
+                epsilon: Some(rho),
+                ..QueryOptions::default()
+            },
+        ))
+    };
+
+    engine
+        .ledger()
+        .set_budget("alice", "z", 1.0, 1e-6, None)
+        .expect("budget without ρ");
+    let e = q("SELECT COUNT(*) FROM observations", 0.1).expect_err("no ρ budget");
+    assert!(e.to_string().contains("accounted in ρ"), "{e}");
+
+    engine
+        .ledger()
+        .set_budget("alice", "z", 1.0, 1e-6, Some(0.25))
+        .expect("ρ budget");
+    let a = q("SELECT COUNT(*) AS n FROM observations", 0.1).expect("answer");
+    assert!(
+        (a.cost.rho - 0.1).abs() < 1e-12 && a.cost.epsilon == 0.0,
+        "{:?}",
+        a.cost
+    );
+    assert!(
+        (a.noise[0].scale - 10.0 / (2.0f64 * 0.1).sqrt()).abs() < 1e-9,
+        "Gaussian σ = k/√(2ρ)"
+    );
+    let (eps, delta) = a.epsilon_delta_equivalent.expect("equivalent");
+    assert!(
+        (eps - (0.1 + 2.0 * (0.1f64 * (1.0 / 1e-6f64).ln()).sqrt())).abs() < 1e-9 && delta == 1e-6
+    );
+    assert!((a.budget.rho.expect("ρ") - a.budget.spent_rho - 0.15).abs() < 1e-12);
+
+    let grouped = q(
+        "SELECT category, COUNT(*) FROM observations GROUP BY category",
+        0.1,
+    )
+    .expect("public domain");
+    assert_eq!(grouped.batch.num_rows(), 9);
+    let e = q(
+        "SELECT code, COUNT(*) FROM observations GROUP BY code",
+        0.01,
+    )
+    .expect_err("private keys");
+    assert!(e.to_string().contains("rule 'accounting'"), "{e}");
+    let e = q("SELECT COUNT(*) FROM observations", 0.1).expect_err("ρ exhausted");
+    assert!(
+        e.to_string().contains("rule 'budget'") && e.to_string().contains("ρ left"),
+        "{e}"
+    );
+}

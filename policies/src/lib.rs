@@ -10,7 +10,9 @@ pub mod profile;
 pub mod schema;
 
 pub use mapping::CsvMapping;
-pub use profile::{Action, ColumnRule, Generalization, KAnonymity, LinkKey, Profile, Role};
+pub use profile::{
+    Action, ColumnRule, DpAccounting, Generalization, KAnonymity, LinkKey, Profile, Role,
+};
 pub use schema::{ColumnType, Table};
 
 /// The profiles compiled into the binary: `(name, file text)`.

@@ -155,6 +155,28 @@ pub struct KAnonymity {
 pub struct DpDefaults {
     /// Rows one person may contribute to a query.
     pub max_contributions: u32,
+    /// How privacy loss is accounted: `basic` ((ε, δ), basic composition, Laplace) or `zcdp`
+    /// (ρ, Gaussian; composes far better over many queries).
+    pub accounting: DpAccounting,
+}
+
+/// A dataset's privacy accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpAccounting {
+    /// (ε, δ) under basic composition.
+    Basic,
+    /// Zero-concentrated DP, costs in ρ.
+    Zcdp,
+}
+
+impl DpAccounting {
+    /// The name stored in the catalog.
+    pub fn name(self) -> &'static str {
+        match self {
+            DpAccounting::Basic => "basic",
+            DpAccounting::Zcdp => "zcdp",
+        }
+    }
 }
 
 /// A validated de-identification profile.
@@ -288,12 +310,15 @@ fn default_suppression() -> f64 {
 #[serde(deny_unknown_fields)]
 struct RawDp {
     max_contributions: u32,
+    #[serde(default)]
+    accounting: Option<String>,
 }
 
 impl Default for RawDp {
     fn default() -> Self {
         RawDp {
             max_contributions: 10,
+            accounting: None,
         }
     }
 }
@@ -369,6 +394,13 @@ impl Validator<'_> {
         if raw.dp.max_contributions == 0 {
             return self.err(0, "dp.max_contributions must be at least 1");
         }
+        let accounting = match raw.dp.accounting.as_deref() {
+            None | Some("basic") => DpAccounting::Basic,
+            Some("zcdp") => DpAccounting::Zcdp,
+            Some(other) => {
+                return self.err(0, format!("dp.accounting: '{other}' is not basic or zcdp"));
+            }
+        };
 
         let mut tables = BTreeMap::new();
         for (table, section) in raw.take_tables() {
@@ -458,6 +490,7 @@ impl Validator<'_> {
             max_quarantine_ratio: ratio,
             dp: DpDefaults {
                 max_contributions: raw.dp.max_contributions,
+                accounting,
             },
             tables,
         })

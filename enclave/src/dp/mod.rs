@@ -83,6 +83,8 @@ pub struct DpAnswer {
     pub budget: Budget,
     /// The audit record's sequence number.
     pub audit_seq: i64,
+    /// On zCDP datasets: the (ε, δ) the query's ρ implies, at the grant's δ.
+    pub epsilon_delta_equivalent: Option<(f64, f64)>,
 }
 
 /// The engine over one data directory.
@@ -183,11 +185,21 @@ impl DpEngine {
             ));
         };
         let analyzed = query::analyze(&draft.sql, &version)?;
-        let accounting = if budget.rho.is_some() {
+        // The dataset's policy decides the accounting; the budget must be in its unit.
+        let accounting = if version.version.accounting == "zcdp" {
             Accounting::Zcdp
         } else {
             Accounting::Basic
         };
+        if accounting == Accounting::Zcdp && budget.rho.is_none() {
+            return Err(Failure::refused(
+                "budget",
+                format!(
+                    "dataset '{}' is accounted in ρ (zCDP) and this grant has no ρ budget",
+                    draft.dataset
+                ),
+            ));
+        }
         let total = options.epsilon.unwrap_or(self.default_epsilon);
         let delta = options.delta.unwrap_or(self.default_delta);
         if !(total > 0.0 && total.is_finite() && (0.0..1.0).contains(&delta)) {
@@ -196,10 +208,13 @@ impl DpEngine {
                 "ε (or ρ) must be positive and δ within [0, 1)",
             ));
         }
-        if accounting == Accounting::Zcdp && !analyzed.groups.is_empty() {
+        if accounting == Accounting::Zcdp
+            && !analyzed.groups.is_empty()
+            && !analyzed.public_groups()
+        {
             return Err(Failure::refused(
                 "accounting",
-                "grouped queries on zCDP datasets are not offered yet; query without GROUP BY",
+                "on a zCDP dataset, GROUP BY is offered over columns with a public domain only",
             ));
         }
         // Cheap pre-check; the ledger's transaction is the authority.
@@ -243,6 +258,15 @@ impl DpEngine {
                 .into_iter()
                 .zip(plan.noises.lock_noises())
                 .collect(),
+            epsilon_delta_equivalent: (accounting == Accounting::Zcdp).then(|| {
+                // zCDP ρ implies (ρ + 2√(ρ ln(1/δ)), δ)-DP for every δ > 0 [Bun & Steinke 2016, Prop. 1.3].
+                let d = if charged.budget.delta > 0.0 {
+                    charged.budget.delta
+                } else {
+                    self.default_delta
+                };
+                (cost.rho + 2.0 * (cost.rho * (1.0 / d).ln()).sqrt(), d)
+            }),
             budget: charged.budget,
             audit_seq: charged.record.seq,
         })
