@@ -152,9 +152,25 @@ impl DpEngine {
                 Err(Error::Refused { rule, message })
             }
             Err(Failure::Unrecorded(e)) => {
-                self.ledger
-                    .refuse(&draft, "error", "the query failed inside the enclave")?;
-                Err(e)
+                // Planning errors name only what the user wrote; execution errors may quote a row's
+                // value (a failed cast, say), so the user gets the kind of failure, never its text.
+                let (rule, message) = match &e {
+                    Error::DataFusion(df) => match df.find_root() {
+                        datafusion::error::DataFusionError::Plan(m) => ("plan", m.clone()),
+                        datafusion::error::DataFusionError::SchemaError(..) => ("plan", df.find_root().to_string()),
+                        _ => ("execution", "the query failed while running (for example a cast that does not fit every value); it cost nothing".to_owned()),
+                    },
+                    _ => ("error", "the query failed inside the enclave; it cost nothing".to_owned()),
+                };
+                self.ledger.refuse(&draft, rule, &message)?;
+                if rule == "error" {
+                    Err(e)
+                } else {
+                    Err(Error::Refused {
+                        rule: rule.into(),
+                        message,
+                    })
+                }
             }
         }
     }
