@@ -237,6 +237,7 @@ impl SqliteCatalog {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(SqliteCatalog {
             conn: Mutex::new(conn),
         })
@@ -328,6 +329,30 @@ impl SqliteCatalog {
             published_at,
         })
     }
+}
+
+/// Columns added after the first release, added to older databases on open.
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    (
+        "catalog_versions",
+        "accounting",
+        "TEXT NOT NULL DEFAULT 'basic'",
+    ),
+    ("catalog_columns", "domain", "TEXT"),
+];
+
+fn migrate(conn: &Connection) -> Result<()> {
+    for (table, column, decl) in ADDED_COLUMNS {
+        let present = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
 }
 
 impl CatalogStore for SqliteCatalog {
@@ -513,6 +538,30 @@ mod tests {
             }],
             report: serde_json::json!({"rows_in": 3}),
         }
+    }
+
+    #[test]
+    fn a_database_from_before_the_added_columns_is_migrated_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("enclave.db");
+        let old_schema = SCHEMA
+            .replace("    accounting TEXT NOT NULL DEFAULT 'basic',\n", "")
+            .replace("    domain TEXT,\n", "");
+        assert_ne!(old_schema, SCHEMA);
+        Connection::open(&db)
+            .expect("open")
+            .execute_batch(&old_schema)
+            .expect("old schema");
+        let cat = SqliteCatalog::open(&db).expect("migrates");
+        cat.publish(&sample("1"))
+            .expect("publish into a migrated database");
+        assert_eq!(
+            cat.version("cohort", None)
+                .expect("read")
+                .version
+                .accounting,
+            "basic"
+        );
     }
 
     #[test]

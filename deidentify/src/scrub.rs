@@ -142,6 +142,14 @@ struct Pattern {
     group: usize,
 }
 
+/// All of [`PATTERNS`] as one set, in the same order.
+static PATTERN_SET: LazyLock<regex::RegexSet> = LazyLock::new(|| {
+    // Built from the same sources as PATTERNS, which the unit tests compile and exercise.
+    #[allow(clippy::expect_used)]
+    regex::RegexSet::new(PATTERNS.iter().map(|p| p.re.as_str()))
+        .expect("scrub pattern set compiles")
+});
+
 static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
     const MONTH: &str = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)";
     let specs: Vec<(String, PhiKind, usize)> = vec![
@@ -215,7 +223,9 @@ pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> 
             }
         }
     }
-    for p in PATTERNS.iter() {
+    // One pass over the text says which patterns occur at all; only those are searched for positions.
+    for i in PATTERN_SET.matches(text).iter() {
+        let p = &PATTERNS[i];
         for m in p.re.find_iter(text) {
             if p.group == 0 {
                 spans.push((m.start(), m.end(), p.kind));
