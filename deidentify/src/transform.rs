@@ -162,6 +162,8 @@ pub struct Deidentifier {
     kanon: Option<KAnonOutcome>,
     scrub_counts: ScrubCounts,
     cached_matcher: Option<(usize, KnownIdentifiers)>,
+    /// The last value and token per pseudonymized column: rows of one encounter come together.
+    last_token: std::cell::RefCell<HashMap<&'static str, (String, String)>>,
     national_id_linked: u64,
 }
 
@@ -229,6 +231,7 @@ impl Deidentifier {
             kanon: None,
             scrub_counts: ScrubCounts::new(),
             cached_matcher: None,
+            last_token: std::cell::RefCell::new(HashMap::new()),
             national_id_linked: 0,
         }
     }
@@ -473,6 +476,18 @@ impl Deidentifier {
         Ok(())
     }
 
+    fn token(&self, column: &'static str, value: &str) -> String {
+        let mut cache = self.last_token.borrow_mut();
+        if let Some((v, t)) = cache.get(column)
+            && v == value
+        {
+            return t.clone();
+        }
+        let t = self.keys.token(column, &self.provider, value);
+        cache.insert(column, (value.to_owned(), t.clone()));
+        t
+    }
+
     fn apply(
         &self,
         rule: &ColumnRule,
@@ -483,9 +498,7 @@ impl Deidentifier {
         let Some(v) = v else { return Ok(Out::Null) };
         Ok(match (&rule.action, v) {
             (Action::Keep, v) => plain(v),
-            (Action::Pseudonymize, v) => {
-                Out::Str(self.keys.token(rule.column, &self.provider, &text_of(v)))
-            }
+            (Action::Pseudonymize, v) => Out::Str(self.token(rule.column, &text_of(v))),
             (Action::DateShift, Value::Date(d)) => {
                 Out::Date(days_from_date(*d + TimeDelta::days(person.shift_days)))
             }
