@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use chrono::NaiveDate;
 use regex::Regex;
 
@@ -63,8 +62,8 @@ impl PhiKind {
 /// The identifiers one person's structured record holds, ready for matching in their notes.
 #[derive(Default)]
 pub struct KnownIdentifiers {
+    /// ASCII-lowercased terms (matched against an ASCII-lowercased copy of the text: same byte offsets).
     terms: Vec<(String, PhiKind)>,
-    matcher: Option<AhoCorasick>,
 }
 
 impl KnownIdentifiers {
@@ -123,18 +122,13 @@ impl KnownIdentifiers {
         }
     }
 
-    /// Builds the matcher; call after the last `add`.
+    /// Prepares the terms for matching; call after the last `add`.
     pub fn seal(&mut self) {
+        for (t, _) in &mut self.terms {
+            t.make_ascii_lowercase();
+        }
         self.terms.sort();
         self.terms.dedup();
-        // One matcher per person, used for a few notes: a non-contiguous NFA builds in microseconds,
-        // where the default (a DFA for small sets) costs far more to build than it saves in search.
-        self.matcher = AhoCorasickBuilder::new()
-            .kind(Some(aho_corasick::AhoCorasickKind::NoncontiguousNFA))
-            .ascii_case_insensitive(true)
-            .match_kind(MatchKind::LeftmostLongest)
-            .build(self.terms.iter().map(|(t, _)| t.as_str()))
-            .ok();
     }
 }
 
@@ -215,14 +209,20 @@ pub type ScrubCounts = BTreeMap<PhiKind, u64>;
 /// Scrubs one text. `known` may be empty (no structured record for the person).
 pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> String {
     let mut spans: Vec<(usize, usize, PhiKind)> = Vec::new();
-    if let Some(m) = &known.matcher {
-        let bytes = text.as_bytes();
-        for hit in m.find_iter(text) {
-            let (s, e) = (hit.start(), hit.end());
-            let before_ok = s == 0 || !is_word_byte(bytes[s - 1]);
-            let after_ok = e == bytes.len() || !is_word_byte(bytes[e]);
-            if before_ok && after_ok {
-                spans.push((s, e, known.terms[hit.pattern().as_usize()].1));
+    if !known.terms.is_empty() {
+        // A person has a few dozen known strings and a few short notes: SIMD substring search over a
+        // lowercased copy beats building any automaton per person. Every occurrence is kept; overlaps
+        // merge below.
+        let lower = text.to_ascii_lowercase();
+        let bytes = lower.as_bytes();
+        for (term, kind) in &known.terms {
+            for s in memchr::memmem::find_iter(bytes, term.as_bytes()) {
+                let e = s + term.len();
+                let before_ok = s == 0 || !is_word_byte(bytes[s - 1]);
+                let after_ok = e == bytes.len() || !is_word_byte(bytes[e]);
+                if before_ok && after_ok {
+                    spans.push((s, e, *kind));
+                }
             }
         }
     }
