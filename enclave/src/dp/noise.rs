@@ -82,6 +82,51 @@ fn gaussian_noise(scale: f64, rho: f64) -> Noise {
     }
 }
 
+/// One vector measurement: Laplace under basic composition, Gaussian under zCDP, over `$atom` values.
+/// Counts (integers, discrete noise) and sums (floats) differ only in their domain.
+macro_rules! noisy_vector {
+    ($ty:ty, $domain:expr, $values:expr, $sensitivity:expr, $budget:expr, $accounting:expr, $off:expr) => {{
+        let (values, sensitivity, budget, off): (&[$ty], $ty, f64, bool) =
+            ($values, $sensitivity, $budget, $off);
+        match $accounting {
+            Accounting::Basic => {
+                let scale = sensitivity as f64 / budget;
+                let m = make_laplace::<_, _, MaxDivergence>(
+                    $domain,
+                    L1Distance::<$ty>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(dp_err)?;
+                let eps = m.map(&sensitivity).map_err(dp_err)?;
+                let out = if off {
+                    values.to_vec()
+                } else {
+                    m.invoke(&values.to_vec()).map_err(dp_err)?
+                };
+                Ok((out, laplace_noise(scale, eps, 0.0)))
+            }
+            Accounting::Zcdp => {
+                let scale = sensitivity as f64 / (2.0 * budget).sqrt();
+                let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                    $domain,
+                    L2Distance::<$ty>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(dp_err)?;
+                let rho = m.map(&sensitivity).map_err(dp_err)?;
+                let out = if off {
+                    values.to_vec()
+                } else {
+                    m.invoke(&values.to_vec()).map_err(dp_err)?
+                };
+                Ok((out, gaussian_noise(scale, rho)))
+            }
+        }
+    }};
+}
+
 /// Noisy integer counts with L1 sensitivity `sensitivity` (Laplace) or L2 (Gaussian), for `budget` ε or ρ.
 pub fn counts(
     values: &[i64],
@@ -90,43 +135,15 @@ pub fn counts(
     accounting: Accounting,
     danger_no_noise: bool,
 ) -> Result<(Vec<i64>, Noise)> {
-    let domain = VectorDomain::new(AtomDomain::<i64>::default());
-    match accounting {
-        Accounting::Basic => {
-            let scale = sensitivity as f64 / budget;
-            let m = make_laplace::<_, _, MaxDivergence>(
-                domain,
-                L1Distance::<i64>::default(),
-                scale,
-                None,
-            )
-            .map_err(dp_err)?;
-            let eps = m.map(&sensitivity).map_err(dp_err)?;
-            let out = if danger_no_noise {
-                values.to_vec()
-            } else {
-                m.invoke(&values.to_vec()).map_err(dp_err)?
-            };
-            Ok((out, laplace_noise(scale, eps, 0.0)))
-        }
-        Accounting::Zcdp => {
-            let scale = sensitivity as f64 / (2.0 * budget).sqrt();
-            let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-                domain,
-                L2Distance::<i64>::default(),
-                scale,
-                None,
-            )
-            .map_err(dp_err)?;
-            let rho = m.map(&sensitivity).map_err(dp_err)?;
-            let out = if danger_no_noise {
-                values.to_vec()
-            } else {
-                m.invoke(&values.to_vec()).map_err(dp_err)?
-            };
-            Ok((out, gaussian_noise(scale, rho)))
-        }
-    }
+    noisy_vector!(
+        i64,
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        values,
+        sensitivity,
+        budget,
+        accounting,
+        danger_no_noise
+    )
 }
 
 /// Noisy float sums with sensitivity `sensitivity`, for `budget` ε or ρ.
@@ -137,43 +154,15 @@ pub fn sums(
     accounting: Accounting,
     danger_no_noise: bool,
 ) -> Result<(Vec<f64>, Noise)> {
-    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan());
-    match accounting {
-        Accounting::Basic => {
-            let scale = sensitivity / budget;
-            let m = make_laplace::<_, _, MaxDivergence>(
-                domain,
-                L1Distance::<f64>::default(),
-                scale,
-                None,
-            )
-            .map_err(dp_err)?;
-            let eps = m.map(&sensitivity).map_err(dp_err)?;
-            let out = if danger_no_noise {
-                values.to_vec()
-            } else {
-                m.invoke(&values.to_vec()).map_err(dp_err)?
-            };
-            Ok((out, laplace_noise(scale, eps, 0.0)))
-        }
-        Accounting::Zcdp => {
-            let scale = sensitivity / (2.0 * budget).sqrt();
-            let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-                domain,
-                L2Distance::<f64>::default(),
-                scale,
-                None,
-            )
-            .map_err(dp_err)?;
-            let rho = m.map(&sensitivity).map_err(dp_err)?;
-            let out = if danger_no_noise {
-                values.to_vec()
-            } else {
-                m.invoke(&values.to_vec()).map_err(dp_err)?
-            };
-            Ok((out, gaussian_noise(scale, rho)))
-        }
-    }
+    noisy_vector!(
+        f64,
+        VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
+        values,
+        sensitivity,
+        budget,
+        accounting,
+        danger_no_noise
+    )
 }
 
 /// Private key selection: noisy counts per key, released only above a threshold. A person touches at most
