@@ -64,6 +64,8 @@ impl PhiKind {
 pub struct KnownIdentifiers {
     /// ASCII-lowercased terms (matched against an ASCII-lowercased copy of the text: same byte offsets).
     terms: Vec<(String, PhiKind)>,
+    /// One prepared substring searcher per term, built by `seal` (a person's notes reuse them).
+    finders: Vec<(memchr::memmem::Finder<'static>, PhiKind)>,
 }
 
 impl KnownIdentifiers {
@@ -129,6 +131,11 @@ impl KnownIdentifiers {
         }
         self.terms.sort();
         self.terms.dedup();
+        self.finders = self
+            .terms
+            .iter()
+            .map(|(t, k)| (memchr::memmem::Finder::new(t.as_bytes()).into_owned(), *k))
+            .collect();
     }
 }
 
@@ -209,15 +216,15 @@ pub type ScrubCounts = BTreeMap<PhiKind, u64>;
 /// Scrubs one text. `known` may be empty (no structured record for the person).
 pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> String {
     let mut spans: Vec<(usize, usize, PhiKind)> = Vec::new();
-    if !known.terms.is_empty() {
+    if !known.finders.is_empty() {
         // A person has a few dozen known strings and a few short notes: SIMD substring search over a
         // lowercased copy beats building any automaton per person. Every occurrence is kept; overlaps
         // merge below.
         let lower = text.to_ascii_lowercase();
         let bytes = lower.as_bytes();
-        for (term, kind) in &known.terms {
-            for s in memchr::memmem::find_iter(bytes, term.as_bytes()) {
-                let e = s + term.len();
+        for (finder, kind) in &known.finders {
+            for s in finder.find_iter(bytes) {
+                let e = s + finder.needle().len();
                 let before_ok = s == 0 || !is_word_byte(bytes[s - 1]);
                 let after_ok = e == bytes.len() || !is_word_byte(bytes[e]);
                 if before_ok && after_ok {

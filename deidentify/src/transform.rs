@@ -165,6 +165,8 @@ pub struct Deidentifier {
     /// The last value and token per pseudonymized column: rows of one encounter come together.
     last_token: std::cell::RefCell<HashMap<&'static str, (String, String)>>,
     national_id_linked: u64,
+    /// The output row under construction (after the person column), reused from row to row.
+    row_buf: Vec<Out>,
 }
 
 impl Deidentifier {
@@ -233,6 +235,7 @@ impl Deidentifier {
             cached_matcher: None,
             last_token: std::cell::RefCell::new(HashMap::new()),
             national_id_linked: 0,
+            row_buf: Vec::new(),
         }
     }
 
@@ -431,13 +434,13 @@ impl Deidentifier {
         validate_row(rec).map_err(Skip::Quarantine)?;
         let (_, cols) = &self.outputs[&table];
         let person = &self.people[idx];
-        let mut row = Vec::with_capacity(cols.len());
+        // The person column comes first and is written from the person directly; the buffer is reused.
+        let mut row = std::mem::take(&mut self.row_buf);
+        row.clear();
         let mut counts = ScrubCounts::new();
-        for c in cols {
+        for c in &cols[1..] {
             let v = rec.values[c.source].as_ref();
-            let mut o = if c.rule.column == PATIENT_REF {
-                Out::Str(person.person_id.clone())
-            } else if c.rule.action == Action::Scrub {
+            let mut o = if c.rule.action == Action::Scrub {
                 match v.and_then(Value::as_text) {
                     None => Out::Null,
                     Some(text) => {
@@ -461,8 +464,13 @@ impl Deidentifier {
                     }
                 }
             } else {
-                self.apply(&c.rule, v, person, &mut counts)
-                    .map_err(Skip::Quarantine)?
+                match self.apply(&c.rule, v, person, &mut counts) {
+                    Ok(o) => o,
+                    Err(reason) => {
+                        self.row_buf = row;
+                        return Err(Skip::Quarantine(reason));
+                    }
+                }
             };
             if let (Some(i), Some(k)) = (c.qi, &self.kanon) {
                 o = climb(&o, k.levels[i]);
@@ -472,7 +480,8 @@ impl Deidentifier {
         for (k, n) in counts {
             *self.scrub_counts.entry(k).or_default() += n;
         }
-        out.push(&row);
+        out.push_for_person(&person.person_id, &row);
+        self.row_buf = row;
         Ok(())
     }
 
@@ -599,13 +608,13 @@ fn zip3(zip: &str, restricted: &std::collections::BTreeSet<String>) -> String {
     }
 }
 
-fn text_of(v: &Value) -> String {
+fn text_of(v: &Value) -> std::borrow::Cow<'_, str> {
     match v {
-        Value::Text(s) => s.clone(),
-        Value::Date(d) => d.to_string(),
-        Value::Timestamp(t) => t.to_string(),
-        Value::Float(f) => f.to_string(),
-        Value::Int(i) => i.to_string(),
+        Value::Text(s) => std::borrow::Cow::Borrowed(s),
+        Value::Date(d) => d.to_string().into(),
+        Value::Timestamp(t) => t.to_string().into(),
+        Value::Float(f) => f.to_string().into(),
+        Value::Int(i) => i.to_string().into(),
     }
 }
 
@@ -762,8 +771,22 @@ impl TableOutput {
         self.rows == 0
     }
 
+    /// Appends a row whose first column is the person's ID and whose other columns are `rest`.
+    fn push_for_person(&mut self, person_id: &str, rest: &[Out]) {
+        if let Some(ColBuilder::Utf8(b)) = self.builders.first_mut() {
+            b.append_value(person_id);
+        }
+        Self::append(&mut self.builders[1..], rest);
+        self.rows += 1;
+    }
+
     fn push(&mut self, row: &[Out]) {
-        for (b, v) in self.builders.iter_mut().zip(row) {
+        Self::append(&mut self.builders, row);
+        self.rows += 1;
+    }
+
+    fn append(builders: &mut [ColBuilder], row: &[Out]) {
+        for (b, v) in builders.iter_mut().zip(row) {
             match (b, v) {
                 (ColBuilder::Utf8(b), Out::Str(s)) => b.append_value(s),
                 (ColBuilder::I32(b), Out::I32(x)) => b.append_value(*x),
@@ -779,7 +802,6 @@ impl TableOutput {
                 (ColBuilder::Ts(b), _) => b.append_null(),
             }
         }
-        self.rows += 1;
     }
 
     /// Appends a source row unchanged, identifiers and all. Only for the plain-Parquet baseline of the
