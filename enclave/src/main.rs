@@ -365,7 +365,10 @@ fn run(cli: Cli) -> Result<()> {
             json,
             sql,
         } => {
-            let engine = enclave::dp::DpEngine::open(&dir)?;
+            let mut engine = enclave::dp::DpEngine::open(&dir)?;
+            if std::env::var_os("ENCLAVE_DANGER_CRASH_AFTER_CHARGE").is_some() {
+                engine = engine.danger_crash_after_charge();
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

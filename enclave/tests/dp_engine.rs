@@ -170,6 +170,8 @@ proptest! {
         for sql in [
             "SELECT COUNT(*) AS n, SUM(value_numeric) AS s, COUNT(value_numeric) AS c, COUNT(DISTINCT person_id) AS p FROM observations",
             "SELECT category, COUNT(*) AS n, SUM(value_numeric) AS s FROM observations GROUP BY category",
+            "SELECT category, COUNT(*) AS n, SUM(value_numeric) AS s FROM observations WHERE value_numeric > 50.0 GROUP BY category",
+            "SELECT p.gender, COUNT(*) AS n FROM observations o JOIN patients p ON p.person_id = o.person_id GROUP BY p.gender",
         ] {
             let a = rt.block_on(engine.answer("alice", "with", sql, &QueryOptions::default())).expect("with");
             let b = rt.block_on(engine.answer("alice", "without", sql, &QueryOptions::default())).expect("without");
@@ -182,6 +184,104 @@ proptest! {
             }
         }
     }
+}
+
+/// Bounding by weight, checked against figures computed here from the export: each person's rows weigh
+/// `min(1, k / n)` where `n` counts the person's rows in the query's relation (after WHERE, after joins),
+/// whether `n` comes from the per-person index (no WHERE) or is counted per query (WHERE).
+#[test]
+fn each_person_weighs_at_most_k_rows_with_and_without_where() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Row counts around k = 10 (the profile's max_contributions), values inside the bounds.
+    let values: Vec<Vec<f64>> = [1usize, 3, 9, 10, 11, 25, 400]
+        .iter()
+        .enumerate()
+        .map(|(p, n)| {
+            (0..*n)
+                .map(|i| 20.0 + ((p * 7 + i * 13) % 300) as f64)
+                .collect()
+        })
+        .collect();
+    export(&tmp.path().join("export"), &values);
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_as(&dir, "w", &tmp.path().join("export"));
+    let engine = DpEngine::open(&dir).expect("engine").danger_without_noise();
+    engine
+        .ledger()
+        .set_budget("alice", "w", 1e6, 0.5, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ask = |sql: &str| {
+        rt.block_on(engine.answer("alice", "w", sql, &QueryOptions::default()))
+            .expect(sql)
+    };
+    let k = 10.0;
+    // Expected weighted count and sum over the rows `keep` selects, per category (even rows: laboratory).
+    let expected = |keep: &dyn Fn(f64) -> bool, category: Option<usize>| -> (f64, f64) {
+        let (mut n, mut s) = (0.0, 0.0);
+        for vs in &values {
+            let kept: Vec<(usize, f64)> = vs
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(_, v)| keep(*v))
+                .collect();
+            let w = (k / kept.len().max(1) as f64).min(1.0);
+            for (i, v) in kept {
+                if category.is_none_or(|c| i % 2 == c) {
+                    n += w;
+                    s += w * v;
+                }
+            }
+        }
+        (n, s)
+    };
+    let all = ask("SELECT COUNT(*) AS n, SUM(value_numeric) AS s FROM observations");
+    let (n, s) = expected(&|_| true, None);
+    assert_eq!(column_f64(&all, "n"), vec![n.round()]);
+    assert!((column_f64(&all, "s")[0] - s).abs() < 1e-6, "sum {s}");
+    // The same relation through the per-query path gives the same figures.
+    let filtered_all = ask(
+        "SELECT COUNT(*) AS n, SUM(value_numeric) AS s FROM observations WHERE value_numeric >= 0.0",
+    );
+    assert_eq!(column_f64(&filtered_all, "n"), column_f64(&all, "n"));
+    assert!((column_f64(&filtered_all, "s")[0] - s).abs() < 1e-6);
+    // A WHERE changes who has how many rows: weights follow the rows left.
+    let high = ask("SELECT COUNT(*) AS n FROM observations WHERE value_numeric > 200.0");
+    assert_eq!(
+        column_f64(&high, "n"),
+        vec![expected(&|v| v > 200.0, None).0.round()]
+    );
+    // Groups: the person's weight is shared by the groups their rows fall in.
+    let grouped = ask(
+        "SELECT category, COUNT(*) AS n FROM observations GROUP BY category HAVING category IN ('laboratory', 'vital-signs') ORDER BY category",
+    );
+    assert_eq!(
+        column_f64(&grouped, "n"),
+        vec![
+            expected(&|_| true, Some(0)).0.round(),
+            expected(&|_| true, Some(1)).0.round()
+        ]
+    );
+    // A join on person_id with one patient row each keeps the observation counts.
+    let joined = ask(
+        "SELECT COUNT(*) AS n FROM observations o JOIN patients p ON p.person_id = o.person_id",
+    );
+    assert_eq!(column_f64(&joined, "n"), vec![n.round()]);
+    // The index the unfiltered queries used is encrypted like every table.
+    use catalog::CatalogStore;
+    let version = dir
+        .catalog()
+        .expect("catalog")
+        .version("w", None)
+        .expect("version");
+    let index = dir
+        .root()
+        .join(&version.version.storage_path)
+        .join("contributions/k10/observations.parquet");
+    let bytes = std::fs::read(&index).expect("index built");
+    assert_eq!(&bytes[bytes.len() - 4..], b"PARE", "encrypted footer");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use enclave_e2e::{Scratch, enclave_output};
+use enclave_e2e::{Scratch, enclave_bin, enclave_output};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
@@ -160,4 +160,62 @@ fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tamp
             "{name}: {err}"
         );
     }
+}
+
+/// A crash after the charge and its audit record commit, before the answer is released, loses the answer
+/// and nothing else: the budget is charged, the record says released, the log verifies, and the next query
+/// goes on from there.
+#[test]
+fn a_crash_between_commit_and_release_loses_only_the_answer() {
+    let s = Scratch::new();
+    s.enclave("enclave-data", &["demo", "--patients", "40"]);
+    s.enclave(
+        "enclave-data",
+        &["budget", "set", "bob", "demo-cohort", "--epsilon", "1.0"],
+    );
+    let q = "SELECT COUNT(*) AS n FROM patients";
+    let args = [
+        "--data-dir",
+        "enclave-data",
+        "sql",
+        "--as",
+        "bob",
+        "--dataset",
+        "demo-cohort",
+        "--epsilon",
+        "0.3",
+        q,
+    ];
+    let crashed = std::process::Command::new(enclave_bin())
+        .args(args)
+        .current_dir(s.path())
+        .env_remove("ENCLAVE_DATA_DIR")
+        .env_remove("ENCLAVE_MASTER_KEY_FILE")
+        .env("ENCLAVE_DANGER_CRASH_AFTER_CHARGE", "1")
+        .output()
+        .expect("run");
+    assert!(!crashed.status.success(), "the process died");
+    assert!(
+        crashed.stdout.is_empty(),
+        "no answer left: {}",
+        String::from_utf8_lossy(&crashed.stdout)
+    );
+    let budget: serde_json::Value =
+        serde_json::from_str(&s.enclave("enclave-data", &["budget", "show", "bob", "--json"]))
+            .expect("json");
+    let spent = budget[0]["spent_epsilon"].as_f64().expect("spent");
+    assert!(
+        (spent - 0.3).abs() < 1e-9,
+        "the charge is durable: {budget}"
+    );
+    let tail = s.enclave("enclave-data", &["audit", "tail", "--json"]);
+    let last: serde_json::Value =
+        serde_json::from_str(tail.lines().last().expect("a record")).expect("json");
+    assert_eq!(last["outcome"], "released");
+    assert_eq!(last["sql"], q);
+    let verify = s.enclave("enclave-data", &["audit", "verify"]);
+    assert!(verify.contains("audit log verifies: 1 records"), "{verify}");
+
+    let next = s.enclave("enclave-data", &args[2..]);
+    assert!(next.contains("budget left: ε 0.400000"), "{next}");
 }

@@ -7,10 +7,12 @@
 //! ```
 //!
 //! The privacy unit is the person: every table carries `person_id`, each person contributes at most
-//! `max_contributions` rows (chosen at random, after joins and WHERE), and every sensitivity follows from
-//! that bound and the catalogued value bounds. Group keys are selected privately (released only above a
+//! `max_contributions` rows' worth (after joins and WHERE: rows weighted down, or chosen at random where a
+//! mechanism needs real rows; see `Bounding`), and every sensitivity follows from that bound and the
+//! catalogued value bounds. Group keys are selected privately (released only above a
 //! noisy threshold, with δ accounted). Nothing is released before the charge and its audit record commit.
 
+mod index;
 pub mod noise;
 pub(crate) mod query;
 
@@ -30,6 +32,7 @@ use crate::audit::Draft;
 use crate::keys::Keystore;
 use crate::ledger::{Budget, Cost, Ledger};
 use crate::{Error, Result};
+use index::{ROWS_COLUMN, WEIGHT_COLUMN};
 use noise::{Accounting, Noise};
 use query::{AggKind, Analyzed};
 
@@ -96,6 +99,9 @@ pub struct DpEngine {
     default_epsilon: f64,
     default_delta: f64,
     danger_no_noise: bool,
+    danger_crash_after_charge: bool,
+    /// DataFusion sessions per (dataset, version, indexed), tables registered as first used.
+    sessions: std::sync::Mutex<HashMap<(String, String, bool), SessionContext>>,
 }
 
 impl DpEngine {
@@ -111,6 +117,8 @@ impl DpEngine {
             default_epsilon: 0.1,
             default_delta: 1e-6,
             danger_no_noise: false,
+            danger_crash_after_charge: false,
+            sessions: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -118,6 +126,14 @@ impl DpEngine {
     /// tests that measure sensitivity; the binary never calls it.
     pub fn danger_without_noise(mut self) -> DpEngine {
         self.danger_no_noise = true;
+        self
+    }
+
+    /// Fault injection for the crash test: the process aborts right after a query's charge and audit record
+    /// commit, before its answer is released. The binary sets it only when
+    /// `ENCLAVE_DANGER_CRASH_AFTER_CHARGE` is set.
+    pub fn danger_crash_after_charge(mut self) -> DpEngine {
+        self.danger_crash_after_charge = true;
         self
     }
 
@@ -256,14 +272,32 @@ impl DpEngine {
             format!("{}\n{}\n{}", plan.aggregate_sql, analyzed.post, k).as_bytes(),
         ));
 
-        let ctx = self.session(&version, &analyzed.tables).await?;
+        let indexed = plan.bounding == (Bounding::Weight { indexed: true });
+        let clock = std::time::Instant::now();
+        let ctx = self.session(&version, &analyzed.tables, indexed).await?;
+        let t_session = clock.elapsed();
         let exact = ctx.sql(&plan.aggregate_sql).await?.collect().await?;
         let exact = arrow::compute::concat_batches(&plan_schema(&exact)?, &exact)?;
+        let t_exact = clock.elapsed();
         let released = self.noise(&analyzed, &plan, &exact, k, total, delta, accounting)?;
+        let t_noise = clock.elapsed();
 
         let cost = released.cost;
         let charged = self.ledger.charge(draft, cost).map_err(Failure::Recorded)?;
+        let t_charge = clock.elapsed();
+        if self.danger_crash_after_charge {
+            std::process::abort();
+        }
         let (batch, noise) = post_process(&analyzed, released).await?;
+        tracing::debug!(
+            bounding = ?plan.bounding,
+            session = ?t_session,
+            exact = ?t_exact - t_session,
+            noise = ?t_noise - t_exact,
+            charge = ?t_charge - t_noise,
+            post = ?clock.elapsed() - t_charge,
+            "answered"
+        );
         Ok(DpAnswer {
             batch,
             noise,
@@ -288,17 +322,45 @@ impl DpEngine {
         })
     }
 
-    async fn session(&self, version: &VersionEntry, tables: &[String]) -> Result<SessionContext> {
-        let ctx = crate::storage::session(self.keystore.clone());
+    /// The session for `version`, with `tables` registered: the indexed copies when `indexed`. Sessions
+    /// are kept per version, so a table's footer is read once per engine, not once per query.
+    async fn session(
+        &self,
+        version: &VersionEntry,
+        tables: &[String],
+        indexed: bool,
+    ) -> Result<SessionContext> {
+        let key = (
+            version.version.dataset.clone(),
+            version.version.version.clone(),
+            indexed,
+        );
+        let ctx = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert_with(|| crate::storage::session(self.keystore.clone()))
+            .clone();
         let dir = self.root.join(&version.version.storage_path);
         for t in tables {
-            let entry = version
-                .version
-                .tables
-                .iter()
-                .find(|e| &e.name == t)
-                .ok_or_else(|| Error::Internal(format!("table {t} vanished")))?;
-            crate::storage::register_table(&ctx, t, &dir.join(&entry.file)).await?;
+            if ctx.table_exist(t.as_str())? {
+                continue;
+            }
+            let file = if indexed {
+                index::ensure(&self.root, version, t, &self.keystore).await?
+            } else {
+                let entry = version
+                    .version
+                    .tables
+                    .iter()
+                    .find(|e| &e.name == t)
+                    .ok_or_else(|| Error::Internal(format!("table {t} vanished")))?;
+                dir.join(&entry.file)
+            };
+            if !ctx.table_exist(t.as_str())? {
+                crate::storage::register_table(&ctx, t, &file).await?;
+            }
         }
         Ok(ctx)
     }
@@ -334,9 +396,23 @@ impl<E: Into<Error>> From<E> for Failure {
     }
 }
 
+/// How each person's contribution is bounded to `k` rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bounding {
+    /// Up to `k` of a person's rows, chosen at random (quantiles need real values; grouped
+    /// `COUNT(DISTINCT person_id)` and privately selected keys need each person in at most `k` groups).
+    Sample,
+    /// Every row of a person with `n > k` rows weighs `k / n`, so a person's rows weigh `min(n, k)` in
+    /// all: the sensitivity of sampling `k` rows, without its sampling error. `n` is the person's rows in
+    /// the query's relation: read from the per-person contribution index when the query has no WHERE (a
+    /// join on `person_id` multiplies the tables' counts), counted per query otherwise.
+    Weight { indexed: bool },
+}
+
 /// The SQL that computes the exact, bounded aggregates, and how the ε is split.
 struct Plan {
     aggregate_sql: String,
+    bounding: Bounding,
     split_names: Vec<String>,
     noises: NoiseLog,
 }
@@ -360,6 +436,18 @@ fn float_lit(x: f64) -> String {
 
 impl Plan {
     fn new(a: &Analyzed, k: i64) -> Result<Plan> {
+        let sampled = !a.groups.is_empty()
+            && (!a.public_groups() || a.aggregates.iter().any(|x| x.kind == AggKind::CountPersons))
+            || a.aggregates
+                .iter()
+                .any(|x| matches!(x.kind, AggKind::Quantile(_)));
+        let bounding = if sampled {
+            Bounding::Sample
+        } else {
+            Bounding::Weight {
+                indexed: a.selection.is_none(),
+            }
+        };
         let mut inner = Vec::new();
         for (i, g) in a.groups.iter().enumerate() {
             inner.push(format!("{g} AS __g{i}"));
@@ -370,10 +458,25 @@ impl Plan {
             }
         }
         inner.push(format!("{} AS __pid", a.person));
+        let indexed = bounding == (Bounding::Weight { indexed: true });
+        if let (true, [t]) = (indexed, a.aliases.as_slice()) {
+            inner.push(format!("{t}.{WEIGHT_COLUMN} AS __w"));
+        } else if indexed {
+            // Rows per person in the joined relation: the product of the tables' per-person counts.
+            let n = a
+                .aliases
+                .iter()
+                .map(|t| format!("CAST({t}.{ROWS_COLUMN} AS DOUBLE)"))
+                .collect::<Vec<_>>()
+                .join(" * ");
+            inner.push(format!("{n} AS __pn"));
+        }
         let mut sql = format!("SELECT {} FROM {}", inner.join(", "), a.from);
         let mut conditions: Vec<String> = a.selection.iter().map(|w| format!("({w})")).collect();
-        if a.public_groups() {
+        if a.public_groups() && !indexed {
             // Rows outside a declared domain are not counted: the released keys are exactly the domain's.
+            // (With indexed weights, which do not depend on the filter, the groups outside the domain are
+            // computed and never released: the same values, without a string filter over every row.)
             for (g, d) in a.groups.iter().zip(&a.group_domains) {
                 let list = d
                     .iter()
@@ -387,11 +490,54 @@ impl Plan {
         if !conditions.is_empty() {
             sql += &format!(" WHERE {}", conditions.join(" AND "));
         }
-        let bounded = format!(
-            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY __pid ORDER BY random()) AS __rn FROM ({sql}) AS __i) AS __r WHERE __rn <= {k}"
-        );
+        let (with, bounded) = match bounding {
+            Bounding::Sample => (
+                String::new(),
+                format!(
+                    "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY __pid ORDER BY random()) AS __rn FROM ({sql}) AS __i) AS __r WHERE __rn <= {k}"
+                ),
+            ),
+            Bounding::Weight { indexed } => {
+                let weight = format!(
+                    "CASE WHEN __pn <= {k} THEN 1.0 ELSE {k}.0 / CAST(__pn AS DOUBLE) END AS __w"
+                );
+                if indexed && a.aliases.len() == 1 {
+                    // The index holds the weight itself.
+                    (String::new(), format!("SELECT * FROM ({sql}) AS __i"))
+                } else if indexed {
+                    (
+                        String::new(),
+                        format!("SELECT *, {weight} FROM ({sql}) AS __i"),
+                    )
+                } else {
+                    (
+                        format!("WITH __i AS ({sql}) "),
+                        format!(
+                            "SELECT __x.*, {weight} FROM (SELECT __i.*, __c.__pn FROM __i JOIN (SELECT __pid AS __cpid, COUNT(*) AS __pn FROM __i GROUP BY __pid) AS __c ON __i.__pid = __c.__cpid) AS __x"
+                        ),
+                    )
+                }
+            }
+        };
+        let weighted = bounding != Bounding::Sample;
+        // Counting a row: 1 when sampled, its weight when weighted.
+        let count_if = |cond: Option<String>| match (weighted, cond) {
+            (false, None) => "COUNT(*)".to_owned(),
+            (false, Some(c)) => format!("COUNT({c})"),
+            (true, None) => "COALESCE(SUM(__w), 0.0)".to_owned(),
+            (true, Some(c)) => {
+                format!("COALESCE(SUM(CASE WHEN {c} IS NOT NULL THEN __w END), 0.0)")
+            }
+        };
+        let sum_of = |x: &str| {
+            if weighted {
+                format!("COALESCE(SUM(__w * ({x})), 0.0)")
+            } else {
+                format!("COALESCE(SUM({x}), 0.0)")
+            }
+        };
         let mut outs: Vec<String> = (0..a.groups.len()).map(|i| format!("__g{i}")).collect();
-        outs.push("COUNT(*) AS __n".into());
+        outs.push(format!("{} AS __n", count_if(None)));
         let mut split_names = Vec::new();
         if !a.groups.is_empty() && !a.public_groups() {
             let counted = a.aggregates.iter().any(|x| x.kind == AggKind::CountRows);
@@ -414,6 +560,7 @@ impl Plan {
                 )
             });
             let c = clamp.clone().unwrap_or_default();
+            let v = format!("__v{j}");
             match agg.kind {
                 AggKind::CountRows => {
                     if a.groups.is_empty() || a.public_groups() {
@@ -421,7 +568,7 @@ impl Plan {
                     }
                 }
                 AggKind::CountValues => {
-                    outs.push(format!("COUNT(__v{j}) AS __cnt{j}"));
+                    outs.push(format!("{} AS __cnt{j}", count_if(Some(v))));
                     split_names.push(agg.key.clone());
                 }
                 AggKind::CountPersons => {
@@ -429,23 +576,23 @@ impl Plan {
                     split_names.push(agg.key.clone());
                 }
                 AggKind::Sum => {
-                    outs.push(format!("COALESCE(SUM({c}), 0.0) AS __sum{j}"));
+                    outs.push(format!("{} AS __sum{j}", sum_of(&c)));
                     split_names.push(agg.key.clone());
                 }
                 AggKind::Avg => {
                     let center = agg.bounds.map_or(0.0, |(l, u)| (l + u) / 2.0);
                     outs.push(format!(
-                        "COALESCE(SUM(({c}) - {}), 0.0) AS __csum{j}",
-                        float_lit(center)
+                        "{} AS __csum{j}",
+                        sum_of(&format!("({c}) - {}", float_lit(center)))
                     ));
-                    outs.push(format!("COUNT(__v{j}) AS __cnt{j}"));
+                    outs.push(format!("{} AS __cnt{j}", count_if(Some(v))));
                     split_names.push(format!("{} (sum)", agg.key));
                     split_names.push(format!("{} (count)", agg.key));
                 }
                 AggKind::Variance | AggKind::Stddev => {
-                    outs.push(format!("COALESCE(SUM({c}), 0.0) AS __sum{j}"));
-                    outs.push(format!("COALESCE(SUM(({c}) * ({c})), 0.0) AS __sq{j}"));
-                    outs.push(format!("COUNT(__v{j}) AS __cnt{j}"));
+                    outs.push(format!("{} AS __sum{j}", sum_of(&c)));
+                    outs.push(format!("{} AS __sq{j}", sum_of(&format!("({c}) * ({c})"))));
+                    outs.push(format!("{} AS __cnt{j}", count_if(Some(v))));
                     split_names.push(format!("{} (sum)", agg.key));
                     split_names.push(format!("{} (sum of squares)", agg.key));
                     split_names.push(format!("{} (count)", agg.key));
@@ -470,11 +617,12 @@ impl Plan {
             )
         };
         let aggregate_sql = format!(
-            "SELECT {} FROM ({bounded}) AS __b{group_by}",
+            "{with}SELECT {} FROM ({bounded}) AS __b{group_by}",
             outs.join(", ")
         );
         Ok(Plan {
             aggregate_sql,
+            bounding,
             split_names,
             noises: NoiseLog::default(),
         })
@@ -555,6 +703,7 @@ impl DpEngine {
             plan.noises.push(*n);
         };
         let n_groups = a.groups.len();
+        let weighted = plan.bounding != Bounding::Sample;
         let key_of = |r: usize| -> String {
             let parts: Vec<String> = (0..n_groups)
                 .map(|g| {
@@ -638,13 +787,21 @@ impl DpEngine {
                     AggKind::Variance | AggKind::Stddev => 3.0,
                     _ => 1.0,
                 };
-            let count_of =
-                |name: &str, sens: i64, add: &mut dyn FnMut(&Noise)| -> Result<(Vec<f64>, Noise)> {
+            let count_of = |name: &str,
+                            sens: i64,
+                            add: &mut dyn FnMut(&Noise)|
+             -> Result<(Vec<f64>, Noise)> {
+                if weighted && !name.starts_with("__pers") {
+                    // Sums of weights: a continuous mechanism, then rounded (post-processing).
                     let (v, n) =
-                        noise::counts(&pick_i(col_i64(exact, name)?), sens, part, acc, off)?;
+                        noise::sums(&pick_f(col_f64(exact, name)?), sens as f64, part, acc, off)?;
                     add(&n);
-                    Ok((v.into_iter().map(|x| x as f64).collect(), n))
-                };
+                    return Ok((v.into_iter().map(f64::round).collect(), n));
+                }
+                let (v, n) = noise::counts(&pick_i(col_i64(exact, name)?), sens, part, acc, off)?;
+                add(&n);
+                Ok((v.into_iter().map(|x| x as f64).collect(), n))
+            };
             let sum_of =
                 |name: &str, sens: f64, add: &mut dyn FnMut(&Noise)| -> Result<(Vec<f64>, Noise)> {
                     let (v, n) = noise::sums(&pick_f(col_f64(exact, name)?), sens, part, acc, off)?;
@@ -824,7 +981,7 @@ async fn post_process(a: &Analyzed, r: Released) -> Result<(RecordBatch, Vec<Col
         if *integer {
             fields.push(Field::new(format!("__a{j}"), DataType::Int64, true));
             cols.push(Arc::new(Int64Array::from(
-                v.iter().map(|x| *x as i64).collect::<Vec<_>>(),
+                v.iter().map(|x| x.round() as i64).collect::<Vec<_>>(),
             )));
         } else {
             fields.push(Field::new(format!("__a{j}"), DataType::Float64, true));

@@ -116,6 +116,8 @@ pub(crate) struct Analyzed {
     pub output_aggregates: Vec<Option<usize>>,
     /// The tables referenced.
     pub tables: Vec<String>,
+    /// The name each table goes by in the query (its alias, or its name), in FROM order.
+    pub aliases: Vec<String>,
 }
 
 impl Analyzed {
@@ -128,6 +130,8 @@ impl Analyzed {
 struct Scope<'a> {
     /// alias or table name → (table name, its columns)
     tables: Vec<(String, String, &'a [ColumnEntry])>,
+    /// How the query refers to each table (alias or name, quoted as written), for generated SQL.
+    written: Vec<String>,
 }
 
 impl Scope<'_> {
@@ -423,6 +427,7 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
         post: post.to_string(),
         output_aggregates,
         tables: scope.tables.iter().map(|(_, t, _)| t.clone()).collect(),
+        aliases: scope.written.clone(),
     })
 }
 
@@ -501,6 +506,7 @@ fn check_query_shape(q: &Query) -> Result<()> {
 
 fn scope<'a>(select: &Select, version: &'a VersionEntry) -> Result<Scope<'a>> {
     let mut tables = Vec::new();
+    let mut written = Vec::new();
     let twj = &select.from[0];
     for factor in std::iter::once(&twj.relation).chain(twj.joins.iter().map(|j| &j.relation)) {
         let TableFactor::Table {
@@ -546,6 +552,11 @@ fn scope<'a>(select: &Select, version: &'a VersionEntry) -> Result<Scope<'a>> {
         let alias_name = alias
             .as_ref()
             .map_or(table.clone(), |a| a.name.value.clone());
+        written.push(
+            alias
+                .as_ref()
+                .map_or(name.to_string(), |a| a.name.to_string()),
+        );
         if tables.iter().any(|(a, _, _)| *a == alias_name) {
             return refuse(
                 "join",
@@ -554,7 +565,7 @@ fn scope<'a>(select: &Select, version: &'a VersionEntry) -> Result<Scope<'a>> {
         }
         tables.push((alias_name, table, entry.columns.as_slice()));
     }
-    Ok(Scope { tables })
+    Ok(Scope { tables, written })
 }
 
 fn check_joins(select: &Select) -> Result<()> {
