@@ -108,16 +108,23 @@ pub enum Skip {
     Suppressed,
 }
 
+/// What pass two needs of one person. Kept for every person of the export, so kept small: the known
+/// identifiers are one string (values separated by `KNOWN_SEP`) with their kinds beside.
 struct Person {
-    person_id: String,
+    person_id: Box<str>,
     shift_days: i64,
-    known: Vec<(String, PhiKind)>,
-    known_dates: Vec<NaiveDate>,
+    known: Box<str>,
+    known_kinds: Box<[PhiKind]>,
+    known_dates: Box<[NaiveDate]>,
     qi: Vec<Out>,
     suppressed: bool,
     /// Its ID occurred twice: quarantined, not part of k-anonymity or the counts.
     duplicate: bool,
 }
+
+/// Separates a person's known identifier values in `Person::known` (a control character no identifier
+/// holds).
+const KNOWN_SEP: char = '\u{1f}';
 
 /// One released column and what was done to it (for the catalog and the report).
 #[derive(Debug, Clone, PartialEq)]
@@ -157,7 +164,7 @@ pub struct Deidentifier {
     provider: String,
     reference: NaiveDate,
     people: Vec<Person>,
-    by_source_id: HashMap<String, Slot>,
+    by_source_id: HashMap<Box<str>, Slot>,
     outputs: BTreeMap<Table, (SchemaRef, Vec<OutColumn>)>,
     kanon: Option<KAnonOutcome>,
     scrub_counts: ScrubCounts,
@@ -282,7 +289,7 @@ impl Deidentifier {
         let Some(source_id) = rec.text(PATIENT_REF).map(str::to_owned) else {
             return;
         };
-        if let Some(slot) = self.by_source_id.get_mut(&source_id) {
+        if let Some(slot) = self.by_source_id.get_mut(source_id.as_str()) {
             // Both rows of a duplicated ID are quarantined; the first one's person leaves the release.
             if let Slot::Person(i) = slot {
                 self.people[*i].suppressed = true;
@@ -298,7 +305,7 @@ impl Deidentifier {
             }
             Err(reason) => Slot::Quarantined(reason),
         };
-        self.by_source_id.insert(source_id, slot);
+        self.by_source_id.insert(source_id.into_boxed_str(), slot);
     }
 
     fn person_for(&mut self, rec: &SourceRecord, source_id: &str) -> Result<Person, String> {
@@ -325,7 +332,8 @@ impl Deidentifier {
         if birth.is_some_and(|b| b > self.reference) {
             return Err("birth_date: in the future".into());
         }
-        let mut known = Vec::new();
+        let mut known = String::new();
+        let mut known_kinds = Vec::new();
         for (col, kind) in [
             ("first_name", PhiKind::Name),
             ("middle_name", PhiKind::Name),
@@ -344,7 +352,14 @@ impl Deidentifier {
             (PATIENT_REF, PhiKind::Id),
         ] {
             if let Some(t) = rec.text(col) {
-                known.push((t.to_owned(), kind));
+                // A separator inside a value (never in real data) splits it: its parts are matched.
+                for part in t.split(KNOWN_SEP) {
+                    if !known_kinds.is_empty() {
+                        known.push(KNOWN_SEP);
+                    }
+                    known.push_str(part);
+                    known_kinds.push(kind);
+                }
             }
         }
         let known_dates = ["birth_date", "death_date"]
@@ -355,9 +370,10 @@ impl Deidentifier {
             .keys
             .shift_days(&person_id, self.profile.date_shift_days);
         let mut person = Person {
-            person_id,
+            person_id: person_id.into(),
             shift_days,
-            known,
+            known: known.into_boxed_str(),
+            known_kinds: known_kinds.into_boxed_slice(),
             known_dates,
             qi: Vec::new(),
             suppressed: false,
@@ -386,7 +402,11 @@ impl Deidentifier {
         let k = self.profile.k_anonymity.clone()?;
         let mut eligible: Vec<&mut Person> =
             self.people.iter_mut().filter(|p| !p.duplicate).collect();
-        let rows: Vec<Vec<Out>> = eligible.iter().map(|p| p.qi.clone()).collect();
+        // The quasi-identifiers are needed for this step only.
+        let rows: Vec<Vec<Out>> = eligible
+            .iter_mut()
+            .map(|p| std::mem::take(&mut p.qi))
+            .collect();
         let outcome = anonymize(&rows, k.k, k.max_suppression_ratio);
         for (p, s) in eligible.iter_mut().zip(&outcome.suppressed) {
             p.suppressed = *s;
@@ -446,7 +466,8 @@ impl Deidentifier {
                     Some(text) => {
                         if self.cached_matcher.as_ref().map(|(i, _)| *i) != Some(idx) {
                             let mut k = KnownIdentifiers::default();
-                            for (t, kind) in &person.known {
+                            for (t, kind) in person.known.split(KNOWN_SEP).zip(&person.known_kinds)
+                            {
                                 k.add(t, *kind);
                             }
                             for d in &person.known_dates {
