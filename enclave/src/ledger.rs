@@ -212,6 +212,15 @@ impl Ledger {
                                 cost.rho
                             ),
                         )),
+                        // Approximate zCDP (private key selection) also spends δ.
+                        Some(_) if raw.spent_delta + units[1] > raw.delta => Some((
+                            "budget",
+                            format!(
+                                "budget exhausted: {:.3e} δ left, query needs {:.3e}",
+                                (b.delta - b.spent_delta).max(0.0),
+                                cost.delta
+                            ),
+                        )),
                         Some(_) => None,
                     }
                 } else if raw.spent_epsilon + units[0] > raw.epsilon {

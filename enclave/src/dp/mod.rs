@@ -240,15 +240,6 @@ impl DpEngine {
                 "ε (or ρ) must be positive and δ within [0, 1)",
             ));
         }
-        if accounting == Accounting::Zcdp
-            && !analyzed.groups.is_empty()
-            && !analyzed.public_groups()
-        {
-            return Err(Failure::refused(
-                "accounting",
-                "on a zCDP dataset, GROUP BY is offered over columns with a public domain only",
-            ));
-        }
         // Cheap pre-check; the ledger's transaction is the authority.
         let left = match accounting {
             Accounting::Basic => budget.epsilon_left(),
@@ -309,13 +300,17 @@ impl DpEngine {
                 .zip(plan.noises.lock_noises())
                 .collect(),
             epsilon_delta_equivalent: (accounting == Accounting::Zcdp).then(|| {
-                // zCDP ρ implies (ρ + 2√(ρ ln(1/δ)), δ)-DP for every δ > 0 [Bun & Steinke 2016, Prop. 1.3].
+                // zCDP ρ implies (ρ + 2√(ρ ln(1/δ)), δ)-DP for every δ > 0 [Bun & Steinke 2016, Prop. 1.3];
+                // a private key selection's own δ adds to it (approximate zCDP).
                 let d = if charged.budget.delta > 0.0 {
                     charged.budget.delta
                 } else {
                     self.default_delta
                 };
-                (cost.rho + 2.0 * (cost.rho * (1.0 / d).ln()).sqrt(), d)
+                (
+                    cost.rho + 2.0 * (cost.rho * (1.0 / d).ln()).sqrt(),
+                    d + cost.delta,
+                )
             }),
             budget: charged.budget,
             audit_seq: charged.record.seq,
@@ -752,7 +747,7 @@ impl DpEngine {
             let keys: Vec<String> = (0..exact.num_rows()).map(key_of).collect();
             let counts: HashMap<String, i64> =
                 keys.iter().cloned().zip(col_i64(exact, "__n")?).collect();
-            let (kept, n, _threshold) = noise::select_keys(&counts, k, part, delta, off)?;
+            let (kept, n, _threshold) = noise::select_keys(&counts, k, part, delta, acc, off)?;
             add(&n);
             let mut rows: Vec<usize> = (0..keys.len())
                 .filter(|r| kept.contains_key(&keys[*r]))

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 
 use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
 use opendp::measurements::{
-    make_gaussian, make_laplace, make_laplace_threshold, make_private_quantile,
+    make_gaussian, make_gaussian_threshold, make_laplace, make_laplace_threshold,
+    make_private_quantile,
 };
 use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
 use opendp::metrics::{
@@ -166,40 +167,92 @@ pub fn sums(
 }
 
 /// Private key selection: noisy counts per key, released only above a threshold. A person touches at most
-/// `contributions` keys with at most `contributions` rows in all. The threshold is raised until the
+/// `contributions` keys with at most `contributions` rows in all (so an L1 and L2 distance of at most
+/// `contributions`). Laplace noise for `budget` ε under basic composition, Gaussian noise for `budget` ρ
+/// under zCDP (approximate zCDP: the threshold's δ is charged beside ρ). The threshold is raised until the
 /// mechanism's own privacy map says δ ≤ `delta`.
 pub fn select_keys(
     counts: &HashMap<String, i64>,
     contributions: i64,
-    epsilon: f64,
+    budget: f64,
     delta: f64,
+    accounting: Accounting,
     danger_no_noise: bool,
 ) -> Result<(HashMap<String, i64>, Noise, i64)> {
-    let scale = contributions as f64 / epsilon;
-    let d_in = (contributions as u32, contributions, contributions);
-    let mut threshold = contributions + (scale * (1.0 / (2.0 * delta)).ln()).ceil() as i64;
-    for _ in 0..64 {
-        let domain = MapDomain::new(
+    let domain = || {
+        MapDomain::new(
             AtomDomain::<String>::default(),
             AtomDomain::<i64>::default(),
-        );
-        let metric = L0PInfDistance::<1, _>(AbsoluteDistance::<i64>::default());
-        let m = make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-            domain, metric, scale, threshold, None,
         )
-        .map_err(dp_err)?;
-        let (eps, d) = m.map(&d_in).map_err(dp_err)?;
-        if d <= delta {
-            let out = if danger_no_noise {
-                counts
-                    .iter()
-                    .filter(|(_, c)| **c >= threshold)
-                    .map(|(k, c)| (k.clone(), *c))
-                    .collect()
-            } else {
-                m.invoke(counts).map_err(dp_err)?
-            };
-            return Ok((out, laplace_noise(scale, eps, d), threshold));
+    };
+    let k = contributions;
+    let d_in = (k as u32, k, k);
+    let (scale, tail) = match accounting {
+        Accounting::Basic => {
+            let b = k as f64 / budget;
+            (b, b * (1.0 / (2.0 * delta)).ln())
+        }
+        Accounting::Zcdp => {
+            let sigma = k as f64 / (2.0 * budget).sqrt();
+            (sigma, sigma * (2.0 * (1.0 / delta).ln()).sqrt())
+        }
+    };
+    let mut threshold = k + tail.ceil() as i64;
+    // Noise off (sensitivity tests): the exact counts at or above the threshold.
+    let above = |threshold: i64| -> HashMap<String, i64> {
+        counts
+            .iter()
+            .filter(|(_, c)| **c >= threshold)
+            .map(|(key, c)| (key.clone(), *c))
+            .collect()
+    };
+    for _ in 0..64 {
+        match accounting {
+            Accounting::Basic => {
+                let m = make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+                    domain(),
+                    L0PInfDistance::<1, _>(AbsoluteDistance::<i64>::default()),
+                    scale,
+                    threshold,
+                    None,
+                )
+                .map_err(dp_err)?;
+                let (eps, d) = m.map(&d_in).map_err(dp_err)?;
+                if d <= delta {
+                    let out = if danger_no_noise {
+                        above(threshold)
+                    } else {
+                        m.invoke(counts).map_err(dp_err)?
+                    };
+                    return Ok((out, laplace_noise(scale, eps, d), threshold));
+                }
+            }
+            Accounting::Zcdp => {
+                let m = make_gaussian_threshold::<_, _, Approximate<ZeroConcentratedDivergence>>(
+                    domain(),
+                    L0PInfDistance::<2, _>(AbsoluteDistance::<i64>::default()),
+                    scale,
+                    threshold,
+                    None,
+                )
+                .map_err(dp_err)?;
+                let (rho, d) = m.map(&d_in).map_err(dp_err)?;
+                if d <= delta {
+                    let out = if danger_no_noise {
+                        above(threshold)
+                    } else {
+                        m.invoke(counts).map_err(dp_err)?
+                    };
+                    return Ok((
+                        out,
+                        Noise {
+                            delta: d,
+                            ..gaussian_noise(scale, rho)
+                        },
+                        threshold,
+                    ));
+                }
+            }
         }
         threshold += (scale.ceil() as i64).max(1);
     }
