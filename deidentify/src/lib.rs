@@ -18,7 +18,10 @@ pub mod value;
 pub use keys::{LinkageKey, Pseudonymizer};
 pub use read::{Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discover, read_file};
 pub use scrub::{PhiKind, ScrubCounts};
-pub use transform::{Deidentifier, ReleasedColumn, Skip, TableOutput, danger_plain_schema};
+pub use transform::{
+    Deidentifier, KnownStore, MemoryKnownStore, ReleasedColumn, Skip, TableOutput,
+    danger_plain_schema,
+};
 
 /// Errors that stop a whole run (a bad row is never one of these: it is quarantined).
 #[derive(Debug, thiserror::Error)]

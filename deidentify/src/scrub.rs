@@ -41,6 +41,31 @@ pub enum PhiKind {
 }
 
 impl PhiKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [PhiKind; 11] = [
+        PhiKind::Name,
+        PhiKind::Date,
+        PhiKind::Phone,
+        PhiKind::Email,
+        PhiKind::Id,
+        PhiKind::Address,
+        PhiKind::Zip,
+        PhiKind::Url,
+        PhiKind::Ip,
+        PhiKind::Facility,
+        PhiKind::Age,
+    ];
+
+    /// A one-byte code (its position in [`PhiKind::ALL`]).
+    pub fn code(self) -> u8 {
+        PhiKind::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+    }
+
+    /// The kind of a [`PhiKind::code`].
+    pub fn from_code(code: u8) -> Option<PhiKind> {
+        PhiKind::ALL.get(usize::from(code)).copied()
+    }
+
     /// The placeholder's label (`NAME`, `DATE`, …).
     pub fn label(self) -> &'static str {
         match self {

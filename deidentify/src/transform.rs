@@ -108,23 +108,89 @@ pub enum Skip {
     Suppressed,
 }
 
-/// What pass two needs of one person. Kept for every person of the export, so kept small: the known
-/// identifiers are one string (values separated by `KNOWN_SEP`) with their kinds beside.
+/// What pass two needs of one person. Kept for every person of the export, so kept small: the
+/// identifiers the scrubber needs wait in the [`KnownStore`] (an encrypted spill file during an ingest).
 struct Person {
-    person_id: Box<str>,
+    /// The keyed pseudonym's 16 bytes (released as 32 hex digits).
+    person_id: [u8; 16],
     shift_days: i64,
-    known: Box<str>,
-    known_kinds: Box<[PhiKind]>,
-    known_dates: Box<[NaiveDate]>,
-    qi: Vec<Out>,
+    /// Handle of the person's known identifiers in the store.
+    known: u32,
     suppressed: bool,
     /// Its ID occurred twice: quarantined, not part of k-anonymity or the counts.
     duplicate: bool,
 }
 
-/// Separates a person's known identifier values in `Person::known` (a control character no identifier
-/// holds).
-const KNOWN_SEP: char = '\u{1f}';
+/// Where pass one keeps each person's known identifiers (names, IDs, phone, address, dates) until pass
+/// two scrubs that person's notes. [`MemoryKnownStore`] keeps them in memory; the enclave's ingest passes
+/// an encrypted spill file, so that memory does not grow with them.
+pub trait KnownStore {
+    /// Stores one person's record and returns its handle.
+    fn put(&mut self, record: &[u8]) -> Result<u32, String>;
+    /// The record stored under `handle`.
+    fn get(&mut self, handle: u32) -> Result<Vec<u8>, String>;
+}
+
+/// Known identifiers kept in memory.
+#[derive(Default)]
+pub struct MemoryKnownStore(Vec<Box<[u8]>>);
+
+impl KnownStore for MemoryKnownStore {
+    fn put(&mut self, record: &[u8]) -> Result<u32, String> {
+        self.0.push(record.into());
+        u32::try_from(self.0.len() - 1).map_err(|_| "more than 2^32 persons".to_owned())
+    }
+    fn get(&mut self, handle: u32) -> Result<Vec<u8>, String> {
+        self.0
+            .get(handle as usize)
+            .map(|r| r.to_vec())
+            .ok_or_else(|| format!("no known identifiers under handle {handle}"))
+    }
+}
+
+/// A person's known identifiers as one record: per value its kind, length and bytes; per date a marker
+/// and its day number.
+fn encode_known(values: &[(&str, PhiKind)], dates: &[NaiveDate]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (v, kind) in values {
+        // Identifiers are short; anything past 64 KiB is not one a note could hold either.
+        let bytes = &v.as_bytes()[..v.len().min(u16::MAX.into())];
+        out.push(kind.code());
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    for d in dates {
+        out.push(DATE_MARK);
+        out.extend_from_slice(&days_from_date(*d).to_le_bytes());
+    }
+    out
+}
+
+const DATE_MARK: u8 = 0xff;
+
+fn decode_known(mut record: &[u8]) -> KnownIdentifiers {
+    let mut k = KnownIdentifiers::default();
+    while let Some((&tag, rest)) = record.split_first() {
+        let Some((head, rest)) = rest.split_first_chunk::<4>() else {
+            break;
+        };
+        if tag == DATE_MARK {
+            if let Some(d) = date_from_days(i32::from_le_bytes(*head)) {
+                k.add_date(d);
+            }
+            record = rest;
+            continue;
+        }
+        let len = u32::from_le_bytes(*head) as usize;
+        let (Some(kind), Some(bytes)) = (PhiKind::from_code(tag), rest.get(..len)) else {
+            break;
+        };
+        k.add(&String::from_utf8_lossy(bytes), kind);
+        record = &rest[len..];
+    }
+    k.seal();
+    k
+}
 
 /// One released column and what was done to it (for the catalog and the report).
 #[derive(Debug, Clone, PartialEq)]
@@ -143,11 +209,6 @@ pub struct ReleasedColumn {
     pub domain: Option<Vec<String>>,
 }
 
-enum Slot {
-    Person(usize),
-    Quarantined(String),
-}
-
 /// One released column: where it comes from and how.
 struct OutColumn {
     field: Field,
@@ -164,7 +225,16 @@ pub struct Deidentifier {
     provider: String,
     reference: NaiveDate,
     people: Vec<Person>,
-    by_source_id: HashMap<Box<str>, Slot>,
+    /// Each person's quasi-identifiers, from pass one until k-anonymity has run.
+    pending_qi: Vec<Vec<Out>>,
+    /// Valid persons by a 128-bit keyed hash of their source ID (the IDs themselves are not kept).
+    by_source: HashMap<u128, u32>,
+    /// Source IDs whose patient row was quarantined, with the reason.
+    quarantined_sources: HashMap<u128, String>,
+    source_hashers: (std::hash::RandomState, std::hash::RandomState),
+    /// The last source ID looked up and its person (rows of one person mostly come together).
+    last_source: (String, Option<u32>),
+    known_store: Box<dyn KnownStore + Send>,
     outputs: BTreeMap<Table, (SchemaRef, Vec<OutColumn>)>,
     kanon: Option<KAnonOutcome>,
     scrub_counts: ScrubCounts,
@@ -235,7 +305,12 @@ impl Deidentifier {
             provider: provider.to_owned(),
             reference,
             people: Vec::new(),
-            by_source_id: HashMap::new(),
+            pending_qi: Vec::new(),
+            by_source: HashMap::new(),
+            quarantined_sources: HashMap::new(),
+            source_hashers: Default::default(),
+            last_source: (String::new(), None),
+            known_store: Box::new(MemoryKnownStore::default()),
             outputs,
             kanon: None,
             scrub_counts: ScrubCounts::new(),
@@ -286,29 +361,54 @@ impl Deidentifier {
 
     /// First pass: registers one patient. An invalid patient is remembered, and its rows quarantined later.
     pub fn add_patient(&mut self, rec: &SourceRecord) {
-        let Some(source_id) = rec.text(PATIENT_REF).map(str::to_owned) else {
+        let Some(source_id) = rec.text(PATIENT_REF) else {
             return;
         };
-        if let Some(slot) = self.by_source_id.get_mut(source_id.as_str()) {
+        let key = self.source_key(source_id);
+        let duplicate = "duplicate patient ID in the export";
+        if let Some(i) = self.by_source.remove(&key) {
             // Both rows of a duplicated ID are quarantined; the first one's person leaves the release.
-            if let Slot::Person(i) = slot {
-                self.people[*i].suppressed = true;
-                self.people[*i].duplicate = true;
-            }
-            *slot = Slot::Quarantined("duplicate patient ID in the export".into());
+            self.people[i as usize].suppressed = true;
+            self.people[i as usize].duplicate = true;
+            self.quarantined_sources.insert(key, duplicate.into());
             return;
         }
-        let slot = match self.person_for(rec, &source_id) {
-            Ok(p) => {
+        if let Some(why) = self.quarantined_sources.get_mut(&key) {
+            *why = duplicate.into();
+            return;
+        }
+        match self.person_for(rec, source_id) {
+            Ok((p, qi)) => {
                 self.people.push(p);
-                Slot::Person(self.people.len() - 1)
+                self.pending_qi.push(qi);
+                self.by_source.insert(
+                    key,
+                    u32::try_from(self.people.len() - 1).unwrap_or(u32::MAX),
+                );
             }
-            Err(reason) => Slot::Quarantined(reason),
-        };
-        self.by_source_id.insert(source_id.into_boxed_str(), slot);
+            Err(reason) => {
+                self.quarantined_sources.insert(key, reason);
+            }
+        }
     }
 
-    fn person_for(&mut self, rec: &SourceRecord, source_id: &str) -> Result<Person, String> {
+    /// Uses `store` for the persons' known identifiers (before the first `add_patient`).
+    pub fn with_known_store(mut self, store: Box<dyn KnownStore + Send>) -> Deidentifier {
+        self.known_store = store;
+        self
+    }
+
+    fn source_key(&self, source_id: &str) -> u128 {
+        use std::hash::BuildHasher;
+        let (a, b) = &self.source_hashers;
+        (u128::from(a.hash_one(source_id)) << 64) | u128::from(b.hash_one(source_id))
+    }
+
+    fn person_for(
+        &mut self,
+        rec: &SourceRecord,
+        source_id: &str,
+    ) -> Result<(Person, Vec<Out>), String> {
         let mut person_id = None;
         for key in &self.profile.link_on {
             match key {
@@ -332,8 +432,7 @@ impl Deidentifier {
         if birth.is_some_and(|b| b > self.reference) {
             return Err("birth_date: in the future".into());
         }
-        let mut known = String::new();
-        let mut known_kinds = Vec::new();
+        let mut known = Vec::new();
         for (col, kind) in [
             ("first_name", PhiKind::Name),
             ("middle_name", PhiKind::Name),
@@ -352,36 +451,33 @@ impl Deidentifier {
             (PATIENT_REF, PhiKind::Id),
         ] {
             if let Some(t) = rec.text(col) {
-                // A separator inside a value (never in real data) splits it: its parts are matched.
-                for part in t.split(KNOWN_SEP) {
-                    if !known_kinds.is_empty() {
-                        known.push(KNOWN_SEP);
-                    }
-                    known.push_str(part);
-                    known_kinds.push(kind);
-                }
+                known.push((t, kind));
             }
         }
-        let known_dates = ["birth_date", "death_date"]
+        let known_dates: Vec<NaiveDate> = ["birth_date", "death_date"]
             .iter()
             .filter_map(|c| rec.get(c).and_then(Value::as_date))
             .collect();
+        let known = self
+            .known_store
+            .put(&encode_known(&known, &known_dates))
+            .map_err(|e| format!("cannot keep the known identifiers: {e}"))?;
         let shift_days = self
             .keys
             .shift_days(&person_id, self.profile.date_shift_days);
-        let mut person = Person {
-            person_id: person_id.into(),
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(&person_id, &mut id).map_err(|_| "pseudonym is not 16 bytes")?;
+        let person = Person {
+            person_id: id,
             shift_days,
-            known: known.into_boxed_str(),
-            known_kinds: known_kinds.into_boxed_slice(),
-            known_dates,
-            qi: Vec::new(),
+            known,
             suppressed: false,
             duplicate: false,
         };
+        let mut qi = Vec::new();
         if let Some(k) = &self.profile.k_anonymity {
             let cols = &self.outputs[&Table::Patients].1;
-            let mut qi = vec![Out::Null; k.quasi_identifiers.len()];
+            qi = vec![Out::Null; k.quasi_identifiers.len()];
             for c in cols {
                 if let Some(i) = c.qi {
                     qi[i] = self.apply(
@@ -392,21 +488,24 @@ impl Deidentifier {
                     )?;
                 }
             }
-            person.qi = qi;
         }
-        Ok(person)
+        Ok((person, qi))
     }
 
     /// Ends the first pass: runs k-anonymity over the registered patients.
     pub fn finish_patients(&mut self) -> Option<&KAnonOutcome> {
         let k = self.profile.k_anonymity.clone()?;
-        let mut eligible: Vec<&mut Person> =
-            self.people.iter_mut().filter(|p| !p.duplicate).collect();
         // The quasi-identifiers are needed for this step only.
-        let rows: Vec<Vec<Out>> = eligible
-            .iter_mut()
-            .map(|p| std::mem::take(&mut p.qi))
-            .collect();
+        let mut all_qi = std::mem::take(&mut self.pending_qi).into_iter();
+        let mut eligible: Vec<&mut Person> = Vec::new();
+        let mut rows: Vec<Vec<Out>> = Vec::new();
+        for p in &mut self.people {
+            let qi = all_qi.next().unwrap_or_default();
+            if !p.duplicate {
+                eligible.push(p);
+                rows.push(qi);
+            }
+        }
         let outcome = anonymize(&rows, k.k, k.max_suppression_ratio);
         for (p, s) in eligible.iter_mut().zip(&outcome.suppressed) {
             p.suppressed = *s;
@@ -433,18 +532,24 @@ impl Deidentifier {
         let source_id = rec
             .text(PATIENT_REF)
             .ok_or_else(|| Skip::Quarantine("missing patient reference".into()))?;
-        let idx = match self.by_source_id.get(source_id) {
-            Some(Slot::Person(i)) => *i,
-            Some(Slot::Quarantined(why)) => {
-                return Err(Skip::Quarantine(if table == Table::Patients {
-                    why.clone()
-                } else {
-                    format!("its patient was quarantined ({why})")
-                }));
-            }
+        let found = if self.last_source.0 == source_id {
+            self.last_source.1
+        } else {
+            let found = self.by_source.get(&self.source_key(source_id)).copied();
+            self.last_source.0.clear();
+            self.last_source.0.push_str(source_id);
+            self.last_source.1 = found;
+            found
+        };
+        let idx = match found {
+            Some(i) => i as usize,
             None => {
                 return Err(Skip::Quarantine(
-                    "refers to a patient not among the export's valid patients".into(),
+                    match self.quarantined_sources.get(&self.source_key(source_id)) {
+                        Some(why) if table == Table::Patients => why.clone(),
+                        Some(why) => format!("its patient was quarantined ({why})"),
+                        None => "refers to a patient not among the export's valid patients".into(),
+                    },
                 ));
             }
         };
@@ -465,16 +570,16 @@ impl Deidentifier {
                     None => Out::Null,
                     Some(text) => {
                         if self.cached_matcher.as_ref().map(|(i, _)| *i) != Some(idx) {
-                            let mut k = KnownIdentifiers::default();
-                            for (t, kind) in person.known.split(KNOWN_SEP).zip(&person.known_kinds)
-                            {
-                                k.add(t, *kind);
-                            }
-                            for d in &person.known_dates {
-                                k.add_date(*d);
-                            }
-                            k.seal();
-                            self.cached_matcher = Some((idx, k));
+                            let record = match self.known_store.get(person.known) {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    self.row_buf = row;
+                                    return Err(Skip::Quarantine(format!(
+                                        "its patient's known identifiers are unreadable ({e})"
+                                    )));
+                                }
+                            };
+                            self.cached_matcher = Some((idx, decode_known(&record)));
                         }
                         let known = self.cached_matcher.as_ref().map(|(_, k)| k);
                         Out::Str(scrub(
@@ -793,9 +898,13 @@ impl TableOutput {
     }
 
     /// Appends a row whose first column is the person's ID and whose other columns are `rest`.
-    fn push_for_person(&mut self, person_id: &str, rest: &[Out]) {
-        if let Some(ColBuilder::Utf8(b)) = self.builders.first_mut() {
-            b.append_value(person_id);
+    fn push_for_person(&mut self, person_id: &[u8; 16], rest: &[Out]) {
+        let mut hex = [0u8; 32];
+        if let (Some(ColBuilder::Utf8(b)), Ok(())) = (
+            self.builders.first_mut(),
+            hex::encode_to_slice(person_id, &mut hex),
+        ) {
+            b.append_value(std::str::from_utf8(&hex).unwrap_or_default());
         }
         Self::append(&mut self.builders[1..], rest);
         self.rows += 1;
@@ -875,5 +984,25 @@ mod tests {
             ),
             89
         );
+    }
+
+    #[test]
+    fn known_identifiers_survive_their_record() {
+        let date = NaiveDate::from_ymd_opt(1950, 3, 9).expect("date");
+        let record = encode_known(
+            &[
+                ("Sumiko254", PhiKind::Name),
+                ("555-810-7203", PhiKind::Phone),
+                ("MRN00123456", PhiKind::Id),
+            ],
+            &[date],
+        );
+        let mut store = MemoryKnownStore::default();
+        let handle = store.put(&record).expect("put");
+        let known = decode_known(&store.get(handle).expect("get"));
+        let text = "Sumiko (born 03/09/1950, MRN00123456) called from 555.810.7203.";
+        let out = crate::scrub::scrub(text, &known, &mut ScrubCounts::new());
+        assert_eq!(out, "[NAME] (born [DATE], [ID]) called from [PHONE].");
+        assert!(store.get(handle + 1).is_err());
     }
 }

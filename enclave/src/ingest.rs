@@ -324,6 +324,98 @@ impl Quarantine {
     }
 }
 
+/// The persons' known identifiers between the two passes, in a file beside the staging directory under a
+/// key that exists only in this process's memory (AES-256-GCM, the record's number as its nonce): memory
+/// stays flat however many persons the export holds, and the file is unreadable once the run ends. It is
+/// deleted when the run ends (a run that dies leaves only ciphertext under a lost key).
+struct KnownSpill {
+    path: PathBuf,
+    file: std::fs::File,
+    cipher: aes_gcm::Aes256Gcm,
+    /// Where each record starts; it ends where the next one starts (or at `written`).
+    starts: Vec<u64>,
+    pending: Vec<u8>,
+    written: u64,
+}
+
+impl KnownSpill {
+    fn create(path: &Path) -> Result<KnownSpill> {
+        use aes_gcm::KeyInit;
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), key.as_mut())
+            .map_err(|_| Error::Internal("system random source failed".into()))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(KnownSpill {
+            path: path.to_owned(),
+            file,
+            cipher: aes_gcm::Aes256Gcm::new(key.as_ref().into()),
+            starts: Vec::new(),
+            pending: Vec::new(),
+            written: 0,
+        })
+    }
+
+    fn nonce(handle: u32) -> aes_gcm::Nonce<aes_gcm::aes::cipher::consts::U12> {
+        let mut n = [0u8; 12];
+        n[8..].copy_from_slice(&handle.to_be_bytes());
+        n.into()
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        self.file.write_all(&self.pending)?;
+        self.written += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+impl deidentify::KnownStore for KnownSpill {
+    fn put(&mut self, record: &[u8]) -> std::result::Result<u32, String> {
+        use aes_gcm::aead::Aead;
+        let handle = u32::try_from(self.starts.len()).map_err(|_| "too many persons")?;
+        let sealed = self
+            .cipher
+            .encrypt(&Self::nonce(handle), record)
+            .map_err(|_| "cannot encrypt")?;
+        self.starts.push(self.written + self.pending.len() as u64);
+        self.pending.extend_from_slice(&sealed);
+        if self.pending.len() >= 1 << 20 {
+            self.flush().map_err(|e| e.to_string())?;
+        }
+        Ok(handle)
+    }
+
+    fn get(&mut self, handle: u32) -> std::result::Result<Vec<u8>, String> {
+        use aes_gcm::aead::Aead;
+        use std::os::unix::fs::FileExt;
+        if !self.pending.is_empty() {
+            self.flush().map_err(|e| e.to_string())?;
+        }
+        let i = handle as usize;
+        let start = *self.starts.get(i).ok_or("no such record")?;
+        let end = self.starts.get(i + 1).copied().unwrap_or(self.written);
+        let mut sealed = vec![0u8; usize::try_from(end - start).map_err(|_| "record too large")?];
+        self.file
+            .read_exact_at(&mut sealed, start)
+            .map_err(|e| e.to_string())?;
+        self.cipher
+            .decrypt(&Self::nonce(handle), sealed.as_slice())
+            .map_err(|_| "record fails authentication".to_owned())
+    }
+}
+
+impl Drop for KnownSpill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Runs one ingest. Returns the report of the published version.
 pub fn ingest(
     dir: &DataDir,
@@ -361,19 +453,30 @@ pub fn ingest(
 
     let linkage = keystore.linkage_key()?;
     let keys = Pseudonymizer::new(&LinkageKey::from_bytes(*linkage));
+    let staging = dir.staging_dir(&opts.dataset, &version)?;
+    let mut spill_path = staging.clone().into_os_string();
+    spill_path.push(".known");
+    let spill = match KnownSpill::create(Path::new(&spill_path)) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
     let mut deid = Deidentifier::new(
         profile.clone(),
         keys,
         &opts.provider,
         started_at.date_naive(),
-    );
+    )
+    .with_known_store(Box::new(spill));
     let progress = Progress::new(opts.progress);
     let mut unmodelled = BTreeMap::new();
 
     // Pass one: patients.
     progress.phase("pass 1/2: patients");
     for file in discovery.files.iter().filter(|f| f.may_hold_patients()) {
-        deidentify::read_file(
+        let read = deidentify::read_file(
             file,
             Pass::PatientsOnly,
             &mut BTreeMap::new(),
@@ -384,13 +487,22 @@ pub fn ingest(
                 }
                 Ok(())
             },
-        )?;
+        );
+        if let Err(e) = read {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e.into());
+        }
     }
     let kanon = deid.finish_patients().cloned();
 
     // Pass two: everything, into staging.
-    let (key_id, data_key) = keystore.new_data_key(&format!("{}@{version}", opts.dataset))?;
-    let staging = dir.staging_dir(&opts.dataset, &version)?;
+    let (key_id, data_key) = match keystore.new_data_key(&format!("{}@{version}", opts.dataset)) {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
     let result = write_version(
         &mut deid,
         &discovery.files,
@@ -806,4 +918,32 @@ pub(crate) fn sync_dir(path: &Path) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deidentify::KnownStore;
+
+    #[test]
+    fn the_known_identifier_spill_is_ciphertext_and_goes_away() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("x.known");
+        let mut spill = KnownSpill::create(&path).expect("create");
+        let records: Vec<Vec<u8>> = (0..2000)
+            .map(|i| format!("Person{i} Family{i} 555-0{i:04}").into_bytes())
+            .collect();
+        let handles: Vec<u32> = records.iter().map(|r| spill.put(r).expect("put")).collect();
+        for i in [1999usize, 0, 777, 1998] {
+            assert_eq!(spill.get(handles[i]).expect("get"), records[i]);
+        }
+        let bytes = std::fs::read(&path).expect("read");
+        assert!(bytes.len() > 2000 * 16, "every record is on disk");
+        assert!(
+            !bytes.windows(7).any(|w| w == b"Person1"),
+            "no plaintext in the file"
+        );
+        drop(spill);
+        assert!(!path.exists(), "deleted with the run");
+    }
 }
