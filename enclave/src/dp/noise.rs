@@ -206,53 +206,45 @@ pub fn select_keys(
             .map(|(key, c)| (key.clone(), *c))
             .collect()
     };
+    // One threshold measurement: built, its privacy map asked for (loss, δ), invoked when δ fits.
+    macro_rules! try_threshold {
+        ($make:ident, $p:literal, $measure:ty, $noise:expr) => {{
+            let m = $make::<_, _, Approximate<$measure>>(
+                domain(),
+                L0PInfDistance::<$p, _>(AbsoluteDistance::<i64>::default()),
+                scale,
+                threshold,
+                None,
+            )
+            .map_err(dp_err)?;
+            let (loss, d) = m.map(&d_in).map_err(dp_err)?;
+            if d <= delta {
+                let out = if danger_no_noise {
+                    above(threshold)
+                } else {
+                    m.invoke(counts).map_err(dp_err)?
+                };
+                let noise: Noise = $noise(loss, d);
+                return Ok((out, noise, threshold));
+            }
+        }};
+    }
     for _ in 0..64 {
         match accounting {
             Accounting::Basic => {
-                let m = make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-                    domain(),
-                    L0PInfDistance::<1, _>(AbsoluteDistance::<i64>::default()),
-                    scale,
-                    threshold,
-                    None,
-                )
-                .map_err(dp_err)?;
-                let (eps, d) = m.map(&d_in).map_err(dp_err)?;
-                if d <= delta {
-                    let out = if danger_no_noise {
-                        above(threshold)
-                    } else {
-                        m.invoke(counts).map_err(dp_err)?
-                    };
-                    return Ok((out, laplace_noise(scale, eps, d), threshold));
-                }
+                try_threshold!(make_laplace_threshold, 1, MaxDivergence, |eps, d| {
+                    laplace_noise(scale, eps, d)
+                })
             }
-            Accounting::Zcdp => {
-                let m = make_gaussian_threshold::<_, _, Approximate<ZeroConcentratedDivergence>>(
-                    domain(),
-                    L0PInfDistance::<2, _>(AbsoluteDistance::<i64>::default()),
-                    scale,
-                    threshold,
-                    None,
-                )
-                .map_err(dp_err)?;
-                let (rho, d) = m.map(&d_in).map_err(dp_err)?;
-                if d <= delta {
-                    let out = if danger_no_noise {
-                        above(threshold)
-                    } else {
-                        m.invoke(counts).map_err(dp_err)?
-                    };
-                    return Ok((
-                        out,
-                        Noise {
-                            delta: d,
-                            ..gaussian_noise(scale, rho)
-                        },
-                        threshold,
-                    ));
+            Accounting::Zcdp => try_threshold!(
+                make_gaussian_threshold,
+                2,
+                ZeroConcentratedDivergence,
+                |rho, d| Noise {
+                    delta: d,
+                    ..gaussian_noise(scale, rho)
                 }
-            }
+            ),
         }
         threshold += (scale.ceil() as i64).max(1);
     }
