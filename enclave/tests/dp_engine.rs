@@ -269,6 +269,11 @@ fn each_person_weighs_at_most_k_rows_with_and_without_where() {
         "SELECT COUNT(*) AS n FROM observations o JOIN patients p ON p.person_id = o.person_id",
     );
     assert_eq!(column_f64(&joined, "n"), vec![n.round()]);
+    // An empty table indexes to an empty table.
+    assert_eq!(
+        column_f64(&ask("SELECT COUNT(*) AS n FROM notes"), "n"),
+        vec![0.0]
+    );
     // The index the unfiltered queries used is encrypted like every table.
     use catalog::CatalogStore;
     let version = dir
