@@ -247,6 +247,33 @@ fn each_person_weighs_at_most_k_rows_with_and_without_where() {
     );
     assert_eq!(column_f64(&filtered_all, "n"), column_f64(&all, "n"));
     assert!((column_f64(&filtered_all, "s")[0] - s).abs() < 1e-6);
+    // Per-query weights over (group, person) cells agree with the indexed row weights for every aggregate.
+    for (agg, group) in [
+        (
+            "COUNT(value_numeric) AS c, AVG(value_numeric) AS a, STDDEV(value_numeric) AS s",
+            "",
+        ),
+        (
+            "COUNT(*) AS c, SUM(value_numeric) AS a, VARIANCE(value_numeric) AS s",
+            " GROUP BY category HAVING category IN ('laboratory', 'vital-signs') ORDER BY category",
+        ),
+    ] {
+        let cat = if group.is_empty() { "" } else { "category, " };
+        let plain = ask(&format!("SELECT {cat}{agg} FROM observations{group}"));
+        let filtered = ask(&format!(
+            "SELECT {cat}{agg} FROM observations WHERE value_numeric >= 0.0{group}"
+        ));
+        for c in ["c", "a", "s"] {
+            let (x, y) = (column_f64(&plain, c), column_f64(&filtered, c));
+            assert_eq!(x.len(), y.len());
+            for (x, y) in x.iter().zip(&y) {
+                assert!(
+                    (x - y).abs() < 1e-6 * x.abs().max(1.0),
+                    "{agg}: {c} {x} vs {y}"
+                );
+            }
+        }
+    }
     // A WHERE changes who has how many rows: weights follow the rows left.
     let high = ask("SELECT COUNT(*) AS n FROM observations WHERE value_numeric > 200.0");
     assert_eq!(

@@ -485,47 +485,33 @@ impl Plan {
         if !conditions.is_empty() {
             sql += &format!(" WHERE {}", conditions.join(" AND "));
         }
-        let (with, bounded) = match bounding {
-            Bounding::Sample => (
-                String::new(),
-                format!(
-                    "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY __pid ORDER BY random()) AS __rn FROM ({sql}) AS __i) AS __r WHERE __rn <= {k}"
-                ),
-            ),
-            Bounding::Weight { indexed } => {
-                let weight = format!(
-                    "CASE WHEN __pn <= {k} THEN 1.0 ELSE {k}.0 / CAST(__pn AS DOUBLE) END AS __w"
-                );
-                if indexed && a.aliases.len() == 1 {
-                    // The index holds the weight itself.
-                    (String::new(), format!("SELECT * FROM ({sql}) AS __i"))
-                } else if indexed {
-                    (
-                        String::new(),
-                        format!("SELECT *, {weight} FROM ({sql}) AS __i"),
-                    )
-                } else {
-                    (
-                        format!("WITH __i AS ({sql}) "),
-                        format!(
-                            "SELECT __x.*, {weight} FROM (SELECT __i.*, __c.__pn FROM __i JOIN (SELECT __pid AS __cpid, COUNT(*) AS __pn FROM __i GROUP BY __pid) AS __c ON __i.__pid = __c.__cpid) AS __x"
-                        ),
-                    )
-                }
-            }
-        };
         let weighted = bounding != Bounding::Sample;
+        // Per-query weights (WHERE) are computed over (group, person) cells: every aggregate here is a sum
+        // over rows, so each cell's partial sums, weighted by its person's weight, give the same figures as
+        // weighting row by row, and the person totals come from a window over the cells, not the rows.
+        let cells = bounding == (Bounding::Weight { indexed: false });
+        let partials = std::cell::RefCell::new(Vec::<String>::new());
+        let partial = |agg: String| {
+            let mut p = partials.borrow_mut();
+            let i = p.len();
+            p.push(format!("{agg} AS __p{i}"));
+            format!("COALESCE(SUM(__w * __p{i}), 0.0)")
+        };
         // Counting a row: 1 when sampled, its weight when weighted.
         let count_if = |cond: Option<String>| match (weighted, cond) {
             (false, None) => "COUNT(*)".to_owned(),
             (false, Some(c)) => format!("COUNT({c})"),
+            (true, None) if cells => "COALESCE(SUM(__w * __c), 0.0)".to_owned(),
+            (true, Some(c)) if cells => partial(format!("COUNT({c})")),
             (true, None) => "COALESCE(SUM(__w), 0.0)".to_owned(),
             (true, Some(c)) => {
                 format!("COALESCE(SUM(CASE WHEN {c} IS NOT NULL THEN __w END), 0.0)")
             }
         };
         let sum_of = |x: &str| {
-            if weighted {
+            if cells {
+                partial(format!("SUM({x})"))
+            } else if weighted {
                 format!("COALESCE(SUM(__w * ({x})), 0.0)")
             } else {
                 format!("COALESCE(SUM({x}), 0.0)")
@@ -610,6 +596,36 @@ impl Plan {
                     .collect::<Vec<_>>()
                     .join(", ")
             )
+        };
+        let weight =
+            format!("CASE WHEN __pn <= {k} THEN 1.0 ELSE {k}.0 / CAST(__pn AS DOUBLE) END AS __w");
+        let (with, bounded) = match bounding {
+            Bounding::Sample => (
+                String::new(),
+                format!(
+                    "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY __pid ORDER BY random()) AS __rn FROM ({sql}) AS __i) AS __r WHERE __rn <= {k}"
+                ),
+            ),
+            // The index holds the weight itself.
+            Bounding::Weight { indexed: true } if a.aliases.len() == 1 => {
+                (String::new(), format!("SELECT * FROM ({sql}) AS __i"))
+            }
+            Bounding::Weight { indexed: true } => (
+                String::new(),
+                format!("SELECT *, {weight} FROM ({sql}) AS __i"),
+            ),
+            Bounding::Weight { indexed: false } => {
+                let keys: String = (0..a.groups.len()).map(|i| format!("__g{i}, ")).collect();
+                let parts: String = partials.borrow().iter().map(|p| format!(", {p}")).collect();
+                (
+                    format!(
+                        "WITH __cells AS (SELECT {keys}__pid, COUNT(*) AS __c{parts} FROM ({sql}) AS __i GROUP BY {keys}__pid) "
+                    ),
+                    format!(
+                        "SELECT *, {weight} FROM (SELECT *, SUM(__c) OVER (PARTITION BY __pid) AS __pn FROM __cells) AS __y"
+                    ),
+                )
+            }
         };
         let aggregate_sql = format!(
             "{with}SELECT {} FROM ({bounded}) AS __b{group_by}",
