@@ -150,13 +150,10 @@ impl DataDir {
 
     /// A fresh staging directory for one run.
     pub fn staging_dir(&self, dataset: &str, version: &str) -> Result<PathBuf> {
-        let mut n = [0u8; 6];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
-            .map_err(|_| Error::Internal("system random source failed".into()))?;
         let d = self
             .root
             .join("staging")
-            .join(format!("{dataset}-{version}-{}", hex::encode(n)));
+            .join(format!("{dataset}-{version}-{}", random_name_part()?));
         std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
         Ok(d)
     }
@@ -174,4 +171,13 @@ impl DataDir {
         std::fs::rename(staging, target).map_err(|e| Error::io(target, e))?;
         crate::ingest::sync_dir(parent)
     }
+}
+
+/// A random name part (12 hex digits), so concurrent runs, even in several processes, never share a
+/// temporary file or directory.
+pub(crate) fn random_name_part() -> Result<String> {
+    let mut n = [0u8; 6];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
+        .map_err(|_| Error::Internal("system random source failed".into()))?;
+    Ok(hex::encode(n))
 }

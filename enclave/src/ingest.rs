@@ -324,6 +324,16 @@ impl Quarantine {
     }
 }
 
+/// The staging directory of one run: removed when the run ends, whatever way it ends (after a publish it
+/// is gone already, renamed into place).
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The persons' known identifiers between the two passes, in a file beside the staging directory under a
 /// key that exists only in this process's memory (AES-256-GCM, the record's number as its nonce): memory
 /// stays flat however many persons the export holds, and the file is unreadable once the run ends. It is
@@ -341,9 +351,7 @@ struct KnownSpill {
 impl KnownSpill {
     fn create(path: &Path) -> Result<KnownSpill> {
         use aes_gcm::KeyInit;
-        let mut key = zeroize::Zeroizing::new([0u8; 32]);
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), key.as_mut())
-            .map_err(|_| Error::Internal("system random source failed".into()))?;
+        let key = crate::keys::random_secret()?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -453,16 +461,10 @@ pub fn ingest(
 
     let linkage = keystore.linkage_key()?;
     let keys = Pseudonymizer::new(&LinkageKey::from_bytes(*linkage));
-    let staging = dir.staging_dir(&opts.dataset, &version)?;
-    let mut spill_path = staging.clone().into_os_string();
+    let staging = Staging(dir.staging_dir(&opts.dataset, &version)?);
+    let mut spill_path = staging.0.clone().into_os_string();
     spill_path.push(".known");
-    let spill = match KnownSpill::create(Path::new(&spill_path)) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
+    let spill = KnownSpill::create(Path::new(&spill_path))?;
     let mut deid = Deidentifier::new(
         profile.clone(),
         keys,
@@ -476,7 +478,7 @@ pub fn ingest(
     // Pass one: patients.
     progress.phase("pass 1/2: patients");
     for file in discovery.files.iter().filter(|f| f.may_hold_patients()) {
-        let read = deidentify::read_file(
+        deidentify::read_file(
             file,
             Pass::PatientsOnly,
             &mut BTreeMap::new(),
@@ -487,39 +489,23 @@ pub fn ingest(
                 }
                 Ok(())
             },
-        );
-        if let Err(e) = read {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e.into());
-        }
+        )?;
     }
     let kanon = deid.finish_patients().cloned();
 
     // Pass two: everything, into staging.
-    let (key_id, data_key) = match keystore.new_data_key(&format!("{}@{version}", opts.dataset)) {
-        Ok(k) => k,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
+    let (key_id, data_key) = keystore.new_data_key(&format!("{}@{version}", opts.dataset))?;
     let result = write_version(
         &mut deid,
         &discovery.files,
-        &staging,
+        &staging.0,
         &key_id,
         &data_key,
         &progress,
         &mut unmodelled,
     );
     progress.finish();
-    let (sinks, quarantine_reasons, unrecognised) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
+    let (sinks, quarantine_reasons, unrecognised) = result?;
 
     let mut tables = BTreeMap::new();
     let mut totals = RowCounts::default();
@@ -612,7 +598,6 @@ pub fn ingest(
 
     let ratio = report.totals.quarantined as f64 / report.totals.rows_in.max(1) as f64;
     if ratio > max_quarantine {
-        let _ = std::fs::remove_dir_all(&staging);
         return Err(Error::QuarantineLimit {
             ratio,
             limit: max_quarantine,
@@ -620,15 +605,15 @@ pub fn ingest(
         });
     }
     write_synced(
-        &staging.join("report.json"),
+        &staging.0.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
-    write_synced(&staging.join("report.txt"), report.summary().as_bytes())?;
-    sync_dir(&staging)?;
+    write_synced(&staging.0.join("report.txt"), report.summary().as_bytes())?;
+    sync_dir(&staging.0)?;
 
     let relative = format!("datasets/{}/{}", opts.dataset, version);
     let target = dir.root().join(&relative);
-    dir.publish_dir(&staging, &target)?;
+    dir.publish_dir(&staging.0, &target)?;
 
     let catalog_tables = Table::ALL
         .iter()

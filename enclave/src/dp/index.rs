@@ -65,8 +65,11 @@ pub(crate) async fn ensure(
         .await?;
     let schema = Arc::new(df.schema().as_arrow().clone());
     let key = keystore.get(&version.version.key_id)?;
-    let nonce = ring_nonce()?;
-    let tmp = dir.join(format!(".{table}.{}.{nonce}.tmp", std::process::id()));
+    let tmp = dir.join(format!(
+        ".{table}.{}.{}.tmp",
+        std::process::id(),
+        crate::datadir::random_name_part()?
+    ));
     let result = async {
         let mut writer = EncryptedWriter::create(&tmp, schema, &version.version.key_id, &key)?;
         let mut stream = df.execute_stream().await?;
@@ -94,12 +97,4 @@ pub(crate) async fn ensure(
             Err(e)
         }
     }
-}
-
-/// A random name part, so concurrent builders in several processes never share a temporary file.
-fn ring_nonce() -> Result<String> {
-    let mut bytes = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| Error::Internal("no randomness".into()))?;
-    Ok(hex::encode(bytes))
 }
