@@ -20,8 +20,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow::array::AsArray;
 use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, UInt32Array};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{ArrowPrimitiveType, DataType, Field, Float64Type, Int64Type, Schema};
 use catalog::{CatalogStore, SqliteCatalog, VersionEntry};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
@@ -353,9 +354,7 @@ impl DpEngine {
                     .ok_or_else(|| Error::Internal(format!("table {t} vanished")))?;
                 dir.join(&entry.file)
             };
-            if !ctx.table_exist(t.as_str())? {
-                crate::storage::register_table(&ctx, t, &file).await?;
-            }
+            crate::storage::register_table(&ctx, t, &file).await?;
         }
         Ok(ctx)
     }
@@ -662,28 +661,24 @@ struct Released {
     cost: Cost,
 }
 
-fn col_i64(b: &RecordBatch, name: &str) -> Result<Vec<i64>> {
+/// Column `name` of `b` as values of `T` (cast; nulls as the default).
+fn column_values<T: ArrowPrimitiveType>(b: &RecordBatch, name: &str) -> Result<Vec<T::Native>> {
     let c = b
         .column_by_name(name)
         .ok_or_else(|| Error::Internal(format!("missing {name}")))?;
-    let c = arrow::compute::cast(c, &DataType::Int64)?;
-    let a = c
-        .as_any()
-        .downcast_ref::<Int64Array>()
-        .ok_or_else(|| Error::Internal("not int".into()))?;
-    Ok(a.iter().map(|v| v.unwrap_or(0)).collect())
+    let c = arrow::compute::cast(c, &T::DATA_TYPE)?;
+    Ok(c.as_primitive::<T>()
+        .iter()
+        .map(Option::unwrap_or_default)
+        .collect())
+}
+
+fn col_i64(b: &RecordBatch, name: &str) -> Result<Vec<i64>> {
+    column_values::<Int64Type>(b, name)
 }
 
 fn col_f64(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
-    let c = b
-        .column_by_name(name)
-        .ok_or_else(|| Error::Internal(format!("missing {name}")))?;
-    let c = arrow::compute::cast(c, &DataType::Float64)?;
-    let a = c
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .ok_or_else(|| Error::Internal("not float".into()))?;
-    Ok(a.iter().map(|v| v.unwrap_or(0.0)).collect())
+    column_values::<Float64Type>(b, name)
 }
 
 impl DpEngine {
