@@ -232,6 +232,25 @@ pub fn ingest_bench(
 
 // ---- enclave bench dp ----------------------------------------------------------------------------------
 
+/// One benchmark query as principal `bench`, ε = 1.
+fn answer_at_epsilon_1(
+    rt: &tokio::runtime::Runtime,
+    engine: &crate::dp::DpEngine,
+    dataset: &str,
+    sql: &str,
+) -> Result<crate::dp::DpAnswer> {
+    rt.block_on(engine.answer(
+        "bench",
+        dataset,
+        sql,
+        &crate::dp::QueryOptions {
+            epsilon: Some(1.0),
+            delta: None,
+            origin: "bench".into(),
+        },
+    ))
+}
+
 /// The median of some durations, in seconds.
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -328,16 +347,12 @@ pub fn dp_bench(
     let k = f64::from(version.version.max_contributions);
     // The first query of a version builds the per-person contribution index of the tables it reads.
     let t0 = Instant::now();
-    rt.block_on(engine.answer(
-        "bench",
+    answer_at_epsilon_1(
+        &rt,
+        &engine,
         "bench",
         "SELECT COUNT(*) FROM observations o JOIN patients p ON p.person_id = o.person_id",
-        &crate::dp::QueryOptions {
-            epsilon: Some(1.0),
-            delta: None,
-            origin: "bench".into(),
-        },
-    ))?;
+    )?;
     println!(
         "\nfirst DP query of the version, building the per-person contribution index of observations and patients (once per version): {:.3} s",
         t0.elapsed().as_secs_f64()
@@ -396,16 +411,7 @@ pub fn dp_bench(
         let mut dp_times = Vec::new();
         for _ in 0..runs {
             let t0 = Instant::now();
-            let a = rt.block_on(engine.answer(
-                "bench",
-                "bench",
-                dp_sql,
-                &crate::dp::QueryOptions {
-                    epsilon: Some(1.0),
-                    delta: None,
-                    origin: "bench".into(),
-                },
-            ))?;
+            let a = answer_at_epsilon_1(&rt, &engine, "bench", dp_sql)?;
             dp_times.push(t0.elapsed().as_secs_f64());
             last = Some(a);
         }
@@ -529,16 +535,7 @@ fn smartnoise_comparison(work: &Path, runs: usize, rt: &tokio::runtime::Runtime)
     let (mut ours, mut times) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let t0 = Instant::now();
-        let a = rt.block_on(engine.answer(
-            "bench",
-            "sn",
-            sql,
-            &crate::dp::QueryOptions {
-                epsilon: Some(1.0),
-                delta: None,
-                origin: "bench".into(),
-            },
-        ))?;
+        let a = answer_at_epsilon_1(rt, &engine, "sn", sql)?;
         times.push(t0.elapsed().as_secs_f64());
         let depts = arrow::compute::cast(a.batch.column(0), &arrow::datatypes::DataType::Utf8)?;
         let depts = depts
