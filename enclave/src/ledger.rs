@@ -374,6 +374,13 @@ mod tests {
         (dir, db, key)
     }
 
+    fn epsilon(e: f64) -> Cost {
+        Cost {
+            epsilon: e,
+            ..Cost::default()
+        }
+    }
+
     fn draft(principal: &str, sql: &str) -> Draft {
         Draft {
             principal: principal.into(),
@@ -393,10 +400,7 @@ mod tests {
         ledger
             .set_budget("alice", "cohort", 1.0, 1e-6, None)
             .expect("set");
-        let c = Cost {
-            epsilon: 0.4,
-            ..Cost::default()
-        };
+        let c = epsilon(0.4);
         ledger.charge(&draft("alice", "q1"), c).expect("first");
         let second = ledger.charge(&draft("alice", "q2"), c).expect("second");
         assert!((second.budget.epsilon_left() - 0.2).abs() < 1e-12);
@@ -431,26 +435,10 @@ mod tests {
             .expect("set");
         for i in 0..3 {
             ledger
-                .charge(
-                    &draft("alice", &format!("q{i}")),
-                    Cost {
-                        epsilon: 0.1,
-                        ..Cost::default()
-                    },
-                )
+                .charge(&draft("alice", &format!("q{i}")), epsilon(0.1))
                 .expect("fits");
         }
-        assert!(
-            ledger
-                .charge(
-                    &draft("alice", "q4"),
-                    Cost {
-                        epsilon: 0.1,
-                        ..Cost::default()
-                    }
-                )
-                .is_err()
-        );
+        assert!(ledger.charge(&draft("alice", "q4"), epsilon(0.1)).is_err());
     }
 
     #[test]
@@ -468,13 +456,7 @@ mod tests {
                     // Each thread has its own connection, as separate processes would.
                     let ledger = Ledger::open(&db, &ks).expect("ledger");
                     ledger
-                        .charge(
-                            &draft("alice", &format!("q{i}")),
-                            Cost {
-                                epsilon: 0.1,
-                                ..Cost::default()
-                            },
-                        )
+                        .charge(&draft("alice", &format!("q{i}")), epsilon(0.1))
                         .is_ok()
                 })
             })
@@ -535,10 +517,7 @@ mod tests {
                 ledger
                     .charge(
                         &draft("alice", &format!("SELECT COUNT(*) -- {i}")),
-                        Cost {
-                            epsilon: 0.0,
-                            ..Cost::default()
-                        },
+                        epsilon(0.0),
                     )
                     .expect("charge");
             }
@@ -565,7 +544,7 @@ mod tests {
             let mut spent = 0i64;
             for (i, c) in costs.iter().enumerate() {
                 let cost = to_units(*c).expect("units");
-                let got = ledger.charge(&draft("p", &format!("q{i}")), Cost { epsilon: *c, ..Cost::default() });
+                let got = ledger.charge(&draft("p", &format!("q{i}")), epsilon(*c));
                 prop_assert_eq!(got.is_ok(), spent + cost <= total);
                 if got.is_ok() { spent += cost; }
                 let b = ledger.budget("p", "cohort").expect("b").expect("some");

@@ -34,9 +34,13 @@ fn export(dir: &Path, values: &[Vec<f64>]) {
 }
 
 fn ingest_as(dir: &DataDir, dataset: &str, input: &Path) {
+    ingest_with_profile(dir, dataset, input, "hipaa-safe-harbor");
+}
+
+fn ingest_with_profile(dir: &DataDir, dataset: &str, input: &Path, profile: &str) {
     let opts = IngestOptions {
         consent_scope: "test".into(),
-        ..IngestOptions::new("H1", dataset, input, "hipaa-safe-harbor")
+        ..IngestOptions::new("H1", dataset, input, profile)
     };
     let r = ingest(
         dir,
@@ -398,19 +402,12 @@ fn a_zcdp_dataset_charges_rho_and_states_its_epsilon_delta_equivalent() {
     .expect("write");
     let dir = DataDir::new(tmp.path().join("data"));
     dir.init().expect("init");
-    let opts = IngestOptions::new(
-        "H1",
+    ingest_with_profile(
+        &dir,
         "z",
-        tmp.path().join("export"),
+        &tmp.path().join("export"),
         &profile.display().to_string(),
     );
-    ingest(
-        &dir,
-        &dir.keystore().expect("ks"),
-        &dir.catalog().expect("catalog"),
-        &opts,
-    )
-    .expect("ingest");
     let engine = DpEngine::open(&dir).expect("engine");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let q = |sql: &str, rho: f64| {

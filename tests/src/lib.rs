@@ -28,13 +28,19 @@ pub fn enclave(cwd: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs `enclave` with `args` in `cwd` and returns its output, whatever its exit status.
-pub fn enclave_output(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(enclave_bin())
-        .args(args)
+/// The `enclave` command with `args` in `cwd`, free of the caller's `ENCLAVE_*` settings.
+pub fn enclave_command(cwd: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(enclave_bin());
+    c.args(args)
         .current_dir(cwd)
         .env_remove("ENCLAVE_DATA_DIR")
-        .env_remove("ENCLAVE_MASTER_KEY_FILE")
+        .env_remove("ENCLAVE_MASTER_KEY_FILE");
+    c
+}
+
+/// Runs `enclave` with `args` in `cwd` and returns its output, whatever its exit status.
+pub fn enclave_output(cwd: &Path, args: &[&str]) -> Output {
+    enclave_command(cwd, args)
         .output()
         .expect("run the enclave binary")
 }

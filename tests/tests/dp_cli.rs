@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use enclave_e2e::{Scratch, enclave_bin, enclave_output};
+use enclave_e2e::{Scratch, enclave, enclave_command, enclave_output};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
@@ -18,6 +18,21 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `enclave --data-dir enclave-data sql --as PRINCIPAL --dataset demo-cohort REST…`.
+fn sql<'a>(principal: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--data-dir",
+        "enclave-data",
+        "sql",
+        "--as",
+        principal,
+        "--dataset",
+        "demo-cohort",
+    ];
+    args.extend_from_slice(rest);
+    args
+}
+
 #[test]
 fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tampering() {
     let s = Scratch::new();
@@ -29,19 +44,7 @@ fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tamp
     assert!(out.contains("alice on demo-cohort: ε 1"), "{out}");
     let q = "SELECT department, COUNT(*) AS visits, AVG(base_cost) AS cost FROM encounters GROUP BY department ORDER BY department";
 
-    let first = s.enclave(
-        "enclave-data",
-        &[
-            "sql",
-            "--as",
-            "alice",
-            "--dataset",
-            "demo-cohort",
-            "--epsilon",
-            "0.4",
-            q,
-        ],
-    );
+    let first = enclave(s.path(), &sql("alice", &["--epsilon", "0.4", q]));
     assert!(
         first.contains("cost: ε 0.400000") && first.contains("budget left: ε 0.600000"),
         "{first}"
@@ -50,19 +53,9 @@ fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tamp
         first.contains("visits 95% CI") && first.contains("(8 rows)"),
         "{first}"
     );
-    let second: serde_json::Value = serde_json::from_str(&s.enclave(
-        "enclave-data",
-        &[
-            "sql",
-            "--as",
-            "alice",
-            "--dataset",
-            "demo-cohort",
-            "--epsilon",
-            "0.4",
-            "--json",
-            q,
-        ],
+    let second: serde_json::Value = serde_json::from_str(&enclave(
+        s.path(),
+        &sql("alice", &["--epsilon", "0.4", "--json", q]),
     ))
     .expect("json");
     assert_eq!(second["rows"].as_array().expect("rows").len(), 8);
@@ -73,21 +66,7 @@ fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tamp
     assert!((second["cost"]["epsilon"].as_f64().expect("eps") - 0.4).abs() < 1e-9);
     assert!(second["noise"][0]["scale"].as_f64().expect("scale") > 0.0);
 
-    let third = enclave_output(
-        s.path(),
-        &[
-            "--data-dir",
-            "enclave-data",
-            "sql",
-            "--as",
-            "alice",
-            "--dataset",
-            "demo-cohort",
-            "--epsilon",
-            "0.4",
-            q,
-        ],
-    );
+    let third = enclave_output(s.path(), &sql("alice", &["--epsilon", "0.4", q]));
     assert!(!third.status.success());
     let err = String::from_utf8_lossy(&third.stderr);
     assert!(
@@ -96,19 +75,7 @@ fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tamp
         ),
         "{err}"
     );
-    let row_level = enclave_output(
-        s.path(),
-        &[
-            "--data-dir",
-            "enclave-data",
-            "sql",
-            "--as",
-            "alice",
-            "--dataset",
-            "demo-cohort",
-            "SELECT * FROM patients",
-        ],
-    );
+    let row_level = enclave_output(s.path(), &sql("alice", &["SELECT * FROM patients"]));
     assert!(String::from_utf8_lossy(&row_level.stderr).contains("rule 'row-level'"));
 
     let verify = s.enclave("enclave-data", &["audit", "verify"]);
@@ -174,23 +141,8 @@ fn a_crash_between_commit_and_release_loses_only_the_answer() {
         &["budget", "set", "bob", "demo-cohort", "--epsilon", "1.0"],
     );
     let q = "SELECT COUNT(*) AS n FROM patients";
-    let args = [
-        "--data-dir",
-        "enclave-data",
-        "sql",
-        "--as",
-        "bob",
-        "--dataset",
-        "demo-cohort",
-        "--epsilon",
-        "0.3",
-        q,
-    ];
-    let crashed = std::process::Command::new(enclave_bin())
-        .args(args)
-        .current_dir(s.path())
-        .env_remove("ENCLAVE_DATA_DIR")
-        .env_remove("ENCLAVE_MASTER_KEY_FILE")
+    let args = sql("bob", &["--epsilon", "0.3", q]);
+    let crashed = enclave_command(s.path(), &args)
         .env("ENCLAVE_DANGER_CRASH_AFTER_CHARGE", "1")
         .output()
         .expect("run");
@@ -216,6 +168,6 @@ fn a_crash_between_commit_and_release_loses_only_the_answer() {
     let verify = s.enclave("enclave-data", &["audit", "verify"]);
     assert!(verify.contains("audit log verifies: 1 records"), "{verify}");
 
-    let next = s.enclave("enclave-data", &args[2..]);
+    let next = enclave(s.path(), &args);
     assert!(next.contains("budget left: ε 0.400000"), "{next}");
 }
