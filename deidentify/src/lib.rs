@@ -5,7 +5,9 @@
 //! [`policies::Profile`] ([`transform`]): keyed pseudonyms and per-person date shifts ([`keys`]),
 //! national-ID check digits ([`ids`]), generalisation, free-text scrubbing ([`scrub`]) and k-anonymity
 //! ([`kanon`]). What comes out is Arrow record batches with no direct identifier left; writing them
-//! (encrypted) and cataloguing them is the `enclave` crate's job.
+//! (encrypted) and cataloguing them is the `enclave` crate's job. It writes nothing itself: the persons'
+//! known identifiers, kept between the two passes, go to a [`KnownStore`] the caller provides (in memory
+//! by default; the enclave's ingest spills them to an encrypted file).
 
 pub mod ids;
 pub mod kanon;

@@ -1,4 +1,5 @@
-//! The enclave core: keys, encrypted storage, the ingest pipeline, demo data, and the `enclave` binary.
+//! The enclave core: keys, encrypted storage, the ingest pipeline, demo data, the DP engine with its budget
+//! ledger and audit log, and the `enclave` binary.
 //!
 //! ```text
 //!  provider export ─► deidentify::read ─► deidentify::transform ─► storage::EncryptedWriter ─► catalog
@@ -10,7 +11,9 @@
 //! Design goals, in order: no plaintext patient row at rest outside the provider's own files; no key
 //! material in logs, errors or Parquet metadata (the footer carries only a key ID); fail closed on any
 //! malformed configuration or input (bad rows go to the encrypted quarantine with a reason); memory
-//! bounded by batch and row-group size, not by input size.
+//! bounded by batch and row-group size, not by input size (what grows is ~100 bytes a patient; the
+//! identifiers the scrubber needs wait in an encrypted spill file); nothing about a row leaves except
+//! through `dp::DpEngine::answer`, charged and audited before it returns.
 
 pub mod audit;
 pub mod bench;
