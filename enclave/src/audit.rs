@@ -101,7 +101,7 @@ pub struct Record {
     pub cost_delta: i64,
     /// ρ charged, in pico-units (zCDP datasets).
     pub cost_rho: i64,
-    /// `released` or `refused`.
+    /// `released`, `refused`, or `failed` (accepted, charged, failed while running).
     pub outcome: String,
     /// The refusal rule (empty when released).
     pub rule: String,
@@ -305,6 +305,8 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
     let mut hashes = std::collections::HashMap::new();
     let mut released: std::collections::HashMap<(String, String), [i64; 3]> =
         std::collections::HashMap::new();
+    let mut granted: std::collections::HashMap<(String, String), [i64; 3]> =
+        std::collections::HashMap::new();
     while let Some(row) = rows.next()? {
         let rec = read_record(row)?;
         if rec.seq != expected_seq {
@@ -325,13 +327,18 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
                 "its contents do not match its hash (edited)".into(),
             ));
         }
-        if rec.outcome == "released" {
+        if rec.outcome == "released" || rec.outcome == "failed" {
             let e = released
                 .entry((rec.draft.principal.clone(), rec.draft.dataset.clone()))
                 .or_default();
             e[0] += rec.cost_epsilon;
             e[1] += rec.cost_delta;
             e[2] += rec.cost_rho;
+        } else if rec.outcome == "granted" {
+            granted.insert(
+                (rec.draft.principal.clone(), rec.draft.dataset.clone()),
+                [rec.cost_epsilon, rec.cost_delta, rec.cost_rho],
+            );
         } else if rec.outcome != "refused" {
             return Err(broken(
                 rec.seq,
@@ -387,8 +394,9 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
     }
 
     // Every charge is in the log: the budgets' spent totals equal the released records' costs.
-    let mut stmt = conn
-        .prepare("SELECT principal, dataset, spent_epsilon, spent_delta, spent_rho FROM budgets")?;
+    let mut stmt = conn.prepare(
+        "SELECT principal, dataset, spent_epsilon, spent_delta, spent_rho, epsilon, delta, rho FROM budgets",
+    )?;
     let budgets = stmt.query_map([], |r| {
         Ok((
             (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
@@ -397,10 +405,25 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
                 r.get::<_, i64>(3)?,
                 r.get::<_, i64>(4)?,
             ],
+            [
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<i64>>(7)?.unwrap_or(-1),
+            ],
         ))
     })?;
     for b in budgets {
-        let (key, spent) = b?;
+        let (key, spent, total) = b?;
+        // Every grant is in the log: the budget's totals are those of its last audited grant.
+        if granted.get(&key) != Some(&total) {
+            return Err(broken(
+                records,
+                format!(
+                    "the budget of {} on {} differs from its last audited grant (changed outside `budget set`)",
+                    key.0, key.1
+                ),
+            ));
+        }
         let logged = released.remove(&key).unwrap_or_default();
         if logged != spent {
             return Err(broken(

@@ -15,6 +15,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use crate::audit::{self, Draft, Record, from_units, to_units};
+use crate::dp::Rule;
 use crate::keys::Keystore;
 use crate::{Error, Result};
 
@@ -130,30 +131,68 @@ impl Ledger {
         hex::encode(self.signer.public_key().as_ref())
     }
 
-    /// Sets (or changes) the total granted to a principal on a dataset; what is spent stays spent.
+    /// Sets (or changes) the total granted to a principal on a dataset; what is spent stays spent. The
+    /// change and the audit record that says who made it, and the old and new amounts, commit together,
+    /// so `audit verify` can check every budget against its audited grants.
     pub fn set_budget(
         &self,
+        by: &str,
         principal: &str,
         dataset: &str,
         epsilon: f64,
         delta: f64,
         rho: Option<f64>,
     ) -> Result<Budget> {
-        if principal.trim().is_empty() {
-            return Err(Error::Config("principal must not be empty".into()));
+        if principal.trim().is_empty() || by.trim().is_empty() {
+            return Err(Error::Config(
+                "principal and the granting user must not be empty".into(),
+            ));
         }
         if delta >= 1.0 {
             return Err(Error::Config("delta must be below 1".into()));
         }
         let (e, d) = (to_units(epsilon)?, to_units(delta)?);
         let r = rho.map(to_units).transpose()?;
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let before = read_budget(&tx, principal, dataset)?;
+        tx.execute(
             "INSERT INTO budgets (principal, dataset, epsilon, delta, rho, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (principal, dataset) DO UPDATE SET epsilon = ?3, delta = ?4, rho = ?5, updated_at = ?6",
             params![principal, dataset, e, d, r, chrono::Utc::now().to_rfc3339()],
         )?;
-        self.budget(principal, dataset)?
-            .ok_or_else(|| Error::Internal("budget vanished after upsert".into()))
+        let amounts = |b: Option<(f64, f64, Option<f64>)>| match b {
+            None => "none".to_owned(),
+            Some((e, d, r)) => format!(
+                "ε {e}, δ {d}, ρ {}",
+                r.map_or("none".to_owned(), |r| r.to_string())
+            ),
+        };
+        let draft = Draft {
+            principal: principal.to_owned(),
+            origin: format!("grant by {by}"),
+            dataset: dataset.to_owned(),
+            version: String::new(),
+            sql: format!(
+                "budget set: {} → {}",
+                amounts(before.map(|b| (b.epsilon, b.delta, b.rho))),
+                amounts(Some((epsilon, delta, rho)))
+            ),
+            plan_hash: String::new(),
+        };
+        // A grant record carries the new totals in its amount fields (ρ −1: no ρ budget).
+        audit::append(
+            &tx,
+            &self.signer,
+            &draft,
+            [e, d, r.unwrap_or(-1)],
+            "granted",
+            "",
+        )?;
+        let budget = read_budget(&tx, principal, dataset)?
+            .ok_or_else(|| Error::Internal("budget vanished after upsert".into()))?;
+        tx.commit()?;
+        Ok(budget)
     }
 
     /// One budget.
@@ -187,7 +226,7 @@ impl Ledger {
         let budget = read_budget(&tx, &draft.principal, &draft.dataset)?;
         let refusal = match &budget {
             None => Some((
-                "budget",
+                Rule::Budget,
                 format!(
                     "{} has no privacy budget on dataset '{}'",
                     draft.principal, draft.dataset
@@ -198,14 +237,14 @@ impl Ledger {
                 if units[2] > 0 {
                     match raw.rho {
                         None => Some((
-                            "budget",
+                            Rule::Budget,
                             format!(
                                 "dataset '{}' is charged in ρ but this budget has no ρ",
                                 draft.dataset
                             ),
                         )),
                         Some(total) if raw.spent_rho + units[2] > total => Some((
-                            "budget",
+                            Rule::Budget,
                             format!(
                                 "budget exhausted: {:.6} ρ left, query needs {:.6}",
                                 from_units(total - raw.spent_rho),
@@ -214,7 +253,7 @@ impl Ledger {
                         )),
                         // Approximate zCDP (private key selection) also spends δ.
                         Some(_) if raw.spent_delta + units[1] > raw.delta => Some((
-                            "budget",
+                            Rule::Budget,
                             format!(
                                 "budget exhausted: {:.3e} δ left, query needs {:.3e}",
                                 (b.delta - b.spent_delta).max(0.0),
@@ -225,7 +264,7 @@ impl Ledger {
                     }
                 } else if raw.spent_epsilon + units[0] > raw.epsilon {
                     Some((
-                        "budget",
+                        Rule::Budget,
                         format!(
                             "budget exhausted: {:.6} ε left, query needs {:.6}",
                             b.epsilon_left(),
@@ -234,7 +273,7 @@ impl Ledger {
                     ))
                 } else if raw.spent_delta + units[1] > raw.delta {
                     Some((
-                        "budget",
+                        Rule::Budget,
                         format!(
                             "budget exhausted: {:.3e} δ left, query needs {:.3e}",
                             (b.delta - b.spent_delta).max(0.0),
@@ -256,10 +295,7 @@ impl Ledger {
                 &format!("{rule}: {message}"),
             )?;
             tx.commit()?;
-            return Err(Error::Refused {
-                rule: rule.to_owned(),
-                message,
-            });
+            return Err(Error::Refused { rule, message });
         }
         tx.execute(
             "UPDATE budgets SET spent_epsilon = spent_epsilon + ?3, spent_delta = spent_delta + ?4, spent_rho = spent_rho + ?5
@@ -271,6 +307,46 @@ impl Ledger {
             .ok_or_else(|| Error::Internal("budget vanished".into()))?;
         tx.commit()?;
         Ok(Charged { record, budget })
+    }
+
+    /// Records an accepted query that failed while running: its planned cost is charged (capped at what
+    /// is left, so concurrent queries still never overspend), with outcome `failed`. A failure that could
+    /// only depend on the data must not be a free answer.
+    pub fn charge_failure(&self, draft: &Draft, cost: Cost) -> Result<Record> {
+        let units = [
+            to_units(cost.epsilon)?,
+            to_units(cost.delta)?,
+            to_units(cost.rho)?,
+        ];
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists = read_budget(&tx, &draft.principal, &draft.dataset)?.is_some();
+        let charged = match exists {
+            true => {
+                let raw = raw_budget(&tx, &draft.principal, &draft.dataset)?;
+                [
+                    units[0].min((raw.epsilon - raw.spent_epsilon).max(0)),
+                    units[1].min((raw.delta - raw.spent_delta).max(0)),
+                    units[2].min((raw.rho.unwrap_or(0) - raw.spent_rho).max(0)),
+                ]
+            }
+            false => [0, 0, 0],
+        };
+        tx.execute(
+            "UPDATE budgets SET spent_epsilon = spent_epsilon + ?3, spent_delta = spent_delta + ?4, spent_rho = spent_rho + ?5
+             WHERE principal = ?1 AND dataset = ?2",
+            params![draft.principal, draft.dataset, charged[0], charged[1], charged[2]],
+        )?;
+        let rec = audit::append(
+            &tx,
+            &self.signer,
+            draft,
+            charged,
+            "failed",
+            "execution: the query failed while running; its cost was charged",
+        )?;
+        tx.commit()?;
+        Ok(rec)
     }
 
     /// Records a refusal for a rule other than the budget (nothing is charged).
@@ -398,7 +474,7 @@ mod tests {
         let ks = Keystore::open(&db, &key).expect("ks");
         let ledger = Ledger::open(&db, &ks).expect("ledger");
         ledger
-            .set_budget("alice", "cohort", 1.0, 1e-6, None)
+            .set_budget("test", "alice", "cohort", 1.0, 1e-6, None)
             .expect("set");
         let c = epsilon(0.4);
         ledger.charge(&draft("alice", "q1"), c).expect("first");
@@ -419,10 +495,10 @@ mod tests {
         let tail = ledger.tail(10).expect("tail");
         assert_eq!(
             tail.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>(),
-            ["released", "released", "refused", "refused"]
+            ["granted", "released", "released", "refused", "refused"]
         );
         let v = ledger.verify(&ledger.public_key_hex()).expect("verifies");
-        assert_eq!(v.records, 4);
+        assert_eq!(v.records, 5);
     }
 
     #[test]
@@ -431,7 +507,7 @@ mod tests {
         let ks = Keystore::open(&db, &key).expect("ks");
         let ledger = Ledger::open(&db, &ks).expect("ledger");
         ledger
-            .set_budget("alice", "cohort", 0.3, 0.0, None)
+            .set_budget("test", "alice", "cohort", 0.3, 0.0, None)
             .expect("set");
         for i in 0..3 {
             ledger
@@ -447,7 +523,7 @@ mod tests {
         let ks = Arc::new(Keystore::open(&db, &key).expect("ks"));
         Ledger::open(&db, &ks)
             .expect("ledger")
-            .set_budget("alice", "cohort", 1.0, 0.0, None)
+            .set_budget("test", "alice", "cohort", 1.0, 0.0, None)
             .expect("set");
         let handles: Vec<_> = (0..64)
             .map(|i| {
@@ -469,7 +545,7 @@ mod tests {
         assert_eq!(released, 10);
         let ledger = Ledger::open(&db, &ks).expect("ledger");
         let v = ledger.verify(&ledger.public_key_hex()).expect("verifies");
-        assert_eq!(v.records, 64);
+        assert_eq!(v.records, 65, "one grant and 64 queries");
         assert_eq!(
             ledger
                 .budget("alice", "cohort")
@@ -485,6 +561,71 @@ mod tests {
             .expect("open")
             .execute_batch(sql)
             .expect("tamper");
+    }
+
+    #[test]
+    fn a_failure_after_execution_is_charged_capped_at_what_is_left_and_verifies() {
+        let (_d, db, key) = setup();
+        let ks = Keystore::open(&db, &key).expect("ks");
+        let ledger = Ledger::open(&db, &ks).expect("ledger");
+        ledger
+            .set_budget("test", "alice", "cohort", 1.0, 1e-6, None)
+            .expect("budget");
+        ledger
+            .charge(&draft("alice", "q1"), epsilon(0.75))
+            .expect("charged");
+        let rec = ledger
+            .charge_failure(&draft("alice", "q2"), epsilon(0.5))
+            .expect("recorded");
+        assert_eq!(rec.outcome, "failed");
+        assert_eq!(from_units(rec.cost_epsilon), 0.25, "capped at what is left");
+        let b = ledger.budget("alice", "cohort").expect("b").expect("some");
+        assert_eq!(b.spent_epsilon, 1.0);
+        assert!(matches!(
+            ledger.charge(&draft("alice", "q3"), epsilon(0.1)),
+            Err(Error::Refused {
+                rule: Rule::Budget,
+                ..
+            })
+        ));
+        let v = ledger.verify(&ledger.public_key_hex()).expect("verifies");
+        assert_eq!(v.records, 4);
+    }
+
+    #[test]
+    fn a_grant_is_audited_and_a_budget_changed_behind_the_ledger_fails_verification() {
+        let (_d, db2, key) = setup();
+        let keystore = Keystore::open(&db2, &key).expect("ks");
+        let ledger = Ledger::open(&db2, &keystore).expect("ledger");
+        ledger
+            .set_budget("carol", "alice", "cohort", 1.0, 1e-6, None)
+            .expect("grant");
+        ledger
+            .set_budget("carol", "alice", "cohort", 2.5, 1e-6, Some(0.5))
+            .expect("raise");
+        let tail = ledger.tail(2).expect("tail");
+        assert!(tail.iter().all(|r| r.outcome == "granted"));
+        assert_eq!(tail[1].draft.origin, "grant by carol");
+        assert!(
+            tail[1]
+                .draft
+                .sql
+                .contains("ε 1, δ 0.000001, ρ none → ε 2.5"),
+            "{}",
+            tail[1].draft.sql
+        );
+        ledger.verify(&ledger.public_key_hex()).expect("verifies");
+        tamper(
+            &db2,
+            "UPDATE budgets SET epsilon = 100000000000000 WHERE principal = 'alice'",
+        );
+        let ledger = Ledger::open(&db2, &keystore).expect("ledger");
+        match ledger.verify(&ledger.public_key_hex()) {
+            Err(Error::AuditBroken { why, .. }) => {
+                assert!(why.contains("last audited grant"), "{why}")
+            }
+            other => panic!("a budget raised in SQLite verified: {other:?}"),
+        }
     }
 
     #[test]
@@ -511,7 +652,7 @@ mod tests {
             let ks = Keystore::open(&db, &key).expect("ks");
             let ledger = Ledger::open(&db, &ks).expect("ledger");
             ledger
-                .set_budget("alice", "cohort", 100.0, 0.0, None)
+                .set_budget("test", "alice", "cohort", 100.0, 0.0, None)
                 .expect("set");
             for i in 0..40 {
                 ledger
@@ -539,7 +680,7 @@ mod tests {
             let (_d, db, key) = setup();
             let ks = Keystore::open(&db, &key).expect("ks");
             let ledger = Ledger::open(&db, &ks).expect("ledger");
-            ledger.set_budget("p", "cohort", budget, 0.0, None).expect("set");
+            ledger.set_budget("test", "p", "cohort", budget, 0.0, None).expect("set");
             let total = to_units(budget).expect("units");
             let mut spent = 0i64;
             for (i, c) in costs.iter().enumerate() {

@@ -79,7 +79,7 @@ pub enum Error {
     #[error("refused by rule '{rule}': {message}")]
     Refused {
         /// The rule.
-        rule: String,
+        rule: dp::Rule,
         /// What the user needs to know.
         message: String,
     },

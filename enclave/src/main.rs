@@ -179,6 +179,9 @@ enum BudgetCommand {
         /// ρ granted, for datasets accounted in zCDP.
         #[arg(long)]
         rho: Option<f64>,
+        /// Who grants it, for the audit log (default: the login name).
+        #[arg(long, env = "USER", default_value = "unknown")]
+        by: String,
     },
     /// Budgets with what is spent and left.
     Show {
@@ -365,7 +368,10 @@ fn run(cli: Cli) -> Result<()> {
             json,
             sql,
         } => {
+            #[allow(unused_mut)]
             let mut engine = enclave::dp::DpEngine::open(&dir)?;
+            // Fault injection for the crash test: only in builds with the test feature.
+            #[cfg(feature = "danger-test-hooks")]
             if std::env::var_os("ENCLAVE_DANGER_CRASH_AFTER_CHARGE").is_some() {
                 engine = engine.danger_crash_after_charge();
             }
@@ -579,10 +585,11 @@ fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
             epsilon,
             delta,
             rho,
+            by,
         } => {
             // Fail closed: a budget only exists for a dataset the catalog knows.
             dir.catalog()?.version(&dataset, None)?;
-            let b = ledger.set_budget(&principal, &dataset, epsilon, delta, rho)?;
+            let b = ledger.set_budget(&by, &principal, &dataset, epsilon, delta, rho)?;
             println!(
                 "{} on {}: ε {} (spent {}), δ {:e} (spent {:e}){}",
                 b.principal,

@@ -174,11 +174,11 @@ fn main() {
     let engine = DpEngine::open(&dir).expect("engine");
     engine
         .ledger()
-        .set_budget("alice", "cohort", 1000.0, 0.5, None)
+        .set_budget("test", "alice", "cohort", 1000.0, 0.5, None)
         .expect("budget");
     engine
         .ledger()
-        .set_budget("bob", "cohort", 0.25, 1e-6, None)
+        .set_budget("test", "bob", "cohort", 0.25, 1e-6, None)
         .expect("budget");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
@@ -198,7 +198,33 @@ fn main() {
                 delta: None,
                 origin: "slt".into(),
             };
+            let spent_before = engine
+                .ledger()
+                .budget(&r.principal, "cohort")
+                .expect("budget")
+                .map(|b| (b.spent_epsilon, b.spent_delta, b.spent_rho));
             let got = rt.block_on(engine.answer(&r.principal, "cohort", &r.sql, &options));
+            let spent_after = engine
+                .ledger()
+                .budget(&r.principal, "cohort")
+                .expect("budget")
+                .map(|b| (b.spent_epsilon, b.spent_delta, b.spent_rho));
+            // A refusal costs nothing; only rule 'execution' (accepted, ran, failed) is charged.
+            if let Err(e) = &got
+                && !matches!(
+                    e,
+                    enclave::Error::Refused {
+                        rule: enclave::dp::Rule::Execution,
+                        ..
+                    }
+                )
+            {
+                assert_eq!(
+                    spent_before, spent_after,
+                    "{}:{}: a refusal changed the budget",
+                    r.file, r.line
+                );
+            }
             let verdict: Result<(), String> = match (&r.kind, got) {
                 (Kind::Ok, Ok(_)) => Ok(()),
                 (Kind::Error(re), Err(e)) if re.is_match(&e.to_string()) => Ok(()),
@@ -257,10 +283,11 @@ fn main() {
         .ledger()
         .verify(pk.trim())
         .expect("audit log verifies");
+    let grants = 2;
     assert_eq!(
         v.records as usize,
-        passed + failed,
-        "one audit record per query"
+        passed + failed + grants,
+        "one audit record per query (and per grant)"
     );
     println!("slt: {passed} passed, {failed} failed");
     if failed > 0 {

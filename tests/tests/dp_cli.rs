@@ -79,7 +79,7 @@ fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tamp
     assert!(String::from_utf8_lossy(&row_level.stderr).contains("rule 'row-level'"));
 
     let verify = s.enclave("enclave-data", &["audit", "verify"]);
-    assert!(verify.contains("audit log verifies: 4 records"), "{verify}");
+    assert!(verify.contains("audit log verifies: 5 records"), "{verify}");
     let tail = s.enclave("enclave-data", &["audit", "tail", "--json"]);
     let outcomes: Vec<String> = tail
         .lines()
@@ -90,7 +90,10 @@ fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tamp
                 .to_owned()
         })
         .collect();
-    assert_eq!(outcomes, ["released", "released", "refused", "refused"]);
+    assert_eq!(
+        outcomes,
+        ["granted", "released", "released", "refused", "refused"]
+    );
 
     for (name, sql, seq) in [
         (
@@ -166,7 +169,7 @@ fn a_crash_between_commit_and_release_loses_only_the_answer() {
     assert_eq!(last["outcome"], "released");
     assert_eq!(last["sql"], q);
     let verify = s.enclave("enclave-data", &["audit", "verify"]);
-    assert!(verify.contains("audit log verifies: 1 records"), "{verify}");
+    assert!(verify.contains("audit log verifies: 2 records"), "{verify}");
 
     let next = enclave(s.path(), &args);
     assert!(next.contains("budget left: ε 0.400000"), "{next}");

@@ -1,12 +1,14 @@
-//! The SQL front door: parses a query, checks it against the refusal rules, and extracts what the DP
-//! engine computes (group keys and aggregates) from what is post-processing (HAVING, ORDER BY, LIMIT,
-//! arithmetic over aggregates).
+//! The SQL front door: parses a query and checks its syntax tree against the refusal rules, before
+//! DataFusion ever sees it.
 //!
 //! Everything is allow-listed: one `SELECT` over the dataset's tables, inner joins on `person_id` only,
 //! a fixed set of scalar functions, aggregates over catalogued columns with declared bounds. Anything
-//! else is refused with the name of the rule it breaks.
+//! else is refused with the [`Rule`] it breaks. What passes is handed on as the syntax tree itself
+//! ([`Analyzed::statement`]), never as text: DataFusion plans that tree, and `plan.rs` rewrites the plan.
+//!
+//! Identifiers are compared as DataFusion resolves them: unquoted ones in lower case, quoted ones as
+//! written. Aliases may not begin with `__`: the engine's own columns do.
 
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
@@ -20,21 +22,14 @@ use datafusion::sql::sqlparser::parser::Parser;
 
 use catalog::{ColumnEntry, VersionEntry};
 
+use super::rules::{Rule, refuse};
 use crate::{Error, Result};
 
-/// A refusal: which rule, and what to tell the user.
-pub(crate) fn refuse<T>(rule: &str, message: impl Into<String>) -> Result<T> {
-    Err(Error::Refused {
-        rule: rule.to_owned(),
-        message: message.into(),
-    })
-}
-
 /// Scalar functions a query may use (in WHERE, group keys, and post-processing). Nothing user-defined.
-const SCALAR_FUNCTIONS: &[&str] = &[
+/// Each is checked again on DataFusion's plan, where its totality argument is (`total.rs`).
+pub(crate) const SCALAR_FUNCTIONS: &[&str] = &[
     "DATE_TRUNC",
     "DATE_PART",
-    "DATE_BIN",
     "EXTRACT",
     "FLOOR",
     "CEIL",
@@ -50,10 +45,11 @@ const SCALAR_FUNCTIONS: &[&str] = &[
     "LEFT",
     "LENGTH",
     "CHAR_LENGTH",
-    "TO_CHAR",
+    "CHARACTER_LENGTH",
     "GREATEST",
     "LEAST",
     "POWER",
+    "POW",
     "SQRT",
     "LN",
     "LOG10",
@@ -82,99 +78,85 @@ pub(crate) enum AggKind {
     Quantile(f64),
 }
 
-/// One aggregate call of the query.
+/// One aggregate call of the query, as the front door validated it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Aggregate {
-    /// Its canonical SQL text (the key post-processing refers to it by).
+    /// Its canonical SQL text (to deduplicate equal calls).
     pub key: String,
     /// What it computes.
     pub kind: AggKind,
-    /// Its argument column (SQL, qualified as written), when it has one.
-    pub arg: Option<String>,
-    /// Public clamping bounds of the argument.
+    /// Public clamping bounds of its argument.
     pub bounds: Option<(f64, f64)>,
 }
 
-/// A validated query, split into what DP computes and what is post-processing.
+/// A validated query: its syntax tree, ready for DataFusion's planner.
 #[derive(Debug, Clone)]
 pub(crate) struct Analyzed {
-    /// The FROM clause as written (tables of the dataset, inner joins on person_id).
-    pub from: String,
-    /// The person key of the first table (qualified).
-    pub person: String,
-    /// WHERE, as written.
-    pub selection: Option<String>,
-    /// Group-key expressions.
-    pub groups: Vec<String>,
-    /// The public domain of each group key that is a bare column with a declared domain.
-    pub group_domains: Vec<Option<Vec<String>>>,
-    /// Aggregates, deduplicated.
-    pub aggregates: Vec<Aggregate>,
-    /// The post-processing query over the noisy table `noisy` (columns `__g{i}` and `__a{j}`).
-    pub post: String,
-    /// For each output column: the aggregate it shows unchanged, if any (its interval applies).
-    pub output_aggregates: Vec<Option<usize>>,
-    /// The tables referenced.
+    /// The one `SELECT`, with function names canonical (upper case; `VARIANCE` → `VAR_SAMP`).
+    pub statement: Statement,
+    /// The tables referenced (catalog names).
     pub tables: Vec<String>,
-    /// The name each table goes by in the query (its alias, or its name), in FROM order.
-    pub aliases: Vec<String>,
+    /// The aggregates the front door validated (the plan's must be among them).
+    pub aggregates: Vec<Aggregate>,
 }
 
-impl Analyzed {
-    /// True when every group key has a declared public domain (every key is released, no selection).
-    pub(crate) fn public_groups(&self) -> bool {
-        !self.groups.is_empty() && self.group_domains.iter().all(Option::is_some)
+/// An identifier as DataFusion resolves it: unquoted in lower case, quoted as written.
+pub(crate) fn normalized(id: &Ident) -> String {
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_lowercase()
     }
 }
 
 struct Scope<'a> {
-    /// alias or table name → (table name, its columns)
+    /// alias or table name (normalised) → (table name, its columns)
     tables: Vec<(String, String, &'a [ColumnEntry])>,
-    /// How the query refers to each table (alias or name, quoted as written), for generated SQL.
-    written: Vec<String>,
 }
 
 impl Scope<'_> {
     fn resolve(&self, parts: &[Ident]) -> Result<(&str, &ColumnEntry)> {
         match parts {
             [col] => {
+                let name = normalized(col);
                 let hits: Vec<_> = self
                     .tables
                     .iter()
                     .filter_map(|(_, t, cols)| {
                         cols.iter()
-                            .find(|c| c.name == col.value)
+                            .find(|c| c.name == name)
                             .map(|c| (t.as_str(), c))
                     })
                     .collect();
                 match hits.as_slice() {
                     [one] => Ok(*one),
                     [] => refuse(
-                        "unknown-column",
-                        format!("no column '{}' in {}", col.value, self.names()),
+                        Rule::UnknownColumn,
+                        format!("no column '{name}' in {}", self.names()),
                     ),
                     _ => refuse(
-                        "ambiguous-column",
-                        format!("column '{}' is in several tables: qualify it", col.value),
+                        Rule::AmbiguousColumn,
+                        format!("column '{name}' is in several tables: qualify it"),
                     ),
                 }
             }
             [q, col] => {
-                let Some((_, t, cols)) = self.tables.iter().find(|(a, _, _)| *a == q.value) else {
+                let (q, name) = (normalized(q), normalized(col));
+                let Some((_, t, cols)) = self.tables.iter().find(|(a, _, _)| *a == q) else {
                     return refuse(
-                        "unknown-column",
-                        format!("no table or alias '{}' in the query", q.value),
+                        Rule::UnknownColumn,
+                        format!("no table or alias '{q}' in the query"),
                     );
                 };
-                match cols.iter().find(|c| c.name == col.value) {
+                match cols.iter().find(|c| c.name == name) {
                     Some(c) => Ok((t.as_str(), c)),
                     None => refuse(
-                        "unknown-column",
-                        format!("table {t} has no column '{}'", col.value),
+                        Rule::UnknownColumn,
+                        format!("table {t} has no column '{name}'"),
                     ),
                 }
             }
-            _ => refuse("catalog", "only table.column references are allowed"),
+            _ => refuse(Rule::Catalog, "only table.column references are allowed"),
         }
     }
 
@@ -226,26 +208,19 @@ fn is_aggregate_name(name: &str) -> bool {
     )
 }
 
-/// Upper-cases function names so equal calls print equally.
+/// Upper-cases function names so equal calls print equally, and gives aggregates the name DataFusion
+/// knows them by (`VARIANCE` is `VAR_SAMP` there).
 struct Canonical;
 impl VisitorMut for Canonical {
     type Break = ();
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = e {
             let upper = function_name(f);
-            f.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(upper))]);
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// Replaces sub-expressions whose text is in `map` by identifiers (pre-order: outermost match wins).
-struct Replace<'a>(&'a HashMap<String, String>);
-impl VisitorMut for Replace<'_> {
-    type Break = ();
-    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-        if let Some(name) = self.0.get(&e.to_string()) {
-            *e = Expr::Identifier(Ident::new(name.clone()));
+            let name = match upper.as_str() {
+                "VARIANCE" | "VAR" => "VAR_SAMP".to_owned(),
+                _ => upper,
+            };
+            f.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(name))]);
         }
         ControlFlow::Continue(())
     }
@@ -255,25 +230,23 @@ impl VisitorMut for Replace<'_> {
 pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
     let mut statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
-        Err(e) => return refuse("syntax", format!("the query does not parse: {e}")),
+        Err(e) => return refuse(Rule::Syntax, format!("the query does not parse: {e}")),
     };
     if statements.len() != 1 {
-        return refuse("single-select", "send exactly one SELECT statement");
+        return refuse(Rule::SingleSelect, "send exactly one SELECT statement");
     }
     let Some(Statement::Query(mut query)) = statements.pop() else {
-        return refuse("single-select", "only SELECT queries are accepted");
+        return refuse(Rule::SingleSelect, "only SELECT queries are accepted");
     };
     let _ = VisitMut::visit(&mut *query, &mut Canonical);
     check_query_shape(&query)?;
     let SetExpr::Select(select) = &*query.body else {
         return refuse(
-            "single-select",
+            Rule::SingleSelect,
             "set operations (UNION, INTERSECT, …) and VALUES are not accepted",
         );
     };
     let scope = scope(select, version)?;
-    let from = select.from[0].to_string();
-    let person = format!("{}.person_id", scope.tables[0].0);
     check_joins(select)?;
     if let Some(w) = &select.selection {
         check_expr(w, &scope, false)?;
@@ -289,7 +262,7 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
         }
         _ => {
             return refuse(
-                "group-by",
+                Rule::GroupBy,
                 "GROUP BY ALL, ROLLUP, CUBE and GROUPING SETS are not accepted",
             );
         }
@@ -299,41 +272,36 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
         check_group_key(g, &scope)?;
     }
     let group_texts: Vec<String> = groups.iter().map(ToString::to_string).collect();
-    let group_domains: Vec<Option<Vec<String>>> = groups
-        .iter()
-        .map(|g| match g {
-            Expr::Identifier(id) => scope
-                .resolve(std::slice::from_ref(id))
-                .ok()
-                .and_then(|(_, c)| c.domain.clone()),
-            Expr::CompoundIdentifier(p) => {
-                scope.resolve(p).ok().and_then(|(_, c)| c.domain.clone())
-            }
-            _ => None,
-        })
-        .collect();
 
     // Aggregates from the projection, HAVING and ORDER BY.
     let mut aggregates: Vec<Aggregate> = Vec::new();
-    let mut projected = Vec::new();
+    let mut aliases: Vec<String> = Vec::new();
     for item in &select.projection {
-        let (expr, alias) = match item {
-            SelectItem::UnnamedExpr(e) => (e, None),
-            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.value.clone())),
+        let expr = match item {
+            SelectItem::UnnamedExpr(e) => e,
+            SelectItem::ExprWithAlias { expr, alias } => {
+                if alias.value.starts_with("__") {
+                    return refuse(
+                        Rule::ReservedName,
+                        "output names beginning with '__' are the engine's own: choose another alias",
+                    );
+                }
+                aliases.push(normalized(alias));
+                expr
+            }
             _ => {
                 return refuse(
-                    "row-level",
+                    Rule::RowLevel,
                     "SELECT * and t.* release rows; select aggregates instead",
                 );
             }
         };
         collect_aggregates(expr, &scope, &mut aggregates)?;
         check_post_expr(expr, &group_texts)?;
-        projected.push((expr.clone(), alias));
     }
     if aggregates.is_empty() {
         return refuse(
-            "row-level",
+            Rule::RowLevel,
             "the query has no aggregate: only aggregates (COUNT, SUM, AVG, …) are released",
         );
     }
@@ -341,100 +309,31 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
         collect_aggregates(h, &scope, &mut aggregates)?;
         check_post_expr(h, &group_texts)?;
     }
-    if let Some(ob) = &query.order_by
-        && let datafusion::sql::sqlparser::ast::OrderByKind::Expressions(items) = &ob.kind
-    {
-        {
-            for o in items {
-                let aliased = projected
-                    .iter()
-                    .any(|(_, a)| a.as_deref() == Some(o.expr.to_string().as_str()));
-                if !aliased {
-                    collect_aggregates(&o.expr, &scope, &mut aggregates)?;
-                    check_post_expr(&o.expr, &group_texts)?;
-                }
-            }
-        }
-    }
-
-    // The post-processing query: the user's own query, over the noisy table.
-    let mut names = HashMap::new();
-    for (i, a) in aggregates.iter().enumerate() {
-        names.insert(a.key.clone(), format!("__a{i}"));
-    }
-    for (i, g) in group_texts.iter().enumerate() {
-        names.insert(g.clone(), format!("__g{i}"));
-    }
-    let mut post = (*query).clone();
-    let mut output_aggregates = Vec::new();
-    {
-        let SetExpr::Select(s) = &mut *post.body else {
-            return Err(Error::Internal("select vanished".into()));
+    if let Some(ob) = &query.order_by {
+        let datafusion::sql::sqlparser::ast::OrderByKind::Expressions(items) = &ob.kind else {
+            return refuse(Rule::SingleSelect, "ORDER BY ALL is not accepted");
         };
-        let s: &mut Select = s;
-        s.from = vec![datafusion::sql::sqlparser::ast::TableWithJoins {
-            relation: TableFactor::Table {
-                name: ObjectName(vec![ObjectNamePart::Identifier(Ident::new("noisy"))]),
-                alias: None,
-                args: None,
-                with_hints: vec![],
-                version: None,
-                with_ordinality: false,
-                partitions: vec![],
-                json_path: None,
-                sample: None,
-                index_hints: vec![],
-            },
-            joins: vec![],
-        }];
-        s.selection = s.having.take();
-        s.group_by = GroupByExpr::Expressions(vec![], vec![]);
-        for (item, (expr, alias)) in s.projection.iter_mut().zip(&projected) {
-            output_aggregates.push(aggregates.iter().position(|a| a.key == expr.to_string()));
-            // Keep the user's column name: the alias, or the expression as written.
-            let name = alias.clone().unwrap_or_else(|| match expr {
-                Expr::CompoundIdentifier(parts) => parts
-                    .last()
-                    .map_or_else(|| expr.to_string(), |p| p.value.clone()),
-                Expr::Identifier(id) => id.value.clone(),
-                _ => expr.to_string(),
-            });
-            *item = SelectItem::ExprWithAlias {
-                expr: expr.clone(),
-                alias: Ident::with_quote('"', name),
-            };
-        }
-        // Hidden columns that carry each shown aggregate's interval through HAVING, ORDER BY and LIMIT.
-        for (i, j) in output_aggregates.iter().enumerate() {
-            if let Some(j) = j {
-                for side in ["lo", "hi"] {
-                    s.projection.push(SelectItem::ExprWithAlias {
-                        expr: Expr::Identifier(Ident::new(format!("__a{j}__{side}"))),
-                        alias: Ident::new(format!("__{side}{i}")),
-                    });
-                }
+        for o in items {
+            let aliased =
+                matches!(&o.expr, Expr::Identifier(id) if aliases.contains(&normalized(id)));
+            if !aliased {
+                collect_aggregates(&o.expr, &scope, &mut aggregates)?;
+                check_post_expr(&o.expr, &group_texts)?;
             }
         }
     }
-    let _ = VisitMut::visit(&mut post, &mut Replace(&names));
+    let tables = scope.tables.iter().map(|(_, t, _)| t.clone()).collect();
     Ok(Analyzed {
-        from,
-        person,
-        selection: select.selection.as_ref().map(ToString::to_string),
-        groups: group_texts,
-        group_domains,
+        statement: Statement::Query(query),
+        tables,
         aggregates,
-        post: post.to_string(),
-        output_aggregates,
-        tables: scope.tables.iter().map(|(_, t, _)| t.clone()).collect(),
-        aliases: scope.written.clone(),
     })
 }
 
 fn check_query_shape(q: &Query) -> Result<()> {
     if q.with.is_some() {
         return refuse(
-            "single-select",
+            Rule::SingleSelect,
             "WITH (common table expressions) is not accepted",
         );
     }
@@ -446,7 +345,7 @@ fn check_query_shape(q: &Query) -> Result<()> {
         || !q.pipe_operators.is_empty()
     {
         return refuse(
-            "single-select",
+            Rule::SingleSelect,
             "only SELECT … FROM … [WHERE] [GROUP BY] [HAVING] [ORDER BY] [LIMIT] is accepted",
         );
     }
@@ -460,22 +359,22 @@ fn check_query_shape(q: &Query) -> Result<()> {
             } if limit_by.is_empty() => {
                 for e in limit.iter().chain(offset.as_ref().map(|o| &o.value)) {
                     if !matches!(e, Expr::Value(_)) {
-                        return refuse("single-select", "LIMIT and OFFSET take numbers");
+                        return refuse(Rule::SingleSelect, "LIMIT and OFFSET take numbers");
                     }
                 }
             }
-            _ => return refuse("single-select", "only LIMIT n [OFFSET m] is accepted"),
+            _ => return refuse(Rule::SingleSelect, "only LIMIT n [OFFSET m] is accepted"),
         }
     }
     let SetExpr::Select(s) = &*q.body else {
         return refuse(
-            "single-select",
+            Rule::SingleSelect,
             "set operations (UNION, INTERSECT, …) and VALUES are not accepted",
         );
     };
     if s.distinct.is_some() {
         return refuse(
-            "row-level",
+            Rule::RowLevel,
             "SELECT DISTINCT releases values row by row; use GROUP BY with an aggregate",
         );
     }
@@ -491,48 +390,64 @@ fn check_query_shape(q: &Query) -> Result<()> {
         || s.qualify.is_some()
     {
         return refuse(
-            "single-select",
+            Rule::SingleSelect,
             "only SELECT … FROM … [WHERE] [GROUP BY] [HAVING] [ORDER BY] [LIMIT] is accepted",
         );
     }
     if s.from.len() != 1 {
         return refuse(
-            "join",
+            Rule::Join,
             "list tables with JOIN … ON a.person_id = b.person_id, not with commas",
         );
     }
     Ok(())
 }
 
+/// The table a FROM item names and the name the query refers to it by (its alias, else the table), both
+/// normalised as DataFusion resolves them.
+fn relation_name(factor: &TableFactor) -> Result<(String, String)> {
+    let TableFactor::Table {
+        name,
+        alias,
+        args: None,
+        ..
+    } = factor
+    else {
+        return refuse(
+            Rule::SingleSelect,
+            "subqueries and table functions in FROM are not accepted",
+        );
+    };
+    let table = match name.0.as_slice() {
+        [ObjectNamePart::Identifier(t)] => normalized(t),
+        _ => {
+            return refuse(
+                Rule::Catalog,
+                format!(
+                    "'{name}' is not a table of this dataset (no schemas, no information_schema)"
+                ),
+            );
+        }
+    };
+    if let Some(a) = alias
+        && !a.columns.is_empty()
+    {
+        return refuse(
+            Rule::SingleSelect,
+            "column aliases on a table (AS t(a, b)) are not accepted",
+        );
+    }
+    let referred = alias
+        .as_ref()
+        .map_or(table.clone(), |a| normalized(&a.name));
+    Ok((table, referred))
+}
+
 fn scope<'a>(select: &Select, version: &'a VersionEntry) -> Result<Scope<'a>> {
-    let mut tables = Vec::new();
-    let mut written = Vec::new();
+    let mut tables: Vec<(String, String, &[ColumnEntry])> = Vec::new();
     let twj = &select.from[0];
     for factor in std::iter::once(&twj.relation).chain(twj.joins.iter().map(|j| &j.relation)) {
-        let TableFactor::Table {
-            name,
-            alias,
-            args: None,
-            ..
-        } = factor
-        else {
-            return refuse(
-                "single-select",
-                "subqueries and table functions in FROM are not accepted",
-            );
-        };
-        let parts: Vec<String> = name.0.iter().map(|p| p.to_string()).collect();
-        let table = match parts.as_slice() {
-            [t] => t.trim_matches('"').to_owned(),
-            _ => {
-                return refuse(
-                    "catalog",
-                    format!(
-                        "'{name}' is not a table of this dataset (no schemas, no information_schema)"
-                    ),
-                );
-            }
-        };
+        let (table, alias_name) = relation_name(factor)?;
         let Some(entry) = version.version.tables.iter().find(|t| t.name == table) else {
             let known = version
                 .version
@@ -542,54 +457,35 @@ fn scope<'a>(select: &Select, version: &'a VersionEntry) -> Result<Scope<'a>> {
                 .collect::<Vec<_>>()
                 .join(", ");
             return refuse(
-                "catalog",
+                Rule::Catalog,
                 format!(
                     "'{table}' is not a table of dataset {} (tables: {known})",
                     version.version.dataset
                 ),
             );
         };
-        let alias_name = alias
-            .as_ref()
-            .map_or(table.clone(), |a| a.name.value.clone());
-        written.push(
-            alias
-                .as_ref()
-                .map_or(name.to_string(), |a| a.name.to_string()),
-        );
         if tables.iter().any(|(a, _, _)| *a == alias_name) {
             return refuse(
-                "join",
+                Rule::Join,
                 format!("'{alias_name}' appears twice: give each table its own alias"),
             );
         }
         tables.push((alias_name, table, entry.columns.as_slice()));
     }
-    Ok(Scope { tables, written })
+    Ok(Scope { tables })
 }
 
 fn check_joins(select: &Select) -> Result<()> {
     let twj = &select.from[0];
-    let first = match &twj.relation {
-        TableFactor::Table { name, alias, .. } => alias
-            .as_ref()
-            .map_or(name.to_string(), |a| a.name.value.clone()),
-        _ => return refuse("single-select", "subqueries in FROM are not accepted"),
-    };
-    let mut seen = vec![first];
+    let mut seen = vec![relation_name(&twj.relation)?.1];
     for j in &twj.joins {
-        let this = match &j.relation {
-            TableFactor::Table { name, alias, .. } => alias
-                .as_ref()
-                .map_or(name.to_string(), |a| a.name.value.clone()),
-            _ => return refuse("single-select", "subqueries in FROM are not accepted"),
-        };
+        let this = relation_name(&j.relation)?.1;
         let on = match &j.join_operator {
             JoinOperator::Join(JoinConstraint::On(e))
             | JoinOperator::Inner(JoinConstraint::On(e)) => e,
             _ => {
                 return refuse(
-                    "join",
+                    Rule::Join,
                     "only INNER JOIN … ON a.person_id = b.person_id is accepted",
                 );
             }
@@ -603,11 +499,11 @@ fn check_joins(select: &Select) -> Result<()> {
                 (Expr::CompoundIdentifier(l), Expr::CompoundIdentifier(r))
                     if l.len() == 2 && r.len() == 2 =>
                 {
-                    let (lt, lc, rt, rc) = (&l[0].value, &l[1].value, &r[0].value, &r[1].value);
+                    let [lt, lc, rt, rc] = [&l[0], &l[1], &r[0], &r[1]].map(normalized);
                     lc == "person_id"
                         && rc == "person_id"
-                        && ((lt == &this && seen.contains(rt))
-                            || (rt == &this && seen.contains(lt)))
+                        && ((lt == this && seen.contains(&rt))
+                            || (rt == this && seen.contains(&lt)))
                 }
                 _ => false,
             },
@@ -615,7 +511,7 @@ fn check_joins(select: &Select) -> Result<()> {
         };
         if !ok {
             return refuse(
-                "join",
+                Rule::Join,
                 format!(
                     "join {this} on person_id only: ON {this}.person_id = <earlier table>.person_id"
                 ),
@@ -638,7 +534,7 @@ fn resolve_group_ref(g: &Expr, projection: &[SelectItem]) -> Result<Expr> {
                 Ok(e.clone())
             }
             _ => refuse(
-                "group-by",
+                Rule::GroupBy,
                 format!("GROUP BY {n} names no column of the SELECT list"),
             ),
         };
@@ -670,7 +566,7 @@ fn check_expr(e: &Expr, scope: &Scope<'_>, aggregates_allowed: bool) -> Result<(
                 Expr::Identifier(id) => self.scope.resolve(std::slice::from_ref(id)).map(|_| ()),
                 Expr::CompoundIdentifier(parts) => self.scope.resolve(parts).map(|_| ()),
                 Expr::Subquery(_) | Expr::InSubquery { .. } | Expr::Exists { .. } => {
-                    refuse("single-select", "subqueries are not accepted")
+                    refuse(Rule::SingleSelect, "subqueries are not accepted")
                 }
                 Expr::Function(f) => {
                     let name = function_name(f);
@@ -678,17 +574,20 @@ fn check_expr(e: &Expr, scope: &Scope<'_>, aggregates_allowed: bool) -> Result<(
                         if self.aggregates_allowed {
                             Ok(())
                         } else {
-                            refuse("aggregate-place", format!("{name} is not allowed here"))
+                            refuse(Rule::AggregatePlace, format!("{name} is not allowed here"))
                         }
                     } else if SCALAR_FUNCTIONS.contains(&name.as_str()) {
                         if f.over.is_some() || f.filter.is_some() {
-                            refuse("function", "window functions and FILTER are not accepted")
+                            refuse(
+                                Rule::Function,
+                                "window functions and FILTER are not accepted",
+                            )
                         } else {
                             Ok(())
                         }
                     } else {
                         refuse(
-                            "function",
+                            Rule::Function,
                             format!(
                                 "function {name} is not allowed (user-defined and unlisted functions are refused)"
                             ),
@@ -738,13 +637,13 @@ fn check_group_key(g: &Expr, scope: &Scope<'_>) -> Result<()> {
         let (table, col) = scope.resolve(&parts)?;
         if col.name == "person_id" {
             return refuse(
-                "per-person-key",
+                Rule::PerPersonKey,
                 "GROUP BY person_id would release one value per person",
             );
         }
         if col.role == "identifier" {
             return refuse(
-                "identifier",
+                Rule::Identifier,
                 format!(
                     "{table}.{} is an identifier: it cannot be a group key",
                     col.name
@@ -783,7 +682,7 @@ fn check_post_expr(e: &Expr, groups: &[String]) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(".");
             refuse(
-                "row-level",
+                Rule::RowLevel,
                 format!("'{name}' is neither a group key nor inside an aggregate"),
             )
         }
@@ -795,7 +694,7 @@ fn arg_list(f: &Function) -> Result<&FunctionArgumentList> {
     match &f.args {
         FunctionArguments::List(l) if l.clauses.is_empty() => Ok(l),
         _ => refuse(
-            "function",
+            Rule::Function,
             format!("{} takes a plain argument list", function_name(f)),
         ),
     }
@@ -845,13 +744,13 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
     let key = Expr::Function(f.clone()).to_string();
     if f.over.is_some() || f.filter.is_some() || !f.within_group.is_empty() {
         return refuse(
-            "function",
+            Rule::Function,
             format!("{name} with OVER, FILTER or WITHIN GROUP is not accepted"),
         );
     }
     if matches!(name.as_str(), "MIN" | "MAX") {
         return refuse(
-            "min-max",
+            Rule::MinMax,
             format!(
                 "{name} releases one person's value; use APPROX_PERCENTILE_CONT(col, 0.01 / 0.99) or MEDIAN instead"
             ),
@@ -867,7 +766,7 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
         .iter()
         .map(|a| match a {
             FunctionArg::Unnamed(x) => Ok(x),
-            _ => refuse("function", format!("{name} takes positional arguments")),
+            _ => refuse(Rule::Function, format!("{name} takes positional arguments")),
         })
         .collect::<Result<_>>()?;
     let column = |i: usize| -> Result<(String, &ColumnEntry)> {
@@ -879,24 +778,24 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
                 Ok((e.to_string(), scope.resolve(parts)?.1))
             }
             Some(FunctionArgExpr::Expr(_)) => refuse(
-                "bounds",
+                Rule::Bounds,
                 format!("{name} takes a catalogued column: expressions have no declared bounds"),
             ),
-            _ => refuse("function", format!("{name} needs a column argument")),
+            _ => refuse(Rule::Function, format!("{name} needs a column argument")),
         }
     };
     let bounded = |i: usize| -> Result<(String, (f64, f64))> {
         let (text, col) = column(i)?;
         if col.role == "identifier" {
             return refuse(
-                "identifier",
+                Rule::Identifier,
                 format!("{} is an identifier: it cannot be aggregated", col.name),
             );
         }
         match (col.lower, col.upper) {
             (Some(l), Some(u)) => Ok((text, (l, u))),
             _ => refuse(
-                "bounds",
+                Rule::Bounds,
                 format!(
                     "{} has no declared bounds, so {name} over it has no bounded sensitivity",
                     col.name
@@ -904,14 +803,14 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
             ),
         }
     };
-    let (kind, arg, bounds) = match name.as_str() {
+    let (kind, _arg, bounds) = match name.as_str() {
         "COUNT" => match args.as_slice() {
             [FunctionArgExpr::Wildcard] if !distinct => (AggKind::CountRows, None, None),
             [_] if distinct => {
                 let (text, col) = column(0)?;
                 if col.name != "person_id" {
                     return refuse(
-                        "count-distinct",
+                        Rule::CountDistinct,
                         "COUNT(DISTINCT …) is accepted for person_id only",
                     );
                 }
@@ -921,7 +820,7 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
                 let (text, col) = column(0)?;
                 if col.role == "identifier" {
                     return refuse(
-                        "identifier",
+                        Rule::Identifier,
                         format!(
                             "{} is an identifier: count rows with COUNT(*) instead",
                             col.name
@@ -930,12 +829,17 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
                 }
                 (AggKind::CountValues, Some(text), None)
             }
-            _ => return refuse("function", "COUNT takes * or one column"),
+            _ => return refuse(Rule::Function, "COUNT takes * or one column"),
         },
-        _ if distinct => return refuse("function", format!("{name}(DISTINCT …) is not accepted")),
+        _ if distinct => {
+            return refuse(
+                Rule::Function,
+                format!("{name}(DISTINCT …) is not accepted"),
+            );
+        }
         "SUM" | "AVG" | "MEAN" | "VARIANCE" | "VAR" | "VAR_SAMP" | "STDDEV" | "STDDEV_SAMP" => {
             if args.len() != 1 {
-                return refuse("function", format!("{name} takes one column"));
+                return refuse(Rule::Function, format!("{name} takes one column"));
             }
             let (text, b) = bounded(0)?;
             let kind = match name.as_str() {
@@ -948,7 +852,7 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
         }
         "MEDIAN" => {
             if args.len() != 1 {
-                return refuse("function", "MEDIAN takes one column");
+                return refuse(Rule::Function, "MEDIAN takes one column");
             }
             let (text, b) = bounded(0)?;
             (AggKind::Quantile(0.5), Some(text), Some(b))
@@ -968,7 +872,7 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
                 }
                 _ => {
                     return refuse(
-                        "function",
+                        Rule::Function,
                         "APPROX_PERCENTILE_CONT(column, p) needs a number p strictly between 0 and 1",
                     );
                 }
@@ -976,17 +880,12 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
         }
         other => {
             return refuse(
-                "function",
+                Rule::Function,
                 format!(
                     "aggregate {other} is not offered (COUNT, SUM, AVG, VARIANCE, STDDEV, MEDIAN, APPROX_PERCENTILE_CONT are)"
                 ),
             );
         }
     };
-    Ok(Aggregate {
-        key,
-        kind,
-        arg,
-        bounds,
-    })
+    Ok(Aggregate { key, kind, bounds })
 }

@@ -1,0 +1,403 @@
+//! Totality: every expression an accepted query evaluates is rewritten or refused so that it cannot
+//! fail on any data.
+//!
+//! A data-dependent error is an exact, free answer to a yes/no question ("does any row make this
+//! divide by zero?"), so this runs on DataFusion's plan of the query, after type coercion has made every
+//! implicit cast explicit, and before anything executes. The rules, each with why it is total:
+//!
+//! | expression | treatment | why it cannot fail |
+//! |---|---|---|
+//! | `CAST(x AS t)`, implicit casts | becomes `TRY_CAST(x AS t)`; `t` must be boolean, integer, float, text, date or timestamp | a value that does not fit becomes NULL |
+//! | `a / b`, `a % b` | divisor wrapped in `NULLIF(b, 0)`; for signed integers `b = -1` is answered as `0 - a` (or `0`) | no division by zero; `MIN / -1` never runs; `0 - a` wraps |
+//! | `+`, `-`, `*`, unary `-` | kept | DataFusion evaluates them wrapping (no overflow error) |
+//! | comparisons, `AND`/`OR`/`NOT`, `IS [NOT] NULL`, `IN (…)`, `BETWEEN`, `CASE` | kept | defined for every value |
+//! | `LIKE`/`ILIKE` | pattern and escape must be literals | no pattern is built from data |
+//! | regex operators, `SIMILAR TO` | refused | a pattern from data can fail to compile |
+//! | `abs(x)` over a signed integer | argument clamped to `MIN + 1` (`greatest`) | `abs(MIN)` is the only overflow; it saturates |
+//! | `date_trunc(g, t)` | `g` a literal from DataFusion's list | an unknown granularity fails on every row |
+//! | `date_part(p, t)` / `EXTRACT` | `p` a literal from a list valid for dates and timestamps (time parts only for timestamps) | an unknown or unsupported part fails |
+//! | `round(x, n)`, `trunc(x, n)` | `n` an integer literal within ±30 | an out-of-range `n` fails |
+//! | `substr(s, i [, n])`, `left(s, n)` | `i`, `n` integer literals, `n ≥ 0`, all within ±10⁶ | a negative length or an overflowing end fails |
+//! | `sqrt(x)` | a negative `x` becomes NULL first | DataFusion refuses the square root of a negative number |
+//! | `power(b, e)` | `e` becomes NULL where `b = 0` and `e < 0` | DataFusion refuses 0 to a negative power; the rest is floating point (NaN, ±∞) |
+//! | `ln`, `log10`, `exp` | kept | floating point: NaN or ±∞, never an error |
+//! | `floor`, `ceil`, `signum`, `coalesce`, `nullif`, `greatest`, `least`, `lower`, `upper`, `character_length` | kept | defined for every value of their (checked) types |
+//! | anything else (other functions, subqueries, placeholders, window functions, variables) | refused | not on the list |
+//!
+//! What remains possible is an overflow in date and interval arithmetic at the far ends of the
+//! representable range (years before 1677 or after 2262); such a failure is charged (see `mod.rs`).
+
+use arrow::datatypes::DataType;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::logical_expr::expr::{Like, ScalarFunction};
+use datafusion::logical_expr::{
+    BinaryExpr, Cast, Expr, ExprSchemable, LogicalPlan, Operator, TryCast, when,
+};
+use datafusion::prelude::lit;
+
+use super::rules::{Rule, refuse};
+use crate::{Error, Result};
+
+/// Granularities `date_trunc` accepts.
+const TRUNC_GRANULARITIES: &[&str] = &[
+    "microsecond",
+    "millisecond",
+    "second",
+    "minute",
+    "hour",
+    "day",
+    "week",
+    "month",
+    "quarter",
+    "year",
+];
+/// Parts `date_part` accepts for dates and timestamps alike.
+const DATE_PARTS: &[&str] = &["year", "quarter", "month", "week", "day", "dow", "doy"];
+/// Parts `date_part` accepts for timestamps only.
+const TIME_PARTS: &[&str] = &["hour", "minute", "second"];
+
+/// Rewrites every expression of `plan` into its total form, or refuses the plan.
+pub(crate) fn plan(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let mut refusal: Option<Error> = None;
+    let out = plan.transform_up(|node| {
+        if refusal.is_some() {
+            return Ok(Transformed::no(node));
+        }
+        let schema = match node.inputs().as_slice() {
+            [one] => one.schema().clone(),
+            _ => node.schema().clone(),
+        };
+        node.map_expressions(|e| match expr(e, &schema) {
+            Ok(t) => Ok(t),
+            Err(err) => {
+                refusal = Some(err);
+                Ok(Transformed::no(Expr::Literal(ScalarValue::Null, None)))
+            }
+        })
+    })?;
+    match refusal {
+        Some(e) => Err(e),
+        None => Ok(out.data),
+    }
+}
+
+/// Rewrites one expression (over `schema`) into its total form.
+pub(crate) fn expr(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
+    let mut refusal: Option<Error> = None;
+    let out = e.transform_up(|e| match node(e, schema) {
+        Ok(t) => Ok(t),
+        Err(err) => {
+            refusal.get_or_insert(err);
+            Ok(Transformed::no(Expr::Literal(ScalarValue::Null, None)))
+        }
+    })?;
+    match refusal {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+fn literal_str(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Literal(ScalarValue::Utf8(Some(s)), _)
+        | Expr::Literal(ScalarValue::LargeUtf8(Some(s)), _)
+        | Expr::Literal(ScalarValue::Utf8View(Some(s)), _) => Some(s.to_lowercase()),
+        _ => None,
+    }
+}
+
+fn literal_int(e: &Expr) -> Option<i64> {
+    match e {
+        Expr::Literal(v, _) if v.data_type().is_integer() => {
+            v.cast_to(&DataType::Int64).ok().and_then(|v| match v {
+                ScalarValue::Int64(x) => x,
+                _ => None,
+            })
+        }
+        _ => None,
+    }
+}
+
+fn allowed_cast_target(t: &DataType) -> bool {
+    t.is_integer()
+        || t.is_floating()
+        || matches!(
+            t,
+            DataType::Boolean
+                | DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View
+                | DataType::Date32
+                | DataType::Date64
+                | DataType::Timestamp(_, _)
+        )
+}
+
+fn is_signed_integer(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64
+    )
+}
+
+fn min_plus_one(t: &DataType) -> Option<ScalarValue> {
+    Some(match t {
+        DataType::Int8 => ScalarValue::Int8(Some(i8::MIN + 1)),
+        DataType::Int16 => ScalarValue::Int16(Some(i16::MIN + 1)),
+        DataType::Int32 => ScalarValue::Int32(Some(i32::MIN + 1)),
+        DataType::Int64 => ScalarValue::Int64(Some(i64::MIN + 1)),
+        _ => return None,
+    })
+}
+
+fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
+    let type_of = |e: &Expr| -> Result<DataType> {
+        e.get_type(schema).map_err(|_| Error::Refused {
+            rule: Rule::Type,
+            message: "the query does not type-check against the dataset's columns".into(),
+        })
+    };
+    Ok(match e {
+        Expr::Cast(Cast { expr, field }) => {
+            let data_type = field.data_type();
+            if !allowed_cast_target(data_type) {
+                return refuse(
+                    Rule::Function,
+                    format!(
+                        "casts to {data_type} are not accepted (integer, float, text, boolean, date and timestamp are)"
+                    ),
+                );
+            }
+            Transformed::yes(Expr::TryCast(TryCast { expr, field }))
+        }
+        Expr::TryCast(TryCast { ref field, .. }) => {
+            let data_type = field.data_type();
+            if !allowed_cast_target(data_type) {
+                return refuse(
+                    Rule::Function,
+                    format!(
+                        "casts to {data_type} are not accepted (integer, float, text, boolean, date and timestamp are)"
+                    ),
+                );
+            }
+            Transformed::no(e)
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(op, Operator::Divide | Operator::Modulo) =>
+        {
+            let t = type_of(&right)?;
+            let zero = ScalarValue::new_zero(&t).map_err(|_| Error::Refused {
+                rule: Rule::Type,
+                message: format!("division by a value of type {t} is not accepted"),
+            })?;
+            let guarded = Expr::BinaryExpr(BinaryExpr::new(
+                left.clone(),
+                op,
+                Box::new(datafusion::functions::core::expr_fn::nullif(
+                    (*right).clone(),
+                    lit(zero.clone()),
+                )),
+            ));
+            if is_signed_integer(&t) && is_signed_integer(&type_of(&left)?) {
+                // MIN / -1 and MIN % -1 overflow: answer b = -1 without dividing.
+                let minus_one = ScalarValue::Int64(Some(-1))
+                    .cast_to(&t)
+                    .map_err(|_| Error::Internal("no -1 of an integer type".into()))?;
+                let instead = if op == Operator::Divide {
+                    Expr::BinaryExpr(BinaryExpr::new(Box::new(lit(zero)), Operator::Minus, left))
+                } else {
+                    lit(zero)
+                };
+                Transformed::yes(
+                    when((*right).clone().eq(lit(minus_one)), instead)
+                        .otherwise(guarded)
+                        .map_err(Error::DataFusion)?,
+                )
+            } else {
+                Transformed::yes(guarded)
+            }
+        }
+        Expr::BinaryExpr(BinaryExpr { ref op, .. })
+            if matches!(
+                op,
+                Operator::RegexMatch
+                    | Operator::RegexIMatch
+                    | Operator::RegexNotMatch
+                    | Operator::RegexNotIMatch
+                    | Operator::LikeMatch
+                    | Operator::ILikeMatch
+                    | Operator::NotLikeMatch
+                    | Operator::NotILikeMatch
+            ) =>
+        {
+            return refuse(
+                Rule::Function,
+                "regular expressions are not accepted: use LIKE with a literal pattern",
+            );
+        }
+        Expr::BinaryExpr(_)
+        | Expr::Column(_)
+        | Expr::Literal(..)
+        | Expr::Alias(_)
+        | Expr::Not(_)
+        | Expr::IsNotNull(_)
+        | Expr::IsNull(_)
+        | Expr::IsTrue(_)
+        | Expr::IsFalse(_)
+        | Expr::IsUnknown(_)
+        | Expr::IsNotTrue(_)
+        | Expr::IsNotFalse(_)
+        | Expr::IsNotUnknown(_)
+        | Expr::Negative(_)
+        | Expr::Between(_)
+        | Expr::Case(_)
+        | Expr::InList(_)
+        | Expr::AggregateFunction(_) => Transformed::no(e),
+        Expr::Like(Like {
+            ref pattern,
+            escape_char,
+            ..
+        }) => {
+            if literal_str(pattern).is_none() {
+                return refuse(
+                    Rule::Function,
+                    "LIKE takes a literal pattern, not one computed from data",
+                );
+            }
+            if escape_char.is_some() {
+                return refuse(Rule::Function, "LIKE … ESCAPE is not accepted");
+            }
+            Transformed::no(e)
+        }
+        Expr::SimilarTo(_) => {
+            return refuse(
+                Rule::Function,
+                "SIMILAR TO is not accepted: use LIKE with a literal pattern",
+            );
+        }
+        Expr::ScalarFunction(f) => scalar_function(f, schema, &type_of)?,
+        other => {
+            return refuse(
+                Rule::Function,
+                format!(
+                    "{} is not accepted here",
+                    match other {
+                        Expr::WindowFunction(_) => "a window function",
+                        Expr::Placeholder(_) => "a parameter placeholder",
+                        Expr::ScalarVariable(..) => "a variable",
+                        Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) =>
+                            "a subquery",
+                        _ => "this expression",
+                    }
+                ),
+            );
+        }
+    })
+}
+
+fn scalar_function(
+    f: ScalarFunction,
+    schema: &DFSchema,
+    type_of: &dyn Fn(&Expr) -> Result<DataType>,
+) -> Result<Transformed<Expr>> {
+    let _ = schema;
+    let name = f.func.name().to_owned();
+    let args = &f.args;
+    let bad = |why: &str| refuse(Rule::Function, format!("{name}: {why}"));
+    match name.as_str() {
+        "date_trunc" => match args.first().and_then(literal_str) {
+            Some(g) if TRUNC_GRANULARITIES.contains(&g.as_str()) => {}
+            _ => {
+                return bad(
+                    "the granularity must be a literal: year, quarter, month, week, day, hour, minute, second, millisecond or microsecond",
+                );
+            }
+        },
+        "date_part" => {
+            let part = args.first().and_then(literal_str);
+            let timestamp = match args.get(1) {
+                Some(a) => matches!(type_of(a)?, DataType::Timestamp(_, _)),
+                None => false,
+            };
+            match part {
+                Some(p) if DATE_PARTS.contains(&p.as_str()) => {}
+                Some(p) if timestamp && TIME_PARTS.contains(&p.as_str()) => {}
+                _ => {
+                    return bad(
+                        "the part must be a literal: year, quarter, month, week, day, dow or doy (hour, minute, second for timestamps)",
+                    );
+                }
+            }
+        }
+        "round" | "trunc" => {
+            if let Some(n) = args.get(1)
+                && !literal_int(n).is_some_and(|n| (-30..=30).contains(&n))
+            {
+                return bad("the number of digits must be an integer literal within ±30");
+            }
+        }
+        "substr" | "left" => {
+            let ints: Option<Vec<i64>> = args[1..].iter().map(literal_int).collect();
+            let ok = match (name.as_str(), ints.as_deref()) {
+                ("substr", Some([i])) => i.abs() <= 1_000_000,
+                ("substr", Some([i, n])) => i.abs() <= 1_000_000 && (0..=1_000_000).contains(n),
+                ("left", Some([n])) => (0..=1_000_000).contains(n),
+                _ => false,
+            };
+            if !ok {
+                return bad(
+                    "positions and lengths must be integer literals (lengths ≥ 0, all within 10⁶)",
+                );
+            }
+        }
+        "abs" => {
+            if let Some(a) = args.first()
+                && let Some(floor) = min_plus_one(&type_of(a)?)
+            {
+                let clamped =
+                    datafusion::functions::core::expr_fn::greatest(vec![a.clone(), lit(floor)]);
+                return Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction {
+                    func: f.func.clone(),
+                    args: vec![clamped],
+                })));
+            }
+        }
+        "sqrt" if args.len() == 1 => {
+            // sqrt fails on a negative number: a negative argument becomes NULL first.
+            let x = args[0].clone();
+            let guarded = when(x.clone().gt_eq(lit(0.0)), x)
+                .end()
+                .map_err(Error::DataFusion)?;
+            return Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction {
+                func: f.func.clone(),
+                args: vec![guarded],
+            })));
+        }
+        "power" if args.len() == 2 => {
+            // power fails on 0 raised to a negative exponent: that exponent becomes NULL first.
+            let (b, e) = (args[0].clone(), args[1].clone());
+            let guarded = when(
+                b.clone().eq(lit(0.0)).and(e.clone().lt(lit(0.0))),
+                lit(ScalarValue::Float64(None)),
+            )
+            .otherwise(e)
+            .map_err(Error::DataFusion)?;
+            return Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction {
+                func: f.func.clone(),
+                args: vec![b, guarded],
+            })));
+        }
+        "floor" | "ceil" | "signum" | "coalesce" | "nullif" | "greatest" | "least" | "lower"
+        | "upper" | "character_length" | "ln" | "log10" | "exp" => {}
+        _ => {
+            return refuse(
+                Rule::Function,
+                format!(
+                    "function {name} is not allowed (user-defined and unlisted functions are refused)"
+                ),
+            );
+        }
+    }
+    Ok(Transformed::no(Expr::ScalarFunction(f)))
+}
