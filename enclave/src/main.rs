@@ -495,9 +495,11 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
 }
 
 fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     if json {
         let rows = enclave_rows(&a.batch)?;
-        let out = serde_json::json!({
+        let json_out = serde_json::json!({
             "columns": a.batch.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>(),
             "rows": rows,
             "noise": a.noise,
@@ -507,8 +509,8 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
             "epsilon_delta_equivalent": a.epsilon_delta_equivalent,
             "audit_seq": a.audit_seq,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        writeln!(out, "{}", serde_json::to_string_pretty(&json_out)?)?;
+        return emit(&out);
     }
     let schema = a.batch.schema();
     let rows = enclave_rows(&a.batch)?;
@@ -516,7 +518,7 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
     for n in &a.noise {
         header.push(format!("{} 95% CI", n.column));
     }
-    println!("{}", header.join(" | "));
+    writeln!(out, "{}", header.join(" | "))?;
     for (r, row) in rows.iter().enumerate() {
         let mut cells: Vec<String> = row
             .iter()
@@ -536,30 +538,42 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
                 format!("[{lo:.3}, {hi:.3}]")
             });
         }
-        println!("{}", cells.join(" | "));
+        writeln!(out, "{}", cells.join(" | "))?;
     }
-    println!("({} rows)", rows.len());
+    writeln!(out, "({} rows)", rows.len())?;
     for n in &a.noise {
-        println!("noise: {} has scale {:.4}", n.column, n.scale);
+        writeln!(out, "noise: {} has scale {:.4}", n.column, n.scale)?;
     }
     if a.cost.rho > 0.0 {
         let (e, d) = a.epsilon_delta_equivalent.unwrap_or((f64::NAN, f64::NAN));
-        println!(
+        writeln!(
+            out,
             "cost: ρ {:.6} (≈ ε {e:.4} at δ {d:.1e}); budget left: ρ {:.6}",
             a.cost.rho,
             a.budget.rho.unwrap_or(0.0) - a.budget.spent_rho
-        );
+        )?;
     } else {
-        println!(
+        writeln!(
+            out,
             "cost: ε {:.6}, δ {:.2e}; budget left: ε {:.6}, δ {:.2e}",
             a.cost.epsilon,
             a.cost.delta,
             a.budget.epsilon_left(),
             (a.budget.delta - a.budget.spent_delta).max(0.0)
-        );
+        )?;
     }
-    println!("audit record #{}", a.audit_seq);
-    Ok(())
+    writeln!(out, "audit record #{}", a.audit_seq)?;
+    emit(&out)
+}
+
+/// Writes the answer to stdout. A reader that closed the pipe (`enclave sql … | head`) is not an error:
+/// the answer was charged and audited before it was printed, and nothing is left to do.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn enclave_rows(b: &arrow::record_batch::RecordBatch) -> Result<Vec<Vec<Option<String>>>> {

@@ -174,3 +174,31 @@ fn a_crash_between_commit_and_release_loses_only_the_answer() {
     let next = enclave(s.path(), &args);
     assert!(next.contains("budget left: ε 0.400000"), "{next}");
 }
+
+/// `enclave sql … | head -0`: a reader that closes the pipe early is no error and no panic (the answer
+/// was charged and audited before it was printed).
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    let s = Scratch::new();
+    s.enclave("enclave-data", &["demo", "--patients", "40"]);
+    s.enclave(
+        "enclave-data",
+        &["budget", "set", "carol", "demo-cohort", "--epsilon", "1.0"],
+    );
+    let args = sql(
+        "carol",
+        &["--epsilon", "0.1", "SELECT COUNT(*) AS n FROM patients"],
+    );
+    let mut child = enclave_command(s.path(), &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+    let verify = s.enclave("enclave-data", &["audit", "verify"]);
+    assert!(verify.contains("audit log verifies: 2 records"), "{verify}");
+}
