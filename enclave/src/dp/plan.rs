@@ -309,6 +309,17 @@ pub(crate) fn build(
             },
         })
         .collect();
+    if !groups.is_empty() && groups.iter().all(|g| g.domain.is_some()) {
+        let keys = groups.iter().try_fold(1usize, |n, g| {
+            n.checked_mul(g.domain.as_ref().map_or(1, Vec::len))
+        });
+        if keys.is_none_or(|n| n > 100_000) {
+            return refuse(
+                Rule::GroupBy,
+                "the public domains multiply to more than 100,000 groups",
+            );
+        }
+    }
     let mut has_where = false;
     agg.input.apply(|n| {
         has_where |= matches!(n, LogicalPlan::Filter(_));

@@ -257,7 +257,7 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
     match &select.group_by {
         GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => {
             for g in exprs {
-                groups.push(resolve_group_ref(g, &select.projection)?);
+                groups.push(resolve_group_ref(g, &select.projection, &scope)?);
             }
         }
         _ => {
@@ -522,7 +522,10 @@ fn check_joins(select: &Select) -> Result<()> {
     Ok(())
 }
 
-fn resolve_group_ref(g: &Expr, projection: &[SelectItem]) -> Result<Expr> {
+/// What a GROUP BY item groups by, as DataFusion reads it: a position names a SELECT item; a name that
+/// is a column of the query's tables is that column (even where an output alias has the same name);
+/// another name is an output alias.
+fn resolve_group_ref(g: &Expr, projection: &[SelectItem], scope: &Scope<'_>) -> Result<Expr> {
     if let Expr::Value(ValueWithSpan {
         value: Value::Number(n, _),
         ..
@@ -540,9 +543,12 @@ fn resolve_group_ref(g: &Expr, projection: &[SelectItem]) -> Result<Expr> {
         };
     }
     if let Expr::Identifier(id) = g {
+        if scope.resolve(std::slice::from_ref(id)).is_ok() {
+            return Ok(g.clone());
+        }
         for item in projection {
             if let SelectItem::ExprWithAlias { expr, alias } = item
-                && alias.value == id.value
+                && normalized(alias) == normalized(id)
             {
                 return Ok(expr.clone());
             }

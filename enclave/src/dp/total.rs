@@ -7,25 +7,27 @@
 //!
 //! | expression | treatment | why it cannot fail |
 //! |---|---|---|
-//! | `CAST(x AS t)`, implicit casts | becomes `TRY_CAST(x AS t)`; `t` must be boolean, integer, float, text, date or timestamp | a value that does not fit becomes NULL |
+//! | `CAST(x AS t)`, implicit casts | becomes `TRY_CAST(x AS t)`; `t` must be boolean, integer, float or text, or a date or timestamp cast from text, a date or a timestamp | a value that does not fit becomes NULL; no number becomes a timestamp outside the range later steps check |
 //! | `a / b`, `a % b` | divisor wrapped in `NULLIF(b, 0)`; for signed integers `b = -1` is answered as `0 - a` (or `0`) | no division by zero; `MIN / -1` never runs; `0 - a` wraps |
-//! | `+`, `-`, `*`, unary `-` | kept | DataFusion evaluates them wrapping (no overflow error) |
+//! | `+`, `-`, `*` on numbers | kept | DataFusion evaluates them wrapping (no overflow error) |
+//! | `+`, `-` with a date, timestamp or interval operand | refused, but for date − date | arrow checks them and fails on overflow; the query could supply the extreme operand |
+//! | unary `-` | `0 - x` for signed integers; kept for floats; refused otherwise | a negated constant is computed checked |
 //! | comparisons, `AND`/`OR`/`NOT`, `IS [NOT] NULL`, `IN (…)`, `BETWEEN`, `CASE` | kept | defined for every value |
-//! | `LIKE`/`ILIKE` | pattern and escape must be literals | no pattern is built from data |
+//! | `LIKE`/`ILIKE` | a literal pattern of at most 1,000 characters, no `ESCAPE` | no pattern is built from data; none exceeds the regex size limit |
 //! | regex operators, `SIMILAR TO` | refused | a pattern from data can fail to compile |
 //! | `abs(x)` over a signed integer | argument clamped to `MIN + 1` (`greatest`) | `abs(MIN)` is the only overflow; it saturates |
 //! | `date_trunc(g, t)` | `g` a literal from DataFusion's list | an unknown granularity fails on every row |
-//! | `date_part(p, t)` / `EXTRACT` | `p` a literal from a list valid for dates and timestamps (time parts only for timestamps) | an unknown or unsupported part fails |
+//! | `date_part(p, t)` / `EXTRACT` | `t` a date or timestamp; `p` a literal from a list valid for both (time parts only for timestamps) | an unknown or unsupported part, or a duration, fails |
 //! | `round(x, n)`, `trunc(x, n)` | `n` an integer literal within ±30 | an out-of-range `n` fails |
 //! | `substr(s, i [, n])`, `left(s, n)` | `i`, `n` integer literals, `n ≥ 0`, all within ±10⁶ | a negative length or an overflowing end fails |
 //! | `sqrt(x)` | a negative `x` becomes NULL first | DataFusion refuses the square root of a negative number |
-//! | `power(b, e)` | `e` becomes NULL where `b = 0` and `e < 0` | DataFusion refuses 0 to a negative power; the rest is floating point (NaN, ±∞) |
+//! | `power(b, e)` | `e` becomes NULL where `b` is 0 or −0 and `e < 0` | DataFusion refuses 0 to a negative power; the rest is floating point (NaN, ±∞) |
 //! | `ln`, `log10`, `exp` | kept | floating point: NaN or ±∞, never an error |
 //! | `floor`, `ceil`, `signum`, `coalesce`, `nullif`, `greatest`, `least`, `lower`, `upper`, `character_length` | kept | defined for every value of their (checked) types |
 //! | anything else (other functions, subqueries, placeholders, window functions, variables) | refused | not on the list |
 //!
-//! What remains possible is an overflow in date and interval arithmetic at the far ends of the
-//! representable range (years before 1677 or after 2262); such a failure is charged (see `mod.rs`).
+//! Should anything still fail while running, the failure is charged (see `mod.rs`): it is paid for, and
+//! the user learns only that it failed.
 
 use arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -109,6 +111,8 @@ fn literal_str(e: &Expr) -> Option<String> {
 
 fn literal_int(e: &Expr) -> Option<i64> {
     match e {
+        // Type coercion may have wrapped the literal in a cast.
+        Expr::Cast(Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) => literal_int(expr),
         Expr::Literal(v, _) if v.data_type().is_integer() => {
             v.cast_to(&DataType::Int64).ok().and_then(|v| match v {
                 ScalarValue::Int64(x) => x,
@@ -119,19 +123,39 @@ fn literal_int(e: &Expr) -> Option<i64> {
     }
 }
 
-fn allowed_cast_target(t: &DataType) -> bool {
-    t.is_integer()
-        || t.is_floating()
-        || matches!(
-            t,
-            DataType::Boolean
-                | DataType::Utf8
-                | DataType::LargeUtf8
-                | DataType::Utf8View
-                | DataType::Date32
-                | DataType::Date64
-                | DataType::Timestamp(_, _)
-        )
+fn is_temporal(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Date32
+            | DataType::Date64
+            | DataType::Timestamp(_, _)
+            | DataType::Time32(_)
+            | DataType::Time64(_)
+            | DataType::Interval(_)
+            | DataType::Duration(_)
+    )
+}
+
+fn is_text(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+/// Casts a query may make: to numbers, text and booleans from anything; to dates and timestamps only
+/// from text, dates and timestamps (a number cast to a timestamp can fall outside the nanosecond range
+/// that `date_trunc` and timestamp arithmetic check).
+fn allowed_cast(from: &DataType, to: &DataType) -> bool {
+    match to {
+        t if t.is_integer() || t.is_floating() || is_text(t) => true,
+        DataType::Boolean => true,
+        DataType::Date32 | DataType::Timestamp(_, _) => {
+            is_text(from)
+                || matches!(
+                    from,
+                    DataType::Date32 | DataType::Timestamp(_, _) | DataType::Null
+                )
+        }
+        _ => false,
+    }
 }
 
 fn is_signed_integer(t: &DataType) -> bool {
@@ -161,7 +185,7 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
     Ok(match e {
         Expr::Cast(Cast { expr, field }) => {
             let data_type = field.data_type();
-            if !allowed_cast_target(data_type) {
+            if !allowed_cast(&type_of(&expr)?, data_type) {
                 return refuse(
                     Rule::Function,
                     format!(
@@ -171,9 +195,12 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
             }
             Transformed::yes(Expr::TryCast(TryCast { expr, field }))
         }
-        Expr::TryCast(TryCast { ref field, .. }) => {
+        Expr::TryCast(TryCast {
+            ref field,
+            ref expr,
+        }) => {
             let data_type = field.data_type();
-            if !allowed_cast_target(data_type) {
+            if !allowed_cast(&type_of(expr)?, data_type) {
                 return refuse(
                     Rule::Function,
                     format!(
@@ -236,6 +263,46 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                 "regular expressions are not accepted: use LIKE with a literal pattern",
             );
         }
+        Expr::BinaryExpr(BinaryExpr {
+            ref left,
+            op,
+            ref right,
+        }) if matches!(op, Operator::Plus | Operator::Minus) => {
+            let (l, r) = (type_of(left)?, type_of(right)?);
+            let date_minus_date =
+                op == Operator::Minus && l == DataType::Date32 && r == DataType::Date32;
+            if (is_temporal(&l) || is_temporal(&r)) && !date_minus_date {
+                // arrow checks date, timestamp and interval arithmetic and fails on overflow, and the
+                // query can supply the extreme operand.
+                return refuse(
+                    Rule::Function,
+                    "arithmetic on dates, timestamps and intervals is not accepted (compare them, or use date_trunc / date_part; date − date gives days)",
+                );
+            }
+            Transformed::no(e)
+        }
+        Expr::Negative(ref x) => {
+            let t = type_of(x)?;
+            if is_signed_integer(&t) {
+                // A negated constant is computed with checked arithmetic: 0 − x wraps instead.
+                let zero = ScalarValue::new_zero(&t).map_err(Error::DataFusion)?;
+                let Expr::Negative(x) = e else {
+                    return Err(Error::Internal("negative vanished".into()));
+                };
+                Transformed::yes(Expr::BinaryExpr(BinaryExpr::new(
+                    Box::new(lit(zero)),
+                    Operator::Minus,
+                    x,
+                )))
+            } else if t.is_floating() || t == DataType::Null {
+                Transformed::no(e)
+            } else {
+                return refuse(
+                    Rule::Function,
+                    format!("unary minus on {t} is not accepted"),
+                );
+            }
+        }
         Expr::BinaryExpr(_)
         | Expr::Column(_)
         | Expr::Literal(..)
@@ -249,7 +316,6 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
         | Expr::IsNotTrue(_)
         | Expr::IsNotFalse(_)
         | Expr::IsNotUnknown(_)
-        | Expr::Negative(_)
         | Expr::Between(_)
         | Expr::Case(_)
         | Expr::InList(_)
@@ -259,10 +325,10 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
             escape_char,
             ..
         }) => {
-            if literal_str(pattern).is_none() {
+            if literal_str(pattern).is_none_or(|p| p.chars().count() > 1000) {
                 return refuse(
                     Rule::Function,
-                    "LIKE takes a literal pattern, not one computed from data",
+                    "LIKE takes a literal pattern (at most 1,000 characters), not one computed from data",
                 );
             }
             if escape_char.is_some() {
@@ -316,10 +382,14 @@ fn scalar_function(
         },
         "date_part" => {
             let part = args.first().and_then(literal_str);
-            let timestamp = match args.get(1) {
-                Some(a) => matches!(type_of(a)?, DataType::Timestamp(_, _)),
-                None => false,
+            let (timestamp, date) = match args.get(1).map(type_of).transpose()? {
+                Some(DataType::Timestamp(_, _)) => (true, true),
+                Some(DataType::Date32) => (false, true),
+                _ => (false, false),
             };
+            if !date {
+                return bad("takes a date or a timestamp");
+            }
             match part {
                 Some(p) if DATE_PARTS.contains(&p.as_str()) => {}
                 Some(p) if timestamp && TIME_PARTS.contains(&p.as_str()) => {}
@@ -377,8 +447,10 @@ fn scalar_function(
         "power" if args.len() == 2 => {
             // power fails on 0 raised to a negative exponent: that exponent becomes NULL first.
             let (b, e) = (args[0].clone(), args[1].clone());
+            // −0.0 is distinct from 0.0 in DataFusion's comparisons but not in power's own check.
+            let zero = b.clone().eq(lit(0.0)).or(b.clone().eq(lit(-0.0)));
             let guarded = when(
-                b.clone().eq(lit(0.0)).and(e.clone().lt(lit(0.0))),
+                zero.and(e.clone().lt(lit(0.0))),
                 lit(ScalarValue::Float64(None)),
             )
             .otherwise(e)
