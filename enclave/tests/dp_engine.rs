@@ -524,3 +524,52 @@ fn aliases_holding_sql_are_names_and_change_no_figure() {
     );
     assert_eq!(filtered, quoted);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    /// Any ε and δ a caller can send — NaN, ±∞, negative, zero, subnormal, huge — is answered or refused
+    /// by rule 'options' or 'budget' before anything runs: never a panic, an internal error or a charge
+    /// for a refused query.
+    #[test]
+    fn options_are_validated_at_the_boundary(
+        epsilon in prop_oneof![
+            Just(f64::NAN), Just(f64::INFINITY), Just(f64::NEG_INFINITY), Just(0.0), Just(-0.0),
+            Just(f64::MIN_POSITIVE), Just(5e-324), Just(1e-10), Just(f64::MAX), Just(1e7),
+            -10.0f64..10.0, 1e-9f64..1e6,
+        ],
+        delta in proptest::option::of(prop_oneof![
+            Just(f64::NAN), Just(0.0), Just(1.0), Just(-1e-6), Just(1e-300), Just(f64::INFINITY),
+            0.0f64..1.0,
+        ]),
+        grouped in any::<bool>(),
+    ) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let values: Vec<Vec<f64>> = (0..30).map(|p| vec![f64::from(p)]).collect();
+        export(&tmp.path().join("export"), &values);
+        let dir = DataDir::new(tmp.path().join("data"));
+        dir.init().expect("init");
+        ingest_as(&dir, "o", &tmp.path().join("export"));
+        let engine = DpEngine::open(&dir).expect("engine");
+        engine.ledger().set_budget("test", "alice", "o", 1e6, 0.5, None).expect("budget");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let sql = if grouped {
+            "SELECT code, COUNT(*) AS n FROM observations GROUP BY code"
+        } else {
+            "SELECT COUNT(*) AS n, AVG(value_numeric) AS m FROM observations"
+        };
+        let options = QueryOptions { epsilon: Some(epsilon), delta, ..QueryOptions::default() };
+        let before = engine.ledger().budget("alice", "o").expect("b").expect("some").spent_epsilon;
+        match rt.block_on(engine.answer("alice", "o", sql, &options)) {
+            Ok(a) => prop_assert!(a.cost.epsilon > 0.0 && a.cost.epsilon.is_finite()),
+            Err(enclave::Error::Refused { rule, .. }) => {
+                prop_assert!(
+                    matches!(rule, enclave::dp::Rule::Options | enclave::dp::Rule::Budget),
+                    "refused by {rule} for ε {epsilon}, δ {delta:?}"
+                );
+                let after = engine.ledger().budget("alice", "o").expect("b").expect("some").spent_epsilon;
+                prop_assert_eq!(before, after);
+            }
+            Err(e) => prop_assert!(false, "ε {epsilon}, δ {delta:?}: {e}"),
+        }
+    }
+}
