@@ -45,11 +45,10 @@ pub fn enclave_output(cwd: &Path, args: &[&str]) -> Output {
         .expect("run the enclave binary")
 }
 
-/// The repository's shared test data (`../shared/data` from the workspace root).
+/// Third-party sample data carried in the repository (`tests/data`, with its licences and provenance), so a
+/// fresh clone's tests need nothing beside it.
 pub fn shared_data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
 }
 
 /// A scratch directory with a data directory inside, driven through the binary.
