@@ -48,7 +48,9 @@ pub fn enclave_output(cwd: &Path, args: &[&str]) -> Output {
 /// Third-party sample data carried in the repository (`tests/data`, with its licences and provenance), so a
 /// fresh clone's tests need nothing beside it.
 pub fn shared_data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(name)
 }
 
 /// A scratch directory with a data directory inside, driven through the binary.
