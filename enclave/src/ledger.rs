@@ -216,11 +216,7 @@ impl Ledger {
     /// Checks, charges and records one query in one transaction. On refusal (no budget, or not enough left)
     /// the refusal is recorded and [`Error::Refused`] returned.
     pub fn charge(&self, draft: &Draft, cost: Cost) -> Result<Charged> {
-        let units = [
-            to_units(cost.epsilon)?,
-            to_units(cost.delta)?,
-            to_units(cost.rho)?,
-        ];
+        let units = cost_units(cost)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let budget = read_budget(&tx, &draft.principal, &draft.dataset)?;
@@ -233,7 +229,8 @@ impl Ledger {
                 ),
             )),
             Some(b) => {
-                let raw = raw_budget(&tx, &draft.principal, &draft.dataset)?;
+                let raw = raw_budget(&tx, &draft.principal, &draft.dataset)?
+                    .ok_or_else(|| Error::Internal("budget vanished".into()))?;
                 if units[2] > 0 {
                     match raw.rho {
                         None => Some((
@@ -297,11 +294,7 @@ impl Ledger {
             tx.commit()?;
             return Err(Error::Refused { rule, message });
         }
-        tx.execute(
-            "UPDATE budgets SET spent_epsilon = spent_epsilon + ?3, spent_delta = spent_delta + ?4, spent_rho = spent_rho + ?5
-             WHERE principal = ?1 AND dataset = ?2",
-            params![draft.principal, draft.dataset, units[0], units[1], units[2]],
-        )?;
+        add_spent(&tx, draft, units)?;
         let record = audit::append(&tx, &self.signer, draft, units, "released", "")?;
         let budget = read_budget(&tx, &draft.principal, &draft.dataset)?
             .ok_or_else(|| Error::Internal("budget vanished".into()))?;
@@ -313,30 +306,18 @@ impl Ledger {
     /// is left, so concurrent queries still never overspend), with outcome `failed`. A failure that could
     /// only depend on the data must not be a free answer.
     pub fn charge_failure(&self, draft: &Draft, cost: Cost) -> Result<Record> {
-        let units = [
-            to_units(cost.epsilon)?,
-            to_units(cost.delta)?,
-            to_units(cost.rho)?,
-        ];
+        let units = cost_units(cost)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let exists = read_budget(&tx, &draft.principal, &draft.dataset)?.is_some();
-        let charged = match exists {
-            true => {
-                let raw = raw_budget(&tx, &draft.principal, &draft.dataset)?;
-                [
-                    units[0].min((raw.epsilon - raw.spent_epsilon).max(0)),
-                    units[1].min((raw.delta - raw.spent_delta).max(0)),
-                    units[2].min((raw.rho.unwrap_or(0) - raw.spent_rho).max(0)),
-                ]
-            }
-            false => [0, 0, 0],
+        let charged = match raw_budget(&tx, &draft.principal, &draft.dataset)? {
+            Some(raw) => [
+                units[0].min((raw.epsilon - raw.spent_epsilon).max(0)),
+                units[1].min((raw.delta - raw.spent_delta).max(0)),
+                units[2].min((raw.rho.unwrap_or(0) - raw.spent_rho).max(0)),
+            ],
+            None => [0, 0, 0],
         };
-        tx.execute(
-            "UPDATE budgets SET spent_epsilon = spent_epsilon + ?3, spent_delta = spent_delta + ?4, spent_rho = spent_rho + ?5
-             WHERE principal = ?1 AND dataset = ?2",
-            params![draft.principal, draft.dataset, charged[0], charged[1], charged[2]],
-        )?;
+        add_spent(&tx, draft, charged)?;
         let rec = audit::append(
             &tx,
             &self.signer,
@@ -381,6 +362,25 @@ impl Ledger {
     }
 }
 
+/// A cost in pico-units: ε, δ, ρ.
+fn cost_units(cost: Cost) -> Result<[i64; 3]> {
+    Ok([
+        to_units(cost.epsilon)?,
+        to_units(cost.delta)?,
+        to_units(cost.rho)?,
+    ])
+}
+
+/// Adds `units` (ε, δ, ρ) to what the draft's principal has spent on its dataset.
+fn add_spent(tx: &Connection, draft: &Draft, units: [i64; 3]) -> Result<()> {
+    tx.execute(
+        "UPDATE budgets SET spent_epsilon = spent_epsilon + ?3, spent_delta = spent_delta + ?4, spent_rho = spent_rho + ?5
+         WHERE principal = ?1 AND dataset = ?2",
+        params![draft.principal, draft.dataset, units[0], units[1], units[2]],
+    )?;
+    Ok(())
+}
+
 struct RawBudget {
     epsilon: i64,
     delta: i64,
@@ -390,7 +390,7 @@ struct RawBudget {
     spent_rho: i64,
 }
 
-fn raw_budget(conn: &Connection, principal: &str, dataset: &str) -> Result<RawBudget> {
+fn raw_budget(conn: &Connection, principal: &str, dataset: &str) -> Result<Option<RawBudget>> {
     Ok(conn.query_row(
         "SELECT epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho FROM budgets WHERE principal = ?1 AND dataset = ?2",
         params![principal, dataset],
@@ -404,7 +404,8 @@ fn raw_budget(conn: &Connection, principal: &str, dataset: &str) -> Result<RawBu
                 spent_rho: r.get(5)?,
             })
         },
-    )?)
+    )
+    .optional()?)
 }
 
 fn budget_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Budget> {

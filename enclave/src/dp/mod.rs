@@ -277,13 +277,13 @@ impl DpEngine {
             .execute_and_check(user, state.config_options(), |_, _| {})
             .map_err(|_| type_error())?;
         let user = total::plan(user)?;
-        let mut dp = plan::build(user, &analyzed, &version)?;
-        if dp.bounding == (Bounding::Weight { indexed: true }) {
-            let index = self.index_scans(&ctx, &version, &analyzed.tables).await?;
-            dp.finish(k, &index)?;
+        let dp = plan::build(user, &analyzed, &version)?;
+        let index = if dp.bounding == (Bounding::Weight { indexed: true }) {
+            self.index_scans(&ctx, &version, &analyzed.tables).await?
         } else {
-            dp.finish(k, &HashMap::new())?;
-        }
+            HashMap::new()
+        };
+        let exact_plan = dp.exact(k, &index)?;
         // Post-processing is planned over an empty noisy table now, while a failure is still free.
         let empty = NoisyTable::empty(&dp.aggregate_types(), dp.aggregates.len())?;
         let dry = dp.post(&empty)?;
@@ -293,8 +293,8 @@ impl DpEngine {
                 "HAVING, ORDER BY, LIMIT or the SELECT list do not plan over the noisy aggregates (check the types of the expressions over them)",
             ));
         }
-        let exact_physical = state.create_physical_plan(&dp.exact).await?;
-        draft.plan_hash = plan_hash(&dp.exact, &dry.plan, k);
+        let exact_physical = state.create_physical_plan(&exact_plan).await?;
+        draft.plan_hash = plan_hash(&exact_plan, &dry.plan, k);
         let t_plan = clock.elapsed();
 
         // Execution: from here a failure is charged (it could only depend on the data).
@@ -307,7 +307,7 @@ impl DpEngine {
         };
         let run = async {
             let exact = datafusion::physical_plan::collect(exact_physical, ctx.task_ctx()).await?;
-            let exact = concat(&dp.exact, &exact)?;
+            let exact = concat(&exact_plan, &exact)?;
             let released = release::release(&dp, &exact, &settings)?;
             let table = release::noisy_table(&dp, &released)?;
             let post = dp.post(&table)?;

@@ -19,7 +19,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema};
 use catalog::{ColumnEntry, VersionEntry};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchemaRef, ScalarValue, TableReference};
+use datafusion::common::{Column, ScalarValue, TableReference};
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::functions_aggregate::expr_fn::{array_agg, count, sum};
 use datafusion::functions_window::expr_fn::row_number;
@@ -71,14 +71,8 @@ pub(crate) struct GroupKey {
 
 /// The rewritten query.
 pub(crate) struct DpPlan {
-    /// Computes the exact bounded aggregates: `__g{i}` per group key, then `__n`, and per aggregate `j`
-    /// the columns its mechanisms need (`__cnt{j}`, `__pers{j}`, `__sum{j}`, `__csum{j}`, `__sq{j}`,
-    /// `__arr{j}`).
-    pub exact: LogicalPlan,
     /// The user's plan (total), whose Aggregate node the noisy table replaces.
     user: LogicalPlan,
-    /// The Aggregate node's output schema (groups, then aggregates).
-    aggregate_schema: DFSchemaRef,
     /// The user's Aggregate node.
     aggregate: Aggregate,
     /// Per aggregate: the expression whose values it aggregates (none for `COUNT(*)`, persons).
@@ -268,7 +262,7 @@ fn df(e: datafusion::error::DataFusionError) -> Error {
     Error::DataFusion(e)
 }
 
-/// Rewrites the user's (total, type-checked) plan into the bounded aggregation; [`DpPlan::finish`] then
+/// Rewrites the user's (total, type-checked) plan into the bounded aggregation; [`DpPlan::exact`] then
 /// builds the exact plan.
 pub(crate) fn build(
     user: LogicalPlan,
@@ -309,7 +303,8 @@ pub(crate) fn build(
             },
         })
         .collect();
-    if !groups.is_empty() && groups.iter().all(|g| g.domain.is_some()) {
+    let public = !groups.is_empty() && groups.iter().all(|g| g.domain.is_some());
+    if public {
         let keys = groups.iter().try_fold(1usize, |n, g| {
             n.checked_mul(g.domain.as_ref().map_or(1, Vec::len))
         });
@@ -325,46 +320,26 @@ pub(crate) fn build(
         has_where |= matches!(n, LogicalPlan::Filter(_));
         Ok(TreeNodeRecursion::Continue)
     })?;
-    let mut plan = DpPlan {
-        exact: LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
-            produce_one_row: false,
-            schema: agg.schema.clone(),
-        }),
-        user: user.clone(),
-        aggregate_schema: agg.schema.clone(),
-        aggregate: agg.clone(),
-        values,
-        aggregates,
-        groups,
-        bounding: Bounding::Sample,
-    };
-    let sampled = (!plan.groups.is_empty()
-        && (!plan.public_groups()
-            || plan
-                .aggregates
-                .iter()
-                .any(|x| x.kind == AggKind::CountPersons)))
-        || plan
-            .aggregates
+    let sampled = (!groups.is_empty()
+        && (!public || aggregates.iter().any(|x| x.kind == AggKind::CountPersons)))
+        || aggregates
             .iter()
             .any(|x| matches!(x.kind, AggKind::Quantile(_)));
-    plan.bounding = if sampled {
+    let bounding = if sampled {
         Bounding::Sample
     } else {
         Bounding::Weight {
             indexed: !has_where,
         }
     };
-    Ok(plan)
-}
-
-impl DpPlan {
-    /// Builds the exact plan. `index` gives, for a table name, the plan node that scans its indexed
-    /// copy, when the bounding reads weights from the index.
-    pub(crate) fn finish(&mut self, k: i64, index: &HashMap<String, LogicalPlan>) -> Result<()> {
-        self.exact = exact_plan(&self.aggregate, self, &self.values, k, index)?;
-        Ok(())
-    }
+    Ok(DpPlan {
+        user,
+        aggregate: agg,
+        values,
+        aggregates,
+        groups,
+        bounding,
+    })
 }
 
 /// Replaces every scan of a table by the scan of its indexed copy (same qualifier, two more columns).
@@ -391,13 +366,22 @@ fn use_index(input: &LogicalPlan, index: &HashMap<String, LogicalPlan>) -> Resul
     Ok(out.data)
 }
 
-fn exact_plan(
-    agg: &Aggregate,
-    plan: &DpPlan,
-    values: &[Option<Expr>],
-    k: i64,
-    index: &HashMap<String, LogicalPlan>,
-) -> Result<LogicalPlan> {
+impl DpPlan {
+    /// The plan that computes the exact bounded aggregates: `__g{i}` per group key, then `__n`, and per
+    /// aggregate `j` the columns its mechanisms need (`__cnt{j}`, `__pers{j}`, `__sum{j}`, `__csum{j}`,
+    /// `__sq{j}`, `__arr{j}`). `index` gives, for a table name, the plan node that scans its indexed copy,
+    /// when the bounding reads weights from the index.
+    pub(crate) fn exact(
+        &self,
+        k: i64,
+        index: &HashMap<String, LogicalPlan>,
+    ) -> Result<LogicalPlan> {
+        exact_plan(self, k, index)
+    }
+}
+
+fn exact_plan(plan: &DpPlan, k: i64, index: &HashMap<String, LogicalPlan>) -> Result<LogicalPlan> {
+    let (agg, values) = (&plan.aggregate, &plan.values);
     let indexed = plan.bounding == (Bounding::Weight { indexed: true });
     let input = if indexed {
         use_index(&agg.input, index)?
@@ -630,7 +614,8 @@ pub(crate) struct PostPlan {
 impl DpPlan {
     /// The Aggregate node's output types (group keys, then aggregates).
     pub(crate) fn aggregate_types(&self) -> Vec<DataType> {
-        self.aggregate_schema
+        self.aggregate
+            .schema
             .fields()
             .iter()
             .map(|f| f.data_type().clone())
@@ -644,7 +629,8 @@ impl DpPlan {
         let mut fields = Vec::new();
         let mut arrays = Vec::new();
         for (i, (f, a)) in self
-            .aggregate_schema
+            .aggregate
+            .schema
             .fields()
             .iter()
             .zip(&noisy.columns)
@@ -669,7 +655,7 @@ impl DpPlan {
             .map(|n| column(&n))
             .collect();
         let mut replacement = Vec::new();
-        for (i, (q, f)) in self.aggregate_schema.iter().enumerate() {
+        for (i, (q, f)) in self.aggregate.schema.iter().enumerate() {
             replacement.push(
                 Expr::Column(Column::new(Some("__noisy"), format!("__c{i}")))
                     .alias_qualified(q.cloned(), f.name()),
@@ -682,7 +668,7 @@ impl DpPlan {
             .map_err(df)?;
         // Which output column shows which aggregate unchanged, tracked up the tree.
         let mut shows: HashMap<Column, usize> = HashMap::new();
-        for (i, (q, f)) in self.aggregate_schema.iter().enumerate() {
+        for (i, (q, f)) in self.aggregate.schema.iter().enumerate() {
             if i >= n_groups {
                 shows.insert(Column::new(q.cloned(), f.name()), i - n_groups);
             }

@@ -183,21 +183,13 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
         })
     };
     Ok(match e {
-        Expr::Cast(Cast { expr, field }) => {
-            let data_type = field.data_type();
-            if !allowed_cast(&type_of(&expr)?, data_type) {
-                return refuse(
-                    Rule::Function,
-                    format!(
-                        "casts to {data_type} are not accepted (integer, float, text, boolean, date and timestamp are)"
-                    ),
-                );
-            }
-            Transformed::yes(Expr::TryCast(TryCast { expr, field }))
-        }
-        Expr::TryCast(TryCast {
-            ref field,
+        Expr::Cast(Cast {
             ref expr,
+            ref field,
+        })
+        | Expr::TryCast(TryCast {
+            ref expr,
+            ref field,
         }) => {
             let data_type = field.data_type();
             if !allowed_cast(&type_of(expr)?, data_type) {
@@ -208,7 +200,12 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                     ),
                 );
             }
-            Transformed::no(e)
+            match e {
+                Expr::Cast(Cast { expr, field }) => {
+                    Transformed::yes(Expr::TryCast(TryCast { expr, field }))
+                }
+                other => Transformed::no(other),
+            }
         }
         Expr::BinaryExpr(BinaryExpr { left, op, right })
             if matches!(op, Operator::Divide | Operator::Modulo) =>
@@ -342,7 +339,7 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                 "SIMILAR TO is not accepted: use LIKE with a literal pattern",
             );
         }
-        Expr::ScalarFunction(f) => scalar_function(f, schema, &type_of)?,
+        Expr::ScalarFunction(f) => scalar_function(f, &type_of)?,
         other => {
             return refuse(
                 Rule::Function,
@@ -364,10 +361,8 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
 
 fn scalar_function(
     f: ScalarFunction,
-    schema: &DFSchema,
     type_of: &dyn Fn(&Expr) -> Result<DataType>,
 ) -> Result<Transformed<Expr>> {
-    let _ = schema;
     let name = f.func.name().to_owned();
     let args = &f.args;
     let bad = |why: &str| refuse(Rule::Function, format!("{name}: {why}"));
