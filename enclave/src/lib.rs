@@ -13,7 +13,11 @@
 //! malformed configuration or input (bad rows go to the encrypted quarantine with a reason); memory
 //! bounded by batch and row-group size, not by input size (what grows is ~100 bytes a patient; the
 //! identifiers the scrubber needs wait in an encrypted spill file); nothing about a row leaves except
-//! through `dp::DpEngine::answer`, charged and audited before it returns.
+//! through `dp::DpEngine::answer`, charged and audited before it returns. A researcher's query reaches
+//! DataFusion only as a validated syntax tree and rewritten plans, never as text built from what they
+//! wrote, and every expression it may evaluate is total (`dp/total.rs`), so no row can make it fail.
+//! Test hooks that weaken a protection (noise off, abort after charge) compile only with the
+//! `danger-test-hooks` feature, which only the tests enable.
 
 pub mod audit;
 pub mod bench;
