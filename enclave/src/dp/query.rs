@@ -54,7 +54,7 @@ pub(crate) const SCALAR_FUNCTIONS: &[&str] = &[
     "LN",
     "LOG10",
     "EXP",
-    "SIGN",
+    "SIGNUM",
 ];
 
 /// The aggregates the engine computes with DP.

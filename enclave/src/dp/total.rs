@@ -102,6 +102,8 @@ pub(crate) fn expr(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
 
 fn literal_str(e: &Expr) -> Option<String> {
     match e {
+        // Type coercion may have wrapped the literal in a cast (text literals to `Utf8View`).
+        Expr::Cast(Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) => literal_str(expr),
         Expr::Literal(ScalarValue::Utf8(Some(s)), _)
         | Expr::Literal(ScalarValue::LargeUtf8(Some(s)), _)
         | Expr::Literal(ScalarValue::Utf8View(Some(s)), _) => Some(s.to_lowercase()),
