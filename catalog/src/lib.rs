@@ -100,6 +100,17 @@ pub struct TableEntry {
     pub rows: u64,
     /// Its columns in order.
     pub columns: Vec<ColumnEntry>,
+    /// At most how many rows one person has in this table (declared by the profile and enforced at
+    /// ingest); `None`: bounded by the version's `max_contributions`.
+    #[serde(default)]
+    pub max_rows_per_person: Option<u32>,
+}
+
+impl TableEntry {
+    /// How many rows of this table one person contributes to a DP query at most.
+    pub fn contribution_bound(&self, max_contributions: u32) -> u32 {
+        self.max_rows_per_person.unwrap_or(max_contributions).max(1)
+    }
 }
 
 /// A version about to be published.
@@ -286,7 +297,7 @@ impl SqliteCatalog {
             entry.report = serde_json::from_str(text)?;
         }
         let mut tables = conn.prepare(
-            "SELECT name, file, rows FROM catalog_tables WHERE version_id = ?1 ORDER BY rowid",
+            "SELECT name, file, rows, max_rows_per_person FROM catalog_tables WHERE version_id = ?1 ORDER BY rowid",
         )?;
         let mut columns = conn.prepare(
             "SELECT name, data_type, role, action, lower, upper, domain FROM catalog_columns
@@ -298,10 +309,11 @@ impl SqliteCatalog {
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, u64>(2)?,
+                    r.get::<_, Option<u32>>(3)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        for (name, file, rows) in table_rows {
+        for (name, file, rows, max_rows_per_person) in table_rows {
             let cols = columns
                 .query_map(params![id, name], |r| {
                     Ok(ColumnEntry {
@@ -322,6 +334,7 @@ impl SqliteCatalog {
                 file,
                 rows,
                 columns: cols,
+                max_rows_per_person,
             });
         }
         Ok(VersionEntry {
@@ -332,13 +345,14 @@ impl SqliteCatalog {
 }
 
 /// Columns added after the first release, added to older databases on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
     (
         "catalog_versions",
         "accounting",
         "TEXT NOT NULL DEFAULT 'basic'",
     ),
     ("catalog_columns", "domain", "TEXT"),
+    ("catalog_tables", "max_rows_per_person", "INTEGER"),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -395,8 +409,9 @@ impl CatalogStore for SqliteCatalog {
             let id = tx.last_insert_rowid();
             for t in &v.tables {
                 tx.execute(
-                    "INSERT INTO catalog_tables (version_id, name, file, rows) VALUES (?1, ?2, ?3, ?4)",
-                    params![id, t.name, t.file, t.rows],
+                    "INSERT INTO catalog_tables (version_id, name, file, rows, max_rows_per_person)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id, t.name, t.file, t.rows, t.max_rows_per_person],
                 )?;
                 for (pos, c) in t.columns.iter().enumerate() {
                     tx.execute(
@@ -535,6 +550,7 @@ mod tests {
                     upper: None,
                     domain: Some(vec!["a".into()]),
                 }],
+                max_rows_per_person: Some(1),
             }],
             report: serde_json::json!({"rows_in": 3}),
         }

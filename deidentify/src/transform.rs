@@ -244,6 +244,9 @@ pub struct Deidentifier {
     national_id_linked: u64,
     /// The output row under construction (after the person column), reused from row to row.
     row_buf: Vec<Out>,
+    /// Rows written per (table, person_id), for the tables whose rows per person the profile bounds
+    /// (keyed by the released person_id: two source IDs can link to one person).
+    rows_per_person: HashMap<(Table, [u8; 16]), u32>,
 }
 
 impl Deidentifier {
@@ -318,6 +321,7 @@ impl Deidentifier {
             last_token: std::cell::RefCell::new(HashMap::new()),
             national_id_linked: 0,
             row_buf: Vec::new(),
+            rows_per_person: HashMap::new(),
         }
     }
 
@@ -557,6 +561,16 @@ impl Deidentifier {
             return Err(Skip::Suppressed);
         }
         validate_row(rec).map_err(Skip::Quarantine)?;
+        if let Some(&bound) = self.profile.dp.rows_per_person.get(&table) {
+            let key = (table, self.people[idx].person_id);
+            let n = self.rows_per_person.entry(key).or_insert(0);
+            if *n >= bound {
+                return Err(Skip::Quarantine(format!(
+                    "the person already has {bound} {table} row(s), the most the profile allows (dp.rows_per_person)"
+                )));
+            }
+            *n += 1;
+        }
         let (_, cols) = &self.outputs[&table];
         let person = &self.people[idx];
         // The person column comes first and is written from the person directly; the buffer is reused.

@@ -621,6 +621,7 @@ pub fn ingest(
             name: t.name().to_owned(),
             file: format!("{}.parquet", t.name()),
             rows: sinks.get(t).map_or(0, |(c, _)| c.written),
+            max_rows_per_person: profile.dp.rows_per_person.get(t).copied(),
             columns: deid
                 .column_actions(*t)
                 .into_iter()

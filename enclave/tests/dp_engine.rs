@@ -573,3 +573,73 @@ proptest! {
         }
     }
 }
+
+/// Each table is bounded by its own rows per person: `patients` (one row per person, declared by the
+/// profile) needs noise for one row, a table without a declared bound uses `max_contributions`, and a join
+/// on `person_id` the product of its tables' bounds. The declared scale is Δ/ε for each.
+#[test]
+fn each_table_is_bounded_by_its_own_rows_per_person_and_a_join_by_the_product() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let values: Vec<Vec<f64>> = (0u32..30)
+        .map(|p| vec![f64::from(p); 1 + p as usize % 4])
+        .collect();
+    export(&tmp.path().join("export"), &values);
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_as(&dir, "b", &tmp.path().join("export"));
+    use catalog::CatalogStore as _;
+    let version = dir
+        .catalog()
+        .expect("catalog")
+        .version("b", None)
+        .expect("version");
+    let bound = |t: &str| {
+        version
+            .version
+            .tables
+            .iter()
+            .find(|e| e.name == t)
+            .expect("table")
+            .max_rows_per_person
+    };
+    assert_eq!(
+        bound("patients"),
+        Some(1),
+        "declared by the profile, kept in the catalog"
+    );
+    assert_eq!(bound("observations"), None);
+    let engine = DpEngine::open(&dir).expect("engine");
+    engine
+        .ledger()
+        .set_budget("test", "alice", "b", 1e6, 0.5, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let options = QueryOptions {
+        epsilon: Some(1.0),
+        ..QueryOptions::default()
+    };
+    for (sql, delta) in [
+        ("SELECT COUNT(*) AS n FROM patients", 1.0),
+        ("SELECT COUNT(*) AS n FROM patients WHERE gender = 'F'", 1.0),
+        ("SELECT COUNT(*) AS n FROM observations", 10.0),
+        (
+            "SELECT COUNT(*) AS n FROM patients p JOIN observations o ON o.person_id = p.person_id",
+            10.0,
+        ),
+        (
+            "SELECT COUNT(*) AS n FROM observations a JOIN observations b ON b.person_id = a.person_id",
+            100.0,
+        ),
+    ] {
+        let a = rt
+            .block_on(engine.answer("alice", "b", sql, &options))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let n = &a.noise[0];
+        assert!(
+            (n.scale - delta / 1.0).abs() < 1e-9 && (n.sensitivity - delta).abs() < 1e-9,
+            "{sql}: scale {} and sensitivity {}, expected Δ = {delta} at ε = 1",
+            n.scale,
+            n.sensitivity
+        );
+    }
+}

@@ -153,8 +153,11 @@ pub struct KAnonymity {
 /// DP defaults declared by the profile for datasets ingested under it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DpDefaults {
-    /// Rows one person may contribute to a query.
+    /// Rows one person may contribute to a query, per table unless the table declares its own bound.
     pub max_contributions: u32,
+    /// Tables whose rows per person the profile bounds (`patients = 1`): the engine bounds each by its
+    /// own figure, and ingest quarantines a person's rows beyond it.
+    pub rows_per_person: BTreeMap<Table, u32>,
     /// How privacy loss is accounted: `basic` ((ε, δ), basic composition, Laplace) or `zcdp`
     /// (ρ, Gaussian; composes far better over many queries).
     pub accounting: DpAccounting,
@@ -312,6 +315,8 @@ struct RawDp {
     max_contributions: u32,
     #[serde(default)]
     accounting: Option<String>,
+    #[serde(default)]
+    rows_per_person: BTreeMap<String, u32>,
 }
 
 impl Default for RawDp {
@@ -319,6 +324,7 @@ impl Default for RawDp {
         RawDp {
             max_contributions: 10,
             accounting: None,
+            rows_per_person: BTreeMap::new(),
         }
     }
 }
@@ -401,6 +407,17 @@ impl Validator<'_> {
                 return self.err(0, format!("dp.accounting: '{other}' is not basic or zcdp"));
             }
         };
+
+        let mut rows_per_person = BTreeMap::new();
+        for (name, n) in &raw.dp.rows_per_person {
+            let Some(t) = Table::ALL.into_iter().find(|t| t.name() == name) else {
+                return self.err(0, format!("dp.rows_per_person: no table '{name}'"));
+            };
+            if *n == 0 {
+                return self.err(0, format!("dp.rows_per_person.{name} must be at least 1"));
+            }
+            rows_per_person.insert(t, *n);
+        }
 
         let mut tables = BTreeMap::new();
         for (table, section) in raw.take_tables() {
@@ -490,6 +507,7 @@ impl Validator<'_> {
             max_quarantine_ratio: ratio,
             dp: DpDefaults {
                 max_contributions: raw.dp.max_contributions,
+                rows_per_person,
                 accounting,
             },
             tables,
@@ -748,6 +766,26 @@ mod tests {
                 .join("\n")
         });
         assert!(e.to_string().contains("no rule for column 'email'"), "{e}");
+        let e = with_line(text, |t| {
+            t.replacen(
+                "rows_per_person = { patients = 1 }",
+                "rows_per_person = { patient = 1 }",
+                1,
+            )
+        });
+        assert!(
+            e.to_string()
+                .contains("dp.rows_per_person: no table 'patient'"),
+            "{e}"
+        );
+        let e = with_line(text, |t| {
+            t.replacen(
+                "rows_per_person = { patients = 1 }",
+                "rows_per_person = { patients = 0 }",
+                1,
+            )
+        });
+        assert!(e.to_string().contains("must be at least 1"), "{e}");
     }
 
     #[test]

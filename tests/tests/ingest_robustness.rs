@@ -227,3 +227,62 @@ Unit = "units"
         "{err}"
     );
 }
+
+/// The profile declares one `patients` row per person (`dp.rows_per_person`), and the DP engine sizes
+/// the noise of patient counts by it. Two source rows that link to one person (the same national ID
+/// under two local IDs) would break that: the second is quarantined with the rule's name, so every
+/// released person_id has one row.
+#[test]
+fn a_second_patients_row_for_one_person_is_quarantined_by_the_declared_bound() {
+    let s = Scratch::new();
+    s.enclave(
+        "data",
+        &[
+            "demo-data",
+            "--patients",
+            "60",
+            "--out",
+            "export",
+            "--format",
+            "csv",
+        ],
+    );
+    s.enclave("data", &["init"]);
+    let file = s.path().join("export/csv/patients.csv");
+    let mut reader = csv::Reader::from_path(&file).expect("patients.csv");
+    let headers = reader.headers().expect("headers").clone();
+    let mut rows: Vec<csv::StringRecord> = reader.records().map(|r| r.expect("row")).collect();
+    let id = headers.iter().position(|h| h == "Id").expect("Id column");
+    let mut twin: Vec<String> = rows[0].iter().map(str::to_owned).collect();
+    twin[id] = "another-local-id".into();
+    rows.push(csv::StringRecord::from(twin));
+    let mut writer = csv::Writer::from_path(&file).expect("rewrite");
+    writer.write_record(&headers).expect("headers");
+    for r in &rows {
+        writer.write_record(r).expect("row");
+    }
+    writer.flush().expect("flush");
+    drop(writer);
+
+    let report = s.ingest(
+        "data",
+        "H1",
+        "twins",
+        &s.path().join("export/csv"),
+        "hipaa-safe-harbor",
+        &[],
+    );
+    let reasons = report["quarantine_reasons"].as_object().expect("reasons");
+    assert!(
+        reasons
+            .iter()
+            .any(|(r, n)| r.starts_with("patients:") && r.contains("dp.rows_per_person") && n == 1),
+        "{reasons:?}"
+    );
+    let opened = Opened::new(&s.path().join("data"));
+    let counts = opened.sql(
+        "twins",
+        "SELECT COUNT(*), COUNT(DISTINCT person_id) FROM patients",
+    );
+    assert_eq!(counts[0][0], counts[0][1], "one row per released person");
+}

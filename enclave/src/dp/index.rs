@@ -1,5 +1,6 @@
 //! The per-person contribution index: each table of a version, again, with every row carrying how many
-//! rows its person has in that table and the weight that bounds the person to the version's `k` rows.
+//! rows its person has in that table and the weight that bounds the person to the table's `k` rows (its
+//! declared rows per person, else the version's `max_contributions`).
 //!
 //! Bounding by weight needs each person's row count in the query's relation. For a query without WHERE
 //! that count is a property of the version (a join on `person_id` multiplies the tables' counts), so it
@@ -20,7 +21,7 @@ use crate::{Error, Result};
 
 /// The column holding the person's row count in the table.
 pub(crate) const ROWS_COLUMN: &str = "__rows_of_person";
-/// The column holding the row's weight, `min(1, k / rows of person)` for the version's `k`.
+/// The column holding the row's weight, `min(1, k / rows of person)` for the table's `k`.
 pub(crate) const WEIGHT_COLUMN: &str = "__weight";
 
 /// One build at a time in this process (others wait, then find it built).
@@ -34,7 +35,13 @@ pub(crate) async fn ensure(
     keystore: &Arc<Keystore>,
 ) -> Result<PathBuf> {
     let vdir = root.join(&version.version.storage_path);
-    let k = version.version.max_contributions.max(1);
+    let entry = version
+        .version
+        .tables
+        .iter()
+        .find(|e| e.name == table)
+        .ok_or_else(|| Error::Internal(format!("table {table} vanished")))?;
+    let k = entry.contribution_bound(version.version.max_contributions);
     let dir = vdir.join("contributions").join(format!("k{k}"));
     let target = dir.join(format!("{table}.parquet"));
     if target.exists() {
@@ -44,12 +51,6 @@ pub(crate) async fn ensure(
     if target.exists() {
         return Ok(target);
     }
-    let entry = version
-        .version
-        .tables
-        .iter()
-        .find(|e| e.name == table)
-        .ok_or_else(|| Error::Internal(format!("table {table} vanished")))?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let started = std::time::Instant::now();
     let ctx = crate::storage::session(keystore.clone());

@@ -253,7 +253,7 @@ impl DpEngine {
                 format!("budget exhausted: {left:.6} {unit} left, query needs {total:.6}"),
             ));
         }
-        let k = i64::from(version.version.max_contributions.max(1));
+        let k = contribution_bound(&version, &analyzed.tables)?;
 
         // Planning: DataFusion plans the validated syntax tree (never text); type coercion makes every
         // implicit cast explicit; then every expression is made total and the bounded plan is built.
@@ -451,6 +451,30 @@ impl DpEngine {
         }
         Ok(out)
     }
+}
+
+/// How many rows of the query's relation one person contributes at most: each table's own bound (the
+/// profile's `dp.rows_per_person`, else the version's `max_contributions`), multiplied over a join on
+/// `person_id` (a person with `a` rows in one table and `b` in the other has `a·b` joined rows).
+fn contribution_bound(version: &VersionEntry, tables: &[String]) -> Result<i64, Failure> {
+    let default = version.version.max_contributions;
+    let mut k: i64 = 1;
+    for t in tables {
+        let entry = version
+            .version
+            .tables
+            .iter()
+            .find(|e| &e.name == t)
+            .ok_or_else(|| Error::Internal(format!("table {t} vanished")))?;
+        k = k.saturating_mul(i64::from(entry.contribution_bound(default)));
+    }
+    if k > 1_000_000 {
+        return Err(Failure::refused(
+            Rule::Join,
+            "the join multiplies each person's rows to more than 1,000,000: the noise would drown every answer",
+        ));
+    }
+    Ok(k)
 }
 
 /// The exact aggregates as one batch.
