@@ -21,7 +21,7 @@ pub use keys::{LinkageKey, Pseudonymizer};
 pub use read::{Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discover, read_file};
 pub use scrub::{PhiKind, ScrubCounts};
 pub use transform::{
-    Deidentifier, KnownStore, MemoryKnownStore, ReleasedColumn, Skip, TableOutput,
+    Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, ReleasedColumn, Skip, TableOutput,
     danger_plain_schema,
 };
 

@@ -218,6 +218,15 @@ struct OutColumn {
     qi: Option<usize>,
 }
 
+/// Values of one column outside its declared domain, and what became of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OutOfDomain {
+    /// Mapped to the column's `other` key.
+    pub mapped: u64,
+    /// Their rows quarantined.
+    pub quarantined: u64,
+}
+
 /// The de-identifying transform for one ingest run.
 pub struct Deidentifier {
     profile: Profile,
@@ -244,6 +253,8 @@ pub struct Deidentifier {
     national_id_linked: u64,
     /// The output row under construction (after the person column), reused from row to row.
     row_buf: Vec<Out>,
+    /// Values outside a column's declared domain, per `table.column` and what became of them.
+    out_of_domain: BTreeMap<String, OutOfDomain>,
     /// Rows written per (table, person_id), for the tables whose rows per person the profile bounds
     /// (keyed by the released person_id: two source IDs can link to one person).
     rows_per_person: HashMap<(Table, [u8; 16]), u32>,
@@ -274,6 +285,7 @@ impl Deidentifier {
                 bounds: None,
                 output: PERSON_ID.to_owned(),
                 domain: None,
+                other: None,
             };
             cols.push(OutColumn {
                 field: Field::new(PERSON_ID, DataType::Utf8, false),
@@ -322,6 +334,7 @@ impl Deidentifier {
             national_id_linked: 0,
             row_buf: Vec::new(),
             rows_per_person: HashMap::new(),
+            out_of_domain: BTreeMap::new(),
         }
     }
 
@@ -525,6 +538,11 @@ impl Deidentifier {
         (valid, released, self.national_id_linked)
     }
 
+    /// Values outside a declared domain so far, per `table.column`.
+    pub fn out_of_domain(&self) -> &BTreeMap<String, OutOfDomain> {
+        &self.out_of_domain
+    }
+
     /// Placeholder counts of all scrubbing so far.
     pub fn scrub_counts(&self) -> &ScrubCounts {
         &self.scrub_counts
@@ -612,6 +630,28 @@ impl Deidentifier {
                     }
                 }
             };
+            if let (Some(domain), Out::Str(value)) = (&c.rule.domain, &o)
+                && !domain.contains(value)
+            {
+                let seen = self
+                    .out_of_domain
+                    .entry(format!("{table}.{}", c.rule.column))
+                    .or_default();
+                match &c.rule.other {
+                    Some(other) => {
+                        seen.mapped += 1;
+                        o = Out::Str(other.clone());
+                    }
+                    None => {
+                        seen.quarantined += 1;
+                        self.row_buf = row;
+                        return Err(Skip::Quarantine(format!(
+                            "{table}.{}: a value outside the column's declared domain (the profile's domain list; declare `other` to map such values to a key)",
+                            c.rule.column
+                        )));
+                    }
+                }
+            }
             if let (Some(i), Some(k)) = (c.qi, &self.kanon) {
                 o = climb(&o, k.levels[i]);
             }
@@ -720,6 +760,7 @@ pub fn danger_plain_schema(table: Table) -> SchemaRef {
                 bounds: None,
                 output: c.name.to_owned(),
                 domain: None,
+                other: None,
             };
             Field::new(c.name, output_type(&rule), true)
         })

@@ -179,6 +179,9 @@ pub struct IngestReport {
     pub k_anonymity: Option<KAnonReport>,
     /// Free-text placeholders inserted, per kind.
     pub scrubbed: BTreeMap<String, u64>,
+    /// Values outside a column's declared domain, per `table.column`: mapped to its `other` key, or
+    /// their rows quarantined.
+    pub out_of_domain: BTreeMap<String, deidentify::OutOfDomain>,
     /// Date shift window (days, ±).
     pub date_shift_days: u32,
     /// Per table, every released column and its treatment.
@@ -237,6 +240,12 @@ impl IngestReport {
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect();
             s += &format!("free text: placeholders inserted: {}\n", parts.join(", "));
+        }
+        for (column, n) in &self.out_of_domain {
+            s += &format!(
+                "outside the declared domain: {column}: {} mapped to its `other` key, {} rows quarantined\n",
+                n.mapped, n.quarantined
+            );
         }
         if !self.quarantine_reasons.is_empty() {
             s += "quarantined rows by reason:\n";
@@ -573,6 +582,7 @@ pub fn ingest(
                 generalisation_levels: qis.iter().cloned().zip(o.levels.iter().copied()).collect(),
                 suppressed_persons: o.suppressed.iter().filter(|s| **s).count() as u64,
             }),
+        out_of_domain: deid.out_of_domain().clone(),
         scrubbed: deid
             .scrub_counts()
             .iter()

@@ -127,6 +127,9 @@ pub struct ColumnRule {
     /// Public domain of a categorical column: every value a group key over it can take. Declared, never
     /// derived from data, so DP queries can release every key (empty ones too) without key selection.
     pub domain: Option<Vec<String>>,
+    /// The domain key a value outside the domain becomes (`other = "Other"`); without it, a row with
+    /// such a value is quarantined. Either way the ingest report counts them per column.
+    pub other: Option<String>,
 }
 
 /// Which identifier a person's keyed `person_id` is computed from (first present wins).
@@ -342,6 +345,7 @@ struct RawRule {
     #[serde(rename = "as")]
     output: Option<String>,
     domain: Option<Vec<String>>,
+    other: Option<String>,
 }
 
 struct Validator<'a> {
@@ -649,6 +653,18 @@ impl Validator<'_> {
                 Some(values.clone())
             }
         };
+        let other = match (&raw.other, &domain) {
+            (None, _) => None,
+            (Some(o), Some(d)) if d.contains(o) => Some(o.clone()),
+            (Some(o), _) => {
+                return self.err(
+                    at,
+                    format!(
+                        "{table}.{name}: other = \"{o}\" must be one of the column's domain values"
+                    ),
+                );
+            }
+        };
         let output = if name == PATIENT_REF {
             crate::schema::PERSON_ID.to_owned()
         } else {
@@ -662,6 +678,7 @@ impl Validator<'_> {
             bounds,
             output,
             domain,
+            other,
         })
     }
 }
@@ -786,6 +803,18 @@ mod tests {
             )
         });
         assert!(e.to_string().contains("must be at least 1"), "{e}");
+        let e = with_line(text, |t| {
+            t.replacen(
+                "\"Psychiatry\"] }",
+                "\"Psychiatry\"], other = \"Misc\" }",
+                1,
+            )
+        });
+        assert!(
+            e.to_string()
+                .contains("must be one of the column's domain values"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -286,3 +286,81 @@ fn a_second_patients_row_for_one_person_is_quarantined_by_the_declared_bound() {
     );
     assert_eq!(counts[0][0], counts[0][1], "one row per released person");
 }
+
+/// A provider that spells a department its own way: under the shipped profile the rows are quarantined
+/// with the reason and counted per column; a profile that declares `other` maps them to that key. Either
+/// way every released value is in the declared domain, so a GROUP BY over it (which releases exactly the
+/// domain's keys) cannot silently drop rows that a WHERE would still find.
+#[test]
+fn values_outside_a_declared_domain_are_quarantined_or_mapped_and_counted() {
+    let s = Scratch::new();
+    s.enclave(
+        "data",
+        &[
+            "demo-data",
+            "--patients",
+            "60",
+            "--out",
+            "export",
+            "--format",
+            "csv",
+        ],
+    );
+    s.enclave("data", &["init"]);
+    let file = s.path().join("export/csv/encounters.csv");
+    let text = std::fs::read_to_string(&file).expect("encounters.csv");
+    let respelled = text.matches(",Cardiology,").count() as u64;
+    assert!(respelled > 0);
+    std::fs::write(&file, text.replace(",Cardiology,", ",Cardiology Dept.,")).expect("write");
+
+    let report = s.ingest(
+        "data",
+        "H1",
+        "strict",
+        &s.path().join("export/csv"),
+        "hipaa-safe-harbor",
+        &[],
+    );
+    let dept = &report["out_of_domain"]["encounters.department"];
+    assert_eq!(dept["quarantined"], respelled, "{report}");
+    assert_eq!(dept["mapped"], 0);
+    assert!(
+        report["quarantine_reasons"]
+            .as_object()
+            .expect("reasons")
+            .keys()
+            .any(|r| r
+                .contains("encounters.department: a value outside the column's declared domain"))
+    );
+
+    let profile = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../policies/profiles/hipaa-safe-harbor.toml"),
+    )
+    .expect("profile");
+    let with_other = profile.replacen(
+        "\"Psychiatry\"] }",
+        "\"Psychiatry\", \"Other\"], other = \"Other\" }",
+        1,
+    );
+    assert_ne!(with_other, profile, "the department rule changed");
+    let path = s.path().join("lenient.toml");
+    std::fs::write(&path, with_other).expect("profile");
+    let report = s.ingest(
+        "data",
+        "H1",
+        "lenient",
+        &s.path().join("export/csv"),
+        path.to_str().expect("utf-8"),
+        &[],
+    );
+    let dept = &report["out_of_domain"]["encounters.department"];
+    assert_eq!(dept["mapped"], respelled, "{report}");
+    assert_eq!(dept["quarantined"], 0);
+    let opened = Opened::new(&s.path().join("data"));
+    let other = opened.sql(
+        "lenient",
+        "SELECT COUNT(*) FROM encounters WHERE department = 'Other'",
+    );
+    assert_eq!(other[0][0].as_deref(), Some(respelled.to_string().as_str()));
+}
