@@ -246,6 +246,15 @@ enum BenchCommand {
         #[arg(long)]
         smartnoise: bool,
     },
+    /// DP answers against the true and the bounded value: bias, standard deviation and RMSE at ε = 1.
+    Accuracy {
+        /// Work directory (kept between runs, so data is generated and ingested once).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Runs per query.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// Internal: run one measured phase in this process and print its figures as JSON.
     #[command(hide = true)]
     Phase {
@@ -439,6 +448,9 @@ fn run(cli: Cli) -> Result<()> {
                 runs,
                 smartnoise,
             } => enclave::bench::dp_bench(patients, work_dir, runs, smartnoise, demo_today())?,
+            BenchCommand::Accuracy { work_dir, runs } => {
+                enclave::bench::accuracy_bench(work_dir, runs)?
+            }
         },
     }
     Ok(())
