@@ -100,10 +100,23 @@ pub struct TableEntry {
     pub rows: u64,
     /// Its columns in order.
     pub columns: Vec<ColumnEntry>,
-    /// At most how many rows one person has in this table (declared by the profile and enforced at
-    /// ingest); `None`: bounded by the version's `max_contributions`.
+    /// At most how many rows of this table one person contributes to a DP query: declared by the profile
+    /// (and enforced at ingest), or chosen from the data under DP (then `chosen` says how). `None`:
+    /// bounded by the version's `max_contributions`.
     #[serde(default)]
     pub max_rows_per_person: Option<u32>,
+    /// How a data-chosen bound was released: the quantile of rows per person and the ε it cost.
+    #[serde(default)]
+    pub chosen: Option<ChosenBound>,
+}
+
+/// A contribution bound chosen from the data under DP.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ChosenBound {
+    /// The quantile of rows per person released (e.g. 0.99).
+    pub quantile: f64,
+    /// The ε its private quantile cost (charged to the dataset's `catalog` budget).
+    pub epsilon: f64,
 }
 
 impl TableEntry {
@@ -297,7 +310,8 @@ impl SqliteCatalog {
             entry.report = serde_json::from_str(text)?;
         }
         let mut tables = conn.prepare(
-            "SELECT name, file, rows, max_rows_per_person FROM catalog_tables WHERE version_id = ?1 ORDER BY rowid",
+            "SELECT name, file, rows, max_rows_per_person, bound_quantile, bound_epsilon FROM catalog_tables
+             WHERE version_id = ?1 ORDER BY rowid",
         )?;
         let mut columns = conn.prepare(
             "SELECT name, data_type, role, action, lower, upper, domain FROM catalog_columns
@@ -310,10 +324,13 @@ impl SqliteCatalog {
                     r.get::<_, String>(1)?,
                     r.get::<_, u64>(2)?,
                     r.get::<_, Option<u32>>(3)?,
+                    r.get::<_, Option<f64>>(4)?
+                        .zip(r.get::<_, Option<f64>>(5)?)
+                        .map(|(quantile, epsilon)| ChosenBound { quantile, epsilon }),
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        for (name, file, rows, max_rows_per_person) in table_rows {
+        for (name, file, rows, max_rows_per_person, chosen) in table_rows {
             let cols = columns
                 .query_map(params![id, name], |r| {
                     Ok(ColumnEntry {
@@ -335,6 +352,7 @@ impl SqliteCatalog {
                 rows,
                 columns: cols,
                 max_rows_per_person,
+                chosen,
             });
         }
         Ok(VersionEntry {
@@ -345,7 +363,7 @@ impl SqliteCatalog {
 }
 
 /// Columns added after the first release, added to older databases on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     (
         "catalog_versions",
         "accounting",
@@ -353,6 +371,8 @@ const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
     ),
     ("catalog_columns", "domain", "TEXT"),
     ("catalog_tables", "max_rows_per_person", "INTEGER"),
+    ("catalog_tables", "bound_quantile", "REAL"),
+    ("catalog_tables", "bound_epsilon", "REAL"),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -409,9 +429,17 @@ impl CatalogStore for SqliteCatalog {
             let id = tx.last_insert_rowid();
             for t in &v.tables {
                 tx.execute(
-                    "INSERT INTO catalog_tables (version_id, name, file, rows, max_rows_per_person)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![id, t.name, t.file, t.rows, t.max_rows_per_person],
+                    "INSERT INTO catalog_tables (version_id, name, file, rows, max_rows_per_person,
+                        bound_quantile, bound_epsilon) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        id,
+                        t.name,
+                        t.file,
+                        t.rows,
+                        t.max_rows_per_person,
+                        t.chosen.map(|c| c.quantile),
+                        t.chosen.map(|c| c.epsilon)
+                    ],
                 )?;
                 for (pos, c) in t.columns.iter().enumerate() {
                     tx.execute(
@@ -551,6 +579,10 @@ mod tests {
                     domain: Some(vec!["a".into()]),
                 }],
                 max_rows_per_person: Some(1),
+                chosen: Some(ChosenBound {
+                    quantile: 0.99,
+                    epsilon: 0.1,
+                }),
             }],
             report: serde_json::json!({"rows_in": 3}),
         }

@@ -625,13 +625,50 @@ pub fn ingest(
     let target = dir.root().join(&relative);
     dir.publish_dir(&staging.0, &target)?;
 
+    // Bounds the profile leaves open are chosen from the data under DP, charged before publishing.
+    let open: Vec<Table> = Table::ALL
+        .iter()
+        .copied()
+        .filter(|t| !profile.dp.rows_per_person.contains_key(t))
+        .collect();
+    let chosen = match profile.dp.chosen_bounds {
+        Some(how) => crate::bounds::choose(
+            &crate::bounds::Publishing {
+                by: &opts.provider,
+                dataset: &opts.dataset,
+                version: &version,
+                dir: &target,
+            },
+            std::sync::Arc::new(dir.keystore()?),
+            &dir.ledger(keystore)?,
+            &open,
+            how,
+        )
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&target);
+        })?,
+        None => Vec::new(),
+    };
+    let chosen_of = |t: &Table| chosen.iter().find(|(c, _)| c == t).map(|(_, k)| *k);
+
     let catalog_tables = Table::ALL
         .iter()
         .map(|t| TableEntry {
             name: t.name().to_owned(),
             file: format!("{}.parquet", t.name()),
             rows: sinks.get(t).map_or(0, |(c, _)| c.written),
-            max_rows_per_person: profile.dp.rows_per_person.get(t).copied(),
+            max_rows_per_person: profile
+                .dp
+                .rows_per_person
+                .get(t)
+                .copied()
+                .or_else(|| chosen_of(t)),
+            chosen: chosen_of(t)
+                .and(profile.dp.chosen_bounds)
+                .map(|how| catalog::ChosenBound {
+                    quantile: how.quantile,
+                    epsilon: how.epsilon,
+                }),
             columns: deid
                 .column_actions(*t)
                 .into_iter()

@@ -21,6 +21,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bounds;
 pub mod datadir;
 pub mod demo;
 pub mod dp;

@@ -643,3 +643,103 @@ fn each_table_is_bounded_by_its_own_rows_per_person_and_a_join_by_the_product() 
         );
     }
 }
+
+/// A profile that leaves a table's bound open and asks for it to be chosen from the data: ingest releases
+/// the 99th percentile of rows per person under DP, charges it to the dataset's `catalog` budget and
+/// audits it before publishing, the catalog records how, and queries are bounded by it (here every
+/// person keeps all their rows, so a count carries no truncation).
+#[test]
+fn open_bounds_are_chosen_from_the_data_under_dp_charged_and_recorded() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 40 persons with 20 to 29 observations each.
+    let values: Vec<Vec<f64>> = (0u32..40)
+        .map(|p| vec![f64::from(p); 20 + p as usize % 10])
+        .collect();
+    export(&tmp.path().join("export"), &values);
+    let (_, text) = policies::builtin_profile("hipaa-safe-harbor").expect("profile");
+    let profile = tmp.path().join("chosen.toml");
+    std::fs::write(
+        &profile,
+        text.replace(
+            "max_contributions = 10",
+            "max_contributions = 10\nbound_quantile = 0.99\nbound_epsilon = 5.0",
+        ),
+    )
+    .expect("profile");
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_with_profile(
+        &dir,
+        "c",
+        &tmp.path().join("export"),
+        &profile.display().to_string(),
+    );
+    use catalog::CatalogStore as _;
+    let version = dir
+        .catalog()
+        .expect("catalog")
+        .version("c", None)
+        .expect("v");
+    let table = |t: &str| {
+        version
+            .version
+            .tables
+            .iter()
+            .find(|e| e.name == t)
+            .expect("table")
+            .clone()
+    };
+    let obs = table("observations");
+    let bound = obs.max_rows_per_person.expect("chosen");
+    assert!(
+        (26..=40).contains(&bound),
+        "p99 of 20…29 rows per person: {bound}"
+    );
+    assert_eq!(
+        obs.chosen,
+        Some(catalog::ChosenBound {
+            quantile: 0.99,
+            epsilon: 5.0
+        })
+    );
+    assert_eq!(table("patients").max_rows_per_person, Some(1));
+    assert_eq!(table("patients").chosen, None, "declared, not chosen");
+
+    let engine = DpEngine::open(&dir).expect("engine");
+    let catalog_budget = engine
+        .ledger()
+        .budget("catalog", "c")
+        .expect("b")
+        .expect("the catalog budget exists");
+    let open_tables = version
+        .version
+        .tables
+        .iter()
+        .filter(|t| t.chosen.is_some())
+        .count() as f64;
+    assert!((catalog_budget.spent_epsilon - 5.0 * open_tables).abs() < 1e-9);
+    assert_eq!(catalog_budget.epsilon, catalog_budget.spent_epsilon);
+    let pk = std::fs::read_to_string(dir.audit_public_key_path()).expect("pk");
+    engine
+        .ledger()
+        .verify(pk.trim())
+        .expect("grant and charge verify");
+
+    engine
+        .ledger()
+        .set_budget("test", "alice", "c", 1e6, 0.5, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let a = rt
+        .block_on(engine.answer(
+            "alice",
+            "c",
+            "SELECT COUNT(*) AS n FROM observations",
+            &QueryOptions {
+                epsilon: Some(1.0),
+                ..QueryOptions::default()
+            },
+        ))
+        .expect("answer");
+    assert!((a.noise[0].scale - f64::from(bound)).abs() < 1e-9);
+}

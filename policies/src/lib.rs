@@ -11,7 +11,8 @@ pub mod schema;
 
 pub use mapping::CsvMapping;
 pub use profile::{
-    Action, ColumnRule, DpAccounting, Generalization, KAnonymity, LinkKey, Profile, Role,
+    Action, ChosenBounds, ColumnRule, DpAccounting, Generalization, KAnonymity, LinkKey, Profile,
+    Role,
 };
 pub use schema::{ColumnType, Table};
 

@@ -161,9 +161,22 @@ pub struct DpDefaults {
     /// Tables whose rows per person the profile bounds (`patients = 1`): the engine bounds each by its
     /// own figure, and ingest quarantines a person's rows beyond it.
     pub rows_per_person: BTreeMap<Table, u32>,
+    /// For the tables without a declared bound: choose each one's rows per person from the data at
+    /// publish time, under DP (`[dp] bound_quantile`, `bound_epsilon`). `None`: `max_contributions`.
+    pub chosen_bounds: Option<ChosenBounds>,
     /// How privacy loss is accounted: `basic` ((ε, δ), basic composition, Laplace) or `zcdp`
     /// (ρ, Gaussian; composes far better over many queries).
     pub accounting: DpAccounting,
+}
+
+/// How a table's rows per person are chosen from the data: the `quantile` (e.g. 0.99) of the rows each
+/// person has, released by opendp's private quantile at `epsilon` per table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChosenBounds {
+    /// Which quantile of rows per person, in (0, 1).
+    pub quantile: f64,
+    /// ε spent per table on choosing it.
+    pub epsilon: f64,
 }
 
 /// A dataset's privacy accounting.
@@ -320,6 +333,10 @@ struct RawDp {
     accounting: Option<String>,
     #[serde(default)]
     rows_per_person: BTreeMap<String, u32>,
+    #[serde(default)]
+    bound_quantile: Option<f64>,
+    #[serde(default)]
+    bound_epsilon: Option<f64>,
 }
 
 impl Default for RawDp {
@@ -328,6 +345,8 @@ impl Default for RawDp {
             max_contributions: 10,
             accounting: None,
             rows_per_person: BTreeMap::new(),
+            bound_quantile: None,
+            bound_epsilon: None,
         }
     }
 }
@@ -423,6 +442,21 @@ impl Validator<'_> {
             rows_per_person.insert(t, *n);
         }
 
+        let chosen_bounds = match (raw.dp.bound_quantile, raw.dp.bound_epsilon) {
+            (None, None) => None,
+            (Some(quantile), Some(epsilon))
+                if quantile > 0.0 && quantile < 1.0 && (1e-6..=10.0).contains(&epsilon) =>
+            {
+                Some(ChosenBounds { quantile, epsilon })
+            }
+            _ => {
+                return self.err(
+                    0,
+                    "dp.bound_quantile (within (0, 1)) and dp.bound_epsilon (within [1e-6, 10]) go together",
+                );
+            }
+        };
+
         let mut tables = BTreeMap::new();
         for (table, section) in raw.take_tables() {
             let Some(section) = section else {
@@ -512,6 +546,7 @@ impl Validator<'_> {
             dp: DpDefaults {
                 max_contributions: raw.dp.max_contributions,
                 rows_per_person,
+                chosen_bounds,
                 accounting,
             },
             tables,
