@@ -1,130 +1,44 @@
-//! Runs the sqllogictest-style specifications in `tests/sql/*.slt` against the DP engine.
+//! Runs the SQL specification in `tests/sql/*.slt` against the DP engine with the `sqllogictest` crate,
+//! one data directory per file. `cargo test -p enclave --test slt -- --complete` rewrites the expected
+//! results from what the engine answers now (review the diff).
 //!
-//! DP answers are noisy, so a `query` record checks the result's shape — column types and names, and
-//! the row count — never values. Records:
+//! DP answers are noisy, so a `query` record's result is its shape, not its values: the column types
+//! (I integer, R float, T text or other) and names on the first line, then how many rows (`N rows`, or
+//! `selected rows` where keys are selected privately and their number is itself noisy). A refusal is
+//! `statement error <regex>` on `refused by rule '<rule>': …`. Two statements set the session:
 //!
 //! ```text
-//! # comment
-//! control principal NAME          run the following records as NAME (default alice)
-//! control epsilon X               spend X per query from here on (default 0.1)
+//! statement ok
+//! SET enclave.principal = 'bob'        -- ask as bob from here on (default alice)
 //!
-//! statement ok                    the query is answered
-//! statement error <regex>         the query is refused; the error matches <regex>
-//! SELECT …                        (the SQL runs to the next blank line)
-//!
-//! query <types> [rows N|rows>=N]  the query is answered with these column types (I integer, R float,
-//! SELECT …                        T text or other) and this many rows; after `----`, the column names
-//! ----                            separated by " | "
-//! name | name
+//! statement ok
+//! SET enclave.epsilon = 0.1            -- spend this per query from here on (default 0.1)
 //! ```
 //!
+//! Besides each record, every query is checked to leave one audit record, a refusal (but for rule
+//! `execution`) to leave the budget untouched, every released aggregate to carry its noise scale and an
+//! interval per row, and the audit log to verify at the end of each file.
+//!
 //! The data: a synthetic export of 400 patients ingested under `jp-pseudonymized-medical` as dataset
-//! `cohort` (dates shifted, timestamps kept); alice has a large budget on it, mallory none.
+//! `cohort` (dates shifted, timestamps kept); alice has a large budget on it, bob 0.25 ε, mallory none.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::datatypes::DataType;
 use enclave::DataDir;
 use enclave::demo::{DemoFormat, DemoOptions};
-use enclave::dp::{DpEngine, QueryOptions};
+use enclave::dp::{DpEngine, QueryOptions, Rule};
 use enclave::ingest::{IngestOptions, ingest};
+use sqllogictest::{DBOutput, DefaultColumnType};
 
-struct Record {
-    file: String,
-    line: usize,
+/// The engine as a sqllogictest database: one session (principal, ε) per file.
+struct Enclave {
+    engine: Arc<DpEngine>,
     principal: String,
     epsilon: f64,
-    kind: Kind,
-    sql: String,
-}
-
-enum Kind {
-    Ok,
-    Error(regex::Regex),
-    Query {
-        types: String,
-        rows: Rows,
-        names: Vec<String>,
-    },
-}
-
-enum Rows {
-    Exactly(usize),
-    AtLeast(usize),
-    Any,
-}
-
-fn parse(path: &Path) -> Vec<Record> {
-    let text = std::fs::read_to_string(path).expect("read .slt");
-    let file = path
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .into_owned();
-    let lines: Vec<&str> = text.lines().collect();
-    let (mut principal, mut epsilon) = ("alice".to_owned(), 0.1);
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let l = lines[i].trim();
-        if l.is_empty() || l.starts_with('#') {
-            i += 1;
-            continue;
-        }
-        if let Some(rest) = l.strip_prefix("control ") {
-            match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
-                ["principal", p] => principal = (*p).to_owned(),
-                ["epsilon", e] => epsilon = e.parse().expect("epsilon"),
-                other => panic!("{file}:{}: unknown control {other:?}", i + 1),
-            }
-            i += 1;
-            continue;
-        }
-        let header_line = i + 1;
-        let kind_line = l.to_owned();
-        i += 1;
-        let mut sql = Vec::new();
-        while i < lines.len() && !lines[i].trim().is_empty() && lines[i].trim() != "----" {
-            sql.push(lines[i]);
-            i += 1;
-        }
-        let kind = if kind_line == "statement ok" {
-            Kind::Ok
-        } else if let Some(re) = kind_line.strip_prefix("statement error ") {
-            Kind::Error(regex::Regex::new(re).expect("regex"))
-        } else if let Some(spec) = kind_line.strip_prefix("query ") {
-            let mut parts = spec.split_whitespace();
-            let types = parts.next().expect("types").to_owned();
-            let rows = match parts.next() {
-                Some(r) if r.starts_with("rows>=") => Rows::AtLeast(r[6..].parse().expect("n")),
-                Some(r) if r.starts_with("rows=") => Rows::Exactly(r[5..].parse().expect("n")),
-                None => Rows::Any,
-                Some(other) => panic!("{file}:{header_line}: bad rows spec {other}"),
-            };
-            assert_eq!(
-                lines.get(i).map(|l| l.trim()),
-                Some("----"),
-                "{file}:{header_line}: query needs ----"
-            );
-            let names = lines[i + 1]
-                .split(" | ")
-                .map(|s| s.trim().to_owned())
-                .collect();
-            i += 2;
-            Kind::Query { types, rows, names }
-        } else {
-            panic!("{file}:{header_line}: unknown record '{kind_line}'");
-        };
-        out.push(Record {
-            file: file.clone(),
-            line: header_line,
-            principal: principal.clone(),
-            epsilon,
-            kind,
-            sql: sql.join("\n"),
-        });
-    }
-    out
+    queries: Arc<AtomicUsize>,
 }
 
 fn type_letter(dt: &DataType) -> char {
@@ -140,20 +54,104 @@ fn type_letter(dt: &DataType) -> char {
     }
 }
 
-fn main() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let export = tmp.path().join("export");
-    let today = chrono::NaiveDate::from_ymd_opt(2026, 11, 1).expect("date");
+/// The value of `SET enclave.<name> = <value>`, if `sql` is that statement.
+fn setting<'a>(sql: &'a str, name: &str) -> Option<&'a str> {
+    let rest = sql.trim().strip_prefix("SET enclave.")?;
+    let (key, value) = rest.split_once('=')?;
+    (key.trim() == name).then(|| value.trim().trim_matches('\''))
+}
+
+#[async_trait::async_trait]
+impl sqllogictest::AsyncDB for Enclave {
+    type Error = enclave::Error;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, enclave::Error> {
+        if let Some(p) = setting(sql, "principal") {
+            self.principal = p.to_owned();
+            return Ok(DBOutput::StatementComplete(0));
+        }
+        if let Some(e) = setting(sql, "epsilon") {
+            self.epsilon = e
+                .parse()
+                .map_err(|_| enclave::Error::Config(format!("bad epsilon {e}")))?;
+            return Ok(DBOutput::StatementComplete(0));
+        }
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        let spent = || {
+            self.engine
+                .ledger()
+                .budget(&self.principal, "cohort")
+                .map(|b| b.map(|b| (b.spent_epsilon, b.spent_delta, b.spent_rho)))
+        };
+        let before = spent()?;
+        let options = QueryOptions {
+            epsilon: Some(self.epsilon),
+            delta: None,
+            origin: "slt".into(),
+        };
+        let got = self
+            .engine
+            .answer(&self.principal, "cohort", sql, &options)
+            .await;
+        if let Err(enclave::Error::Refused { rule, .. }) = &got
+            && *rule != Rule::Execution
+        {
+            assert_eq!(before, spent()?, "a refusal changed the budget: {sql}");
+        }
+        let a = got?;
+        let n = a.batch.num_rows();
+        if !a
+            .noise
+            .iter()
+            .all(|c| c.scale > 0.0 && c.intervals.len() == n)
+        {
+            return Err(enclave::Error::Internal(
+                "a released aggregate lacks its noise scale or intervals".into(),
+            ));
+        }
+        let schema = a.batch.schema();
+        let types: String = schema
+            .fields()
+            .iter()
+            .map(|f| type_letter(f.data_type()))
+            .collect();
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let selected = a
+            .cost_split
+            .iter()
+            .any(|(what, _)| what.starts_with("group selection"));
+        let rows = if selected {
+            "selected rows".to_owned()
+        } else {
+            format!("{n} rows")
+        };
+        Ok(DBOutput::Rows {
+            types: vec![DefaultColumnType::Text],
+            rows: vec![vec![format!("{types} {}", names.join(" | "))], vec![rows]],
+        })
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "enclave"
+    }
+}
+
+/// A fresh data directory with the `cohort` dataset and the grants the specification assumes.
+fn setup(root: &Path) -> DataDir {
+    let export = root.join("export");
     enclave::demo::generate(&DemoOptions {
         patients: 400,
         out: export.clone(),
         format: DemoFormat::Csv,
         seed: 3,
         inject_errors: 0.0,
-        today,
+        today: chrono::NaiveDate::from_ymd_opt(2026, 11, 1).expect("date"),
     })
     .expect("demo data");
-    let dir = DataDir::new(tmp.path().join("data"));
+    let dir = DataDir::new(root.join("data"));
     dir.init().expect("init");
     let opts = IngestOptions {
         consent_scope: "test".into(),
@@ -171,19 +169,69 @@ fn main() {
         &opts,
     )
     .expect("ingest");
-    let engine = DpEngine::open(&dir).expect("engine");
-    engine
-        .ledger()
-        .set_budget("test", "alice", "cohort", 1000.0, 0.5, None)
-        .expect("budget");
-    engine
-        .ledger()
-        .set_budget("test", "bob", "cohort", 0.25, 1e-6, None)
-        .expect("budget");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    dir
+}
 
+/// Runs (or, with `complete`, rewrites) one file; returns the failure, if any.
+fn run_file(rt: &tokio::runtime::Runtime, file: &Path, complete: bool) -> Result<(), String> {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = setup(tmp.path());
+    let engine = Arc::new(DpEngine::open(&dir).expect("engine"));
+    let grants = [("alice", 1000.0, 0.5), ("bob", 0.25, 1e-6)];
+    for (who, epsilon, delta) in grants {
+        engine
+            .ledger()
+            .set_budget("test", who, "cohort", epsilon, delta, None)
+            .expect("budget");
+    }
+    let queries = Arc::new(AtomicUsize::new(0));
+    let (e, q) = (engine.clone(), queries.clone());
+    let mut runner = sqllogictest::Runner::new(move || {
+        let (engine, queries) = (e.clone(), q.clone());
+        async move {
+            Ok(Enclave {
+                engine,
+                principal: "alice".into(),
+                epsilon: 0.1,
+                queries,
+            })
+        }
+    });
+    let outcome = if complete {
+        rt.block_on(runner.update_test_file(
+            file,
+            " ",
+            sqllogictest::default_validator,
+            sqllogictest::default_normalizer,
+            sqllogictest::default_column_validator,
+        ))
+        .map_err(|e| e.to_string())
+    } else {
+        rt.block_on(runner.run_file_async(file))
+            .map_err(|e| e.display(true).to_string())
+    };
+    outcome?;
+    // Every query above, answered or refused, is in the audit log (beside the grants), and it verifies.
+    let pk = std::fs::read_to_string(dir.audit_public_key_path()).expect("public key");
+    let v = engine
+        .ledger()
+        .verify(pk.trim())
+        .map_err(|e| format!("the audit log does not verify: {e}"))?;
+    let expected = queries.load(Ordering::SeqCst) + grants.len();
+    if v.records as usize != expected {
+        return Err(format!(
+            "{} audit records for {expected} queries and grants",
+            v.records
+        ));
+    }
+    Ok(())
+}
+
+fn main() {
+    let complete = std::env::args().any(|a| a == "--complete");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
     let dir_sql = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sql");
-    let mut files: Vec<_> = std::fs::read_dir(&dir_sql)
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir_sql)
         .expect("tests/sql")
         .flatten()
         .map(|e| e.path())
@@ -191,105 +239,19 @@ fn main() {
         .collect();
     files.sort();
     let (mut passed, mut failed) = (0, 0);
-    for f in files {
-        for r in parse(&f) {
-            let options = QueryOptions {
-                epsilon: Some(r.epsilon),
-                delta: None,
-                origin: "slt".into(),
-            };
-            let spent_before = engine
-                .ledger()
-                .budget(&r.principal, "cohort")
-                .expect("budget")
-                .map(|b| (b.spent_epsilon, b.spent_delta, b.spent_rho));
-            let got = rt.block_on(engine.answer(&r.principal, "cohort", &r.sql, &options));
-            let spent_after = engine
-                .ledger()
-                .budget(&r.principal, "cohort")
-                .expect("budget")
-                .map(|b| (b.spent_epsilon, b.spent_delta, b.spent_rho));
-            // A refusal costs nothing; only rule 'execution' (accepted, ran, failed) is charged.
-            if let Err(e) = &got
-                && !matches!(
-                    e,
-                    enclave::Error::Refused {
-                        rule: enclave::dp::Rule::Execution,
-                        ..
-                    }
-                )
-            {
-                assert_eq!(
-                    spent_before, spent_after,
-                    "{}:{}: a refusal changed the budget",
-                    r.file, r.line
-                );
+    for f in &files {
+        match run_file(&rt, f, complete) {
+            Ok(()) => {
+                passed += 1;
+                println!("ok     {}", f.display());
             }
-            let verdict: Result<(), String> = match (&r.kind, got) {
-                (Kind::Ok, Ok(_)) => Ok(()),
-                (Kind::Error(re), Err(e)) if re.is_match(&e.to_string()) => Ok(()),
-                (Kind::Error(re), Err(e)) => Err(format!("error '{e}' does not match /{re}/")),
-                (Kind::Error(_), Ok(_)) => Err("answered, expected a refusal".into()),
-                (Kind::Query { types, rows, names }, Ok(a)) => {
-                    let schema = a.batch.schema();
-                    let got_types: String = schema
-                        .fields()
-                        .iter()
-                        .map(|f| type_letter(f.data_type()))
-                        .collect();
-                    let got_names: Vec<String> =
-                        schema.fields().iter().map(|f| f.name().clone()).collect();
-                    let n = a.batch.num_rows();
-                    let rows_ok = match rows {
-                        Rows::Exactly(x) => n == *x,
-                        Rows::AtLeast(x) => n >= *x,
-                        Rows::Any => true,
-                    };
-                    let noise_ok = a
-                        .noise
-                        .iter()
-                        .all(|c| c.scale > 0.0 && c.intervals.len() == n);
-                    if &got_types != types {
-                        Err(format!("types {got_types}, expected {types}"))
-                    } else if &got_names != names {
-                        Err(format!("columns {got_names:?}, expected {names:?}"))
-                    } else if !rows_ok {
-                        Err(format!("{n} rows"))
-                    } else if !noise_ok {
-                        Err("a released aggregate lacks its noise scale or intervals".into())
-                    } else {
-                        Ok(())
-                    }
-                }
-                (_, Err(e)) => Err(format!("refused: {e}")),
-            };
-            match verdict {
-                Ok(()) => passed += 1,
-                Err(why) => {
-                    failed += 1;
-                    eprintln!(
-                        "FAILED {}:{}: {why}\n  {}",
-                        r.file,
-                        r.line,
-                        r.sql.replace('\n', "\n  ")
-                    );
-                }
+            Err(why) => {
+                failed += 1;
+                eprintln!("FAILED {}\n{why}", f.display());
             }
         }
     }
-    // Every record above, answered or refused, is in the audit log, and the log verifies.
-    let pk = std::fs::read_to_string(dir.audit_public_key_path()).expect("public key");
-    let v = engine
-        .ledger()
-        .verify(pk.trim())
-        .expect("audit log verifies");
-    let grants = 2;
-    assert_eq!(
-        v.records as usize,
-        passed + failed + grants,
-        "one audit record per query (and per grant)"
-    );
-    println!("slt: {passed} passed, {failed} failed");
+    println!("slt files: {passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);
     }
