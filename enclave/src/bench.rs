@@ -424,7 +424,7 @@ pub fn dp_bench(
                 // The formula, from first principles: Laplace b = Δ / ε for the ε this mechanism was
                 // charged, with Δ from k and the bounds [0, M]: k for counts, k·M for a SUM, k·M/2 for
                 // AVG's sum (taken of values centred on M/2).
-                let delta = if what.starts_with("avg") && what.contains("(sum)") {
+                let delta = if what.ends_with("(sum)") {
                     k * bound / 2.0
                 } else if what.starts_with("sum") {
                     k * bound

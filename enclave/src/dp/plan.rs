@@ -58,7 +58,7 @@ pub(crate) struct DpAggregate {
     pub kind: AggKind,
     /// Public clamping bounds of its argument.
     pub bounds: Option<(f64, f64)>,
-    /// Its name in the plan (`count(*)`, `avg(e.base_cost)`), for the cost split.
+    /// Its name in the Aggregate's output (`count(*)`, `avg(e.base_cost)`), for the cost split.
     pub name: String,
 }
 
@@ -274,9 +274,21 @@ pub(crate) fn build(
         version,
         qualifiers: qualifiers(&agg.input)?,
     };
+    // The output name each aggregate is shown under (the SELECT list's alias, `count(*)`, or `n`).
+    let mut shown: HashMap<Column, String> = HashMap::new();
+    user.apply(|n| {
+        if let LogicalPlan::Projection(p) = n {
+            for e in &p.expr {
+                if let (Expr::Alias(a), Expr::Column(c)) = (e, unalias_all(e)) {
+                    shown.entry(c).or_insert_with(|| a.name.clone());
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
     let mut aggregates = Vec::new();
     let mut values = Vec::new();
-    for e in &agg.aggr_expr {
+    for (j, e) in agg.aggr_expr.iter().enumerate() {
         let (kind, bounds, value) = classify(e, &resolver)?;
         // Defence in depth: DataFusion's reading of the query must be one the front door validated.
         if !analyzed
@@ -289,7 +301,15 @@ pub(crate) fn build(
         aggregates.push(DpAggregate {
             kind,
             bounds,
-            name: e.schema_name().to_string(),
+            // The name the query's output knows it by (`count(*)`, not `count(Int64(1))`).
+            name: {
+                let (q, f) = agg.schema.qualified_field(agg.group_expr.len() + j);
+                let column = Column::new(q.cloned(), f.name());
+                shown
+                    .get(&column)
+                    .cloned()
+                    .unwrap_or_else(|| f.name().clone())
+            },
         });
         values.push(value);
     }
