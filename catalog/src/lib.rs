@@ -156,6 +156,21 @@ fn basic() -> String {
     "basic".into()
 }
 
+impl NewVersion {
+    /// The table called `name`.
+    pub fn table(&self, name: &str) -> Option<&TableEntry> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// How many rows of table `name` one person contributes to a DP query at most (the version's
+    /// `max_contributions` for a table it does not have).
+    pub fn contribution_bound(&self, name: &str) -> u32 {
+        self.table(name).map_or(self.max_contributions.max(1), |t| {
+            t.contribution_bound(self.max_contributions)
+        })
+    }
+}
+
 /// A published version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VersionEntry {

@@ -845,16 +845,7 @@ pub fn accuracy_bench(work_dir: Option<PathBuf>, runs: usize) -> Result<()> {
         let version = dir.catalog()?.version("acc", None)?;
         let vdir = dir.root().join(&version.version.storage_path);
         let ctx = crate::storage::session(keystore);
-        let bound_of = |table: &str| {
-            version
-                .version
-                .tables
-                .iter()
-                .find(|t| t.name == table)
-                .map_or(version.version.max_contributions, |t| {
-                    t.contribution_bound(version.version.max_contributions)
-                })
-        };
+        let bound_of = |table: &str| version.version.contribution_bound(table);
         // The same figures computed exactly, and bounded by weight as the engine bounds them.
         let references = rt.block_on(async {
             for t in ["encounters", "observations"] {

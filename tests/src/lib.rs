@@ -79,6 +79,24 @@ impl Scratch {
         enclave(self.path(), &all)
     }
 
+    /// Writes a demo CSV export of `patients` patients to `export/csv` and initialises data directory
+    /// `data`.
+    pub fn demo_csv(&self, patients: &str) {
+        self.enclave(
+            "data",
+            &[
+                "demo-data",
+                "--patients",
+                patients,
+                "--out",
+                "export",
+                "--format",
+                "csv",
+            ],
+        );
+        self.enclave("data", &["init"]);
+    }
+
     /// Ingests `input` and returns the JSON report.
     pub fn ingest(
         &self,

@@ -8,19 +8,7 @@ use enclave_e2e::{Opened, Scratch, enclave_bin, enclave_output};
 #[test]
 fn a_run_killed_part_way_publishes_nothing_and_rerunning_works() {
     let s = Scratch::new();
-    s.enclave(
-        "data",
-        &[
-            "demo-data",
-            "--patients",
-            "1500",
-            "--out",
-            "export",
-            "--format",
-            "csv",
-        ],
-    );
-    s.enclave("data", &["init"]);
+    s.demo_csv("1500");
     let mut child = Command::new(enclave_bin())
         .args([
             "--data-dir",
@@ -235,19 +223,7 @@ Unit = "units"
 #[test]
 fn a_second_patients_row_for_one_person_is_quarantined_by_the_declared_bound() {
     let s = Scratch::new();
-    s.enclave(
-        "data",
-        &[
-            "demo-data",
-            "--patients",
-            "60",
-            "--out",
-            "export",
-            "--format",
-            "csv",
-        ],
-    );
-    s.enclave("data", &["init"]);
+    s.demo_csv("60");
     let file = s.path().join("export/csv/patients.csv");
     let mut reader = csv::Reader::from_path(&file).expect("patients.csv");
     let headers = reader.headers().expect("headers").clone();
@@ -294,19 +270,7 @@ fn a_second_patients_row_for_one_person_is_quarantined_by_the_declared_bound() {
 #[test]
 fn values_outside_a_declared_domain_are_quarantined_or_mapped_and_counted() {
     let s = Scratch::new();
-    s.enclave(
-        "data",
-        &[
-            "demo-data",
-            "--patients",
-            "60",
-            "--out",
-            "export",
-            "--format",
-            "csv",
-        ],
-    );
-    s.enclave("data", &["init"]);
+    s.demo_csv("60");
     let file = s.path().join("export/csv/encounters.csv");
     let text = std::fs::read_to_string(&file).expect("encounters.csv");
     let respelled = text.matches(",Cardiology,").count() as u64;

@@ -37,11 +37,9 @@ pub(crate) async fn ensure(
     let vdir = root.join(&version.version.storage_path);
     let entry = version
         .version
-        .tables
-        .iter()
-        .find(|e| e.name == table)
+        .table(table)
         .ok_or_else(|| Error::Internal(format!("table {table} vanished")))?;
-    let k = entry.contribution_bound(version.version.max_contributions);
+    let k = version.version.contribution_bound(table);
     let dir = vdir.join("contributions").join(format!("k{k}"));
     let target = dir.join(format!("{table}.parquet"));
     if target.exists() {

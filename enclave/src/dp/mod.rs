@@ -422,9 +422,7 @@ impl DpEngine {
             }
             let entry = version
                 .version
-                .tables
-                .iter()
-                .find(|e| &e.name == t)
+                .table(t)
                 .ok_or_else(|| Error::Internal(format!("table {t} vanished")))?;
             crate::storage::register_table(&ctx, t, &dir.join(&entry.file)).await?;
         }
@@ -457,16 +455,9 @@ impl DpEngine {
 /// profile's `dp.rows_per_person`, else the version's `max_contributions`), multiplied over a join on
 /// `person_id` (a person with `a` rows in one table and `b` in the other has `a·b` joined rows).
 fn contribution_bound(version: &VersionEntry, tables: &[String]) -> Result<i64, Failure> {
-    let default = version.version.max_contributions;
     let mut k: i64 = 1;
     for t in tables {
-        let entry = version
-            .version
-            .tables
-            .iter()
-            .find(|e| &e.name == t)
-            .ok_or_else(|| Error::Internal(format!("table {t} vanished")))?;
-        k = k.saturating_mul(i64::from(entry.contribution_bound(default)));
+        k = k.saturating_mul(i64::from(version.version.contribution_bound(t)));
     }
     if k > 1_000_000 {
         return Err(Failure::refused(

@@ -172,12 +172,7 @@ impl Resolver<'_> {
         match e {
             Expr::Column(c) => {
                 let table = self.qualifiers.get(c.relation.as_ref()?)?;
-                let t = self
-                    .version
-                    .version
-                    .tables
-                    .iter()
-                    .find(|t| &t.name == table)?;
+                let t = self.version.version.table(table)?;
                 t.columns.iter().find(|x| x.name == c.name)
             }
             Expr::Cast(c) => self.entry(&c.expr),

@@ -448,7 +448,7 @@ fn scope<'a>(select: &Select, version: &'a VersionEntry) -> Result<Scope<'a>> {
     let twj = &select.from[0];
     for factor in std::iter::once(&twj.relation).chain(twj.joins.iter().map(|j| &j.relation)) {
         let (table, alias_name) = relation_name(factor)?;
-        let Some(entry) = version.version.tables.iter().find(|t| t.name == table) else {
+        let Some(entry) = version.version.table(&table) else {
             let known = version
                 .version
                 .tables
