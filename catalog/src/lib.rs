@@ -124,6 +124,20 @@ impl TableEntry {
     pub fn contribution_bound(&self, max_contributions: u32) -> u32 {
         self.max_rows_per_person.unwrap_or(max_contributions).max(1)
     }
+
+    /// The bound for means (AVG, VARIANCE, STDDEV). A bound chosen from the data is a high quantile of
+    /// rows per person, so that totals lose little to truncation; a mean loses little to a smaller one
+    /// (every row of a person weighs the same, so truncation only reweighs persons) and its noise grows
+    /// with the bound, so means use the smaller of the chosen bound and `max_contributions`. A declared
+    /// bound is a fact about the table (enforced at ingest) and serves both.
+    pub fn mean_bound(&self, max_contributions: u32) -> u32 {
+        let k = self.contribution_bound(max_contributions);
+        if self.chosen.is_some() {
+            k.min(max_contributions.max(1))
+        } else {
+            k
+        }
+    }
 }
 
 /// A version about to be published.
@@ -167,6 +181,13 @@ impl NewVersion {
     pub fn contribution_bound(&self, name: &str) -> u32 {
         self.table(name).map_or(self.max_contributions.max(1), |t| {
             t.contribution_bound(self.max_contributions)
+        })
+    }
+
+    /// The bound of table `name` for means (see [`TableEntry::mean_bound`]).
+    pub fn mean_bound(&self, name: &str) -> u32 {
+        self.table(name).map_or(self.max_contributions.max(1), |t| {
+            t.mean_bound(self.max_contributions)
         })
     }
 }

@@ -554,7 +554,11 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
     }
     writeln!(out, "({} rows)", rows.len())?;
     for n in &a.noise {
-        writeln!(out, "noise: {} has scale {:.4}", n.column, n.scale)?;
+        writeln!(
+            out,
+            "noise: {} has scale {:.4}; interval {}",
+            n.column, n.scale, n.method
+        )?;
     }
     if a.cost.rho > 0.0 {
         let (e, d) = a.epsilon_delta_equivalent.unwrap_or((f64::NAN, f64::NAN));

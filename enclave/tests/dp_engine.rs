@@ -742,4 +742,131 @@ fn open_bounds_are_chosen_from_the_data_under_dp_charged_and_recorded() {
         ))
         .expect("answer");
     assert!((a.noise[0].scale - f64::from(bound)).abs() < 1e-9);
+
+    // Means use the smaller of the chosen bound and max_contributions (10): the centred sum of values in
+    // [0, 1000] has sensitivity 10 · 500, its count 10, each at ε / 2.
+    let a = rt
+        .block_on(engine.answer(
+            "alice",
+            "c",
+            "SELECT AVG(value_numeric) AS m, VARIANCE(value_numeric) AS v FROM observations",
+            &QueryOptions {
+                epsilon: Some(1.0),
+                ..QueryOptions::default()
+            },
+        ))
+        .expect("answer");
+    assert!((a.noise[0].scale - 10.0 * 500.0 / 0.25).abs() < 1e-6);
+    assert!((a.noise[1].scale - 10.0 * 500.0 * 500.0 / (0.5 / 3.0)).abs() < 1e-3);
+    let count_scale = a
+        .cost_split
+        .iter()
+        .find(|(what, _)| what == "m (count)")
+        .map(|(_, n)| n.scale);
+    assert_eq!(
+        count_scale.map(|s| (s - 10.0 / 0.25).abs() < 1e-9),
+        Some(true)
+    );
+    // With noise off the mean is the bounded one: every person's 20 to 29 rows weigh 10 in all, so the
+    // mean of the values (each person's value is their number p) is the mean of 0…39, not the row mean.
+    let exact = DpEngine::open(&dir).expect("engine").danger_without_noise();
+    let a = rt
+        .block_on(exact.answer(
+            "alice",
+            "c",
+            "SELECT AVG(value_numeric) AS m FROM observations",
+            &QueryOptions::default(),
+        ))
+        .expect("answer");
+    let m = column_f64(&a, "m")[0];
+    assert!((m - 19.5).abs() < 1e-9, "bounded mean {m}");
+}
+
+/// VARIANCE and STDDEV come with delta-method intervals that cover the true value about 95 % of the time,
+/// and quantiles state their error as ranks.
+#[test]
+fn variance_intervals_cover_about_95_percent_and_quantiles_state_their_rank_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let values: Vec<Vec<f64>> = (0..400).map(|p| vec![60.0 + f64::from(p % 90)]).collect();
+    export(&tmp.path().join("export"), &values);
+    let (_, text) = policies::builtin_profile("hipaa-safe-harbor").expect("profile");
+    let profile = tmp.path().join("one-row.toml");
+    std::fs::write(
+        &profile,
+        text.replace(
+            "rows_per_person = { patients = 1 }",
+            "rows_per_person = { patients = 1, observations = 1 }",
+        ),
+    )
+    .expect("profile");
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_with_profile(
+        &dir,
+        "v",
+        &tmp.path().join("export"),
+        &profile.display().to_string(),
+    );
+    let engine = DpEngine::open(&dir).expect("engine");
+    engine
+        .ledger()
+        .set_budget("test", "alice", "v", 1e6, 0.0, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let xs: Vec<f64> = values.iter().flatten().copied().collect();
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len() as f64 - 1.0);
+    let options = QueryOptions {
+        epsilon: Some(40.0),
+        ..QueryOptions::default()
+    };
+    let reps = 400;
+    let (mut cover_v, mut cover_s) = (0, 0);
+    for _ in 0..reps {
+        let a = rt
+            .block_on(engine.answer(
+                "alice",
+                "v",
+                "SELECT VARIANCE(value_numeric) AS v, STDDEV(value_numeric) AS s FROM observations",
+                &options,
+            ))
+            .expect("answer");
+        let (v, s) = (a.noise[0].intervals[0], a.noise[1].intervals[0]);
+        assert!(v.0 <= v.1 && s.0 <= s.1 && v.0 >= 0.0, "{v:?} {s:?}");
+        cover_v += usize::from(v.0 <= var && var <= v.1);
+        cover_s += usize::from(s.0 <= var.sqrt() && var.sqrt() <= s.1);
+        assert!(a.noise[0].method.starts_with("approximate: delta method"));
+    }
+    let (cv, cs) = (
+        cover_v as f64 / f64::from(reps),
+        cover_s as f64 / f64::from(reps),
+    );
+    println!(
+        "VARIANCE intervals covered {:.1}%, STDDEV {:.1}%",
+        cv * 100.0,
+        cs * 100.0
+    );
+    assert!((0.91..=0.99).contains(&cv), "VARIANCE coverage {cv}");
+    assert!((0.91..=0.99).contains(&cs), "STDDEV coverage {cs}");
+
+    let a = rt
+        .block_on(engine.answer(
+            "alice",
+            "v",
+            "SELECT MEDIAN(value_numeric) AS m FROM observations",
+            &QueryOptions {
+                epsilon: Some(1.0),
+                ..QueryOptions::default()
+            },
+        ))
+        .expect("answer");
+    // 2 · k · max(α, 1 − α) / ε · ln(1001 / 0.05) with k = 1, α = ½, ε = 1: about 10 rows.
+    let rank = (1001.0f64 / 0.05).ln();
+    assert!(
+        a.noise[0]
+            .method
+            .contains(&format!("within {rank:.0} rows")),
+        "{}",
+        a.noise[0].method
+    );
 }

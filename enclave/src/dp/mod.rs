@@ -44,7 +44,7 @@ use crate::keys::Keystore;
 use crate::ledger::{Budget, Cost, Ledger};
 use crate::{Error, Result};
 use noise::{Accounting, Noise};
-use plan::{Bounding, DpPlan, NoisyTable};
+use plan::{Bounding, Bounds, DpPlan, NoisyTable};
 
 /// Per-query settings.
 #[derive(Debug, Clone)]
@@ -79,6 +79,8 @@ pub struct ColumnNoise {
     /// How far one person can move the exact value: the bounded sensitivity the noise is calibrated to
     /// (NaN for values derived from several mechanisms: AVG, VARIANCE, STDDEV, quantiles).
     pub sensitivity: f64,
+    /// How the interval is computed (exact from the noise distribution, or the approximation used).
+    pub method: String,
 }
 
 /// A DP answer.
@@ -253,7 +255,7 @@ impl DpEngine {
                 format!("budget exhausted: {left:.6} {unit} left, query needs {total:.6}"),
             ));
         }
-        let k = contribution_bound(&version, &analyzed.tables)?;
+        let bounds = contribution_bounds(&version, &analyzed.tables)?;
 
         // Planning: DataFusion plans the validated syntax tree (never text); type coercion makes every
         // implicit cast explicit; then every expression is made total and the bounded plan is built.
@@ -283,7 +285,8 @@ impl DpEngine {
         } else {
             HashMap::new()
         };
-        let exact_plan = dp.exact(k, &index)?;
+        let bounds = dp.bounds(bounds);
+        let exact_plan = dp.exact(bounds, &index)?;
         // Post-processing is planned over an empty noisy table now, while a failure is still free.
         let empty = NoisyTable::empty(&dp.aggregate_types(), dp.aggregates.len())?;
         let dry = dp.post(&empty)?;
@@ -294,12 +297,12 @@ impl DpEngine {
             ));
         }
         let exact_physical = state.create_physical_plan(&exact_plan).await?;
-        draft.plan_hash = plan_hash(&exact_plan, &dry.plan, k);
+        draft.plan_hash = plan_hash(&exact_plan, &dry.plan, bounds);
         let t_plan = clock.elapsed();
 
         // Execution: from here a failure is charged (it could only depend on the data).
         let settings = release::Settings {
-            k,
+            bounds,
             total,
             delta,
             accounting,
@@ -321,6 +324,7 @@ impl DpEngine {
                     column: batch.schema().field(i).name().clone(),
                     scale: released.values[j].scale,
                     sensitivity: released.values[j].sensitivity,
+                    method: released.values[j].method.clone(),
                     intervals: intervals[j]
                         .0
                         .iter()
@@ -453,11 +457,13 @@ impl DpEngine {
 
 /// How many rows of the query's relation one person contributes at most: each table's own bound (the
 /// profile's `dp.rows_per_person`, else the version's `max_contributions`), multiplied over a join on
-/// `person_id` (a person with `a` rows in one table and `b` in the other has `a·b` joined rows).
-fn contribution_bound(version: &VersionEntry, tables: &[String]) -> Result<i64, Failure> {
-    let mut k: i64 = 1;
+/// `person_id` (a person with `a` rows in one table and `b` in the other has `a·b` joined rows); and the
+/// same for means, from each table's mean bound.
+fn contribution_bounds(version: &VersionEntry, tables: &[String]) -> Result<Bounds, Failure> {
+    let (mut k, mut mean): (i64, i64) = (1, 1);
     for t in tables {
         k = k.saturating_mul(i64::from(version.version.contribution_bound(t)));
+        mean = mean.saturating_mul(i64::from(version.version.mean_bound(t)));
     }
     if k > 1_000_000 {
         return Err(Failure::refused(
@@ -465,7 +471,7 @@ fn contribution_bound(version: &VersionEntry, tables: &[String]) -> Result<i64, 
             "the join multiplies each person's rows to more than 1,000,000: the noise would drown every answer",
         ));
     }
-    Ok(k)
+    Ok(Bounds { k, mean })
 }
 
 /// The exact aggregates as one batch.
@@ -475,10 +481,16 @@ fn concat(plan: &LogicalPlan, batches: &[RecordBatch]) -> Result<RecordBatch> {
 }
 
 /// SHA-256 of the plans as DataFusion displays them (a fingerprint for the audit log; never parsed).
-fn plan_hash(exact: &LogicalPlan, post: &LogicalPlan, k: i64) -> String {
+fn plan_hash(exact: &LogicalPlan, post: &LogicalPlan, bounds: Bounds) -> String {
+    let Bounds { k, mean } = bounds;
     hex::encode(digest(
         &SHA256,
-        format!("{}\n{}\n{k}", exact.display_indent(), post.display_indent()).as_bytes(),
+        format!(
+            "{}\n{}\n{k}\n{mean}",
+            exact.display_indent(),
+            post.display_indent()
+        )
+        .as_bytes(),
     ))
 }
 

@@ -51,6 +51,16 @@ pub(crate) enum Bounding {
     },
 }
 
+/// At most how many rows of the query's relation one person contributes: `k` for totals, `mean` (≤ `k`)
+/// for means (each table's [`catalog::TableEntry::mean_bound`], multiplied over a join like `k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    /// For counts, sums, quantiles and private key selection.
+    pub k: i64,
+    /// For AVG, VARIANCE and STDDEV.
+    pub mean: i64,
+}
+
 /// One aggregate of the query, in the order of the Aggregate node's expressions.
 #[derive(Debug, Clone)]
 pub(crate) struct DpAggregate {
@@ -382,20 +392,43 @@ fn use_index(input: &LogicalPlan, index: &HashMap<String, LogicalPlan>) -> Resul
 }
 
 impl DpPlan {
+    /// The bounds this plan uses: sampling keeps one set of rows per person, so means share `k` there.
+    pub(crate) fn bounds(&self, b: Bounds) -> Bounds {
+        if self.bounding == Bounding::Sample {
+            Bounds { k: b.k, mean: b.k }
+        } else {
+            b
+        }
+    }
+
     /// The plan that computes the exact bounded aggregates: `__g{i}` per group key, then `__n`, and per
     /// aggregate `j` the columns its mechanisms need (`__cnt{j}`, `__pers{j}`, `__sum{j}`, `__csum{j}`,
     /// `__sq{j}`, `__arr{j}`). `index` gives, for a table name, the plan node that scans its indexed copy,
     /// when the bounding reads weights from the index.
     pub(crate) fn exact(
         &self,
-        k: i64,
+        bounds: Bounds,
         index: &HashMap<String, LogicalPlan>,
     ) -> Result<LogicalPlan> {
-        exact_plan(self, k, index)
+        exact_plan(self, self.bounds(bounds), index)
     }
 }
 
-fn exact_plan(plan: &DpPlan, k: i64, index: &HashMap<String, LogicalPlan>) -> Result<LogicalPlan> {
+fn exact_plan(
+    plan: &DpPlan,
+    bounds: Bounds,
+    index: &HashMap<String, LogicalPlan>,
+) -> Result<LogicalPlan> {
+    let k = bounds.k;
+    // Means weigh rows by their own bound when it is smaller (a second weight column, `__wm`).
+    let mean_weights = bounds.mean < k && plan.aggregates.iter().any(|a| a.kind.is_mean());
+    let weight_for = |kind: &AggKind| {
+        if mean_weights && kind.is_mean() {
+            "__wm"
+        } else {
+            "__w"
+        }
+    };
     let (agg, values) = (&plan.aggregate, &plan.values);
     let indexed = plan.bounding == (Bounding::Weight { indexed: true });
     let input = if indexed {
@@ -426,28 +459,32 @@ fn exact_plan(plan: &DpPlan, k: i64, index: &HashMap<String, LogicalPlan>) -> Re
         }
     }
     base.push(Expr::Column(person).alias("__pid"));
-    let kf = k as f64;
-    let weight_of = |pn: Expr| -> Result<Expr> {
+    // A row's weight for bound `k` when its person has `pn` rows: min(1, k / pn).
+    let weight_of = |pn: Expr, k: i64, name: &str| -> Result<Expr> {
+        let kf = k as f64;
         Ok(when(pn.clone().lt_eq(lit(kf)), lit(1.0))
             .otherwise(lit(kf) / pn)?
-            .alias("__w"))
+            .alias(name))
     };
     if indexed {
+        // Rows per person in the joined relation: the product of the tables' per-person counts.
+        let mut product: Option<Expr> = None;
+        for c in fields_named(ROWS_COLUMN) {
+            let x = datafusion::prelude::cast(Expr::Column(c), DataType::Float64);
+            product = Some(match product {
+                None => x,
+                Some(p) => p * x,
+            });
+        }
+        let pn = product.ok_or_else(|| internal("no row counts in the index"))?;
         let weights = fields_named(WEIGHT_COLUMN);
         if let [w] = weights.as_slice() {
             base.push(Expr::Column(w.clone()).alias("__w"));
         } else {
-            // Rows per person in the joined relation: the product of the tables' per-person counts.
-            let mut product: Option<Expr> = None;
-            for c in fields_named(ROWS_COLUMN) {
-                let x = datafusion::prelude::cast(Expr::Column(c), DataType::Float64);
-                product = Some(match product {
-                    None => x,
-                    Some(p) => p * x,
-                });
-            }
-            let pn = product.ok_or_else(|| internal("no row counts in the index"))?;
-            base.push(weight_of(pn)?);
+            base.push(weight_of(pn.clone(), k, "__w")?);
+        }
+        if mean_weights {
+            base.push(weight_of(pn, bounds.mean, "__wm")?);
         }
     }
     let mut b = LogicalPlanBuilder::from(input).project(base).map_err(df)?;
@@ -473,11 +510,11 @@ fn exact_plan(plan: &DpPlan, k: i64, index: &HashMap<String, LogicalPlan>) -> Re
     // over rows, so each cell's partial sums, weighted by its person's weight, give the same figures as
     // weighting row by row, and the person totals come from a window over the cells, not the rows.
     let mut partials: Vec<Expr> = Vec::new();
-    let mut partial = |e: Expr| -> Expr {
+    let mut partial = |e: Expr, w: &str| -> Expr {
         let name = format!("__p{}", partials.len());
         partials.push(e.alias(&name));
         datafusion::functions::core::expr_fn::coalesce(vec![
-            sum(column("__w") * column(&name)),
+            sum(column(w) * column(&name)),
             lit(0.0),
         ])
     };
@@ -485,31 +522,33 @@ fn exact_plan(plan: &DpPlan, k: i64, index: &HashMap<String, LogicalPlan>) -> Re
     let zero = || lit(0.0);
     let wsum = |e: Expr| datafusion::functions::core::expr_fn::coalesce(vec![sum(e), zero()]);
     // Counting a row: 1 when sampled, its weight when weighted.
-    let count_if = |cond: Option<Expr>, partial: &mut dyn FnMut(Expr) -> Expr| -> Expr {
-        match (weighted, cells, cond) {
-            (false, _, None) => count(lit(1)),
-            (false, _, Some(c)) => count(c),
-            (true, true, None) => wsum(column("__w") * column("__c")),
-            (true, true, Some(c)) => partial(count(c)),
-            (true, false, None) => wsum(column("__w")),
-            (true, false, Some(c)) => wsum(
-                when(c.is_not_null(), column("__w"))
-                    .end()
-                    .unwrap_or_else(|_| lit(ScalarValue::Float64(None))),
-            ),
-        }
-    };
-    let sum_of = |x: Expr, partial: &mut dyn FnMut(Expr) -> Expr| -> Expr {
+    let count_if =
+        |cond: Option<Expr>, w: &str, partial: &mut dyn FnMut(Expr, &str) -> Expr| -> Expr {
+            match (weighted, cells, cond) {
+                (false, _, None) => count(lit(1)),
+                (false, _, Some(c)) => count(c),
+                (true, true, None) => wsum(column(w) * column("__c")),
+                (true, true, Some(c)) => partial(count(c), w),
+                (true, false, None) => wsum(column(w)),
+                (true, false, Some(c)) => wsum(
+                    when(c.is_not_null(), column(w))
+                        .end()
+                        .unwrap_or_else(|_| lit(ScalarValue::Float64(None))),
+                ),
+            }
+        };
+    let sum_of = |x: Expr, w: &str, partial: &mut dyn FnMut(Expr, &str) -> Expr| -> Expr {
         if cells {
-            partial(sum(x))
+            partial(sum(x), w)
         } else if weighted {
-            wsum(column("__w") * x)
+            wsum(column(w) * x)
         } else {
             wsum(x)
         }
     };
-    outs.push(count_if(None, &mut partial).alias("__n"));
+    outs.push(count_if(None, "__w", &mut partial).alias("__n"));
     for (j, a) in plan.aggregates.iter().enumerate() {
+        let w = weight_for(&a.kind);
         let v = column(&format!("__v{j}"));
         let clamped = match a.bounds {
             Some(b) => Some(clamp(v.clone(), b)?),
@@ -519,7 +558,7 @@ fn exact_plan(plan: &DpPlan, k: i64, index: &HashMap<String, LogicalPlan>) -> Re
         match a.kind {
             AggKind::CountRows => {}
             AggKind::CountValues => {
-                outs.push(count_if(Some(v), &mut partial).alias(format!("__cnt{j}")));
+                outs.push(count_if(Some(v), w, &mut partial).alias(format!("__cnt{j}")));
             }
             AggKind::CountPersons => {
                 outs.push(
@@ -530,17 +569,23 @@ fn exact_plan(plan: &DpPlan, k: i64, index: &HashMap<String, LogicalPlan>) -> Re
                         .alias(format!("__pers{j}")),
                 );
             }
-            AggKind::Sum => outs.push(sum_of(c()?, &mut partial).alias(format!("__sum{j}"))),
+            AggKind::Sum => outs.push(sum_of(c()?, w, &mut partial).alias(format!("__sum{j}"))),
             AggKind::Avg => {
                 let (l, u) = a.bounds.unwrap_or((0.0, 0.0));
                 let centre = (l + u) / 2.0;
-                outs.push(sum_of(c()? - lit(centre), &mut partial).alias(format!("__csum{j}")));
-                outs.push(count_if(Some(v), &mut partial).alias(format!("__cnt{j}")));
+                outs.push(sum_of(c()? - lit(centre), w, &mut partial).alias(format!("__csum{j}")));
+                outs.push(count_if(Some(v), w, &mut partial).alias(format!("__cnt{j}")));
             }
             AggKind::Variance | AggKind::Stddev => {
-                outs.push(sum_of(c()?, &mut partial).alias(format!("__sum{j}")));
-                outs.push(sum_of(c()? * c()?, &mut partial).alias(format!("__sq{j}")));
-                outs.push(count_if(Some(v), &mut partial).alias(format!("__cnt{j}")));
+                // Sums of values centred on the middle of the bounds (the variance does not change):
+                // each value within half the range of zero.
+                let (l, u) = a.bounds.unwrap_or((0.0, 0.0));
+                let centred = || Ok::<_, Error>(c()? - lit((l + u) / 2.0));
+                outs.push(sum_of(centred()?, w, &mut partial).alias(format!("__sum{j}")));
+                outs.push(
+                    sum_of(centred()? * centred()?, w, &mut partial).alias(format!("__sq{j}")),
+                );
+                outs.push(count_if(Some(v), w, &mut partial).alias(format!("__cnt{j}")));
             }
             AggKind::Quantile(_) => {
                 outs.push(
@@ -586,10 +631,11 @@ fn exact_plan(plan: &DpPlan, k: i64, index: &HashMap<String, LogicalPlan>) -> Re
                 .and_then(|b| b.window(vec![pn]))
                 .map_err(df)?;
             let mut keep: Vec<Expr> = b.schema().columns().into_iter().map(Expr::Column).collect();
-            keep.push(weight_of(datafusion::prelude::cast(
-                column("__pn"),
-                DataType::Float64,
-            ))?);
+            let pn = datafusion::prelude::cast(column("__pn"), DataType::Float64);
+            keep.push(weight_of(pn.clone(), k, "__w")?);
+            if mean_weights {
+                keep.push(weight_of(pn, bounds.mean, "__wm")?);
+            }
             b.project(keep).map_err(df)?
         }
     };

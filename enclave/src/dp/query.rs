@@ -78,6 +78,13 @@ pub(crate) enum AggKind {
     Quantile(f64),
 }
 
+impl AggKind {
+    /// A mean of values (AVG, VARIANCE, STDDEV): bounded by the tables' mean bounds.
+    pub(crate) fn is_mean(&self) -> bool {
+        matches!(self, AggKind::Avg | AggKind::Variance | AggKind::Stddev)
+    }
+}
+
 /// One aggregate call of the query, as the front door validated it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Aggregate {

@@ -14,16 +14,21 @@ use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch, UInt32Array};
 use arrow::datatypes::{ArrowPrimitiveType, DataType, Float64Type, Int64Type};
 
 use super::noise::{self, Accounting, Noise};
-use super::plan::{Bounding, DpPlan, NoisyTable};
+use super::plan::{Bounding, Bounds, DpPlan, NoisyTable};
 use super::query::AggKind;
 use super::rules::{Rule, refuse};
 use crate::ledger::Cost;
 use crate::{Error, Result};
 
+/// How the interval of a count or sum is computed.
+const EXACT: &str = "exact: the noise distribution's 2.5 % and 97.5 % quantiles";
+/// How the interval of a mean or variance is computed.
+const DELTA_METHOD: &str = "approximate: delta method over the independent noises of its sums and count, clipped to the bounds";
+
 /// What the mechanisms are given.
 pub(crate) struct Settings {
-    /// Contributions per person.
-    pub k: i64,
+    /// Contributions per person (for totals and for means).
+    pub bounds: Bounds,
     /// ε, or ρ under zCDP, for the whole query.
     pub total: f64,
     /// δ for private key selection.
@@ -40,12 +45,15 @@ pub(crate) struct AggValues {
     pub values: Vec<f64>,
     /// 95 % interval per group (NaN when none is known).
     pub intervals: Vec<(f64, f64)>,
-    /// Noise scale of the released value (of the sum, for AVG).
+    /// Noise scale of the released value (of the centred sum for AVG, of the sum of squares for VARIANCE
+    /// and STDDEV).
     pub scale: f64,
     /// Released as an integer (counts).
     pub integer: bool,
     /// How far one person can move the exact value (NaN for derived values: AVG, VARIANCE, quantiles).
     pub sensitivity: f64,
+    /// How the interval is computed.
+    pub method: String,
 }
 
 /// The noisy per-group values, before post-processing.
@@ -82,7 +90,7 @@ fn col_f64(b: &RecordBatch, name: &str) -> Result<Vec<f64>> {
 
 /// Draws the noisy values of every aggregate of `plan` over its exact bounded aggregates.
 pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Result<Released> {
-    let (k, total, delta, acc) = (s.k, s.total, s.delta, s.accounting);
+    let (k, total, delta, acc) = (s.bounds.k, s.total, s.delta, s.accounting);
     let a = plan;
     {
         let private_groups = !a.groups.is_empty() && !a.public_groups();
@@ -187,6 +195,7 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
         let mut values = Vec::new();
         for (j, agg) in a.aggregates.iter().enumerate() {
             let bound = agg.bounds.map_or(0.0, |(l, u)| l.abs().max(u.abs()));
+            let km = s.bounds.mean;
             let part = share
                 / match agg.kind {
                     AggKind::Avg => 2.0,
@@ -232,16 +241,17 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                     n_noise.scale,
                     true,
                     n_noise.sensitivity(),
+                    EXACT.to_owned(),
                 ),
                 AggKind::CountRows => {
                     let (v, n) = count_of("__n", "", k, &mut add)?;
                     let iv = interval(&v, &n);
-                    (v, iv, n.scale, true, n.sensitivity())
+                    (v, iv, n.scale, true, n.sensitivity(), EXACT.to_owned())
                 }
                 AggKind::CountValues => {
                     let (v, n) = count_of(&format!("__cnt{j}"), "", k, &mut add)?;
                     let iv = interval(&v, &n);
-                    (v, iv, n.scale, true, n.sensitivity())
+                    (v, iv, n.scale, true, n.sensitivity(), EXACT.to_owned())
                 }
                 AggKind::CountPersons => {
                     let (v, n) = count_of(
@@ -251,12 +261,12 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                         &mut add,
                     )?;
                     let iv = interval(&v, &n);
-                    (v, iv, n.scale, true, n.sensitivity())
+                    (v, iv, n.scale, true, n.sensitivity(), EXACT.to_owned())
                 }
                 AggKind::Sum => {
                     let (v, n) = sum_of(&format!("__sum{j}"), "", k as f64 * bound, &mut add)?;
                     let iv = interval(&v, &n);
-                    (v, iv, n.scale, false, n.sensitivity())
+                    (v, iv, n.scale, false, n.sensitivity(), EXACT.to_owned())
                 }
                 AggKind::Avg => {
                     // The sum is of values centred on the middle of the bounds: half the sensitivity.
@@ -265,10 +275,10 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                     let (s, ns) = sum_of(
                         &format!("__csum{j}"),
                         "sum",
-                        k as f64 * (hi - lo) / 2.0,
+                        km as f64 * (hi - lo) / 2.0,
                         &mut add,
                     )?;
-                    let (c, nc) = count_of(&format!("__cnt{j}"), "count", k, &mut add)?;
+                    let (c, nc) = count_of(&format!("__cnt{j}"), "count", km, &mut add)?;
                     let avg: Vec<f64> = s
                         .iter()
                         .zip(&c)
@@ -285,33 +295,45 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                             ((m - 1.96 * sd).max(lo), (m + 1.96 * sd).min(hi))
                         })
                         .collect();
-                    (avg, iv, ns.scale, false, f64::NAN)
+                    (avg, iv, ns.scale, false, f64::NAN, DELTA_METHOD.to_owned())
                 }
                 AggKind::Variance | AggKind::Stddev => {
-                    let (s, _) = sum_of(&format!("__sum{j}"), "sum", k as f64 * bound, &mut add)?;
-                    let (q, _) = sum_of(
+                    // Sums of values centred on the middle of the bounds: each within h of zero.
+                    let (lo, hi) = agg.bounds.unwrap_or((0.0, 0.0));
+                    let h = (hi - lo) / 2.0;
+                    let (s, ns) = sum_of(&format!("__sum{j}"), "sum", km as f64 * h, &mut add)?;
+                    let (q, nq) = sum_of(
                         &format!("__sq{j}"),
                         "sum of squares",
-                        k as f64 * bound * bound,
+                        km as f64 * h * h,
                         &mut add,
                     )?;
-                    let (c, nc) = count_of(&format!("__cnt{j}"), "count", k, &mut add)?;
-                    let var: Vec<f64> = s
-                        .iter()
-                        .zip(&q)
-                        .zip(&c)
-                        .map(|((s, q), c)| {
-                            let c = c.max(2.0);
-                            ((q - s * s / c) / (c - 1.0)).clamp(0.0, bound * bound)
-                        })
-                        .collect();
-                    let v: Vec<f64> = if agg.kind == AggKind::Stddev {
-                        var.iter().map(|x| x.sqrt()).collect()
-                    } else {
-                        var
-                    };
-                    let iv = v.iter().map(|_| (f64::NAN, f64::NAN)).collect();
-                    (v, iv, nc.scale, false, f64::NAN)
+                    let (c, nc) = count_of(&format!("__cnt{j}"), "count", km, &mut add)?;
+                    // A variance of values in [lo, hi] lies in [0, h²].
+                    let variance =
+                        |s: f64, q: f64, c: f64| ((q - s * s / c) / (c - 1.0)).clamp(0.0, h * h);
+                    let mut v = Vec::with_capacity(s.len());
+                    let mut iv = Vec::with_capacity(s.len());
+                    for ((s, q), c) in s.iter().zip(&q).zip(&c) {
+                        let c = c.max(2.0);
+                        let var = variance(*s, *q, c);
+                        // Delta method over the three independent noises, from the released values.
+                        let (ds, dq) = (-2.0 * s / (c * (c - 1.0)), 1.0 / (c - 1.0));
+                        let dc = (s * s / (c * c) - var) / (c - 1.0);
+                        let sd =
+                            ((ds * ns.std).powi(2) + (dq * nq.std).powi(2) + (dc * nc.std).powi(2))
+                                .sqrt();
+                        let (a, b) = ((var - 1.96 * sd).max(0.0), (var + 1.96 * sd).min(h * h));
+                        if agg.kind == AggKind::Stddev {
+                            // The square root is monotone: the interval's ends carry over.
+                            v.push(var.sqrt());
+                            iv.push((a.sqrt(), b.sqrt()));
+                        } else {
+                            v.push(var);
+                            iv.push((a, b));
+                        }
+                    }
+                    (v, iv, nq.scale, false, f64::NAN, DELTA_METHOD.to_owned())
                 }
                 AggKind::Quantile(alpha) => {
                     let (l, u) = agg.bounds.unwrap_or((0.0, 1.0));
@@ -350,7 +372,17 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                     // group's cost at d_in = k bounds the total.
                     add(label(""), &total_noise);
                     let iv = out.iter().map(|_| (f64::NAN, f64::NAN)).collect();
-                    (out, iv, total_noise.scale, false, f64::NAN)
+                    // The exponential mechanism's utility bound, in ranks: over |C| candidates with Gumbel
+                    // noise of scale s on scores that move by `den` per row crossed, the released
+                    // candidate's score is within s·ln(|C| / 0.05) of the best with probability ≥ 95 %;
+                    // s / den = 2·k·max(α, 1 − α) / ε (opendp's quantile score map).
+                    let rank = 2.0 * k as f64 * alpha.max(1.0 - alpha) / part
+                        * (candidates.len() as f64 / 0.05).ln();
+                    let method = format!(
+                        "rank: with 95 % probability within {rank:.0} rows of the exact quantile's rank \
+                         (exponential mechanism's utility bound; no value interval without the data)"
+                    );
+                    (out, iv, total_noise.scale, false, f64::NAN, method)
                 }
             };
             values.push(AggValues {
@@ -359,6 +391,7 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                 scale: entry.2,
                 integer: entry.3,
                 sensitivity: entry.4,
+                method: entry.5,
             });
         }
         let groups: Vec<ArrayRef> = match public_keys {
