@@ -184,6 +184,13 @@ impl NewVersion {
         })
     }
 
+    /// Whether ingest made sure no person has more rows of table `name` than its bound (a bound the
+    /// profile declared: extra rows were quarantined). Otherwise a query may leave rows out.
+    pub fn bound_enforced(&self, name: &str) -> bool {
+        self.table(name)
+            .is_some_and(|t| t.max_rows_per_person.is_some() && t.chosen.is_none())
+    }
+
     /// The bound of table `name` for means (see [`TableEntry::mean_bound`]).
     pub fn mean_bound(&self, name: &str) -> u32 {
         self.table(name).map_or(self.max_contributions.max(1), |t| {

@@ -519,6 +519,7 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
             "cost_split": a.cost_split.iter().map(|(what, n)| serde_json::json!({"what": what, "epsilon": n.epsilon, "delta": n.delta, "rho": n.rho, "scale": n.scale})).collect::<Vec<_>>(),
             "budget": a.budget,
             "epsilon_delta_equivalent": a.epsilon_delta_equivalent,
+            "truncation": a.truncation,
             "audit_seq": a.audit_seq,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&json_out)?)?;
@@ -558,6 +559,16 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
             out,
             "noise: {} has scale {:.4}; interval {}",
             n.column, n.scale, n.method
+        )?;
+    }
+    if let Some(t) = &a.truncation {
+        writeln!(
+            out,
+            "truncation: bounding left out at least about {:.1} % (± {:.1}) of the rows this query covers \
+             (a DP estimate; each person counts for at most {:.0} left-out rows); the intervals describe the bounded values",
+            100.0 * t.share,
+            100.0 * t.half_width_95 / t.rows.max(1.0),
+            t.cap_per_person
         )?;
     }
     if a.cost.rho > 0.0 {

@@ -323,6 +323,80 @@ fn each_person_weighs_at_most_k_rows_with_and_without_where() {
     assert_eq!(&bytes[bytes.len() - 4..], b"PARE", "encrypted footer");
 }
 
+/// An answer whose rows bounding may have cut says how many it left out, estimated under DP and paid
+/// from its ε: with noise off, the estimate is exactly the rows left out (each person counted up to 3k of
+/// them) on every bounding path — indexed weights, per-query weights, sampling — and absent where ingest
+/// enforced the bound.
+#[test]
+fn answers_state_how_many_rows_bounding_left_out() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let counts = [1usize, 3, 9, 10, 11, 25, 39, 40, 41, 400];
+    let values: Vec<Vec<f64>> = counts
+        .iter()
+        .map(|n| (0..*n).map(|i| 20.0 + (i % 300) as f64).collect())
+        .collect();
+    export(&tmp.path().join("export"), &values);
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_as(&dir, "t", &tmp.path().join("export"));
+    let exact = DpEngine::open(&dir).expect("engine").danger_without_noise();
+    exact
+        .ledger()
+        .set_budget("test", "alice", "t", 1e6, 0.5, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let options = QueryOptions {
+        epsilon: Some(1.0),
+        ..QueryOptions::default()
+    };
+    let ask = |engine: &DpEngine, sql: &str| {
+        rt.block_on(engine.answer("alice", "t", sql, &options))
+            .expect(sql)
+    };
+    // k = 10 (max_contributions); a person counts for up to 30 left-out rows and 40 rows.
+    let left_out: f64 = counts
+        .iter()
+        .map(|n| (*n as f64 - 10.0).clamp(0.0, 30.0))
+        .sum();
+    let rows: f64 = counts.iter().map(|n| (*n as f64).min(40.0)).sum();
+    for sql in [
+        "SELECT COUNT(*) AS n FROM observations",
+        "SELECT COUNT(*) AS n FROM observations WHERE value_numeric >= 0.0",
+        "SELECT MEDIAN(value_numeric) AS n FROM observations",
+        "SELECT units, COUNT(*) AS n FROM observations GROUP BY units",
+        "SELECT COUNT(*) AS n FROM observations o JOIN patients p ON p.person_id = o.person_id",
+    ] {
+        let t = ask(&exact, sql).truncation.expect(sql);
+        assert_eq!((t.rows_left_out, t.rows), (left_out, rows), "{sql}");
+        assert!((t.share - left_out / rows).abs() < 1e-12 && t.cap_per_person == 30.0);
+    }
+    // patients has one row per person, enforced at ingest: nothing to estimate, nothing spent on it.
+    let a = ask(&exact, "SELECT COUNT(*) AS n FROM patients");
+    assert_eq!(a.truncation, None);
+    assert!(
+        a.cost_split
+            .iter()
+            .all(|(what, _)| !what.starts_with("truncation"))
+    );
+    // With noise, the estimate costs 5 % of the query's ε (half for each of its two sums), the
+    // aggregates the rest, and the whole charge is still the query's ε.
+    let noisy = DpEngine::open(&dir).expect("engine");
+    let a = ask(&noisy, "SELECT COUNT(*) AS n FROM observations");
+    let spent = |prefix: &str| -> f64 {
+        a.cost_split
+            .iter()
+            .filter(|(what, _)| what.starts_with(prefix))
+            .map(|(_, n)| n.epsilon)
+            .sum()
+    };
+    assert!((spent("truncation") - 0.05).abs() < 1e-9);
+    assert!((spent("n") - 0.95).abs() < 1e-9);
+    assert!((a.cost.epsilon - 1.0).abs() < 1e-9);
+    let t = a.truncation.expect("estimated");
+    assert!((t.scale - 30.0 / 0.025).abs() < 1e-6, "scale {}", t.scale);
+    assert!((0.0..=1.0).contains(&t.share));
+}
+
 #[test]
 fn sixty_four_racing_queries_release_exactly_what_the_budget_fits() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -443,8 +517,8 @@ fn a_zcdp_dataset_charges_rho_and_states_its_epsilon_delta_equivalent() {
         a.cost
     );
     assert!(
-        (a.noise[0].scale - 10.0 / (2.0f64 * 0.1).sqrt()).abs() < 1e-9,
-        "Gaussian σ = k/√(2ρ)"
+        (a.noise[0].scale - 10.0 / (2.0f64 * 0.1 * 0.95).sqrt()).abs() < 1e-9,
+        "Gaussian σ = k/√(2ρ) at 95 % of ρ (5 % estimates the truncation)"
     );
     let (eps, delta) = a.epsilon_delta_equivalent.expect("equivalent");
     assert!(
@@ -635,8 +709,12 @@ fn each_table_is_bounded_by_its_own_rows_per_person_and_a_join_by_the_product() 
             .block_on(engine.answer("alice", "b", sql, &options))
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         let n = &a.noise[0];
+        // observations' bound is not enforced at ingest: 5 % of ε estimates what bounding left out.
+        let unenforced = sql.contains("observations");
+        assert_eq!(a.truncation.is_some(), unenforced, "{sql}");
+        let epsilon = if unenforced { 0.95 } else { 1.0 };
         assert!(
-            (n.scale - delta / 1.0).abs() < 1e-9 && (n.sensitivity - delta).abs() < 1e-9,
+            (n.scale - delta / epsilon).abs() < 1e-9 && (n.sensitivity - delta).abs() < 1e-9,
             "{sql}: scale {} and sensitivity {}, expected Δ = {delta} at ε = 1",
             n.scale,
             n.sensitivity
@@ -741,7 +819,7 @@ fn open_bounds_are_chosen_from_the_data_under_dp_charged_and_recorded() {
             },
         ))
         .expect("answer");
-    assert!((a.noise[0].scale - f64::from(bound)).abs() < 1e-9);
+    assert!((a.noise[0].scale - f64::from(bound) / 0.95).abs() < 1e-9);
 
     // Means use the smaller of the chosen bound and max_contributions (10): the centred sum of values in
     // [0, 1000] has sensitivity 10 · 500, its count 10, each at ε / 2.
@@ -756,15 +834,16 @@ fn open_bounds_are_chosen_from_the_data_under_dp_charged_and_recorded() {
             },
         ))
         .expect("answer");
-    assert!((a.noise[0].scale - 10.0 * 500.0 / 0.25).abs() < 1e-6);
-    assert!((a.noise[1].scale - 10.0 * 500.0 * 500.0 / (0.5 / 3.0)).abs() < 1e-3);
+    // (95 % of ε: the bound was chosen, not enforced, so 5 % goes to the truncation estimate.)
+    assert!((a.noise[0].scale - 10.0 * 500.0 / (0.95 / 4.0)).abs() < 1e-6);
+    assert!((a.noise[1].scale - 10.0 * 500.0 * 500.0 / (0.95 / 6.0)).abs() < 1e-3);
     let count_scale = a
         .cost_split
         .iter()
         .find(|(what, _)| what == "m (count)")
         .map(|(_, n)| n.scale);
     assert_eq!(
-        count_scale.map(|s| (s - 10.0 / 0.25).abs() < 1e-9),
+        count_scale.map(|s| (s - 10.0 / (0.95 / 4.0)).abs() < 1e-9),
         Some(true)
     );
     // With noise off the mean is the bounded one: every person's 20 to 29 rows weigh 10 in all, so the

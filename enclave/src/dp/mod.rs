@@ -83,6 +83,26 @@ pub struct ColumnNoise {
     pub method: String,
 }
 
+/// What bounding each person to `k` rows left out of an answer: a DP estimate over the query's whole
+/// relation (after WHERE), paid from the query's ε. Intervals describe the bounded values; this says how
+/// far those are from the values asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Truncation {
+    /// Rows left out (each person counted up to `cap_per_person` of them).
+    pub rows_left_out: f64,
+    /// Rows of the relation (each person counted up to `k + cap_per_person`).
+    pub rows: f64,
+    /// `rows_left_out / rows`, in [0, 1].
+    pub share: f64,
+    /// How many left-out rows one person counts for at most (three times `k`): a person with more leaves
+    /// out more than the estimate counts, so it is a lower bound.
+    pub cap_per_person: f64,
+    /// Noise scale of `rows_left_out`.
+    pub scale: f64,
+    /// Half-width of the 95 % interval of `rows_left_out`.
+    pub half_width_95: f64,
+}
+
 /// A DP answer.
 #[derive(Debug, Clone)]
 pub struct DpAnswer {
@@ -100,6 +120,8 @@ pub struct DpAnswer {
     pub audit_seq: i64,
     /// On zCDP datasets: the (ε, δ) the query's ρ implies, at the grant's δ.
     pub epsilon_delta_equivalent: Option<(f64, f64)>,
+    /// What bounding left out, when some person may have had more rows than the bound.
+    pub truncation: Option<Truncation>,
 }
 
 /// The engine over one data directory.
@@ -333,9 +355,15 @@ impl DpEngine {
                         .collect(),
                 })
                 .collect::<Vec<_>>();
-            Ok::<_, Error>((batch, noise, released.cost, released.split))
+            Ok::<_, Error>((
+                batch,
+                noise,
+                released.cost,
+                released.split,
+                released.truncation,
+            ))
         };
-        let (batch, noise, cost, split) = match run.await {
+        let (batch, noise, cost, split, truncation) = match run.await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "an accepted query failed while running; charged");
@@ -382,6 +410,7 @@ impl DpEngine {
             }),
             budget: charged.budget,
             audit_seq: charged.record.seq,
+            truncation,
         })
     }
 
@@ -461,6 +490,7 @@ impl DpEngine {
 /// same for means, from each table's mean bound.
 fn contribution_bounds(version: &VersionEntry, tables: &[String]) -> Result<Bounds, Failure> {
     let (mut k, mut mean): (i64, i64) = (1, 1);
+    let truncates = tables.iter().any(|t| !version.version.bound_enforced(t));
     for t in tables {
         k = k.saturating_mul(i64::from(version.version.contribution_bound(t)));
         mean = mean.saturating_mul(i64::from(version.version.mean_bound(t)));
@@ -471,7 +501,7 @@ fn contribution_bounds(version: &VersionEntry, tables: &[String]) -> Result<Boun
             "the join multiplies each person's rows to more than 1,000,000: the noise would drown every answer",
         ));
     }
-    Ok(Bounds { k, mean })
+    Ok(Bounds { k, mean, truncates })
 }
 
 /// The exact aggregates as one batch.
@@ -482,7 +512,7 @@ fn concat(plan: &LogicalPlan, batches: &[RecordBatch]) -> Result<RecordBatch> {
 
 /// SHA-256 of the plans as DataFusion displays them (a fingerprint for the audit log; never parsed).
 fn plan_hash(exact: &LogicalPlan, post: &LogicalPlan, bounds: Bounds) -> String {
-    let Bounds { k, mean } = bounds;
+    let Bounds { k, mean, .. } = bounds;
     hex::encode(digest(
         &SHA256,
         format!(

@@ -59,6 +59,18 @@ pub(crate) struct Bounds {
     pub k: i64,
     /// For AVG, VARIANCE and STDDEV.
     pub mean: i64,
+    /// Some person may have more than `k` rows (a table whose bound ingest did not enforce): the answer
+    /// then estimates how many rows bounding left out (`__drop`, `__all`).
+    pub truncates: bool,
+}
+
+impl Bounds {
+    /// How many of a person's rows beyond `k` the truncation estimate counts at most (its sensitivity):
+    /// three times `k`, so a person with up to four times the bound is counted in full and the estimate
+    /// shows shares up to 75 %; its noise grows with the cap.
+    pub(crate) fn truncation_cap(&self) -> f64 {
+        3.0 * self.k as f64
+    }
 }
 
 /// One aggregate of the query, in the order of the Aggregate node's expressions.
@@ -395,7 +407,7 @@ impl DpPlan {
     /// The bounds this plan uses: sampling keeps one set of rows per person, so means share `k` there.
     pub(crate) fn bounds(&self, b: Bounds) -> Bounds {
         if self.bounding == Bounding::Sample {
-            Bounds { k: b.k, mean: b.k }
+            Bounds { mean: b.k, ..b }
         } else {
             b
         }
@@ -459,6 +471,22 @@ fn exact_plan(
         }
     }
     base.push(Expr::Column(person).alias("__pid"));
+    // What a row adds to the truncation estimate when its person has `pn` rows of which `kept` are
+    // aggregated: (rows left out, capped at C per person; rows, capped at k + C per person), each spread
+    // over the kept rows so that a person's rows add up to min(pn − k, C)⁺ and min(pn, k + C).
+    let cap = bounds.truncation_cap();
+    let truncation_of = |pn: Expr, kept: Expr| -> Result<Vec<Expr>> {
+        let (kf, f) = (k as f64, |x: f64| lit(x));
+        let over = pn.clone() - f(kf);
+        let left_out = when(pn.clone().lt_eq(f(kf)), f(0.0))
+            .when(over.clone().gt(f(cap)), f(cap))
+            .otherwise(over)?;
+        let all = when(pn.clone().gt(f(kf + cap)), f(kf + cap)).otherwise(pn)?;
+        Ok(vec![
+            (left_out / kept.clone()).alias("__d"),
+            (all / kept).alias("__a"),
+        ])
+    };
     // A row's weight for bound `k` when its person has `pn` rows: min(1, k / pn).
     let weight_of = |pn: Expr, k: i64, name: &str| -> Result<Expr> {
         let kf = k as f64;
@@ -484,7 +512,10 @@ fn exact_plan(
             base.push(weight_of(pn.clone(), k, "__w")?);
         }
         if mean_weights {
-            base.push(weight_of(pn, bounds.mean, "__wm")?);
+            base.push(weight_of(pn.clone(), bounds.mean, "__wm")?);
+        }
+        if bounds.truncates {
+            base.extend(truncation_of(pn.clone(), pn)?);
         }
     }
     let mut b = LogicalPlanBuilder::from(input).project(base).map_err(df)?;
@@ -547,6 +578,10 @@ fn exact_plan(
         }
     };
     outs.push(count_if(None, "__w", &mut partial).alias("__n"));
+    if bounds.truncates {
+        outs.push(wsum(column("__d")).alias("__drop"));
+        outs.push(wsum(column("__a")).alias("__all"));
+    }
     for (j, a) in plan.aggregates.iter().enumerate() {
         let w = weight_for(&a.kind);
         let v = column(&format!("__v{j}"));
@@ -608,9 +643,32 @@ fn exact_plan(
                 .build()
                 .map_err(df)?
                 .alias("__rn");
-            b.window(vec![rn])
-                .and_then(|b| b.filter(column("__rn").lt_eq(lit(k))))
+            let mut b = b.window(vec![rn]).map_err(df)?;
+            if bounds.truncates {
+                // Its own window node: DataFusion plans one node's windows over one sort order.
+                let pn = Expr::from(datafusion::logical_expr::expr::WindowFunction::new(
+                    datafusion::functions_aggregate::count::count_udaf(),
+                    vec![lit(1)],
+                ))
+                .partition_by(vec![column("__pid")])
+                .build()
                 .map_err(df)?
+                .alias("__pn");
+                b = b.window(vec![pn]).map_err(df)?;
+            }
+            let b = b.filter(column("__rn").lt_eq(lit(k))).map_err(df)?;
+            if bounds.truncates {
+                let pn = datafusion::prelude::cast(column("__pn"), DataType::Float64);
+                // The person's kept rows: min(pn, k).
+                let kept =
+                    when(pn.clone().gt(lit(k as f64)), lit(k as f64)).otherwise(pn.clone())?;
+                let mut keep: Vec<Expr> =
+                    b.schema().columns().into_iter().map(Expr::Column).collect();
+                keep.extend(truncation_of(pn, kept)?);
+                b.project(keep).map_err(df)?
+            } else {
+                b
+            }
         }
         Bounding::Weight { indexed: true } => b,
         Bounding::Weight { indexed: false } => {
@@ -634,7 +692,12 @@ fn exact_plan(
             let pn = datafusion::prelude::cast(column("__pn"), DataType::Float64);
             keep.push(weight_of(pn.clone(), k, "__w")?);
             if mean_weights {
-                keep.push(weight_of(pn, bounds.mean, "__wm")?);
+                keep.push(weight_of(pn.clone(), bounds.mean, "__wm")?);
+            }
+            if bounds.truncates {
+                // A cell of `__c` rows adds `__c` rows' worth.
+                let c = datafusion::prelude::cast(column("__c"), DataType::Float64);
+                keep.extend(truncation_of(pn.clone(), pn / c)?);
             }
             b.project(keep).map_err(df)?
         }

@@ -3,8 +3,9 @@
 //!
 //! ε (or ρ) is split evenly over the query's aggregates (private key selection shares `COUNT(*)`'s part,
 //! or takes its own when there is none), then evenly over each aggregate's own mechanisms (AVG: a centred
-//! sum and a count; VARIANCE and STDDEV: sum, sum of squares and count). What is charged is what each
-//! mechanism's privacy map reports.
+//! sum and a count; VARIANCE and STDDEV: sum, sum of squares and count). When a table's bound was not
+//! enforced at ingest, 5 % of it first goes to estimating how many rows bounding left out. What is charged
+//! is what each mechanism's privacy map reports.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +20,9 @@ use super::query::AggKind;
 use super::rules::{Rule, refuse};
 use crate::ledger::Cost;
 use crate::{Error, Result};
+
+/// The share of a query's ε (or ρ) spent estimating how many rows bounding left out, when it may have.
+pub(crate) const TRUNCATION_SHARE: f64 = 0.05;
 
 /// How the interval of a count or sum is computed.
 const EXACT: &str = "exact: the noise distribution's 2.5 % and 97.5 % quantiles";
@@ -66,6 +70,8 @@ pub(crate) struct Released {
     pub cost: Cost,
     /// How the cost splits over the mechanisms: (what, noise).
     pub split: Vec<(String, Noise)>,
+    /// What bounding left out, when it may have left out rows.
+    pub truncation: Option<super::Truncation>,
 }
 
 /// Column `name` of `b` as values of `T` (cast; nulls as the default).
@@ -96,7 +102,12 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
         let private_groups = !a.groups.is_empty() && !a.public_groups();
         let has_count_rows = a.aggregates.iter().any(|x| x.kind == AggKind::CountRows);
         let shares = a.aggregates.len() + usize::from(private_groups && !has_count_rows);
-        let share = total / shares.max(1) as f64;
+        let for_truncation = if s.bounds.truncates {
+            total * TRUNCATION_SHARE
+        } else {
+            0.0
+        };
+        let share = (total - for_truncation) / shares.max(1) as f64;
         let part = share;
         let off = s.danger_no_noise;
         let mut cost = Cost::default();
@@ -394,6 +405,31 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                 method: entry.5,
             });
         }
+        // What bounding left out, over the whole relation: rows left out (a person counted up to C), and
+        // rows (up to k + C), each at half the truncation share.
+        let truncation = if s.bounds.truncates {
+            let cap = s.bounds.truncation_cap();
+            let total_of = |name: &str| -> Result<Vec<f64>> {
+                Ok(vec![col_f64(exact, name)?.iter().sum::<f64>()])
+            };
+            let half = for_truncation / 2.0;
+            let (d, nd) = noise::sums(&total_of("__drop")?, cap, half, acc, off)?;
+            add("truncation (rows left out)".into(), &nd);
+            let (r, nr) = noise::sums(&total_of("__all")?, k as f64 + cap, half, acc, off)?;
+            add("truncation (rows)".into(), &nr);
+            let left_out = d.first().copied().unwrap_or(0.0).max(0.0);
+            let rows = r.first().copied().unwrap_or(0.0).max(left_out);
+            Some(super::Truncation {
+                rows_left_out: left_out.round(),
+                rows: rows.round(),
+                share: if rows >= 1.0 { left_out / rows } else { 0.0 },
+                cap_per_person: cap,
+                scale: nd.scale,
+                half_width_95: nd.half_width_95,
+            })
+        } else {
+            None
+        };
         let groups: Vec<ArrayRef> = match public_keys {
             Some(keys) => (0..n_groups)
                 .map(|g| {
@@ -418,6 +454,7 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
             values,
             cost,
             split,
+            truncation,
         })
     }
 }
