@@ -423,8 +423,13 @@ pub fn dp_bench(
             for (what, n) in &a.cost_split {
                 // The formula, from first principles: Laplace b = Δ / ε for the ε this mechanism was
                 // charged, with Δ from k and the bounds [0, M]: k for counts, k·M for a SUM, k·M/2 for
-                // AVG's sum (taken of values centred on M/2).
-                let delta = if what.ends_with("(sum)") {
+                // AVG's sum (taken of values centred on M/2); the truncation estimate's rows left out
+                // 3k, its rows 4k.
+                let delta = if what == "truncation (rows left out)" {
+                    3.0 * k
+                } else if what == "truncation (rows)" {
+                    4.0 * k
+                } else if what.ends_with("(sum)") {
                     k * bound / 2.0
                 } else if what.starts_with("sum") {
                     k * bound

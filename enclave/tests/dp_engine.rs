@@ -370,6 +370,24 @@ fn answers_state_how_many_rows_bounding_left_out() {
         assert_eq!((t.rows_left_out, t.rows), (left_out, rows), "{sql}");
         assert!((t.share - left_out / rows).abs() < 1e-12 && t.cap_per_person == 30.0);
     }
+    // A self-join: n² rows per person, k = 100, each person counted up to 300 left out and 400 rows.
+    let t = ask(
+        &exact,
+        "SELECT COUNT(*) AS n FROM observations a JOIN observations b ON b.person_id = a.person_id",
+    )
+    .truncation
+    .expect("self-join");
+    let sq = |n: &usize| (*n * *n) as f64;
+    assert_eq!(
+        (t.rows_left_out, t.rows),
+        (
+            counts
+                .iter()
+                .map(|n| (sq(n) - 100.0).clamp(0.0, 300.0))
+                .sum(),
+            counts.iter().map(|n| sq(n).min(400.0)).sum()
+        )
+    );
     // patients has one row per person, enforced at ingest: nothing to estimate, nothing spent on it.
     let a = ask(&exact, "SELECT COUNT(*) AS n FROM patients");
     assert_eq!(a.truncation, None);
@@ -948,4 +966,72 @@ fn variance_intervals_cover_about_95_percent_and_quantiles_state_their_rank_erro
         "{}",
         a.noise[0].method
     );
+}
+
+/// `prepare` runs every check before execution and answers the answer's columns; it reads no table,
+/// charges nothing and records nothing, and refuses as `answer` would.
+#[test]
+fn prepare_answers_the_columns_without_running_charging_or_recording() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let values: Vec<Vec<f64>> = (0..20).map(|p| vec![f64::from(p); 2]).collect();
+    export(&tmp.path().join("export"), &values);
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_as(&dir, "p", &tmp.path().join("export"));
+    let engine = DpEngine::open(&dir).expect("engine");
+    engine
+        .ledger()
+        .set_budget("test", "alice", "p", 1.0, 0.0, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let options = QueryOptions {
+        epsilon: Some(0.5),
+        ..QueryOptions::default()
+    };
+    let pk = std::fs::read_to_string(dir.audit_public_key_path()).expect("pk");
+    let records = || engine.ledger().verify(pk.trim()).expect("verifies").records;
+    let before = records();
+    let p = rt
+        .block_on(engine.prepare(
+            "alice",
+            "p",
+            "SELECT category, COUNT(*) AS n, AVG(value_numeric) / 2 AS half FROM observations GROUP BY category",
+            &options,
+        ))
+        .expect("prepared");
+    let names: Vec<&str> = p
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
+    assert_eq!(names, ["category", "n", "half"]);
+    assert!((p.cost.epsilon - 0.5).abs() < 1e-12);
+    // Prepared twice more than the budget holds: nothing was charged.
+    for _ in 0..3 {
+        rt.block_on(engine.prepare("alice", "p", "SELECT COUNT(*) FROM observations", &options))
+            .expect("prepared");
+    }
+    let budget = engine
+        .ledger()
+        .budget("alice", "p")
+        .expect("b")
+        .expect("grant");
+    assert_eq!(budget.spent_epsilon, 0.0);
+    let refusal = |principal: &str, sql: &str| {
+        rt.block_on(engine.prepare(principal, "p", sql, &options))
+            .expect_err(sql)
+            .to_string()
+    };
+    assert!(refusal("mallory", "SELECT COUNT(*) FROM observations").contains("rule 'access'"));
+    assert!(refusal("alice", "SELECT * FROM observations").contains("rule 'row-level'"));
+    let e = refusal(
+        "alice",
+        "SELECT category, SUM(value_numeric) AS s FROM observations GROUP BY category HAVING SUM(value_numeric) > DATE '2020-01-01'",
+    );
+    assert!(
+        e.contains("rule 'type'") || e.contains("rule 'post-processing'"),
+        "{e}"
+    );
+    assert_eq!(records(), before, "prepare records nothing");
 }

@@ -138,6 +138,9 @@ pub struct DpEngine {
     /// DataFusion sessions per (dataset, version), tables (and their indexed copies) registered as
     /// first used.
     sessions: std::sync::Mutex<HashMap<(String, String), SessionContext>>,
+    /// Per (version directory, tables joined, k): the exact figures of the truncation estimate over
+    /// their whole join (rows left out, rows), computed from their indexes once.
+    truncation_totals: std::sync::Mutex<TruncationTotals>,
 }
 
 impl DpEngine {
@@ -156,6 +159,7 @@ impl DpEngine {
             #[cfg(feature = "danger-test-hooks")]
             danger_crash_after_charge: false,
             sessions: std::sync::Mutex::new(HashMap::new()),
+            truncation_totals: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -219,11 +223,56 @@ impl DpEngine {
         }
     }
 
-    async fn answer_inner(
+    /// What a query would answer, without running it: the columns of its answer, after every check
+    /// that comes before execution (the grant, the front door, DataFusion's planning and type checks,
+    /// totality, the bounded plan, the post-processing plan). Nothing is read from the tables, charged
+    /// or recorded; a refusal names its rule as `answer` would. Prepared statements use it.
+    pub async fn prepare(
+        &self,
+        principal: &str,
+        dataset: &str,
+        sql: &str,
+        options: &QueryOptions,
+    ) -> Result<Prepared> {
+        let mut draft = Draft {
+            principal: principal.to_owned(),
+            origin: options.origin.clone(),
+            dataset: dataset.to_owned(),
+            version: String::new(),
+            sql: sql.to_owned(),
+            plan_hash: String::new(),
+        };
+        match self.plan_query(&mut draft, options).await {
+            Ok(p) => {
+                let schema = p.dry.plan.schema().as_arrow().clone();
+                let fields: Vec<_> = schema
+                    .fields()
+                    .iter()
+                    .take(p.dry.shows.len())
+                    .cloned()
+                    .collect();
+                Ok(Prepared {
+                    schema: Arc::new(arrow::datatypes::Schema::new(fields)),
+                    version: draft.version,
+                    cost: planned_cost(&p.dp, p.total, p.delta, p.accounting),
+                })
+            }
+            Err(Failure::Recorded(e) | Failure::Unrecorded(e @ Error::Refused { .. })) => Err(e),
+            Err(Failure::Unrecorded(e)) => {
+                tracing::error!(error = %e, "query failed to prepare");
+                Err(Error::Internal(
+                    "the query failed inside the enclave".into(),
+                ))
+            }
+        }
+    }
+
+    /// Every stage before execution, shared by `answer` and `prepare`.
+    async fn plan_query(
         &self,
         draft: &mut Draft,
         options: &QueryOptions,
-    ) -> Result<DpAnswer, Failure> {
+    ) -> Result<Planned, Failure> {
         let version = match self.catalog.version(&draft.dataset, None) {
             Ok(v) => v,
             Err(catalog::Error::UnknownDataset(_)) => {
@@ -261,27 +310,10 @@ impl DpEngine {
                 ),
             ));
         }
-        // Cheap pre-check; the ledger's transaction is the authority.
-        let left = match accounting {
-            Accounting::Basic => budget.epsilon_left(),
-            Accounting::Zcdp => (budget.rho.unwrap_or(0.0) - budget.spent_rho).max(0.0),
-        };
-        if total > left + 1e-12 {
-            let unit = if accounting == Accounting::Zcdp {
-                "ρ"
-            } else {
-                "ε"
-            };
-            return Err(Failure::refused(
-                Rule::Budget,
-                format!("budget exhausted: {left:.6} {unit} left, query needs {total:.6}"),
-            ));
-        }
         let bounds = contribution_bounds(&version, &analyzed.tables)?;
 
         // Planning: DataFusion plans the validated syntax tree (never text); type coercion makes every
         // implicit cast explicit; then every expression is made total and the bounded plan is built.
-        let clock = std::time::Instant::now();
         let ctx = self.session(&version, &analyzed.tables).await?;
         let state = ctx.state();
         let statement =
@@ -302,13 +334,7 @@ impl DpEngine {
             .map_err(|_| type_error())?;
         let user = total::plan(user)?;
         let dp = plan::build(user, &analyzed, &version)?;
-        let index = if dp.bounding == (Bounding::Weight { indexed: true }) {
-            self.index_scans(&ctx, &version, &analyzed.tables).await?
-        } else {
-            HashMap::new()
-        };
         let bounds = dp.bounds(bounds);
-        let exact_plan = dp.exact(bounds, &index)?;
         // Post-processing is planned over an empty noisy table now, while a failure is still free.
         let empty = NoisyTable::empty(&dp.aggregate_types(), dp.aggregates.len())?;
         let dry = dp.post(&empty)?;
@@ -318,13 +344,77 @@ impl DpEngine {
                 "HAVING, ORDER BY, LIMIT or the SELECT list do not plan over the noisy aggregates (check the types of the expressions over them)",
             ));
         }
+        Ok(Planned {
+            version,
+            tables: analyzed.tables,
+            budget,
+            dp,
+            bounds,
+            dry,
+            ctx,
+            total,
+            delta,
+            accounting,
+        })
+    }
+
+    async fn answer_inner(
+        &self,
+        draft: &mut Draft,
+        options: &QueryOptions,
+    ) -> Result<DpAnswer, Failure> {
+        let clock = std::time::Instant::now();
+        let Planned {
+            version,
+            tables,
+            budget,
+            dp,
+            bounds,
+            dry,
+            ctx,
+            total,
+            delta,
+            accounting,
+        } = self.plan_query(draft, options).await?;
+        // Cheap pre-check; the ledger's transaction is the authority.
+        let left = match accounting {
+            Accounting::Basic => budget.epsilon_left(),
+            Accounting::Zcdp => (budget.rho.unwrap_or(0.0) - budget.spent_rho).max(0.0),
+        };
+        if total > left + 1e-12 {
+            let unit = if accounting == Accounting::Zcdp {
+                "ρ"
+            } else {
+                "ε"
+            };
+            return Err(Failure::refused(
+                Rule::Budget,
+                format!("budget exhausted: {left:.6} {unit} left, query needs {total:.6}"),
+            ));
+        }
+        let index = if dp.bounding == (Bounding::Weight { indexed: true }) {
+            self.index_scans(&ctx, &version, &tables).await?
+        } else {
+            HashMap::new()
+        };
+        let exact_plan = dp.exact(bounds, &index)?;
+        let state = ctx.state();
         let exact_physical = state.create_physical_plan(&exact_plan).await?;
+        let truncation_totals = if bounds.truncates && !index.is_empty() {
+            Some(
+                self.truncation_totals(&ctx, &version, &tables, bounds)
+                    .await?,
+            )
+        } else {
+            None
+        };
         draft.plan_hash = plan_hash(&exact_plan, &dry.plan, bounds);
         let t_plan = clock.elapsed();
 
         // Execution: from here a failure is charged (it could only depend on the data).
         let settings = release::Settings {
             bounds,
+            truncation_totals,
             total,
             delta,
             accounting,
@@ -462,6 +552,91 @@ impl DpEngine {
         Ok(ctx)
     }
 
+    /// The exact figures of the truncation estimate over the join of `tables` on `person_id` (rows left
+    /// out, each person counted up to the cap; rows, up to k + cap), from their indexes (registered by
+    /// `index_scans`): a person with `n_t` rows in each table has `Π n_t` rows in the join. Computed once
+    /// per version, tables and bound.
+    async fn truncation_totals(
+        &self,
+        ctx: &SessionContext,
+        version: &VersionEntry,
+        tables: &[String],
+        bounds: Bounds,
+    ) -> Result<(f64, f64)> {
+        let key = (
+            version.version.storage_path.clone(),
+            tables.join("\u{0}"),
+            bounds.k,
+        );
+        if let Some(t) = self.lock_totals().get(&key) {
+            return Ok(*t);
+        }
+        use arrow::datatypes::DataType;
+        use datafusion::functions_aggregate::expr_fn::{count, sum};
+        use datafusion::logical_expr::{JoinType, col, lit, when};
+        use datafusion::prelude::cast;
+        let mut joined: Option<datafusion::dataframe::DataFrame> = None;
+        let mut n: Option<datafusion::logical_expr::Expr> = None;
+        for (i, t) in tables.iter().enumerate() {
+            let (p, c) = (format!("__p{i}"), format!("__n{i}"));
+            let per_person = ctx
+                .table(format!("__index_{t}").as_str())
+                .await?
+                .aggregate(
+                    vec![col("person_id").alias(&p)],
+                    vec![count(lit(1)).alias(&c)],
+                )?;
+            joined = Some(match joined {
+                None => per_person,
+                Some(j) => j.join(per_person, JoinType::Inner, &["__p0"], &[p.as_str()], None)?,
+            });
+            let x = cast(col(c.as_str()), DataType::Float64);
+            n = Some(match n {
+                None => x,
+                Some(n) => n * x,
+            });
+        }
+        let (Some(joined), Some(n)) = (joined, n) else {
+            return Ok((0.0, 0.0));
+        };
+        let (k, cap) = (bounds.k as f64, bounds.truncation_cap());
+        let over = n.clone() - lit(k);
+        let left_out = when(n.clone().lt_eq(lit(k)), lit(0.0))
+            .when(over.clone().gt(lit(cap)), lit(cap))
+            .otherwise(over)?;
+        let all = when(n.clone().gt(lit(k + cap)), lit(k + cap)).otherwise(n)?;
+        let batches = joined
+            .aggregate(vec![], vec![sum(left_out).alias("d"), sum(all).alias("a")])?
+            .collect()
+            .await?;
+        let value = |c: usize| {
+            batches
+                .first()
+                .and_then(|b| {
+                    b.column(c)
+                        .as_any()
+                        .downcast_ref::<arrow::array::Float64Array>()
+                        .map(|a| {
+                            if arrow::array::Array::is_null(a, 0) {
+                                0.0
+                            } else {
+                                a.value(0)
+                            }
+                        })
+                })
+                .ok_or_else(|| Error::Internal("truncation totals".into()))
+        };
+        let totals = (value(0)?, value(1)?);
+        self.lock_totals().insert(key, totals);
+        Ok(totals)
+    }
+
+    fn lock_totals(&self) -> std::sync::MutexGuard<'_, TruncationTotals> {
+        self.truncation_totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Scans of the indexed copies of `tables` (built first if missing), by table name. They are
     /// registered under names no query can write (the front door accepts catalog tables only).
     async fn index_scans(
@@ -541,6 +716,34 @@ fn planned_cost(dp: &DpPlan, total: f64, delta: f64, accounting: Accounting) -> 
             rho: total,
         },
     }
+}
+
+/// (version directory, tables joined, k) → (rows left out, rows), exact, over the whole join.
+type TruncationTotals = HashMap<(String, String, i64), (f64, f64)>;
+
+/// A query checked and planned, not run.
+struct Planned {
+    version: VersionEntry,
+    tables: Vec<String>,
+    budget: Budget,
+    dp: DpPlan,
+    bounds: Bounds,
+    dry: plan::PostPlan,
+    ctx: SessionContext,
+    total: f64,
+    delta: f64,
+    accounting: Accounting,
+}
+
+/// What `DpEngine::prepare` learns about a query without running it.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The columns its answer will have (the interval bounds are not among them).
+    pub schema: arrow::datatypes::SchemaRef,
+    /// The dataset version it was planned against.
+    pub version: String,
+    /// What it will cost at most.
+    pub cost: Cost,
 }
 
 /// Why a query was not answered, and whether the audit log has it already.

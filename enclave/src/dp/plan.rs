@@ -456,6 +456,9 @@ fn exact_plan(
             .map(|(q, f)| Column::new(q.cloned(), f.name()))
             .collect()
     };
+    // Read from the index (no WHERE), the relation is the tables' whole join: what bounding leaves out
+    // of it depends on the tables alone, and the engine computes it once per version, not per row.
+    let per_row_truncation = bounds.truncates && !indexed;
     let person = fields_named("person_id")
         .into_iter()
         .next()
@@ -514,7 +517,7 @@ fn exact_plan(
         if mean_weights {
             base.push(weight_of(pn.clone(), bounds.mean, "__wm")?);
         }
-        if bounds.truncates {
+        if per_row_truncation {
             base.extend(truncation_of(pn.clone(), pn)?);
         }
     }
@@ -578,7 +581,7 @@ fn exact_plan(
         }
     };
     outs.push(count_if(None, "__w", &mut partial).alias("__n"));
-    if bounds.truncates {
+    if per_row_truncation {
         outs.push(wsum(column("__d")).alias("__drop"));
         outs.push(wsum(column("__a")).alias("__all"));
     }
@@ -694,7 +697,7 @@ fn exact_plan(
             if mean_weights {
                 keep.push(weight_of(pn.clone(), bounds.mean, "__wm")?);
             }
-            if bounds.truncates {
+            if per_row_truncation {
                 // A cell of `__c` rows adds `__c` rows' worth.
                 let c = datafusion::prelude::cast(column("__c"), DataType::Float64);
                 keep.extend(truncation_of(pn.clone(), pn / c)?);

@@ -33,6 +33,9 @@ const DELTA_METHOD: &str = "approximate: delta method over the independent noise
 pub(crate) struct Settings {
     /// Contributions per person (for totals and for means).
     pub bounds: Bounds,
+    /// The truncation estimate's exact figures (rows left out, rows) when the exact plan does not carry
+    /// them: tables read from their indexes.
+    pub truncation_totals: Option<(f64, f64)>,
     /// ε, or ρ under zCDP, for the whole query.
     pub total: f64,
     /// δ for private key selection.
@@ -409,13 +412,19 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
         // rows (up to k + C), each at half the truncation share.
         let truncation = if s.bounds.truncates {
             let cap = s.bounds.truncation_cap();
-            let total_of = |name: &str| -> Result<Vec<f64>> {
-                Ok(vec![col_f64(exact, name)?.iter().sum::<f64>()])
+            // Summed over the exact groups, or the table's own figures when the plan has none.
+            let (drop, all) = if exact.column_by_name("__drop").is_some() {
+                let total_of =
+                    |name: &str| -> Result<f64> { Ok(col_f64(exact, name)?.iter().sum::<f64>()) };
+                (total_of("__drop")?, total_of("__all")?)
+            } else {
+                s.truncation_totals
+                    .ok_or_else(|| Error::Internal("truncation totals missing".into()))?
             };
             let half = for_truncation / 2.0;
-            let (d, nd) = noise::sums(&total_of("__drop")?, cap, half, acc, off)?;
+            let (d, nd) = noise::sums(&[drop], cap, half, acc, off)?;
             add("truncation (rows left out)".into(), &nd);
-            let (r, nr) = noise::sums(&total_of("__all")?, k as f64 + cap, half, acc, off)?;
+            let (r, nr) = noise::sums(&[all], k as f64 + cap, half, acc, off)?;
             add("truncation (rows)".into(), &nr);
             let left_out = d.first().copied().unwrap_or(0.0).max(0.0);
             let rows = r.first().copied().unwrap_or(0.0).max(left_out);
