@@ -295,14 +295,22 @@ CREATE TABLE IF NOT EXISTS catalog_columns (
 );
 ";
 
+/// Opens the enclave's SQLite database at `path` the one way every part does (catalog, keystore, ledger
+/// and audit log share the file): write-ahead log, `synchronous = FULL` (a committed transaction survives
+/// a power cut), foreign keys enforced, and a 30 s wait for the write lock instead of failing at once.
+pub fn open_database(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    Ok(conn)
+}
+
 impl SqliteCatalog {
     /// Opens (and creates if needed) the catalog tables in the database at `path`.
     pub fn open(path: &Path) -> Result<SqliteCatalog> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let conn = open_database(path)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         Ok(SqliteCatalog {

@@ -22,7 +22,6 @@ pub use read::{Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discov
 pub use scrub::{PhiKind, ScrubCounts};
 pub use transform::{
     Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, ReleasedColumn, Skip, TableOutput,
-    danger_plain_schema,
 };
 
 /// Errors that stop a whole run (a bad row is never one of these: it is quarantined).

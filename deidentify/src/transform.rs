@@ -746,27 +746,6 @@ impl Deidentifier {
     }
 }
 
-/// The Arrow schema of a table's source columns as read, before de-identification (benchmark baseline).
-pub fn danger_plain_schema(table: Table) -> SchemaRef {
-    let fields: Vec<Field> = table
-        .columns()
-        .iter()
-        .map(|c| {
-            let rule = ColumnRule {
-                column: c.name,
-                ty: c.ty,
-                action: Action::Keep,
-                role: policies::Role::Sensitive,
-                bounds: None,
-                output: c.name.to_owned(),
-                domain: None,
-                other: None,
-            };
-            Field::new(c.name, output_type(&rule), true)
-        })
-        .collect();
-    Arc::new(Schema::new(fields))
-}
 
 fn age_at(birth: NaiveDate, at: NaiveDate) -> u32 {
     let mut age = at.year() - birth.year();
@@ -965,11 +944,6 @@ impl TableOutput {
         self.rows += 1;
     }
 
-    fn push(&mut self, row: &[Out]) {
-        Self::append(&mut self.builders, row);
-        self.rows += 1;
-    }
-
     fn append(builders: &mut [ColBuilder], row: &[Out]) {
         for (b, v) in builders.iter_mut().zip(row) {
             match (b, v) {
@@ -987,17 +961,6 @@ impl TableOutput {
                 (ColBuilder::Ts(b), _) => b.append_null(),
             }
         }
-    }
-
-    /// Appends a source row unchanged, identifiers and all. Only for the plain-Parquet baseline of the
-    /// ingest benchmark, which writes into a scratch directory it deletes.
-    pub fn danger_push_plain(&mut self, rec: &SourceRecord) {
-        let row: Vec<Out> = rec
-            .values
-            .iter()
-            .map(|v| v.as_ref().map_or(Out::Null, plain))
-            .collect();
-        self.push(&row);
     }
 
     /// Takes the buffered rows as one record batch.

@@ -163,10 +163,7 @@ CREATE TABLE IF NOT EXISTS enclave_keys (
 impl Keystore {
     /// Opens the keystore in `db` with the master key at `master_path`, finishing an interrupted rotation.
     pub fn open(db: &Path, master_path: &Path) -> Result<Keystore> {
-        let conn = Connection::open(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let conn = catalog::open_database(db)?;
         conn.execute_batch(SCHEMA)?;
         let mut master = MasterKey::read(master_path)?;
         let stored: Option<String> = conn

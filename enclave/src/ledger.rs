@@ -93,10 +93,7 @@ pub struct Ledger {
 impl Ledger {
     /// Opens the ledger and audit log in `db`; the audit signing key comes from (or is created in) the keystore.
     pub fn open(db: &Path, keystore: &Keystore) -> Result<Ledger> {
-        let conn = Connection::open(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        let conn = catalog::open_database(db)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(audit::SCHEMA)?;
         let seed = match keystore.get(AUDIT_SIGNING_KEY_ID) {

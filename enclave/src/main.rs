@@ -255,16 +255,6 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
-    /// Internal: run one measured phase in this process and print its figures as JSON.
-    #[command(hide = true)]
-    Phase {
-        /// plain | ingest
-        phase: String,
-        /// CSV directory.
-        input: PathBuf,
-        /// Output directory (plain) or data directory (ingest).
-        out: PathBuf,
-    },
 }
 
 fn main() -> ExitCode {
@@ -438,9 +428,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { command } => match command {
             BenchCommand::Ingest { patients, work_dir } => {
                 enclave::bench::ingest_bench(patients, work_dir, demo_today())?
-            }
-            BenchCommand::Phase { phase, input, out } => {
-                enclave::bench::phase(&phase, &input, &out)?
             }
             BenchCommand::Dp {
                 patients,

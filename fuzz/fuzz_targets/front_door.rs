@@ -33,7 +33,7 @@ fn setup() -> &'static Setup {
         let engine = DpEngine::open(&dir).expect("engine");
         engine
             .ledger()
-            .set_budget("fuzz", "fuzz", "demo", 1e12, 0.5, None)
+            .set_budget("fuzz", "fuzz", "demo", 9e6, 0.5, None)
             .expect("grant");
         Setup {
             rt: tokio::runtime::Builder::new_multi_thread()

@@ -6,23 +6,33 @@
 //!    staging directory; bad rows go to an encrypted quarantine file with their reason.
 //! 4. Files are fsynced, the staging directory is renamed into place, and the version is published in one
 //!    catalog transaction. A run that dies before that leaves nothing visible; re-running works.
+//!
+//! Beside it: `report` (the figures the provider reads), `quarantine` (rows held back, with why),
+//! `spill` (identifiers between the passes, under a key only this process has), `progress` (stderr).
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow::array::{Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
 use catalog::{CatalogStore, ColumnEntry, Coverage, NewVersion, Provenance, TableEntry};
 use deidentify::{
     Deidentifier, Item, LinkageKey, Pass, Pseudonymizer, Skip, SourceFile, TableOutput,
 };
-use indicatif::{ProgressBar, ProgressStyle};
 use policies::{CsvMapping, Profile, Table};
-use serde::Serialize;
+
+mod progress;
+mod quarantine;
+mod report;
+mod spill;
+
+pub use report::{ColumnAction, IngestReport, KAnonReport, PersonCounts, RowCounts};
+
+use progress::Progress;
+use quarantine::Quarantine;
+use spill::KnownSpill;
 
 use crate::datadir::DataDir;
 use crate::keys::{Keystore, Secret};
@@ -78,259 +88,11 @@ impl IngestOptions {
     }
 }
 
-/// Row accounting of one table.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct RowCounts {
-    /// Rows read from the export.
-    pub rows_in: u64,
-    /// Rows written.
-    pub written: u64,
-    /// Rows quarantined.
-    pub quarantined: u64,
-    /// Rows withheld because k-anonymity suppressed their person.
-    pub suppressed: u64,
-}
-
-impl RowCounts {
-    fn add(&mut self, o: &RowCounts) {
-        self.rows_in += o.rows_in;
-        self.written += o.written;
-        self.quarantined += o.quarantined;
-        self.suppressed += o.suppressed;
-    }
-
-    /// True when every row is accounted for.
-    pub fn balanced(&self) -> bool {
-        self.rows_in == self.written + self.quarantined + self.suppressed
-    }
-}
-
-/// Persons in the export and what became of them.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct PersonCounts {
-    /// Valid patients read.
-    pub in_export: u64,
-    /// Patients released.
-    pub released: u64,
-    /// Patients suppressed by k-anonymity.
-    pub suppressed: u64,
-    /// Patients whose person_id comes from a (validated) national ID, so they link across providers.
-    pub linked_by_national_id: u64,
-}
-
-/// The k-anonymity outcome.
-#[derive(Debug, Clone, Serialize)]
-pub struct KAnonReport {
-    /// k the profile requires.
-    pub k_required: u32,
-    /// Smallest released class.
-    pub k_reached: u64,
-    /// Classes released.
-    pub classes: u64,
-    /// Extra generalisation level per quasi-identifier.
-    pub generalisation_levels: BTreeMap<String, u8>,
-    /// Persons suppressed.
-    pub suppressed_persons: u64,
-}
-
-/// One column's treatment.
-#[derive(Debug, Clone, Serialize)]
-pub struct ColumnAction {
-    /// Output column.
-    pub column: String,
-    /// Role.
-    pub role: String,
-    /// What was done.
-    pub action: String,
-}
-
-/// The ingest report: counts and actions only, never a value.
-#[derive(Debug, Clone, Serialize)]
-pub struct IngestReport {
-    /// Dataset.
-    pub dataset: String,
-    /// Version label.
-    pub version: String,
-    /// Provider.
-    pub provider: String,
-    /// Profile.
-    pub profile: String,
-    /// Detected source system.
-    pub source_system: String,
-    /// Start (RFC 3339).
-    pub started_at: String,
-    /// Wall-clock seconds.
-    pub seconds: f64,
-    /// Files read.
-    pub files_read: Vec<String>,
-    /// Files not read, with why.
-    pub files_skipped: BTreeMap<String, String>,
-    /// FHIR resources outside the model, by type (not ingested).
-    pub resources_not_modelled: BTreeMap<String, u64>,
-    /// Per-table accounting.
-    pub tables: BTreeMap<String, RowCounts>,
-    /// All tables.
-    pub totals: RowCounts,
-    /// Quarantine reasons with counts.
-    pub quarantine_reasons: BTreeMap<String, u64>,
-    /// Persons.
-    pub persons: PersonCounts,
-    /// k-anonymity.
-    pub k_anonymity: Option<KAnonReport>,
-    /// Free-text placeholders inserted, per kind.
-    pub scrubbed: BTreeMap<String, u64>,
-    /// Values outside a column's declared domain, per `table.column`: mapped to its `other` key, or
-    /// their rows quarantined.
-    pub out_of_domain: BTreeMap<String, deidentify::OutOfDomain>,
-    /// Date shift window (days, ±).
-    pub date_shift_days: u32,
-    /// Per table, every released column and its treatment.
-    pub actions: BTreeMap<String, Vec<ColumnAction>>,
-}
-
-impl IngestReport {
-    /// The human summary.
-    pub fn summary(&self) -> String {
-        let t = &self.totals;
-        let mut s = format!(
-            "ingested {}@{} from provider {} under profile {} ({})\n",
-            self.dataset, self.version, self.provider, self.profile, self.source_system
-        );
-        s += &format!(
-            "rows in {} = written {} + quarantined {} + suppressed {}{}\n",
-            t.rows_in,
-            t.written,
-            t.quarantined,
-            t.suppressed,
-            if t.balanced() { "" } else { "  (UNBALANCED)" }
-        );
-        for (name, c) in &self.tables {
-            s += &format!(
-                "  {name:<13} in {:>9}  written {:>9}  quarantined {:>7}  suppressed {:>7}\n",
-                c.rows_in, c.written, c.quarantined, c.suppressed
-            );
-        }
-        s += &format!(
-            "persons: {} in export, {} released, {} suppressed, {} linked by national ID\n",
-            self.persons.in_export,
-            self.persons.released,
-            self.persons.suppressed,
-            self.persons.linked_by_national_id
-        );
-        if let Some(k) = &self.k_anonymity {
-            s += &format!(
-                "k-anonymity: required k = {}, reached k = {} over {} classes",
-                k.k_required, k.k_reached, k.classes
-            );
-            let lv: Vec<String> = k
-                .generalisation_levels
-                .iter()
-                .filter(|(_, l)| **l > 0)
-                .map(|(c, l)| format!("{c} +{l}"))
-                .collect();
-            if !lv.is_empty() {
-                s += &format!("; generalised further: {}", lv.join(", "));
-            }
-            s += "\n";
-        }
-        if !self.scrubbed.is_empty() {
-            let parts: Vec<String> = self
-                .scrubbed
-                .iter()
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect();
-            s += &format!("free text: placeholders inserted: {}\n", parts.join(", "));
-        }
-        for (column, n) in &self.out_of_domain {
-            s += &format!(
-                "outside the declared domain: {column}: {} mapped to its `other` key, {} rows quarantined\n",
-                n.mapped, n.quarantined
-            );
-        }
-        if !self.quarantine_reasons.is_empty() {
-            s += "quarantined rows by reason:\n";
-            for (r, n) in &self.quarantine_reasons {
-                s += &format!("  {n:>7}  {r}\n");
-            }
-        }
-        if !self.files_skipped.is_empty() {
-            s += &format!(
-                "{} file(s) not ingested (see report.json)\n",
-                self.files_skipped.len()
-            );
-        }
-        if !self.resources_not_modelled.is_empty() {
-            let parts: Vec<String> = self
-                .resources_not_modelled
-                .iter()
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect();
-            s += &format!(
-                "FHIR resources outside the model (not ingested): {}\n",
-                parts.join(", ")
-            );
-        }
-        s += &format!(
-            "took {:.1}s ({:.0} rows/s)\n",
-            self.seconds,
-            t.rows_in as f64 / self.seconds.max(1e-9)
-        );
-        s
-    }
-}
-
 struct TableSink {
     output: TableOutput,
     writer: EncryptedWriter,
     counts: RowCounts,
     span: (Option<String>, Option<String>),
-}
-
-struct Quarantine {
-    writer: EncryptedWriter,
-    rows: Vec<[String; 4]>,
-    schema: Arc<Schema>,
-}
-
-impl Quarantine {
-    fn push(
-        &mut self,
-        table: Option<Table>,
-        origin: String,
-        reason: String,
-        raw: String,
-    ) -> Result<()> {
-        self.rows.push([
-            table.map_or("unknown", Table::name).to_owned(),
-            origin,
-            reason,
-            raw,
-        ]);
-        if self.rows.len() >= 1024 {
-            self.flush()
-        } else {
-            Ok(())
-        }
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if self.rows.is_empty() {
-            return Ok(());
-        }
-        let cols: Vec<Arc<dyn Array>> = (0..4)
-            .map(|i| {
-                Arc::new(
-                    self.rows
-                        .iter()
-                        .map(|r| Some(r[i].as_str()))
-                        .collect::<StringArray>(),
-                ) as Arc<dyn Array>
-            })
-            .collect();
-        self.rows.clear();
-        self.writer
-            .write(&RecordBatch::try_new(self.schema.clone(), cols)?)
-    }
 }
 
 /// The staging directory of one run: removed when the run ends, whatever way it ends (after a publish it
@@ -340,96 +102,6 @@ struct Staging(PathBuf);
 impl Drop for Staging {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The persons' known identifiers between the two passes, in a file beside the staging directory under a
-/// key that exists only in this process's memory (AES-256-GCM, the record's number as its nonce): memory
-/// stays flat however many persons the export holds, and the file is unreadable once the run ends. It is
-/// deleted when the run ends (a run that dies leaves only ciphertext under a lost key).
-struct KnownSpill {
-    path: PathBuf,
-    file: std::fs::File,
-    cipher: aes_gcm::Aes256Gcm,
-    /// Where each record starts; it ends where the next one starts (or at `written`).
-    starts: Vec<u64>,
-    pending: Vec<u8>,
-    written: u64,
-}
-
-impl KnownSpill {
-    fn create(path: &Path) -> Result<KnownSpill> {
-        use aes_gcm::KeyInit;
-        let key = crate::keys::random_secret()?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        Ok(KnownSpill {
-            path: path.to_owned(),
-            file,
-            cipher: aes_gcm::Aes256Gcm::new(key.as_ref().into()),
-            starts: Vec::new(),
-            pending: Vec::new(),
-            written: 0,
-        })
-    }
-
-    fn nonce(handle: u32) -> aes_gcm::Nonce<aes_gcm::aes::cipher::consts::U12> {
-        let mut n = [0u8; 12];
-        n[8..].copy_from_slice(&handle.to_be_bytes());
-        n.into()
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        use std::io::Write;
-        self.file.write_all(&self.pending)?;
-        self.written += self.pending.len() as u64;
-        self.pending.clear();
-        Ok(())
-    }
-}
-
-impl deidentify::KnownStore for KnownSpill {
-    fn put(&mut self, record: &[u8]) -> std::result::Result<u32, String> {
-        use aes_gcm::aead::Aead;
-        let handle = u32::try_from(self.starts.len()).map_err(|_| "too many persons")?;
-        let sealed = self
-            .cipher
-            .encrypt(&Self::nonce(handle), record)
-            .map_err(|_| "cannot encrypt")?;
-        self.starts.push(self.written + self.pending.len() as u64);
-        self.pending.extend_from_slice(&sealed);
-        if self.pending.len() >= 1 << 20 {
-            self.flush().map_err(|e| e.to_string())?;
-        }
-        Ok(handle)
-    }
-
-    fn get(&mut self, handle: u32) -> std::result::Result<Vec<u8>, String> {
-        use aes_gcm::aead::Aead;
-        use std::os::unix::fs::FileExt;
-        if !self.pending.is_empty() {
-            self.flush().map_err(|e| e.to_string())?;
-        }
-        let i = handle as usize;
-        let start = *self.starts.get(i).ok_or("no such record")?;
-        let end = self.starts.get(i + 1).copied().unwrap_or(self.written);
-        let mut sealed = vec![0u8; usize::try_from(end - start).map_err(|_| "record too large")?];
-        self.file
-            .read_exact_at(&mut sealed, start)
-            .map_err(|e| e.to_string())?;
-        self.cipher
-            .decrypt(&Self::nonce(handle), sealed.as_slice())
-            .map_err(|_| "record fails authentication".to_owned())
-    }
-}
-
-impl Drop for KnownSpill {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -853,74 +525,6 @@ fn flush(sink: &mut TableSink) -> Result<()> {
         }
     }
     sink.writer.write(&batch)
-}
-
-/// Progress on stderr: an indicatif bar on a terminal, plain lines (at most every 5 s) otherwise.
-enum Progress {
-    Bar(ProgressBar),
-    Lines {
-        phase: std::cell::RefCell<(String, u64, Instant, Instant)>,
-    },
-    Off,
-}
-
-impl Progress {
-    fn new(wanted: bool) -> Progress {
-        if !wanted {
-            return Progress::Off;
-        }
-        if !std::io::stderr().is_terminal() {
-            let now = Instant::now();
-            return Progress::Lines {
-                phase: std::cell::RefCell::new((String::new(), 0, now, now)),
-            };
-        }
-        let pb = ProgressBar::new_spinner();
-        if let Ok(style) =
-            ProgressStyle::with_template("{spinner} {msg}: {human_pos} rows, {per_sec}, {elapsed}")
-        {
-            pb.set_style(style);
-        }
-        pb.enable_steady_tick(Duration::from_millis(120));
-        Progress::Bar(pb)
-    }
-
-    fn phase(&self, name: &str) {
-        match self {
-            Progress::Bar(pb) => {
-                pb.set_position(0);
-                pb.set_message(name.to_owned());
-            }
-            Progress::Lines { phase } => {
-                let now = Instant::now();
-                *phase.borrow_mut() = (name.to_owned(), 0, now, now);
-                eprintln!("{name}");
-            }
-            Progress::Off => {}
-        }
-    }
-
-    fn tick(&self, rows: u64) {
-        match self {
-            Progress::Bar(pb) => pb.inc(rows),
-            Progress::Lines { phase } => {
-                let mut p = phase.borrow_mut();
-                p.1 += rows;
-                if p.3.elapsed() >= Duration::from_secs(5) {
-                    p.3 = Instant::now();
-                    let rate = p.1 as f64 / p.2.elapsed().as_secs_f64().max(1e-9);
-                    eprintln!("{}: {} rows, {rate:.0} rows/s", p.0, p.1);
-                }
-            }
-            Progress::Off => {}
-        }
-    }
-
-    fn finish(&self) {
-        if let Progress::Bar(pb) = self {
-            pb.finish_and_clear();
-        }
-    }
 }
 
 fn validate_name(what: &str, name: &str) -> Result<()> {
