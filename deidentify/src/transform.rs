@@ -746,7 +746,6 @@ impl Deidentifier {
     }
 }
 
-
 fn age_at(birth: NaiveDate, at: NaiveDate) -> u32 {
     let mut age = at.year() - birth.year();
     if (at.month(), at.day()) < (birth.month(), birth.day()) {

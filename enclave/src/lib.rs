@@ -1,5 +1,5 @@
-//! The enclave core: keys, encrypted storage, the ingest pipeline, demo data, the DP engine with its budget
-//! ledger and audit log, and the `enclave` binary.
+//! The enclave core: keys, encrypted storage, the ingest pipeline, the DP engine with its budget ledger
+//! and audit log. The `enclave` command, the demo generator and the benchmarks are in `enclave/cli`.
 //!
 //! ```text
 //!  provider export ─► deidentify::read ─► deidentify::transform ─► storage::EncryptedWriter ─► catalog
@@ -16,14 +16,14 @@
 //! through `dp::DpEngine::answer`, charged and audited before it returns. A researcher's query reaches
 //! DataFusion only as a validated syntax tree and rewritten plans, never as text built from what they
 //! wrote, and every expression it may evaluate is total (`dp/total.rs`), so no row can make it fail.
-//! Test hooks that weaken a protection (noise off, abort after charge) compile only with the
-//! `danger-test-hooks` feature, which only the tests enable.
+//! Test hooks that weaken a protection (noise off, abort after charge, a decrypting session for the
+//! tests to inspect what ingest wrote) compile only with the `danger-test-hooks` feature, which only the
+//! tests enable. Besides `answer`, only `baseline` reads rows, and only of datasets a benchmark made.
 
 pub mod audit;
-pub mod bench;
+pub mod baseline;
 pub mod bounds;
 pub mod datadir;
-pub mod demo;
 pub mod dp;
 pub mod ingest;
 pub mod keys;
@@ -102,7 +102,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> Error {
+    /// An I/O error on `path`.
+    pub fn io(path: &std::path::Path, e: std::io::Error) -> Error {
         Error::Io(path.display().to_string(), e)
     }
 }

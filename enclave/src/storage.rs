@@ -156,7 +156,7 @@ impl EncryptionFactory for KeystoreEncryptionFactory {
 }
 
 /// A DataFusion session that can read the enclave's encrypted tables.
-pub fn session(keystore: Arc<Keystore>) -> SessionContext {
+pub(crate) fn session(keystore: Arc<Keystore>) -> SessionContext {
     let ctx = SessionContext::new();
     let factory = KeystoreEncryptionFactory {
         retriever: Arc::new(KeystoreRetriever {
@@ -170,7 +170,7 @@ pub fn session(keystore: Arc<Keystore>) -> SessionContext {
 }
 
 /// Registers one encrypted Parquet file as table `name`.
-pub async fn register_table(ctx: &SessionContext, name: &str, file: &Path) -> Result<()> {
+pub(crate) async fn register_table(ctx: &SessionContext, name: &str, file: &Path) -> Result<()> {
     let mut options = TableParquetOptions::default();
     options.crypto.factory_id = Some(FACTORY_ID.to_owned());
     let format = ParquetFormat::default().with_options(options);
@@ -182,4 +182,16 @@ pub async fn register_table(ctx: &SessionContext, name: &str, file: &Path) -> Re
         .await?;
     ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
+}
+
+/// A decrypting session, for tests that inspect what ingest wrote. Never in a release build.
+#[cfg(feature = "danger-test-hooks")]
+pub fn danger_session(keystore: Arc<Keystore>) -> SessionContext {
+    session(keystore)
+}
+
+/// Registers an encrypted Parquet file in a [`danger_session`]. Never in a release build.
+#[cfg(feature = "danger-test-hooks")]
+pub async fn danger_register_table(ctx: &SessionContext, name: &str, file: &Path) -> Result<()> {
+    register_table(ctx, name, file).await
 }

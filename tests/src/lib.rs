@@ -132,6 +132,7 @@ impl Default for Scratch {
 }
 
 /// An opened data directory: its keystore, catalog, and a DataFusion session over a dataset's tables.
+#[cfg(feature = "danger-test-hooks")]
 pub struct Opened {
     /// The keystore.
     pub keystore: std::sync::Arc<enclave::keys::Keystore>,
@@ -141,6 +142,7 @@ pub struct Opened {
     runtime: tokio::runtime::Runtime,
 }
 
+#[cfg(feature = "danger-test-hooks")]
 impl Opened {
     /// Opens the data directory at `root`.
     pub fn new(root: &Path) -> Opened {
@@ -173,7 +175,7 @@ impl Opened {
     pub fn sql(&self, dataset: &str, query: &str) -> Vec<Vec<Option<String>>> {
         let dir = self.version_dir(dataset);
         self.runtime.block_on(async {
-            let ctx = enclave::storage::session(self.keystore.clone());
+            let ctx = enclave::storage::danger_session(self.keystore.clone());
             for entry in std::fs::read_dir(&dir).expect("version dir") {
                 let path = entry.expect("entry").path();
                 if path.extension().is_some_and(|e| e == "parquet") {
@@ -182,7 +184,7 @@ impl Opened {
                         .expect("stem")
                         .to_string_lossy()
                         .into_owned();
-                    enclave::storage::register_table(&ctx, &name, &path)
+                    enclave::storage::danger_register_table(&ctx, &name, &path)
                         .await
                         .expect("register");
                 }

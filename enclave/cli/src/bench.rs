@@ -16,8 +16,9 @@ use parquet::arrow::ArrowWriter;
 use serde::{Deserialize, Serialize};
 
 use crate::demo::{DemoFormat, DemoOptions};
-use crate::ingest::{IngestOptions, ingest};
-use crate::{DataDir, Error, Result};
+use enclave::baseline::{BENCH_PROVIDER, BENCH_SCOPE, Baseline};
+use enclave::ingest::{IngestOptions, ingest};
+use enclave::{DataDir, Error, Result};
 
 /// Figures of one phase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,8 +60,8 @@ fn run_phase(name: &str, input: &Path, out: &Path) -> Result<PhaseFigures> {
             &dir.keystore()?,
             &dir.catalog()?,
             &IngestOptions {
-                consent_scope: "benchmark".into(),
-                ..IngestOptions::new("bench", "bench", input, "hipaa-safe-harbor")
+                consent_scope: BENCH_SCOPE.into(),
+                ..IngestOptions::new(BENCH_PROVIDER, "bench", input, "hipaa-safe-harbor")
             },
         )?;
         (
@@ -110,8 +111,8 @@ fn plain_parquet(input: &Path) -> Result<(u64, u64)> {
             .build(file)?;
         let props = parquet::file::properties::WriterProperties::builder()
             .set_compression(parquet::basic::Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(crate::storage::ROW_GROUP_ROWS))
-            .set_max_row_group_bytes(Some(crate::storage::ROW_GROUP_BYTES))
+            .set_max_row_group_row_count(Some(enclave::storage::ROW_GROUP_ROWS))
+            .set_max_row_group_bytes(Some(enclave::storage::ROW_GROUP_BYTES))
             .build();
         let mut writer = ArrowWriter::try_new(std::io::sink(), schema, Some(props))?;
         let observations = path.file_name().is_some_and(|n| n == "observations.csv");
@@ -203,8 +204,8 @@ pub fn ingest_bench(
     );
     println!(
         " stream in batches of 8192 and row groups of at most {} rows or {} MiB; what grows is the",
-        crate::storage::ROW_GROUP_ROWS,
-        crate::storage::ROW_GROUP_BYTES >> 20
+        enclave::storage::ROW_GROUP_ROWS,
+        enclave::storage::ROW_GROUP_BYTES >> 20
     );
     println!(
         " per-patient index, ~100 bytes a patient: pseudonym, date shift, flags, hashed source ID; the known"
@@ -218,15 +219,15 @@ pub fn ingest_bench(
 /// One benchmark query as principal `bench`, ε = 1.
 fn answer_at_epsilon_1(
     rt: &tokio::runtime::Runtime,
-    engine: &crate::dp::DpEngine,
+    engine: &enclave::dp::DpEngine,
     dataset: &str,
     sql: &str,
-) -> Result<crate::dp::DpAnswer> {
+) -> Result<enclave::dp::DpAnswer> {
     rt.block_on(engine.answer(
         "bench",
         dataset,
         sql,
-        &crate::dp::QueryOptions {
+        &enclave::dp::QueryOptions {
             epsilon: Some(1.0),
             delta: None,
             origin: "bench".into(),
@@ -240,7 +241,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// `enclave bench dp`: plain DataFusion on an unencrypted copy of the same rows against the whole DP path
+/// `enclave bench dp`: plain DataFusion over the same encrypted files (decrypting, as the engine does) against the whole DP path
 /// (decrypt, bound, aggregate, noise, ledger, audit), and the enclave against SmartNoise SQL.
 pub fn dp_bench(
     patients: usize,
@@ -278,45 +279,23 @@ pub fn dp_bench(
             &keystore,
             &dir.catalog()?,
             &IngestOptions {
-                consent_scope: "benchmark".into(),
+                consent_scope: BENCH_SCOPE.into(),
                 progress: true,
-                ..IngestOptions::new("bench", "bench", export.join("csv"), "hipaa-safe-harbor")
+                ..IngestOptions::new(
+                    BENCH_PROVIDER,
+                    "bench",
+                    export.join("csv"),
+                    "hipaa-safe-harbor",
+                )
             },
         )?;
         println!("{}", r.summary());
     } else {
         keystore = dir.keystore()?;
     }
-    let keystore = std::sync::Arc::new(keystore);
-    let plain_dir = work.join(format!("plain-{patients}"));
-    let engine = crate::dp::DpEngine::open(&dir)?;
+    drop(keystore);
+    let engine = enclave::dp::DpEngine::open(&dir)?;
     let version = dir.catalog()?.version("bench", None)?;
-    let tables: Vec<String> = version
-        .version
-        .tables
-        .iter()
-        .map(|t| t.name.clone())
-        .collect();
-    rt.block_on(async {
-        if !plain_dir.exists() {
-            // The same decrypted rows, written as plain unencrypted Parquet.
-            std::fs::create_dir_all(&plain_dir).map_err(|e| Error::io(&plain_dir, e))?;
-            let ctx = crate::storage::session(keystore.clone());
-            let vdir = dir.root().join(&version.version.storage_path);
-            for t in &tables {
-                crate::storage::register_table(&ctx, t, &vdir.join(format!("{t}.parquet"))).await?;
-                let target = plain_dir.join(format!("{t}.parquet"));
-                ctx.sql(&format!(
-                    "COPY (SELECT * FROM {t}) TO '{}' STORED AS PARQUET",
-                    target.display()
-                ))
-                .await?
-                .collect()
-                .await?;
-            }
-        }
-        Ok::<(), Error>(())
-    })?;
     engine
         .ledger()
         .set_budget("bench", "bench", "bench", 1e6, 0.5, None)?;
@@ -374,17 +353,9 @@ pub fn dp_bench(
         let plain_times: Vec<f64> = (0..runs)
             .map(|_| {
                 rt.block_on(async {
-                    let ctx = datafusion::prelude::SessionContext::new();
                     let t0 = Instant::now();
-                    for t in &tables {
-                        let p = plain_dir.join(format!("{t}.parquet"));
-                        ctx.register_parquet(
-                            t.as_str(),
-                            p.to_string_lossy().as_ref(),
-                            Default::default(),
-                        )
-                        .await?;
-                    }
+                    let baseline = Baseline::open(&dir, "bench").await?;
+                    let ctx = baseline.context();
                     ctx.sql(plain_sql).await?.collect().await?;
                     Ok::<f64, Error>(t0.elapsed().as_secs_f64())
                 })
@@ -513,11 +484,16 @@ fn smartnoise_comparison(work: &Path, runs: usize, rt: &tokio::runtime::Runtime)
         &dir.keystore()?,
         &dir.catalog()?,
         &IngestOptions {
-            consent_scope: "benchmark".into(),
-            ..IngestOptions::new("bench", "sn", dir_export, &profile.display().to_string())
+            consent_scope: BENCH_SCOPE.into(),
+            ..IngestOptions::new(
+                BENCH_PROVIDER,
+                "sn",
+                dir_export,
+                &profile.display().to_string(),
+            )
         },
     )?;
-    let engine = crate::dp::DpEngine::open(&dir)?;
+    let engine = enclave::dp::DpEngine::open(&dir)?;
     engine
         .ledger()
         .set_budget("bench", "bench", "sn", 1e6, 0.5, None)?;
@@ -822,21 +798,22 @@ pub fn accuracy_bench(work_dir: Option<PathBuf>, runs: usize) -> Result<()> {
                 &dir.keystore()?,
                 &dir.catalog()?,
                 &IngestOptions {
-                    consent_scope: "benchmark".into(),
-                    ..IngestOptions::new("bench", "acc", &export, &profile.display().to_string())
+                    consent_scope: BENCH_SCOPE.into(),
+                    ..IngestOptions::new(
+                        BENCH_PROVIDER,
+                        "acc",
+                        &export,
+                        &profile.display().to_string(),
+                    )
                 },
             )?;
         }
-        let keystore = std::sync::Arc::new(dir.keystore()?);
         let version = dir.catalog()?.version("acc", None)?;
-        let vdir = dir.root().join(&version.version.storage_path);
-        let ctx = crate::storage::session(keystore);
         let bound_of = |table: &str| version.version.contribution_bound(table);
         // The same figures computed exactly, and bounded by weight as the engine bounds them.
         let references = rt.block_on(async {
-            for t in ["encounters", "observations"] {
-                crate::storage::register_table(&ctx, t, &vdir.join(format!("{t}.parquet"))).await?;
-            }
+            let baseline = Baseline::open(&dir, "acc").await?;
+            let ctx = baseline.context();
             let weighted = |table: &str, kf: u32| {
                 let kf = f64::from(kf);
                 format!(
@@ -852,22 +829,22 @@ pub fn accuracy_bench(work_dir: Option<PathBuf>, runs: usize) -> Result<()> {
             Ok::<_, Error>([
                 (
                     "COUNT(*) by department",
-                    accuracy_reference(&ctx, "SELECT department, COUNT(*) FROM encounters GROUP BY department").await?,
-                    accuracy_reference(&ctx, &format!("SELECT department, SUM(w) FROM {e} AS x GROUP BY department")).await?,
+                    accuracy_reference(ctx, "SELECT department, COUNT(*) FROM encounters GROUP BY department").await?,
+                    accuracy_reference(ctx, &format!("SELECT department, SUM(w) FROM {e} AS x GROUP BY department")).await?,
                 ),
                 (
                     "AVG(length_of_stay_days) by department",
-                    accuracy_reference(&ctx, &format!("SELECT department, AVG({los}) FROM encounters GROUP BY department")).await?,
-                    accuracy_reference(&ctx, &format!("SELECT department, SUM(w * {los}) / SUM(w) FROM {em} AS x GROUP BY department")).await?,
+                    accuracy_reference(ctx, &format!("SELECT department, AVG({los}) FROM encounters GROUP BY department")).await?,
+                    accuracy_reference(ctx, &format!("SELECT department, SUM(w * {los}) / SUM(w) FROM {em} AS x GROUP BY department")).await?,
                 ),
                 (
                     "COUNT(*) of observations (~60 per person)",
-                    accuracy_reference(&ctx, "SELECT '', COUNT(*) FROM observations").await?,
-                    accuracy_reference(&ctx, &format!("SELECT '', SUM(w) FROM {o} AS x")).await?,
+                    accuracy_reference(ctx, "SELECT '', COUNT(*) FROM observations").await?,
+                    accuracy_reference(ctx, &format!("SELECT '', SUM(w) FROM {o} AS x")).await?,
                 ),
             ])
         })?;
-        let engine = crate::dp::DpEngine::open(&dir)?;
+        let engine = enclave::dp::DpEngine::open(&dir)?;
         engine
             .ledger()
             .set_budget("bench", "bench", "acc", 1e6, 0.5, None)?;

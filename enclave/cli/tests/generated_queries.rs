@@ -4,9 +4,9 @@
 //! query fails while running (rule `execution`) or inside the engine.
 
 use enclave::DataDir;
-use enclave::demo::{DemoFormat, DemoOptions};
 use enclave::dp::{DpEngine, QueryOptions, Rule};
 use enclave::ingest::{IngestOptions, ingest};
+use enclave_cli::demo::{DemoFormat, DemoOptions};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -211,7 +211,7 @@ fn query() -> impl Strategy<Value = String> {
 fn generated_queries_are_answered_or_refused_by_rule_never_failed() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let export = tmp.path().join("export");
-    enclave::demo::generate(&DemoOptions {
+    enclave_cli::demo::generate(&DemoOptions {
         patients: 200,
         out: export.clone(),
         format: DemoFormat::Csv,

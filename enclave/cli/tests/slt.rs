@@ -28,9 +28,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::datatypes::DataType;
 use enclave::DataDir;
-use enclave::demo::{DemoFormat, DemoOptions};
 use enclave::dp::{DpEngine, QueryOptions, Rule};
 use enclave::ingest::{IngestOptions, ingest};
+use enclave_cli::demo::{DemoFormat, DemoOptions};
 use sqllogictest::{DBOutput, DefaultColumnType};
 
 /// The engine as a sqllogictest database: one session (principal, ε) per file.
@@ -142,7 +142,7 @@ impl sqllogictest::AsyncDB for Enclave {
 /// A fresh data directory with the `cohort` dataset and the grants the specification assumes.
 fn setup(root: &Path) -> DataDir {
     let export = root.join("export");
-    enclave::demo::generate(&DemoOptions {
+    enclave_cli::demo::generate(&DemoOptions {
         patients: 400,
         out: export.clone(),
         format: DemoFormat::Csv,

@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{Value as Json, json};
 
-use crate::{Error, Result};
+use enclave::{Error, Result};
 
 /// Which formats to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use catalog::CatalogStore;
 use clap::{Parser, Subcommand};
 use enclave::DataDir;
-use enclave::demo::{DemoFormat, DemoOptions};
 use enclave::ingest::{IngestOptions, ingest};
+use enclave_cli::demo::{DemoFormat, DemoOptions};
 
 #[derive(Parser)]
 #[command(
@@ -294,7 +294,7 @@ fn run(cli: Cli) -> Result<()> {
                 (0.0..=1.0).contains(&inject_errors),
                 "--inject-errors must be within 0..=1"
             );
-            let m = enclave::demo::generate(&DemoOptions {
+            let m = enclave_cli::demo::generate(&DemoOptions {
                 patients,
                 out: out.clone(),
                 format,
@@ -391,7 +391,7 @@ fn run(cli: Cli) -> Result<()> {
             patients,
             export_dir,
         } => {
-            let m = enclave::demo::generate(&DemoOptions {
+            let m = enclave_cli::demo::generate(&DemoOptions {
                 patients,
                 out: export_dir.clone(),
                 format: DemoFormat::Both,
@@ -427,16 +427,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { command } => match command {
             BenchCommand::Ingest { patients, work_dir } => {
-                enclave::bench::ingest_bench(patients, work_dir, demo_today())?
+                enclave_cli::bench::ingest_bench(patients, work_dir, demo_today())?
             }
             BenchCommand::Dp {
                 patients,
                 work_dir,
                 runs,
                 smartnoise,
-            } => enclave::bench::dp_bench(patients, work_dir, runs, smartnoise, demo_today())?,
+            } => enclave_cli::bench::dp_bench(patients, work_dir, runs, smartnoise, demo_today())?,
             BenchCommand::Accuracy { work_dir, runs } => {
-                enclave::bench::accuracy_bench(work_dir, runs)?
+                enclave_cli::bench::accuracy_bench(work_dir, runs)?
             }
         },
     }
