@@ -9,6 +9,7 @@
 //! known identifiers, kept between the two passes, go to a [`KnownStore`] the caller provides (in memory
 //! by default; the enclave's ingest spills them to an encrypted file).
 
+pub mod baseline;
 pub mod ids;
 pub mod kanon;
 pub mod keys;

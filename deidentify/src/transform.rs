@@ -746,6 +746,29 @@ impl Deidentifier {
     }
 }
 
+/// The Arrow schema of a table's source columns as read, before de-identification (the ingest
+/// benchmark's baseline, `crate::baseline`; never leaves this crate).
+pub(crate) fn plain_schema(table: Table) -> SchemaRef {
+    let fields: Vec<Field> = table
+        .columns()
+        .iter()
+        .map(|c| {
+            let rule = ColumnRule {
+                column: c.name,
+                ty: c.ty,
+                action: Action::Keep,
+                role: policies::Role::Sensitive,
+                bounds: None,
+                output: c.name.to_owned(),
+                domain: None,
+                other: None,
+            };
+            Field::new(c.name, output_type(&rule), true)
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
 fn age_at(birth: NaiveDate, at: NaiveDate) -> u32 {
     let mut age = at.year() - birth.year();
     if (at.month(), at.day()) < (birth.month(), birth.day()) {
@@ -960,6 +983,18 @@ impl TableOutput {
                 (ColBuilder::Ts(b), _) => b.append_null(),
             }
         }
+    }
+
+    /// Appends a source row unchanged (the baseline in `crate::baseline`, whose batches only ever go to a
+    /// sink; never leaves this crate).
+    pub(crate) fn push_source(&mut self, rec: &SourceRecord) {
+        let row: Vec<Out> = rec
+            .values
+            .iter()
+            .map(|v| v.as_ref().map_or(Out::Null, plain))
+            .collect();
+        Self::append(&mut self.builders, &row);
+        self.rows += 1;
     }
 
     /// Takes the buffered rows as one record batch.

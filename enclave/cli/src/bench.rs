@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use catalog::CatalogStore;
-use parquet::arrow::ArrowWriter;
 use serde::{Deserialize, Serialize};
 
 use crate::demo::{DemoFormat, DemoOptions};
@@ -44,89 +43,68 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs one phase in this process: its peak RSS is measured from a reset of the process's high-water
-/// mark (`/proc/self/clear_refs`, Linux), so each phase's figure is its own.
+/// Runs one phase. The plain baseline runs in this process (its peak RSS measured from a reset of the
+/// high-water mark, `/proc/self/clear_refs`); ingest runs as the real `enclave ingest` command in a process
+/// of its own, whose JSON report carries its time and peak memory.
 fn run_phase(name: &str, input: &Path, out: &Path) -> Result<PhaseFigures> {
-    // "5" resets VmHWM to the current RSS; where that is not possible the figure is the process's peak.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let started = Instant::now();
-    let (rows, observation_rows) = if name == "plain" {
-        plain_parquet(input)?
-    } else {
-        let dir = DataDir::new(out);
-        dir.init()?;
-        let report = ingest(
-            &dir,
-            &dir.keystore()?,
-            &dir.catalog()?,
-            &IngestOptions {
-                consent_scope: BENCH_SCOPE.into(),
-                ..IngestOptions::new(BENCH_PROVIDER, "bench", input, "hipaa-safe-harbor")
-            },
+    if name == "plain" {
+        // "5" resets VmHWM to the current RSS; where that is not possible the figure is the process's.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let started = Instant::now();
+        let encoded = deidentify::baseline::encode_to_sink(
+            input,
+            &policies::CsvMapping::synthea(),
+            enclave::storage::ROW_GROUP_ROWS,
+            enclave::storage::ROW_GROUP_BYTES,
         )?;
-        (
-            report.totals.rows_in,
-            report.tables.get("observations").map_or(0, |c| c.rows_in),
-        )
-    };
-    Ok(PhaseFigures {
-        rows,
-        observation_rows,
-        seconds: started.elapsed().as_secs_f64(),
-        peak_rss_kib: peak_rss_kib(),
-    })
-}
-
-/// The baseline: each CSV file of the export read by arrow's CSV reader and encoded as Parquet (Snappy,
-/// the ingest's row-group limits) into a sink that keeps nothing: the cost of reading and writing the
-/// same rows without de-identification or encryption, with no identifiable row stored anywhere.
-fn plain_parquet(input: &Path) -> Result<(u64, u64)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(input)
-        .map_err(|e| Error::io(input, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
-        .collect();
-    files.sort();
-    let (mut rows, mut obs) = (0u64, 0u64);
-    for path in files {
-        let mut header = String::new();
-        {
-            use std::io::BufRead as _;
-            let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            std::io::BufReader::new(f)
-                .read_line(&mut header)
-                .map_err(|e| Error::io(&path, e))?;
-        }
-        // Every column as text: the baseline parses no values, which only makes it faster.
-        let fields: Vec<arrow::datatypes::Field> = header
-            .trim_end()
-            .split(',')
-            .map(|name| arrow::datatypes::Field::new(name, arrow::datatypes::DataType::Utf8, true))
-            .collect();
-        let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let reader = arrow::csv::ReaderBuilder::new(schema.clone())
-            .with_header(true)
-            .with_batch_size(8192)
-            .build(file)?;
-        let props = parquet::file::properties::WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(enclave::storage::ROW_GROUP_ROWS))
-            .set_max_row_group_bytes(Some(enclave::storage::ROW_GROUP_BYTES))
-            .build();
-        let mut writer = ArrowWriter::try_new(std::io::sink(), schema, Some(props))?;
-        let observations = path.file_name().is_some_and(|n| n == "observations.csv");
-        for batch in reader {
-            let batch = batch?;
-            rows += batch.num_rows() as u64;
-            if observations {
-                obs += batch.num_rows() as u64;
-            }
-            writer.write(&batch)?;
-        }
-        writer.close()?;
+        return Ok(PhaseFigures {
+            rows: encoded.rows,
+            observation_rows: encoded.per_table.get("observations").copied().unwrap_or(0),
+            seconds: started.elapsed().as_secs_f64(),
+            peak_rss_kib: peak_rss_kib(),
+        });
     }
-    Ok((rows, obs))
+    let exe = std::env::current_exe().map_err(|e| Error::Io("current_exe".into(), e))?;
+    let run = |args: &[&std::ffi::OsStr]| -> Result<String> {
+        let output = std::process::Command::new(&exe)
+            .args(args)
+            .env_remove("ENCLAVE_MASTER_KEY_FILE")
+            .env_remove("ENCLAVE_DATA_DIR")
+            .output()
+            .map_err(|e| Error::Io("enclave".into(), e))?;
+        if !output.status.success() {
+            return Err(Error::Internal(format!(
+                "enclave {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    run(&[os("--data-dir"), out.as_os_str(), os("init")])?;
+    let report: serde_json::Value = serde_json::from_str(&run(&[
+        os("--data-dir"),
+        out.as_os_str(),
+        os("ingest"),
+        os("--provider"),
+        os(BENCH_PROVIDER),
+        os("--dataset"),
+        os("bench"),
+        os("--input"),
+        input.as_os_str(),
+        os("--profile"),
+        os("hipaa-safe-harbor"),
+        os("--consent-scope"),
+        os(BENCH_SCOPE),
+        os("--json"),
+    ])?)?;
+    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    Ok(PhaseFigures {
+        rows: u(&report["totals"]["rows_in"]),
+        observation_rows: u(&report["tables"]["observations"]["rows_in"]),
+        seconds: report["seconds"].as_f64().unwrap_or(f64::NAN),
+        peak_rss_kib: u(&report["peak_rss_kib"]),
+    })
 }
 
 /// The whole benchmark: generate, measure both phases at two sizes, print the figures.
@@ -145,7 +123,7 @@ pub fn ingest_bench(
     };
     let sizes = [patients.div_ceil(4), patients];
     println!(
-        "enclave bench ingest: Synthea-style CSV, profile hipaa-safe-harbor; peak memory per phase\n"
+        "enclave bench ingest: Synthea-style CSV, profile hipaa-safe-harbor; ingest runs as `enclave ingest` in its own process\n"
     );
     println!(
         "{:>9} {:>11} {:>12} | {:>12} {:>10} | {:>12} {:>10} | {:>6}",
@@ -196,8 +174,8 @@ pub fn ingest_bench(
         let _ = std::fs::remove_dir_all(&data);
     }
     println!(
-        "\nratio = ingest rows/s ÷ plain rows/s (target ≥ 50 %); MiB = peak RSS during that phase; plain = arrow's\n\
-         CSV reader to Parquet (Snappy) into a sink: nothing is stored"
+        "\nratio = ingest rows/s ÷ plain rows/s (target ≥ 50 %); MiB = peak RSS of that phase; plain = the same readers\n\
+         encoding every row as read into Parquet (Snappy) written to a sink: nothing is stored"
     );
     println!(
         "(memory stays flat from the small to the large input once every table fills its row group: rows"

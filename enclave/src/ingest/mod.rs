@@ -28,7 +28,7 @@ mod quarantine;
 mod report;
 mod spill;
 
-pub use report::{ColumnAction, IngestReport, KAnonReport, PersonCounts, RowCounts};
+pub use report::{ColumnAction, IngestReport, KAnonReport, PersonCounts, RowCounts, peak_rss_kib};
 
 use progress::Progress;
 use quarantine::Quarantine;
@@ -223,6 +223,7 @@ pub fn ingest(
         source_system: discovery.source_system.clone(),
         started_at: started_at.to_rfc3339(),
         seconds: started.elapsed().as_secs_f64(),
+        peak_rss_kib: report::peak_rss_kib(),
         files_read: discovery
             .files
             .iter()

@@ -88,6 +88,9 @@ pub struct IngestReport {
     pub started_at: String,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Peak resident memory of the ingesting process, KiB (Linux; 0 where unknown).
+    #[serde(default)]
+    pub peak_rss_kib: u64,
     /// Files read.
     pub files_read: Vec<String>,
     /// Files not read, with why.
@@ -204,4 +207,16 @@ impl IngestReport {
         );
         s
     }
+}
+
+/// The process's peak resident memory so far, KiB (`VmHWM`; 0 where /proc is not there).
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
