@@ -68,6 +68,39 @@ pub fn from_units(u: i64) -> f64 {
     u as f64 / UNITS_PER
 }
 
+/// Events other than queries and grants that the audit log records (nothing is charged for them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A user account was created (who by, which role).
+    UserAdded,
+    /// A user account was disabled.
+    UserDisabled,
+    /// A session was opened after a sign-in with every factor right.
+    SignedIn,
+    /// A sign-in was refused (which rule: wrong credentials, replayed code, rate limit, disabled).
+    SignInRefused,
+}
+
+impl Event {
+    /// Every event.
+    pub const ALL: [Event; 4] = [
+        Event::UserAdded,
+        Event::UserDisabled,
+        Event::SignedIn,
+        Event::SignInRefused,
+    ];
+
+    /// The record's `outcome` for this event.
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::UserAdded => "user-added",
+            Event::UserDisabled => "user-disabled",
+            Event::SignedIn => "signed-in",
+            Event::SignInRefused => "sign-in-refused",
+        }
+    }
+}
+
 /// What a new record says (the ledger adds the sequence number, time and hashes).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Draft {
@@ -339,6 +372,10 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
                 (rec.draft.principal.clone(), rec.draft.dataset.clone()),
                 [rec.cost_epsilon, rec.cost_delta, rec.cost_rho],
             );
+        } else if Event::ALL.iter().any(|e| e.name() == rec.outcome) {
+            if rec.cost_epsilon != 0 || rec.cost_delta != 0 || rec.cost_rho != 0 {
+                return Err(broken(rec.seq, "an event record carries a cost".into()));
+            }
         } else if rec.outcome != "refused" {
             return Err(broken(
                 rec.seq,

@@ -343,6 +343,24 @@ impl Ledger {
         Ok(rec)
     }
 
+    /// Records `event` and runs `f` in the same transaction: `f`'s writes and the audit record commit
+    /// together or not at all (the gateway's user and session tables use it, so no account change or
+    /// sign-in goes unrecorded). `detail` is the record's `rule` field.
+    pub fn record_event<T>(
+        &self,
+        draft: &Draft,
+        event: audit::Event,
+        detail: &str,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>,
+    ) -> Result<(T, Record)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        let rec = audit::append(&tx, &self.signer, draft, [0, 0, 0], event.name(), detail)?;
+        tx.commit()?;
+        Ok((out, rec))
+    }
+
     /// The last `n` audit records.
     pub fn tail(&self, n: usize) -> Result<Vec<Record>> {
         audit::tail(&self.conn(), n)

@@ -1,6 +1,8 @@
-//! The researchers' SQL gateway: one server (axum + tokio) speaking HTTP JSON, Arrow Flight SQL and the
-//! Postgres wire protocol, plus the governance board's catalog UI. Every statement passes authentication,
-//! Cedar authorisation, the DP engine, the budget ledger and the audit log before any answer leaves.
+//! The researchers' gateway. Every request passes authentication (two factors), authorization, the DP
+//! engine, the budget ledger and the audit log before any answer leaves.
 //!
-//! Not built yet: this crate is the boundary the gateway issue fills in. It depends on nothing so far,
-//! and nothing depends on it.
+//! Built so far: `auth`, the accounts (API token + TOTP), sessions, replay protection, rate limiting and
+//! the audit records of each. The protocol listeners (HTTP JSON, Arrow Flight SQL, Postgres wire) and
+//! Cedar authorization come next; `enclave-cli` links this crate for `enclave users` and `enclave login`.
+
+pub mod auth;

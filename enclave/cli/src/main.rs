@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use enclave::DataDir;
 use enclave::ingest::{IngestOptions, ingest};
 use enclave_cli::demo::{DemoFormat, DemoOptions};
+use notebooks_gateway::auth::{Accounts, Role};
 
 #[derive(Parser)]
 #[command(
@@ -100,6 +101,29 @@ enum Command {
         #[command(subcommand)]
         command: BudgetCommand,
     },
+    /// Gateway accounts: an API token and a TOTP secret each (two factors).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Open a gateway session with user, token and the current TOTP code; prints the session secret.
+    Login {
+        /// User name.
+        #[arg(long)]
+        user: String,
+        /// API token (read from ENCLAVE_TOKEN when not given, so it stays out of the shell history).
+        #[arg(long, env = "ENCLAVE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The current 6-digit code of the authenticator.
+        #[arg(long)]
+        totp: String,
+        /// Session lifetime in minutes.
+        #[arg(long, default_value_t = 480)]
+        minutes: u64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// The tamper-evident audit log.
     Audit {
         #[command(subcommand)]
@@ -159,6 +183,38 @@ enum CatalogCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Create an account; prints its API token and TOTP secret once (they are not stored in clear).
+    Add {
+        /// User name (a-z, 0-9, '.', '_', '-').
+        name: String,
+        /// researcher, board or provider.
+        #[arg(long)]
+        role: String,
+        /// Who creates it, for the audit log (default: the login name).
+        #[arg(long, env = "USER", default_value = "unknown")]
+        by: String,
+        /// JSON output (fields user, role, token, totp_secret, otpauth_uri).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every account.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable an account and end its sessions.
+    Disable {
+        /// User name.
+        name: String,
+        /// Who disables it, for the audit log (default: the login name).
+        #[arg(long, env = "USER", default_value = "unknown")]
+        by: String,
     },
 }
 
@@ -386,6 +442,32 @@ fn run(cli: Cli) -> Result<()> {
             print_answer(&answer, json)?;
         }
         Command::Budget { command } => budget_command(&dir, command)?,
+        Command::Users { command } => users_command(&dir, command)?,
+        Command::Login {
+            user,
+            token,
+            totp,
+            minutes,
+            json,
+        } => {
+            let accounts = Accounts::open(&dir, std::time::Duration::from_secs(minutes * 60))?;
+            let s = accounts.sign_in(
+                &user,
+                &token,
+                &totp,
+                "local",
+                "cli",
+                std::time::SystemTime::now(),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "session {} (id {}), expires {}",
+                    s.session, s.id, s.expires_at
+                );
+            }
+        }
         Command::Audit { command } => audit_command(&dir, command)?,
         Command::Demo {
             patients,
@@ -603,6 +685,53 @@ fn enclave_rows(b: &arrow::record_batch::RecordBatch) -> Result<Vec<Vec<Option<S
     Ok(rows)
 }
 
+fn users_command(dir: &DataDir, command: UsersCommand) -> Result<()> {
+    let accounts = Accounts::open(dir, std::time::Duration::from_secs(8 * 3600))?;
+    match command {
+        UsersCommand::Add {
+            name,
+            role,
+            by,
+            json,
+        } => {
+            let new = accounts.add(&by, &name, Role::parse(&role)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&new)?);
+            } else {
+                println!(
+                    "user {} ({}) created; shown once, store them now:",
+                    new.user, role
+                );
+                println!("  API token:   {}", new.token);
+                println!("  TOTP secret: {}", new.totp_secret);
+                println!("  {}", new.otpauth_uri);
+            }
+        }
+        UsersCommand::List { json } => {
+            let users = accounts.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&users)?);
+            } else {
+                for u in users {
+                    println!(
+                        "{:<24} {:<11} {:<9} created {} by {}",
+                        u.user,
+                        u.role,
+                        if u.disabled { "disabled" } else { "active" },
+                        u.created_at,
+                        u.created_by
+                    );
+                }
+            }
+        }
+        UsersCommand::Disable { name, by } => {
+            accounts.disable(&by, &name)?;
+            println!("user {name} disabled; its sessions are closed");
+        }
+    }
+    Ok(())
+}
+
 fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
     let keystore = dir.keystore()?;
     let ledger = dir.ledger(&keystore)?;
@@ -686,22 +815,23 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
                     let cost = enclave::audit::from_units(r.cost_epsilon);
-                    let what = if r.outcome == "released" {
-                        format!("released, ε {cost}")
+                    let what = match r.outcome.as_str() {
+                        "released" => format!("released, ε {cost}"),
+                        "failed" => format!("failed while running, charged ε {cost}"),
+                        "granted" => format!("granted ε {cost} ({})", r.rule),
+                        other => format!("{other} ({})", r.rule),
+                    };
+                    let on = if r.draft.dataset.is_empty() {
+                        String::new()
                     } else {
-                        format!("refused ({})", r.rule)
+                        format!(
+                            " on {}@{}: {}\n        {}",
+                            r.draft.dataset, r.draft.version, r.draft.plan_hash, r.draft.sql
+                        )
                     };
                     println!(
-                        "#{:<6} {} {}@{} {} on {}@{}: {}\n        {}",
-                        r.seq,
-                        r.at,
-                        r.draft.principal,
-                        r.draft.origin,
-                        what,
-                        r.draft.dataset,
-                        r.draft.version,
-                        r.draft.plan_hash,
-                        r.draft.sql
+                        "#{:<6} {} {}@{} {what}{on}",
+                        r.seq, r.at, r.draft.principal, r.draft.origin
                     );
                 }
             }
