@@ -21,6 +21,7 @@
 //! tests enable. Besides `answer`, only `baseline` reads rows, and only of datasets a benchmark made.
 
 pub mod audit;
+#[cfg(feature = "bench")]
 pub mod baseline;
 pub mod bounds;
 pub mod datadir;

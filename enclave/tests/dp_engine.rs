@@ -567,6 +567,13 @@ fn a_zcdp_dataset_charges_rho_and_states_its_epsilon_delta_equivalent() {
     );
     // The ledger keeps pico-units.
     assert!((private.budget.spent_delta - private.cost.delta).abs() < 1e-11);
+    // A quantile (the exponential mechanism, pure ε-DP) is charged in ρ too: ε-DP is ε²/2-zCDP.
+    let median = q("SELECT MEDIAN(value_numeric) AS m FROM observations", 0.02).expect("median");
+    assert!(
+        median.cost.epsilon == 0.0 && (median.cost.rho - 0.02).abs() < 1e-9,
+        "{:?}",
+        median.cost
+    );
     let e = q("SELECT COUNT(*) FROM observations", 0.1).expect_err("ρ exhausted");
     assert!(
         e.to_string().contains("rule 'budget'") && e.to_string().contains("ρ left"),

@@ -6,8 +6,8 @@
 use std::sync::OnceLock;
 
 use deidentify::{Pass, discover, read_file};
-use policies::CsvMapping;
 use libfuzzer_sys::fuzz_target;
+use policies::CsvMapping;
 
 const NAMES: [&str; 6] = [
     "patients.csv",

@@ -19,17 +19,24 @@ struct Setup {
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let root = std::env::temp_dir().join(format!("enclave-fuzz-{}", std::process::id()));
+        // One directory, replaced by each run (not one per process left behind).
+        let root = std::env::temp_dir().join("enclave-fuzz-front-door");
         let _ = std::fs::remove_dir_all(&root);
         let dir = DataDir::new(root);
         dir.init().expect("init");
-        let export = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/synthea-csv-27");
+        let export =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/synthea-csv-27");
         let options = IngestOptions {
             consent_scope: "fuzz".into(),
             ..IngestOptions::new("fuzz", "demo", &export, "hipaa-safe-harbor")
         };
-        ingest(&dir, &dir.keystore().expect("keys"), &dir.catalog().expect("catalog"), &options)
-            .expect("ingest");
+        ingest(
+            &dir,
+            &dir.keystore().expect("keys"),
+            &dir.catalog().expect("catalog"),
+            &options,
+        )
+        .expect("ingest");
         let engine = DpEngine::open(&dir).expect("engine");
         engine
             .ledger()
@@ -58,10 +65,16 @@ fuzz_target!(|data: &[u8]| {
         epsilon: Some(1.0),
         ..QueryOptions::default()
     };
-    if s.rt.block_on(s.engine.prepare("fuzz", "demo", sql, &options)).is_err() {
+    if s.rt
+        .block_on(s.engine.prepare("fuzz", "demo", sql, &options))
+        .is_err()
+    {
         return;
     }
-    match s.rt.block_on(s.engine.answer("fuzz", "demo", sql, &options)) {
+    match s
+        .rt
+        .block_on(s.engine.answer("fuzz", "demo", sql, &options))
+    {
         Ok(_) => {}
         Err(enclave::Error::Refused { rule, message }) => {
             assert!(

@@ -3,8 +3,9 @@
 //!
 //! - A code is accepted once: each account keeps the last time step it accepted, and a code for that
 //!   step or an earlier one is refused as replayed.
-//! - Failed attempts are counted per user and per address over a sliding window; past the limit every
-//!   attempt is refused before the credentials are even checked (so guessing gains nothing).
+//! - Failed attempts are counted per address, and wrong codes also per user (a wrong token does not count
+//!   against the account, so knowing a name is not enough to lock it out), over a sliding window, attempts
+//!   in flight included; past a limit every attempt is refused before the credentials are checked.
 //! - Unknown user, disabled user and wrong token answer the same refusal, so the reply does not tell
 //!   which names exist.
 //! - Every account change and every sign-in, accepted or refused, is an audit record written in the same
@@ -31,6 +32,8 @@ pub const MAX_FAILURES_PER_ADDRESS: i64 = 20;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// A TOTP time step.
 pub const TOTP_STEP_SECONDS: u64 = 30;
+/// The longest a session may last, whatever is asked.
+pub const MAX_SESSION: Duration = Duration::from_secs(12 * 3600);
 /// The issuer shown by authenticator apps.
 const ISSUER: &str = "RWD Enclave";
 
@@ -57,7 +60,8 @@ CREATE TABLE IF NOT EXISTS gateway_sessions (
 CREATE TABLE IF NOT EXISTS gateway_sign_in_failures (
     user TEXT NOT NULL,
     peer TEXT NOT NULL,
-    at INTEGER NOT NULL
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'pending'
 );
 CREATE INDEX IF NOT EXISTS gateway_sign_in_failures_at ON gateway_sign_in_failures(at);
 ";
@@ -91,6 +95,33 @@ pub enum AuthError {
 impl From<rusqlite::Error> for AuthError {
     fn from(e: rusqlite::Error) -> Self {
         AuthError::Enclave(e.into())
+    }
+}
+
+/// Why a sign-in failed, for counting (the caller sees only [`AuthError`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Unknown or disabled user, wrong token: counted against the address only.
+    Token,
+    /// Right token, wrong code: counted against the user too.
+    Code,
+    /// Right token, a code already used: counted against the user too.
+    Replay,
+}
+
+impl Failure {
+    fn kind(self) -> &'static str {
+        match self {
+            Failure::Token => "token",
+            Failure::Code | Failure::Replay => "code",
+        }
+    }
+
+    fn error(self) -> AuthError {
+        match self {
+            Failure::Token | Failure::Code => AuthError::Credentials,
+            Failure::Replay => AuthError::ReplayedCode,
+        }
     }
 }
 
@@ -276,7 +307,8 @@ fn draft(user: &str, origin: &str) -> Draft {
 }
 
 impl Accounts {
-    /// Opens the account tables in the data directory's database; sessions last `session_lifetime`.
+    /// Opens the account tables in the data directory's database; sessions last `session_lifetime`
+    /// (at most [`MAX_SESSION`]).
     pub fn open(dir: &enclave::DataDir, session_lifetime: Duration) -> Result<Accounts, AuthError> {
         let conn = catalog::open_database(&dir.db())?;
         conn.execute_batch(SCHEMA)?;
@@ -294,7 +326,7 @@ impl Accounts {
         Ok(Accounts {
             conn: Mutex::new(conn),
             ledger: dir.ledger(&keystore)?,
-            session_lifetime,
+            session_lifetime: session_lifetime.min(MAX_SESSION),
             totp_cipher: aes_gcm::Aes256Gcm::new(key.as_ref().into()),
         })
     }
@@ -429,7 +461,8 @@ impl Accounts {
     }
 
     /// Opens a session for `user` with their token and the current TOTP code, from `peer` (an address,
-    /// or `cli`) over `protocol`. Every outcome is audited.
+    /// or `local`) over `protocol`. Every outcome is audited (a run of rate-limited attempts once per
+    /// window).
     pub fn sign_in(
         &self,
         user: &str,
@@ -441,12 +474,20 @@ impl Accounts {
     ) -> Result<NewSession, AuthError> {
         let at = now_seconds(now);
         let origin = format!("{protocol} {peer}");
-        let since = at - i64::try_from(FAILURE_WINDOW.as_secs()).unwrap_or(i64::MAX);
-        let outcome = self.check(user, token, code, peer, now, since);
-        let (role, step) = match outcome {
+        if check_name(user).is_err() {
+            // Not a name an account can have: recorded without it (it could be anything, a pasted
+            // token included), counted against the address.
+            let id = self.claim_attempt("", peer, at)?;
+            return self.refuse("(invalid name)", &origin, id, Failure::Token);
+        }
+        let attempt = match self.claim_attempt(user, peer, at) {
+            Ok(id) => id,
+            Err(AuthError::RateLimited) => return self.refuse_limited(user, peer, &origin, at),
+            Err(e) => return Err(e),
+        };
+        let (role, step) = match self.check(user, token, code, now) {
             Ok(v) => v,
-            Err(AuthError::Enclave(e)) => return Err(AuthError::Enclave(e)),
-            Err(e) => return self.refuse(user, peer, &origin, at, e),
+            Err(f) => return self.refuse(user, &origin, attempt, f),
         };
         // The step is claimed in one statement: of two racing sign-ins with one code, only one moves it
         // forward; the other is a replay.
@@ -455,7 +496,7 @@ impl Accounts {
             params![user, i64::try_from(step).unwrap_or(i64::MAX)],
         )?;
         if moved == 0 {
-            return self.refuse(user, peer, &origin, at, AuthError::ReplayedCode);
+            return self.refuse(user, &origin, attempt, Failure::Replay);
         }
         let secret: [u8; 32] = random()?;
         let id: [u8; 8] = random()?;
@@ -474,6 +515,10 @@ impl Accounts {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![hash, id, user, peer, at, expires],
                 )?;
+                tx.execute(
+                    "DELETE FROM gateway_sign_in_failures WHERE rowid = ?1",
+                    [attempt],
+                )?;
                 Ok(())
             },
         )?;
@@ -484,58 +529,107 @@ impl Accounts {
         })
     }
 
-    /// Records a refused sign-in (and counts it, unless it was refused for the rate limit itself).
+    /// Counts the failures of `user` (wrong codes and replays: a wrong token counts only against the
+    /// address, so nobody can lock an account out by knowing its name) and from `peer` over the window,
+    /// attempts in flight included, and registers this attempt as in flight, all in one transaction:
+    /// racing attempts see each other. Returns the attempt's row, or `RateLimited`.
+    fn claim_attempt(&self, user: &str, peer: &str, at: i64) -> Result<i64, AuthError> {
+        let since = at - i64::try_from(FAILURE_WINDOW.as_secs()).unwrap_or(i64::MAX);
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let by_user: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM gateway_sign_in_failures
+             WHERE user = ?1 AND user <> '' AND kind IN ('pending', 'code') AND at > ?2",
+            params![user, since],
+            |r| r.get(0),
+        )?;
+        let by_peer: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM gateway_sign_in_failures
+             WHERE peer = ?1 AND kind IN ('pending', 'code', 'token') AND at > ?2",
+            params![peer, since],
+            |r| r.get(0),
+        )?;
+        if by_user >= MAX_FAILURES_PER_USER || by_peer >= MAX_FAILURES_PER_ADDRESS {
+            return Err(AuthError::RateLimited);
+        }
+        tx.execute(
+            "INSERT INTO gateway_sign_in_failures (user, peer, at, kind) VALUES (?1, ?2, ?3, 'pending')",
+            params![user, peer, at],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Records a refused sign-in and settles its attempt as a failure of its kind.
     fn refuse(
+        &self,
+        user: &str,
+        origin: &str,
+        attempt: i64,
+        why: Failure,
+    ) -> Result<NewSession, AuthError> {
+        let error = why.error();
+        self.ledger.record_event(
+            &draft(user, origin),
+            Event::SignInRefused,
+            &error.to_string(),
+            |tx| {
+                tx.execute(
+                    "UPDATE gateway_sign_in_failures SET kind = ?2 WHERE rowid = ?1",
+                    params![attempt, why.kind()],
+                )?;
+                Ok(())
+            },
+        )?;
+        Err(error)
+    }
+
+    /// A rate-limited attempt: audited once per user, address and window, so a flood of them writes
+    /// nothing more.
+    fn refuse_limited(
         &self,
         user: &str,
         peer: &str,
         origin: &str,
         at: i64,
-        why: AuthError,
     ) -> Result<NewSession, AuthError> {
-        let counted = !matches!(why, AuthError::RateLimited);
-        self.ledger.record_event(
-            &draft(user, origin),
-            Event::SignInRefused,
-            &why.to_string(),
-            |tx| {
-                if counted {
+        let since = at - i64::try_from(FAILURE_WINDOW.as_secs()).unwrap_or(i64::MAX);
+        let seen: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM gateway_sign_in_failures
+             WHERE user = ?1 AND peer = ?2 AND kind = 'limited' AND at > ?3",
+            params![user, peer, since],
+            |r| r.get(0),
+        )?;
+        if seen == 0 {
+            self.ledger.record_event(
+                &draft(user, origin),
+                Event::SignInRefused,
+                &format!(
+                    "{} (further attempts in this window are not recorded)",
+                    AuthError::RateLimited
+                ),
+                |tx| {
                     tx.execute(
-                        "INSERT INTO gateway_sign_in_failures (user, peer, at) VALUES (?1, ?2, ?3)",
+                        "INSERT INTO gateway_sign_in_failures (user, peer, at, kind) VALUES (?1, ?2, ?3, 'limited')",
                         params![user, peer, at],
                     )?;
-                }
-                Ok(())
-            },
-        )?;
-        Err(why)
+                    Ok(())
+                },
+            )?;
+        }
+        Err(AuthError::RateLimited)
     }
 
-    /// Checks the rate limit, then the account, token and code; returns the role and the code's step.
+    /// Checks the account, token and code; returns the role and the code's step.
     fn check(
         &self,
         user: &str,
         token: &str,
         code: &str,
-        peer: &str,
         now: SystemTime,
-        since: i64,
-    ) -> Result<(Role, u64), AuthError> {
+    ) -> Result<(Role, u64), Failure> {
         let conn = self.conn();
-        let failures = |column: &str, value: &str| -> Result<i64, AuthError> {
-            Ok(conn.query_row(
-                &format!(
-                    "SELECT COUNT(*) FROM gateway_sign_in_failures WHERE {column} = ?1 AND at > ?2"
-                ),
-                params![value, since],
-                |r| r.get(0),
-            )?)
-        };
-        if failures("user", user)? >= MAX_FAILURES_PER_USER
-            || failures("peer", peer)? >= MAX_FAILURES_PER_ADDRESS
-        {
-            return Err(AuthError::RateLimited);
-        }
         type Row = (String, Vec<u8>, Vec<u8>, Vec<u8>, i64, i64);
         let row: Option<Row> = conn
             .query_row(
@@ -543,14 +637,15 @@ impl Accounts {
                 [user],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
-            .optional()?;
-        // An unknown user costs the same hash as a known one.
+            .optional()
+            .map_err(|_| Failure::Token)?;
+        // An unknown user costs the same MAC as a known one.
         let (role, salt, hash, secret, last_step, disabled) = row.unwrap_or_else(|| {
             (
                 String::new(),
                 vec![0; 16],
                 vec![0xff; 32],
-                vec![0; 20],
+                Vec::new(),
                 i64::MAX,
                 1,
             )
@@ -559,28 +654,26 @@ impl Accounts {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
         let token_ok = ring::hmac::verify(&key, token.as_bytes(), &hash).is_ok();
         if !token_ok || disabled != 0 {
-            return Err(AuthError::Credentials);
+            return Err(Failure::Token);
         }
         let code = code.trim();
         let wanted: Option<u32> = (code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()))
             .then(|| code.parse().ok())
             .flatten();
         let Some(wanted) = wanted else {
-            return Err(AuthError::Credentials);
+            return Err(Failure::Code);
         };
-        let secret = self
-            .open_secret(user, &secret)
-            .ok_or(AuthError::Credentials)?;
+        let secret = self.open_secret(user, &secret).ok_or(Failure::Token)?;
         // The current step and one either side (clock drift).
         let current = totp_step(now);
         let step = [current.saturating_sub(1), current, current + 1]
             .into_iter()
             .find(|s| totp_code(&secret, *s) == wanted)
-            .ok_or(AuthError::Credentials)?;
+            .ok_or(Failure::Code)?;
         if i64::try_from(step).unwrap_or(i64::MAX) <= last_step {
-            return Err(AuthError::ReplayedCode);
+            return Err(Failure::Replay);
         }
-        Ok((Role::parse(&role)?, step))
+        Ok((Role::parse(&role).map_err(|_| Failure::Token)?, step))
     }
 
     /// The caller a session secret belongs to, if it is known and unexpired and its user enabled.
@@ -715,18 +808,25 @@ mod tests {
             accounts.sign_in("nobody", &bob.token, &code, "10.0.0.1", "pg", now),
             accounts.sign_in("bob", &bob.token, "12345", "10.0.0.1", "pg", now),
             accounts.sign_in("bob", &bob.token, "abcdef", "10.0.0.1", "pg", now),
+            accounts.sign_in("Bob\n#99 forged", &bob.token, &code, "10.0.0.1", "pg", now),
         ]
         .into_iter()
         .map(|r| r.expect_err("refused").to_string())
         .collect();
         assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
         assert!(answers[0].contains("rule 'credentials'"));
-        // Bob has failed three times ("nobody" is another name); two more reach the per-user limit, from
-        // another address: now even the right pair is refused.
-        for _ in 0..2 {
+        // Wrong tokens do not count against the account: a stranger who knows the name cannot lock it.
+        for i in 0..8 {
             accounts
-                .sign_in("bob", "rwd_wrong", &code, "10.0.0.2", "pg", now)
-                .expect_err("failure");
+                .sign_in("bob", "rwd_wrong", &code, &format!("10.1.0.{i}"), "pg", now)
+                .expect_err("wrong token");
+        }
+        // Bob's wrong codes do (two above): three more reach the per-user limit, and now even the
+        // right pair is refused, from any address.
+        for _ in 0..3 {
+            accounts
+                .sign_in("bob", &bob.token, "000000", "10.0.0.2", "pg", now)
+                .expect_err("wrong code");
         }
         let e = accounts
             .sign_in("bob", &bob.token, &code, "10.0.0.3", "pg", now)
@@ -738,15 +838,32 @@ mod tests {
         accounts
             .sign_in("bob", &bob.token, &code, "10.0.0.3", "pg", now)
             .expect("after the window");
-        // A disabled account answers like a wrong token, and its sessions end.
-        accounts.disable("admin", "bob").expect("disable");
+        // An address with 20 failures is limited for every name.
+        for i in 0..MAX_FAILURES_PER_ADDRESS {
+            accounts
+                .sign_in(&format!("u{i}"), "rwd_x", "000000", "10.6.6.6", "http", now)
+                .expect_err("failure");
+        }
         let later = now + Duration::from_secs(TOTP_STEP_SECONDS);
         let e = accounts
             .sign_in(
                 "bob",
                 &bob.token,
                 &code_at(&bob, later),
-                "10.0.0.3",
+                "10.6.6.6",
+                "http",
+                later,
+            )
+            .expect_err("address limited");
+        assert!(matches!(e, AuthError::RateLimited), "{e}");
+        // A disabled account answers like a wrong token, and its sessions end.
+        accounts.disable("admin", "bob").expect("disable");
+        let e = accounts
+            .sign_in(
+                "bob",
+                &bob.token,
+                &code_at(&bob, later),
+                "10.0.0.4",
                 "pg",
                 later,
             )
@@ -755,6 +872,55 @@ mod tests {
         let listed = accounts.list().expect("list");
         assert_eq!(listed.len(), 1);
         assert!(listed[0].disabled && listed[0].role == "board");
+    }
+
+    /// Racing guesses see each other: of 16 simultaneous wrong codes, exactly the limit is checked and
+    /// the rest are refused by the rate limit; a flood of limited attempts is audited once.
+    #[test]
+    fn racing_guesses_cannot_outrun_the_limit() {
+        let (_tmp, dir, accounts) = setup();
+        let dan = accounts.add("admin", "dan", Role::Researcher).expect("add");
+        let now = at(1_800_000_000);
+        let results: Vec<Result<NewSession, AuthError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..16)
+                .map(|i| {
+                    let (accounts, token) = (&accounts, dan.token.as_str());
+                    scope.spawn(move || {
+                        accounts.sign_in("dan", token, &format!("{i:06}"), "10.2.0.1", "pg", now)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let checked = results
+            .iter()
+            .filter(|r| matches!(r, Err(AuthError::Credentials)))
+            .count();
+        let limited = results
+            .iter()
+            .filter(|r| matches!(r, Err(AuthError::RateLimited)))
+            .count();
+        // A guess could be right by chance (1 in 10^6 each): then it opened a session instead.
+        assert_eq!(
+            checked + limited,
+            16 - results.iter().filter(|r| r.is_ok()).count()
+        );
+        assert!(checked <= usize::try_from(MAX_FAILURES_PER_USER).expect("small"));
+        let ledger = dir.ledger(&dir.keystore().expect("ks")).expect("ledger");
+        let refused = ledger
+            .tail(100)
+            .expect("tail")
+            .into_iter()
+            .filter(|r| r.outcome == "sign-in-refused")
+            .count();
+        assert_eq!(
+            refused,
+            checked + 1,
+            "each checked failure, and the limit once"
+        );
     }
 
     #[test]

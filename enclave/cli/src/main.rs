@@ -117,7 +117,7 @@ enum Command {
         /// The current 6-digit code of the authenticator.
         #[arg(long)]
         totp: String,
-        /// Session lifetime in minutes.
+        /// Session lifetime in minutes (at most 720).
         #[arg(long, default_value_t = 480)]
         minutes: u64,
         /// JSON output.
@@ -450,7 +450,10 @@ fn run(cli: Cli) -> Result<()> {
             minutes,
             json,
         } => {
-            let accounts = Accounts::open(&dir, std::time::Duration::from_secs(minutes * 60))?;
+            let accounts = Accounts::open(
+                &dir,
+                std::time::Duration::from_secs(minutes.saturating_mul(60)),
+            )?;
             let s = accounts.sign_in(
                 &user,
                 &token,

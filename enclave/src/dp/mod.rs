@@ -400,27 +400,28 @@ impl DpEngine {
         let exact_plan = dp.exact(bounds, &index)?;
         let state = ctx.state();
         let exact_physical = state.create_physical_plan(&exact_plan).await?;
-        let truncation_totals = if bounds.truncates && !index.is_empty() {
-            Some(
-                self.truncation_totals(&ctx, &version, &tables, bounds)
-                    .await?,
-            )
-        } else {
-            None
-        };
         draft.plan_hash = plan_hash(&exact_plan, &dry.plan, bounds);
         let t_plan = clock.elapsed();
 
         // Execution: from here a failure is charged (it could only depend on the data).
-        let settings = release::Settings {
-            bounds,
-            truncation_totals,
-            total,
-            delta,
-            accounting,
-            danger_no_noise: self.danger_no_noise,
-        };
         let run = async {
+            // Read from the indexes, what bounding leaves out is the tables' own figure (cached).
+            let truncation_totals = if bounds.truncates && !index.is_empty() {
+                Some(
+                    self.truncation_totals(&ctx, &version, &tables, bounds)
+                        .await?,
+                )
+            } else {
+                None
+            };
+            let settings = release::Settings {
+                bounds,
+                truncation_totals,
+                total,
+                delta,
+                accounting,
+                danger_no_noise: self.danger_no_noise,
+            };
             let exact = datafusion::physical_plan::collect(exact_physical, ctx.task_ctx()).await?;
             let exact = concat(&exact_plan, &exact)?;
             let released = release::release(&dp, &exact, &settings)?;

@@ -363,6 +363,13 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                         .ok_or_else(|| Error::Internal("not a list".into()))?;
                     let mut out = Vec::new();
                     let mut total_noise = Noise::default();
+                    // The exponential mechanism is pure ε-DP; on a zCDP dataset its share of ρ buys
+                    // ε = √(2ρ).
+                    let eps_q = if acc == Accounting::Zcdp {
+                        (2.0 * part).sqrt()
+                    } else {
+                        part
+                    };
                     for r in &rows {
                         let vals: Vec<f64> = match r {
                             None => Vec::new(),
@@ -378,23 +385,30 @@ pub(crate) fn release(plan: &DpPlan, exact: &RecordBatch, s: &Settings) -> Resul
                             }
                         };
                         let (q, n) =
-                            noise::quantile(&vals, &candidates, alpha, k as u32, part, off)?;
+                            noise::quantile(&vals, &candidates, alpha, k as u32, eps_q, off)?;
                         out.push(q);
                         total_noise = n;
                     }
                     // Each person's ≤ k values are spread over groups; the map is linear in k, so one
                     // group's cost at d_in = k bounds the total.
+                    if acc == Accounting::Zcdp {
+                        // ε-DP implies (ε²/2)-zCDP: the quantile is charged in ρ like the rest.
+                        total_noise.rho = total_noise.epsilon * total_noise.epsilon / 2.0;
+                        total_noise.epsilon = 0.0;
+                    }
                     add(label(""), &total_noise);
                     let iv = out.iter().map(|_| (f64::NAN, f64::NAN)).collect();
                     // The exponential mechanism's utility bound, in ranks: over |C| candidates with Gumbel
                     // noise of scale s on scores that move by `den` per row crossed, the released
-                    // candidate's score is within s·ln(|C| / 0.05) of the best with probability ≥ 95 %;
+                    // candidate's score is within s·ln(|C| / 0.05) of the best candidate's with probability
+                    // ≥ 95 % (the best of the grid: the grid's spacing adds to the error in values);
                     // s / den = 2·k·max(α, 1 − α) / ε (opendp's quantile score map).
-                    let rank = 2.0 * k as f64 * alpha.max(1.0 - alpha) / part
+                    let rank = 2.0 * k as f64 * alpha.max(1.0 - alpha) / eps_q
                         * (candidates.len() as f64 / 0.05).ln();
                     let method = format!(
-                        "rank: with 95 % probability within {rank:.0} rows of the exact quantile's rank \
-                         (exponential mechanism's utility bound; no value interval without the data)"
+                        "rank: with 95 % probability within {rank:.0} rows of the rank of the grid point \
+                         nearest the exact quantile (1,001 points over the bounds; exponential mechanism's \
+                         utility bound; no value interval without the data)"
                     );
                     (out, iv, total_noise.scale, false, f64::NAN, method)
                 }
