@@ -118,6 +118,20 @@ pub struct Draft {
     pub plan_hash: String,
 }
 
+impl Draft {
+    /// A query's record, before its version and plan are known.
+    pub fn query(principal: &str, origin: &str, dataset: &str, sql: &str) -> Draft {
+        Draft {
+            principal: principal.to_owned(),
+            origin: origin.to_owned(),
+            dataset: dataset.to_owned(),
+            version: String::new(),
+            sql: sql.to_owned(),
+            plan_hash: String::new(),
+        }
+    }
+}
+
 /// One stored record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Record {

@@ -296,14 +296,7 @@ fn check_name(name: &str) -> Result<(), AuthError> {
 }
 
 fn draft(user: &str, origin: &str) -> Draft {
-    Draft {
-        principal: user.to_owned(),
-        origin: origin.to_owned(),
-        dataset: String::new(),
-        version: String::new(),
-        sql: String::new(),
-        plan_hash: String::new(),
-    }
+    Draft::query(user, origin, "", "")
 }
 
 impl Accounts {
@@ -595,13 +588,15 @@ impl Accounts {
         at: i64,
     ) -> Result<NewSession, AuthError> {
         let since = at - i64::try_from(FAILURE_WINDOW.as_secs()).unwrap_or(i64::MAX);
-        let seen: i64 = self.conn().query_row(
-            "SELECT COUNT(*) FROM gateway_sign_in_failures
-             WHERE user = ?1 AND peer = ?2 AND kind = 'limited' AND at > ?3",
-            params![user, peer, since],
-            |r| r.get(0),
+        // One statement claims the window's marker: of racing limited attempts, one records.
+        let first = self.conn().execute(
+            "INSERT INTO gateway_sign_in_failures (user, peer, at, kind)
+             SELECT ?1, ?2, ?3, 'limited' WHERE NOT EXISTS (
+                 SELECT 1 FROM gateway_sign_in_failures
+                 WHERE user = ?1 AND peer = ?2 AND kind = 'limited' AND at > ?4)",
+            params![user, peer, at, since],
         )?;
-        if seen == 0 {
+        if first == 1 {
             self.ledger.record_event(
                 &draft(user, origin),
                 Event::SignInRefused,
@@ -609,13 +604,7 @@ impl Accounts {
                     "{} (further attempts in this window are not recorded)",
                     AuthError::RateLimited
                 ),
-                |tx| {
-                    tx.execute(
-                        "INSERT INTO gateway_sign_in_failures (user, peer, at, kind) VALUES (?1, ?2, ?3, 'limited')",
-                        params![user, peer, at],
-                    )?;
-                    Ok(())
-                },
+                |_| Ok(()),
             )?;
         }
         Err(AuthError::RateLimited)

@@ -32,17 +32,6 @@ pub struct PhaseFigures {
     pub peak_rss_kib: u64,
 }
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Runs one phase. The plain baseline runs in this process (its peak RSS measured from a reset of the
 /// high-water mark, `/proc/self/clear_refs`); ingest runs as the real `enclave ingest` command in a process
 /// of its own, whose JSON report carries its time and peak memory.
@@ -61,7 +50,7 @@ fn run_phase(name: &str, input: &Path, out: &Path) -> Result<PhaseFigures> {
             rows: encoded.rows,
             observation_rows: encoded.per_table.get("observations").copied().unwrap_or(0),
             seconds: started.elapsed().as_secs_f64(),
-            peak_rss_kib: peak_rss_kib(),
+            peak_rss_kib: enclave::ingest::peak_rss_kib(),
         });
     }
     let exe = std::env::current_exe().map_err(|e| Error::Io("current_exe".into(), e))?;

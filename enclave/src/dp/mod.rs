@@ -194,14 +194,7 @@ impl DpEngine {
         sql: &str,
         options: &QueryOptions,
     ) -> Result<DpAnswer> {
-        let mut draft = Draft {
-            principal: principal.to_owned(),
-            origin: options.origin.clone(),
-            dataset: dataset.to_owned(),
-            version: String::new(),
-            sql: sql.to_owned(),
-            plan_hash: String::new(),
-        };
+        let mut draft = Draft::query(principal, &options.origin, dataset, sql);
         match self.answer_inner(&mut draft, options).await {
             Ok(a) => Ok(a),
             // The ledger recorded this outcome in its own transaction.
@@ -234,14 +227,7 @@ impl DpEngine {
         sql: &str,
         options: &QueryOptions,
     ) -> Result<Prepared> {
-        let mut draft = Draft {
-            principal: principal.to_owned(),
-            origin: options.origin.clone(),
-            dataset: dataset.to_owned(),
-            version: String::new(),
-            sql: sql.to_owned(),
-            plan_hash: String::new(),
-        };
+        let mut draft = Draft::query(principal, &options.origin, dataset, sql);
         match self.plan_query(&mut draft, options).await {
             Ok(p) => {
                 let schema = p.dry.plan.schema().as_arrow().clone();
