@@ -1,5 +1,5 @@
 //! Runs the SQL specification in `tests/sql/*.slt` against the DP engine with the `sqllogictest` crate,
-//! one data directory per file. `cargo test -p enclave --test slt -- --complete` rewrites the expected
+//! one data directory per file. `cargo test -p enclave-cli --test slt -- --complete` rewrites the expected
 //! results from what the engine answers now (review the diff).
 //!
 //! DP answers are noisy, so a `query` record's result is its shape, not its values: the column types
