@@ -2,7 +2,10 @@
 //! engine, the budget ledger and the audit log before any answer leaves.
 //!
 //! Built so far: `auth`, the accounts (API token + TOTP), sessions, replay protection, rate limiting and
-//! the audit records of each. The protocol listeners (HTTP JSON, Arrow Flight SQL, Postgres wire) and
-//! Cedar authorization come next; `enclave-cli` links this crate for `enclave users` and `enclave login`.
+//! the audit records of each; `authz`, Cedar policies (schema and defaults in `policies/cedar/`) that
+//! decide every request and name the deciding policies. The protocol listeners (HTTP JSON, Arrow Flight
+//! SQL, Postgres wire) come next; `enclave-cli` links this crate for `enclave users`, `enclave login` and
+//! `enclave policies check`.
 
 pub mod auth;
+pub mod authz;

@@ -111,3 +111,30 @@ fn users_sign_in_with_token_and_code_once_and_every_step_is_audited() {
         assert!(tail.contains(outcome), "{outcome} missing from:\n{tail}");
     }
 }
+
+/// `enclave init` writes the default Cedar policies beside the database, `enclave policies check` validates
+/// them, and a policy that does not fit the schema is refused with its reason.
+#[test]
+fn init_writes_the_default_policies_and_check_validates_them() {
+    let s = Scratch::new();
+    s.enclave("data", &["init"]);
+    let out = s.enclave("data", &["policies", "check"]);
+    assert!(
+        out.contains("researchers-query-under-an-active-grant")
+            && out.contains("board-manages-grants-and-reads-the-audit-log")
+            && out.contains("providers-ingest-into-their-own-datasets"),
+        "{out}"
+    );
+    std::fs::write(
+        s.path().join("data/policies/extra.cedar"),
+        "@id(\"open-everything\")\npermit (principal, action, resource) when { resource.secret == true };\n",
+    )
+    .expect("write");
+    let bad = enclave_output(s.path(), &["--data-dir", "data", "policies", "check"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("do not validate"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

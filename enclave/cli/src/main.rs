@@ -124,6 +124,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cedar authorization policies (`<data-dir>/policies`: the schema and `*.cedar` files).
+    Policies {
+        #[command(subcommand)]
+        command: PoliciesCommand,
+    },
     /// The tamper-evident audit log.
     Audit {
         #[command(subcommand)]
@@ -183,6 +188,15 @@ enum CatalogCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoliciesCommand {
+    /// Validate a policy directory against its schema (strict mode); nonzero exit when it does not.
+    Check {
+        /// The directory (default: the data directory's `policies`).
+        dir: Option<PathBuf>,
     },
 }
 
@@ -337,6 +351,8 @@ fn run(cli: Cli) -> Result<()> {
             for line in dir.init()? {
                 println!("{line}");
             }
+            // The gateway's Cedar policies, to edit in place (existing files are kept).
+            notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))?;
             println!("data directory {} is ready", dir.root().display());
         }
         Command::DemoData {
@@ -443,6 +459,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Budget { command } => budget_command(&dir, command)?,
         Command::Users { command } => users_command(&dir, command)?,
+        Command::Policies {
+            command: PoliciesCommand::Check { dir: policy_dir },
+        } => {
+            let policy_dir = policy_dir.unwrap_or_else(|| dir.root().join("policies"));
+            let store = notebooks_gateway::authz::PolicyStore::from_dir(&policy_dir)?;
+            println!(
+                "{}: the policies validate against the schema: {}",
+                policy_dir.display(),
+                store.ids().join(", ")
+            );
+        }
         Command::Login {
             user,
             token,
