@@ -231,12 +231,10 @@ fn random<const N: usize>() -> Result<[u8; N], AuthError> {
     Ok(b)
 }
 
-fn sha256(parts: &[&[u8]]) -> Vec<u8> {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for p in parts {
-        ctx.update(p);
-    }
-    ctx.finish().as_ref().to_vec()
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
 }
 
 /// The stored form of an API token: HMAC-SHA-256 keyed by the account's random salt.
@@ -497,7 +495,7 @@ impl Accounts {
         let id = hex::encode(id);
         let expires =
             at.saturating_add(i64::try_from(self.session_lifetime.as_secs()).unwrap_or(i64::MAX));
-        let hash = sha256(&[session.as_bytes()]);
+        let hash = sha256(session.as_bytes());
         self.ledger.record_event(
             &draft(user, &origin),
             Event::SignedIn,
@@ -673,7 +671,7 @@ impl Accounts {
                 "SELECT s.user, u.role, s.id, s.expires_at FROM gateway_sessions s
                  JOIN gateway_users u ON u.name = s.user
                  WHERE s.token_hash = ?1 AND u.disabled = 0",
-                [sha256(&[secret.as_bytes()])],
+                [sha256(secret.as_bytes())],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;

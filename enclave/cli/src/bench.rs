@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use catalog::CatalogStore;
-use serde::{Deserialize, Serialize};
 
 use crate::demo::{DemoFormat, DemoOptions};
 use enclave::baseline::{BENCH_PROVIDER, BENCH_SCOPE, Baseline};
@@ -20,7 +19,7 @@ use enclave::ingest::{IngestOptions, ingest};
 use enclave::{DataDir, Error, Result};
 
 /// Figures of one phase.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct PhaseFigures {
     /// Rows read (all tables).
     pub rows: u64,
