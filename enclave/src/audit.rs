@@ -23,6 +23,9 @@ CREATE TABLE IF NOT EXISTS audit_log (
     at TEXT NOT NULL,
     principal TEXT NOT NULL,
     origin TEXT NOT NULL,
+    peer TEXT NOT NULL DEFAULT '',
+    session TEXT NOT NULL DEFAULT '',
+    decision TEXT NOT NULL DEFAULT '',
     dataset TEXT NOT NULL,
     version TEXT NOT NULL,
     sql TEXT NOT NULL,
@@ -101,13 +104,38 @@ impl Event {
     }
 }
 
-/// What a new record says (the ledger adds the sequence number, time and hashes).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Draft {
-    /// Who asked.
-    pub principal: String,
-    /// From where (`cli`, a client address).
+/// Who asked through what: the protocol, the peer's address, the session and the authorization
+/// decision. The gateway fills every field; local commands name themselves in `origin` only.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Via {
+    /// The protocol or command (`cli`, `cli --as`, `http`, `flight`, `pg`, `grant by …`, `ingest by …`).
     pub origin: String,
+    /// The client's address (`ip:port`), empty for local commands.
+    pub peer: String,
+    /// The public id of the session the request came in (never its secret), empty outside one.
+    pub session: String,
+    /// The authorization decision and the ids of the policies that decided it (`allow: …`, `deny: …`).
+    pub decision: String,
+}
+
+impl Via {
+    /// A local command's context: only its name.
+    pub fn local(origin: &str) -> Via {
+        Via {
+            origin: origin.to_owned(),
+            ..Via::default()
+        }
+    }
+}
+
+/// What a new record says (the ledger adds the sequence number, time and hashes).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct Draft {
+    /// Who asked (the signed-in user, or the name an administrator gave on the enclave host).
+    pub principal: String,
+    /// Through what.
+    #[serde(flatten)]
+    pub via: Via,
     /// Dataset.
     pub dataset: String,
     /// Dataset version.
@@ -120,14 +148,13 @@ pub struct Draft {
 
 impl Draft {
     /// A query's record, before its version and plan are known.
-    pub fn query(principal: &str, origin: &str, dataset: &str, sql: &str) -> Draft {
+    pub fn query(principal: &str, via: &Via, dataset: &str, sql: &str) -> Draft {
         Draft {
             principal: principal.to_owned(),
-            origin: origin.to_owned(),
+            via: via.clone(),
             dataset: dataset.to_owned(),
-            version: String::new(),
             sql: sql.to_owned(),
-            plan_hash: String::new(),
+            ..Draft::default()
         }
     }
 }
@@ -167,7 +194,7 @@ impl Record {
             &self.seq.to_string(),
             &self.at,
             &self.draft.principal,
-            &self.draft.origin,
+            &self.draft.via.origin,
             &self.draft.dataset,
             &self.draft.version,
             &self.draft.sql,
@@ -180,6 +207,15 @@ impl Record {
         ] {
             buf.extend_from_slice(&(field.len() as u64).to_be_bytes());
             buf.extend_from_slice(field.as_bytes());
+        }
+        // Peer, session and decision came later: a record without them hashes as records did before
+        // (still verifiable); with any of them, all three are covered.
+        let v = &self.draft.via;
+        if !(v.peer.is_empty() && v.session.is_empty() && v.decision.is_empty()) {
+            for field in [&v.peer, &v.session, &v.decision] {
+                buf.extend_from_slice(&(field.len() as u64).to_be_bytes());
+                buf.extend_from_slice(field.as_bytes());
+            }
         }
         hex::encode(digest(&SHA256, &buf))
     }
@@ -221,11 +257,12 @@ pub(crate) fn append(
     rec.hash = rec.compute_hash();
     tx.execute(
         "INSERT INTO audit_log (seq, at, principal, origin, dataset, version, sql, plan_hash, cost_epsilon, cost_delta,
-            cost_rho, outcome, rule, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            cost_rho, outcome, rule, prev_hash, hash, peer, session, decision)
+            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         params![
-            rec.seq, rec.at, rec.draft.principal, rec.draft.origin, rec.draft.dataset, rec.draft.version, rec.draft.sql,
-            rec.draft.plan_hash, rec.cost_epsilon, rec.cost_delta, rec.cost_rho, rec.outcome, rec.rule, rec.prev_hash,
-            rec.hash
+            rec.seq, rec.at, rec.draft.principal, rec.draft.via.origin, rec.draft.dataset, rec.draft.version,
+            rec.draft.sql, rec.draft.plan_hash, rec.cost_epsilon, rec.cost_delta, rec.cost_rho, rec.outcome, rec.rule,
+            rec.prev_hash, rec.hash, rec.draft.via.peer, rec.draft.via.session, rec.draft.via.decision
         ],
     )?;
     if seq % CHECKPOINT_EVERY == 0 {
@@ -286,7 +323,12 @@ fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         at: r.get(1)?,
         draft: Draft {
             principal: r.get(2)?,
-            origin: r.get(3)?,
+            via: Via {
+                origin: r.get(3)?,
+                peer: r.get(15)?,
+                session: r.get(16)?,
+                decision: r.get(17)?,
+            },
             dataset: r.get(4)?,
             version: r.get(5)?,
             sql: r.get(6)?,
@@ -304,7 +346,7 @@ fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
 
 const SELECT_RECORD: &str =
     "SELECT seq, at, principal, origin, dataset, version, sql, plan_hash, cost_epsilon, cost_delta,
-    cost_rho, outcome, rule, prev_hash, hash FROM audit_log";
+    cost_rho, outcome, rule, prev_hash, hash, peer, session, decision FROM audit_log";
 
 /// The last `n` records, oldest first.
 pub fn tail(conn: &Connection, n: usize) -> Result<Vec<Record>> {

@@ -109,7 +109,7 @@ pub(crate) fn choose(
     ledger.charge(
         &Draft {
             principal: CATALOG_PRINCIPAL.into(),
-            origin: format!("ingest by {by}"),
+            via: crate::audit::Via::local(&format!("ingest by {by}")),
             dataset: dataset.into(),
             version: version.into(),
             sql: format!(

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS budgets (
     spent_delta INTEGER NOT NULL DEFAULT 0,
     spent_rho INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT NOT NULL,
+    expires_at TEXT,
     PRIMARY KEY (principal, dataset)
 );";
 
@@ -66,12 +67,22 @@ pub struct Budget {
     pub spent_delta: f64,
     /// ρ spent.
     pub spent_rho: f64,
+    /// When the grant ends (RFC 3339, UTC); none: it does not.
+    pub expires_at: Option<String>,
 }
 
 impl Budget {
     /// ε left.
     pub fn epsilon_left(&self) -> f64 {
         (self.epsilon - self.spent_epsilon).max(0.0)
+    }
+
+    /// Whether the grant has ended at `now` (a stored time that does not parse counts as ended).
+    pub fn expired(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.expires_at.as_deref().is_some_and(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_or(true, |t| t.with_timezone(&chrono::Utc) <= now)
+        })
     }
 }
 
@@ -96,6 +107,11 @@ impl Ledger {
         let conn = catalog::open_database(db)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(audit::SCHEMA)?;
+        // Databases made before these columns existed gain them (empty: no expiry, no peer).
+        add_column_if_missing(&conn, "budgets", "expires_at", "TEXT")?;
+        for column in ["peer", "session", "decision"] {
+            add_column_if_missing(&conn, "audit_log", column, "TEXT NOT NULL DEFAULT ''")?;
+        }
         let seed = match keystore.get(AUDIT_SIGNING_KEY_ID) {
             Ok(s) => s,
             Err(Error::Key(_)) => {
@@ -128,9 +144,7 @@ impl Ledger {
         hex::encode(self.signer.public_key().as_ref())
     }
 
-    /// Sets (or changes) the total granted to a principal on a dataset; what is spent stays spent. The
-    /// change and the audit record that says who made it, and the old and new amounts, commit together,
-    /// so `audit verify` can check every budget against its audited grants.
+    /// [`Ledger::set_budget_until`] with no end date.
     pub fn set_budget(
         &self,
         by: &str,
@@ -139,6 +153,24 @@ impl Ledger {
         epsilon: f64,
         delta: f64,
         rho: Option<f64>,
+    ) -> Result<Budget> {
+        self.set_budget_until(by, principal, dataset, epsilon, delta, rho, None)
+    }
+
+    /// Sets (or changes) the total granted to a principal on a dataset, and when the grant ends (none:
+    /// never); what is spent stays spent. The change and the audit record that says who made it, and the
+    /// old and new amounts and end dates, commit together, so `audit verify` can check every budget
+    /// against its audited grants. Queries under an ended grant are refused (rule `access`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_budget_until(
+        &self,
+        by: &str,
+        principal: &str,
+        dataset: &str,
+        epsilon: f64,
+        delta: f64,
+        rho: Option<f64>,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<Budget> {
         if principal.trim().is_empty() || by.trim().is_empty() {
             return Err(Error::Config(
@@ -153,29 +185,32 @@ impl Ledger {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let before = read_budget(&tx, principal, dataset)?;
+        let expires = expires_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         tx.execute(
-            "INSERT INTO budgets (principal, dataset, epsilon, delta, rho, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (principal, dataset) DO UPDATE SET epsilon = ?3, delta = ?4, rho = ?5, updated_at = ?6",
-            params![principal, dataset, e, d, r, chrono::Utc::now().to_rfc3339()],
+            "INSERT INTO budgets (principal, dataset, epsilon, delta, rho, updated_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (principal, dataset) DO UPDATE SET epsilon = ?3, delta = ?4, rho = ?5, updated_at = ?6,
+             expires_at = ?7",
+            params![principal, dataset, e, d, r, chrono::Utc::now().to_rfc3339(), expires],
         )?;
-        let amounts = |b: Option<(f64, f64, Option<f64>)>| match b {
+        let amounts = |b: Option<(f64, f64, Option<f64>, Option<String>)>| match b {
             None => "none".to_owned(),
-            Some((e, d, r)) => format!(
-                "ε {e}, δ {d}, ρ {}",
-                r.map_or("none".to_owned(), |r| r.to_string())
+            Some((e, d, r, x)) => format!(
+                "ε {e}, δ {d}, ρ {}{}",
+                r.map_or("none".to_owned(), |r| r.to_string()),
+                x.map_or(String::new(), |x| format!(", until {x}"))
             ),
         };
         let draft = Draft {
             principal: principal.to_owned(),
-            origin: format!("grant by {by}"),
+            via: audit::Via::local(&format!("grant by {by}")),
             dataset: dataset.to_owned(),
-            version: String::new(),
             sql: format!(
                 "budget set: {} → {}",
-                amounts(before.map(|b| (b.epsilon, b.delta, b.rho))),
-                amounts(Some((epsilon, delta, rho)))
+                amounts(before.map(|b| (b.epsilon, b.delta, b.rho, b.expires_at))),
+                amounts(Some((epsilon, delta, rho, expires)))
             ),
-            plan_hash: String::new(),
+            ..Draft::default()
         };
         // A grant record carries the new totals in its amount fields (ρ −1: no ρ budget).
         audit::append(
@@ -201,7 +236,7 @@ impl Ledger {
     pub fn budgets(&self, principal: Option<&str>) -> Result<Vec<Budget>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT principal, dataset, epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho FROM budgets
+            "SELECT principal, dataset, epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho, expires_at FROM budgets
              WHERE ?1 IS NULL OR principal = ?1 ORDER BY principal, dataset",
         )?;
         let rows = stmt
@@ -223,6 +258,15 @@ impl Ledger {
                 format!(
                     "{} has no privacy budget on dataset '{}'",
                     draft.principal, draft.dataset
+                ),
+            )),
+            Some(b) if b.expired(chrono::Utc::now()) => Some((
+                Rule::Access,
+                format!(
+                    "the grant of {} on dataset '{}' ended at {}",
+                    draft.principal,
+                    draft.dataset,
+                    b.expires_at.as_deref().unwrap_or("")
                 ),
             )),
             Some(b) => {
@@ -423,6 +467,19 @@ fn raw_budget(conn: &Connection, principal: &str, dataset: &str) -> Result<Optio
     .optional()?)
 }
 
+fn add_column_if_missing(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
+    let present: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+        params![table, column],
+        |r| r.get(0),
+    )?;
+    if !present {
+        // Table, column and declaration are this module's constants, never input.
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
+
 fn budget_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Budget> {
     Ok(Budget {
         principal: r.get(0)?,
@@ -433,6 +490,7 @@ fn budget_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Budget> {
         spent_epsilon: from_units(r.get(5)?),
         spent_delta: from_units(r.get(6)?),
         spent_rho: from_units(r.get(7)?),
+        expires_at: r.get(8)?,
     })
 }
 
@@ -442,7 +500,7 @@ fn read_budget(
     dataset: &str,
 ) -> rusqlite::Result<Option<Budget>> {
     conn.query_row(
-        "SELECT principal, dataset, epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho FROM budgets
+        "SELECT principal, dataset, epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho, expires_at FROM budgets
          WHERE principal = ?1 AND dataset = ?2",
         params![principal, dataset],
         budget_row,
@@ -476,7 +534,7 @@ mod tests {
     fn draft(principal: &str, sql: &str) -> Draft {
         Draft {
             principal: principal.into(),
-            origin: "test".into(),
+            via: audit::Via::local("test"),
             dataset: "cohort".into(),
             version: "1".into(),
             sql: sql.into(),
@@ -572,6 +630,82 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_ended_grant_refuses_and_the_record_says_who_from_where() {
+        let (_d, db, key) = setup();
+        let ks = Keystore::open(&db, &key).expect("ks");
+        let ledger = Ledger::open(&db, &ks).expect("ledger");
+        let now = chrono::Utc::now();
+        ledger
+            .set_budget_until(
+                "board",
+                "alice",
+                "cohort",
+                1.0,
+                1e-6,
+                None,
+                Some(now + chrono::Duration::hours(1)),
+            )
+            .expect("budget");
+        let mut d = draft("alice", "q1");
+        d.via = audit::Via {
+            origin: "http".into(),
+            peer: "[::1]:5000".into(),
+            session: "0011223344556677".into(),
+            decision: "allow: researchers-query-under-an-active-grant".into(),
+        };
+        ledger.charge(&d, epsilon(0.1)).expect("before the end");
+        ledger
+            .set_budget_until(
+                "board",
+                "alice",
+                "cohort",
+                1.0,
+                1e-6,
+                None,
+                Some(now - chrono::Duration::seconds(1)),
+            )
+            .expect("ended");
+        let b = ledger.budget("alice", "cohort").expect("b").expect("some");
+        assert!(b.expired(now));
+        match ledger.charge(&d, epsilon(0.1)) {
+            Err(Error::Refused {
+                rule: Rule::Access,
+                message,
+            }) => assert!(message.contains("ended"), "{message}"),
+            other => panic!("expected an access refusal, got {other:?}"),
+        }
+        let tail = ledger.tail(4).expect("tail");
+        assert_eq!(
+            tail[1].draft.via, d.via,
+            "peer, session and decision are stored"
+        );
+        assert!(
+            tail[2].draft.sql.contains("until"),
+            "the grant record names the end: {}",
+            tail[2].draft.sql
+        );
+        assert_eq!(tail[3].outcome, "refused");
+        ledger.verify(&ledger.public_key_hex()).expect("verifies");
+        // Peer, session and decision are covered by the hash.
+        tamper(
+            &db,
+            "UPDATE audit_log SET peer = '10.0.0.1:1' WHERE seq = 2",
+        );
+        assert!(ledger.verify(&ledger.public_key_hex()).is_err());
+        // Lifting the end date reopens the grant.
+        ledger
+            .set_budget("board", "alice", "cohort", 1.0, 1e-6, None)
+            .expect("no end");
+        assert!(
+            !ledger
+                .budget("alice", "cohort")
+                .expect("b")
+                .expect("some")
+                .expired(now)
+        );
+    }
+
     fn tamper(db: &Path, sql: &str) {
         Connection::open(db)
             .expect("open")
@@ -621,7 +755,7 @@ mod tests {
             .expect("raise");
         let tail = ledger.tail(2).expect("tail");
         assert!(tail.iter().all(|r| r.outcome == "granted"));
-        assert_eq!(tail[1].draft.origin, "grant by carol");
+        assert_eq!(tail[1].draft.via.origin, "grant by carol");
         assert!(
             tail[1]
                 .draft

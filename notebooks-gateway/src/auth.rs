@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use enclave::audit::{Draft, Event};
+use enclave::audit::{Draft, Event, Via};
 use enclave::ledger::Ledger;
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -293,8 +293,8 @@ fn check_name(name: &str) -> Result<(), AuthError> {
     }
 }
 
-fn draft(user: &str, origin: &str) -> Draft {
-    Draft::query(user, origin, "", "")
+fn draft(user: &str, via: &Via) -> Draft {
+    Draft::query(user, via, "", "")
 }
 
 impl Accounts {
@@ -376,7 +376,7 @@ impl Accounts {
         let sealed = self.seal(name, &secret)?;
         let now = rfc3339(now_seconds(SystemTime::now()));
         let ((), _) = self.ledger.record_event(
-            &draft(name, &format!("cli:{by}")),
+            &draft(name, &Via::local(&format!("cli by {by}"))),
             Event::UserAdded,
             &format!("role {}", role.name()),
             |tx| {
@@ -433,7 +433,7 @@ impl Accounts {
     /// Disables an account and ends its sessions.
     pub fn disable(&self, by: &str, name: &str) -> Result<(), AuthError> {
         self.ledger.record_event(
-            &draft(name, &format!("cli:{by}")),
+            &draft(name, &Via::local(&format!("cli by {by}"))),
             Event::UserDisabled,
             "",
             |tx| {
@@ -464,7 +464,11 @@ impl Accounts {
         now: SystemTime,
     ) -> Result<NewSession, AuthError> {
         let at = now_seconds(now);
-        let origin = format!("{protocol} {peer}");
+        let origin = Via {
+            origin: protocol.to_owned(),
+            peer: peer.to_owned(),
+            ..Via::default()
+        };
         if check_name(user).is_err() {
             // Not a name an account can have: recorded without it (it could be anything, a pasted
             // token included), counted against the address.
@@ -496,8 +500,12 @@ impl Accounts {
         let expires =
             at.saturating_add(i64::try_from(self.session_lifetime.as_secs()).unwrap_or(i64::MAX));
         let hash = sha256(session.as_bytes());
+        let via = Via {
+            session: id.clone(),
+            ..origin
+        };
         self.ledger.record_event(
-            &draft(user, &origin),
+            &draft(user, &via),
             Event::SignedIn,
             &format!("session {id} ({})", role.name()),
             |tx| {
@@ -556,7 +564,7 @@ impl Accounts {
     fn refuse(
         &self,
         user: &str,
-        origin: &str,
+        origin: &Via,
         attempt: i64,
         why: Failure,
     ) -> Result<NewSession, AuthError> {
@@ -582,7 +590,7 @@ impl Accounts {
         &self,
         user: &str,
         peer: &str,
-        origin: &str,
+        origin: &Via,
         at: i64,
     ) -> Result<NewSession, AuthError> {
         let since = at - i64::try_from(FAILURE_WINDOW.as_secs()).unwrap_or(i64::MAX);

@@ -196,7 +196,7 @@ fn answer_at_epsilon_1(
         &enclave::dp::QueryOptions {
             epsilon: Some(1.0),
             delta: None,
-            origin: "bench".into(),
+            via: enclave::audit::Via::local("bench"),
         },
     ))
 }

@@ -249,6 +249,10 @@ enum BudgetCommand {
         /// ρ granted, for datasets accounted in zCDP.
         #[arg(long)]
         rho: Option<f64>,
+        /// When the grant ends: a date (the grant holds through that day, UTC) or an RFC 3339 time.
+        /// Without it the grant does not end; setting a budget again without it removes an end date.
+        #[arg(long, value_parser = parse_expiry)]
+        expires: Option<chrono::DateTime<chrono::Utc>>,
         /// Who grants it, for the audit log (default: the login name).
         #[arg(long, env = "USER", default_value = "unknown")]
         by: String,
@@ -452,7 +456,7 @@ fn run(cli: Cli) -> Result<()> {
             let options = enclave::dp::QueryOptions {
                 epsilon,
                 delta,
-                origin: "cli".into(),
+                via: enclave::audit::Via::local("cli --as"),
             };
             let answer = rt.block_on(engine.answer(&principal, &dataset, &sql, &options))?;
             print_answer(&answer, json)?;
@@ -762,6 +766,20 @@ fn users_command(dir: &DataDir, command: UsersCommand) -> Result<()> {
     Ok(())
 }
 
+/// `--expires`: a date (the grant holds through that day, UTC, so it ends at the next midnight) or an
+/// RFC 3339 time.
+fn parse_expiry(s: &str) -> std::result::Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.succ_opt())
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| format!("{s:?} is neither a date (YYYY-MM-DD) nor an RFC 3339 time"))
+}
+
 fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
     let keystore = dir.keystore()?;
     let ledger = dir.ledger(&keystore)?;
@@ -772,13 +790,15 @@ fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
             epsilon,
             delta,
             rho,
+            expires,
             by,
         } => {
             // Fail closed: a budget only exists for a dataset the catalog knows.
             dir.catalog()?.version(&dataset, None)?;
-            let b = ledger.set_budget(&by, &principal, &dataset, epsilon, delta, rho)?;
+            let b =
+                ledger.set_budget_until(&by, &principal, &dataset, epsilon, delta, rho, expires)?;
             println!(
-                "{} on {}: ε {} (spent {}), δ {:e} (spent {:e}){}",
+                "{} on {}: ε {} (spent {}), δ {:e} (spent {:e}){}{}",
                 b.principal,
                 b.dataset,
                 b.epsilon,
@@ -787,6 +807,9 @@ fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
                 b.spent_delta,
                 b.rho
                     .map(|r| format!(", ρ {r} (spent {})", b.spent_rho))
+                    .unwrap_or_default(),
+                b.expires_at
+                    .map(|t| format!(", until {t}"))
                     .unwrap_or_default()
             );
         }
@@ -800,19 +823,20 @@ fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
                 );
             } else {
                 println!(
-                    "{:<20} {:<20} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    "{:<20} {:<20} {:>10} {:>10} {:>10} {:>10} {:>10}  until",
                     "principal", "dataset", "ε", "ε spent", "ε left", "δ", "δ spent"
                 );
                 for b in budgets {
                     println!(
-                        "{:<20} {:<20} {:>10.4} {:>10.4} {:>10.4} {:>10.2e} {:>10.2e}",
+                        "{:<20} {:<20} {:>10.4} {:>10.4} {:>10.4} {:>10.2e} {:>10.2e}  {}",
                         b.principal,
                         b.dataset,
                         b.epsilon,
                         b.spent_epsilon,
                         b.epsilon_left(),
                         b.delta,
-                        b.spent_delta
+                        b.spent_delta,
+                        b.expires_at.as_deref().unwrap_or("-")
                     );
                 }
             }
@@ -859,9 +883,21 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                             r.draft.dataset, r.draft.version, r.draft.plan_hash, r.draft.sql
                         )
                     };
+                    let v = &r.draft.via;
+                    let mut via = v.origin.clone();
+                    for (label, value) in [("from", &v.peer), ("session", &v.session)] {
+                        if !value.is_empty() {
+                            via.push_str(&format!(" {label} {value}"));
+                        }
+                    }
+                    let decided = if v.decision.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", v.decision)
+                    };
                     println!(
-                        "#{:<6} {} {}@{} {what}{on}",
-                        r.seq, r.at, r.draft.principal, r.draft.origin
+                        "#{:<6} {} {} via {via} {what}{decided}{on}",
+                        r.seq, r.at, r.draft.principal
                     );
                 }
             }

@@ -88,7 +88,7 @@ impl sqllogictest::AsyncDB for Enclave {
         let options = QueryOptions {
             epsilon: Some(self.epsilon),
             delta: None,
-            origin: "slt".into(),
+            via: enclave::audit::Via::local("slt"),
         };
         let got = self
             .engine

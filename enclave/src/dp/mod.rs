@@ -53,8 +53,8 @@ pub struct QueryOptions {
     pub epsilon: Option<f64>,
     /// δ for private key selection (default 1e-6).
     pub delta: Option<f64>,
-    /// Where the query came from, for the audit log.
-    pub origin: String,
+    /// Where the query came from, for the audit log: protocol, peer, session, authorization decision.
+    pub via: crate::audit::Via,
 }
 
 impl Default for QueryOptions {
@@ -62,7 +62,7 @@ impl Default for QueryOptions {
         QueryOptions {
             epsilon: None,
             delta: None,
-            origin: "cli".into(),
+            via: crate::audit::Via::local("cli"),
         }
     }
 }
@@ -194,7 +194,7 @@ impl DpEngine {
         sql: &str,
         options: &QueryOptions,
     ) -> Result<DpAnswer> {
-        let mut draft = Draft::query(principal, &options.origin, dataset, sql);
+        let mut draft = Draft::query(principal, &options.via, dataset, sql);
         match self.answer_inner(&mut draft, options).await {
             Ok(a) => Ok(a),
             // The ledger recorded this outcome in its own transaction.
@@ -227,7 +227,7 @@ impl DpEngine {
         sql: &str,
         options: &QueryOptions,
     ) -> Result<Prepared> {
-        let mut draft = Draft::query(principal, &options.origin, dataset, sql);
+        let mut draft = Draft::query(principal, &options.via, dataset, sql);
         match self.plan_query(&mut draft, options).await {
             Ok(p) => {
                 let schema = p.dry.plan.schema().as_arrow().clone();
@@ -279,6 +279,17 @@ impl DpEngine {
                 ),
             ));
         };
+        if budget.expired(chrono::Utc::now()) {
+            return Err(Failure::refused(
+                Rule::Access,
+                format!(
+                    "the grant of {} on dataset '{}' ended at {}",
+                    draft.principal,
+                    draft.dataset,
+                    budget.expires_at.as_deref().unwrap_or("")
+                ),
+            ));
+        }
         let (total, delta) = self.options(options)?;
         let analyzed = query::analyze(&draft.sql, &version)?;
         // The dataset's policy decides the accounting; the budget must be in its unit.
