@@ -321,6 +321,23 @@ impl Policies {
     }
 }
 
+impl Policies {
+    /// Re-reads the directory now (SIGHUP), whatever the files' times say; a set that does not validate
+    /// leaves the previous one in force.
+    pub fn reload(&self) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match PolicyStore::from_dir(&self.dir) {
+            Ok(store) => *state = (stamps(&self.dir), Arc::new(store)),
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload refused; the previous policies stay in force");
+            }
+        }
+    }
+}
+
 /// Writes the default schema and policies into `dir` (existing files are kept).
 pub fn write_defaults(dir: &Path) -> Result<(), PolicyError> {
     std::fs::create_dir_all(dir).map_err(|e| PolicyError::Io(dir.display().to_string(), e))?;

@@ -125,6 +125,162 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Adds a gateway user; returns its API token and TOTP secret (base32).
+    pub fn add_user(&self, data: &str, name: &str, role: &str) -> (String, String) {
+        let added: serde_json::Value = serde_json::from_str(&self.enclave(
+            data,
+            &[
+                "users", "add", name, "--role", role, "--by", "admin", "--json",
+            ],
+        ))
+        .expect("users add JSON");
+        (
+            added["token"].as_str().expect("token").to_owned(),
+            added["totp_secret"].as_str().expect("secret").to_owned(),
+        )
+    }
+}
+
+/// The TOTP code of `secret_base32` now.
+pub fn code_now(secret_base32: &str) -> String {
+    code_at(secret_base32, std::time::SystemTime::now())
+}
+
+/// The TOTP code of `secret_base32` at `t`.
+pub fn code_at(secret_base32: &str, t: std::time::SystemTime) -> String {
+    let secret = data_encoding::BASE32_NOPAD
+        .decode(secret_base32.as_bytes())
+        .expect("base32 secret");
+    let step = notebooks_gateway::auth::totp_step(t);
+    format!("{:06}", notebooks_gateway::auth::totp_code(&secret, step))
+}
+
+/// A running `enclave serve`, stopped (SIGKILL) on drop.
+pub struct Server {
+    child: std::process::Child,
+    /// The HTTP listener's address.
+    pub http: std::net::SocketAddr,
+}
+
+impl Server {
+    /// Starts `enclave --data-dir <data> serve --http 127.0.0.1:0 extra…` in `cwd` and waits for its
+    /// listener line.
+    pub fn start(cwd: &Path, data: &str, extra: &[&str]) -> Server {
+        use std::io::BufRead as _;
+        let mut args = vec!["--data-dir", data, "serve", "--http", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut child = enclave_command(cwd, &args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start enclave serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let http = loop {
+            let line = lines
+                .next()
+                .expect("enclave serve printed its listener before exiting")
+                .expect("stdout line");
+            if let Some(addr) = line.strip_prefix("listening: http on ") {
+                break addr.trim().parse().expect("listener address");
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, http }
+    }
+
+    /// Sends a signal to the server (`HUP`, `TERM`).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{name}");
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends raw bytes to `addr` and reads until the server closes (or 30 s pass); returns what came back.
+pub fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    stream.write_all(bytes).expect("write");
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    out
+}
+
+/// One HTTP/1.1 request (`Connection: close`); returns the status and the body parsed as JSON
+/// (`Null` when it is not JSON).
+pub fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: enclave\r\nConnection: close\r\n");
+    if let Some(b) = bearer {
+        req.push_str(&format!("Authorization: Bearer {b}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    let (status, body) = parse_response(&raw_exchange(addr, req.as_bytes()));
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The status and (de-chunked) body of an HTTP/1.1 response; status 0 when there is none.
+pub fn parse_response(raw: &[u8]) -> (u16, Vec<u8>) {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (0, Vec::new());
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).unwrap_or(0);
+            if size == 0 || rest.len() < nl + 2 + size {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+            rest = &rest[(nl + 4 + size).min(rest.len())..];
+        }
+        body = out;
+    }
+    (status, body)
+}
+
 impl Default for Scratch {
     fn default() -> Self {
         Scratch::new()

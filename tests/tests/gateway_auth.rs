@@ -2,15 +2,7 @@
 //! `enclave login` opens a session with both and refuses the same code twice, neither secret is stored in
 //! clear, and every step is in an audit log that verifies.
 
-use enclave_e2e::{Scratch, enclave_output, scan_bytes};
-
-fn code_now(secret_base32: &str) -> String {
-    let secret = data_encoding::BASE32_NOPAD
-        .decode(secret_base32.as_bytes())
-        .expect("base32 secret");
-    let step = notebooks_gateway::auth::totp_step(std::time::SystemTime::now());
-    format!("{:06}", notebooks_gateway::auth::totp_code(&secret, step))
-}
+use enclave_e2e::{Scratch, code_now, enclave_output, scan_bytes};
 
 #[test]
 fn users_sign_in_with_token_and_code_once_and_every_step_is_audited() {

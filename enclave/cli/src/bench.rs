@@ -197,6 +197,7 @@ fn answer_at_epsilon_1(
             epsilon: Some(1.0),
             delta: None,
             via: enclave::audit::Via::local("bench"),
+            ..Default::default()
         },
     ))
 }

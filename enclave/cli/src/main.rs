@@ -124,6 +124,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the researchers' gateway: HTTP JSON (Flight SQL and Postgres wire come next), with two-factor
+    /// sessions, Cedar authorization, the DP engine, budgets and the audit log in front of every query.
+    /// Stops on Ctrl-C or SIGTERM; SIGHUP re-reads the policies.
+    Serve(ServeArgs),
     /// Cedar authorization policies (`<data-dir>/policies`: the schema and `*.cedar` files).
     Policies {
         #[command(subcommand)]
@@ -457,6 +461,7 @@ fn run(cli: Cli) -> Result<()> {
                 epsilon,
                 delta,
                 via: enclave::audit::Via::local("cli --as"),
+                ..Default::default()
             };
             let answer = rt.block_on(engine.answer(&principal, &dataset, &sql, &options))?;
             print_answer(&answer, json)?;
@@ -503,6 +508,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Audit { command } => audit_command(&dir, command)?,
+        Command::Serve(args) => serve(&dir, args)?,
         Command::Demo {
             patients,
             export_dir,
@@ -521,6 +527,7 @@ fn run(cli: Cli) -> Result<()> {
                 export_dir.display()
             );
             dir.init()?;
+            notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))?;
             println!("2/4 data directory {} ready", dir.root().display());
             let keystore = dir.keystore()?;
             let catalog = dir.catalog()?;
@@ -613,23 +620,11 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
     use std::fmt::Write as _;
     let mut out = String::new();
     if json {
-        let rows = enclave_rows(&a.batch)?;
-        let json_out = serde_json::json!({
-            "columns": a.batch.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>(),
-            "rows": rows,
-            "noise": a.noise,
-            "cost": a.cost,
-            "cost_split": a.cost_split.iter().map(|(what, n)| serde_json::json!({"what": what, "epsilon": n.epsilon, "delta": n.delta, "rho": n.rho, "scale": n.scale})).collect::<Vec<_>>(),
-            "budget": a.budget,
-            "epsilon_delta_equivalent": a.epsilon_delta_equivalent,
-            "truncation": a.truncation,
-            "audit_seq": a.audit_seq,
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&json_out)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&a.to_json())?)?;
         return emit(&out);
     }
     let schema = a.batch.schema();
-    let rows = enclave_rows(&a.batch)?;
+    let rows = a.rows();
     let mut header: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
     for n in &a.noise {
         header.push(format!("{} 95% CI", n.column));
@@ -706,19 +701,6 @@ fn emit(text: &str) -> Result<()> {
     }
 }
 
-fn enclave_rows(b: &arrow::record_batch::RecordBatch) -> Result<Vec<Vec<Option<String>>>> {
-    let mut rows = vec![Vec::new(); b.num_rows()];
-    for c in b.columns() {
-        for (r, row) in rows.iter_mut().enumerate() {
-            row.push(
-                (!arrow::array::Array::is_null(c, r))
-                    .then(|| arrow::util::display::array_value_to_string(c, r).unwrap_or_default()),
-            );
-        }
-    }
-    Ok(rows)
-}
-
 fn users_command(dir: &DataDir, command: UsersCommand) -> Result<()> {
     let accounts = Accounts::open(dir, std::time::Duration::from_secs(8 * 3600))?;
     match command {
@@ -778,6 +760,124 @@ fn parse_expiry(s: &str) -> std::result::Result<chrono::DateTime<chrono::Utc>, S
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc())
         .ok_or_else(|| format!("{s:?} is neither a date (YYYY-MM-DD) nor an RFC 3339 time"))
+}
+
+/// `enclave serve`'s options.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// HTTP JSON listener address, or `off`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// Session lifetime in minutes (at most 720).
+    #[arg(long, default_value_t = 480)]
+    session_minutes: u64,
+    /// Per-query time limit in seconds (a query stopped after it started running is charged).
+    #[arg(long, default_value_t = 60)]
+    query_timeout: u64,
+    /// Most rows one answer may release.
+    #[arg(long, default_value_t = 10_000)]
+    max_groups: usize,
+    /// Queries one user may have running at once.
+    #[arg(long, default_value_t = 4)]
+    per_user: usize,
+    /// Queries running at once over all users.
+    #[arg(long, default_value_t = 64)]
+    total: usize,
+    /// Largest request body or SQL text, in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_request_bytes: usize,
+    /// Seconds a client may take to send a request's headers or body before it is cut (slow clients).
+    #[arg(long, default_value_t = 10)]
+    read_timeout: u64,
+    /// Allow listening on a non-loopback address without TLS (sessions and tokens then cross the network
+    /// in the clear: only behind a TLS-terminating proxy on the same host).
+    #[arg(long)]
+    danger_allow_plaintext: bool,
+}
+
+/// Parses a listener address (`off` → none); a non-loopback one needs `--danger-allow-plaintext` until
+/// the listener has TLS.
+fn listen_addr(
+    what: &str,
+    value: &str,
+    allow_plaintext: bool,
+) -> Result<Option<std::net::SocketAddr>> {
+    if value == "off" {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = value.parse().map_err(|_| {
+        anyhow::anyhow!("--{what} {value:?}: give ADDRESS:PORT (e.g. 127.0.0.1:8080) or off")
+    })?;
+    if !addr.ip().is_loopback() && !allow_plaintext {
+        anyhow::bail!(
+            "--{what} {addr}: a non-loopback address needs TLS; this listener has none yet, so it binds to loopback only (or pass --danger-allow-plaintext behind a TLS proxy)"
+        );
+    }
+    Ok(Some(addr))
+}
+
+fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
+    use notebooks_gateway::service::{Gateway, Limits};
+    let http = listen_addr("http", &args.http, args.danger_allow_plaintext)?;
+    let limits = Limits {
+        query_timeout: std::time::Duration::from_secs(args.query_timeout.max(1)),
+        max_groups: args.max_groups.max(1),
+        per_user: args.per_user.max(1),
+        total: args.total.max(1),
+        max_request_bytes: args.max_request_bytes.max(1024),
+        read_timeout: std::time::Duration::from_secs(args.read_timeout.max(1)),
+    };
+    let gateway = std::sync::Arc::new(Gateway::open(
+        dir,
+        limits,
+        std::time::Duration::from_secs(args.session_minutes.saturating_mul(60)),
+    )?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        if let Some(addr) = http {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for http: {e}"))?;
+            // Tests and scripts read the bound address (port 0 picks a free one) from this line.
+            println!("listening: http on {}", listener.local_addr()?);
+            let mut stop = stop_rx.clone();
+            let g = gateway.clone();
+            tasks.push(tokio::spawn(async move {
+                notebooks_gateway::http::serve(listener, g, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            }));
+        }
+        if tasks.is_empty() {
+            anyhow::bail!("every listener is off: nothing to serve");
+        }
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    gateway.policies().reload();
+                    eprintln!("SIGHUP: policies re-read");
+                }
+                _ = terminate.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        eprintln!("gateway stopped");
+        Ok(())
+    })
 }
 
 fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {

@@ -89,6 +89,7 @@ impl sqllogictest::AsyncDB for Enclave {
             epsilon: Some(self.epsilon),
             delta: None,
             via: enclave::audit::Via::local("slt"),
+            ..Default::default()
         };
         let got = self
             .engine

@@ -55,6 +55,12 @@ pub struct QueryOptions {
     pub delta: Option<f64>,
     /// Where the query came from, for the audit log: protocol, peer, session, authorization decision.
     pub via: crate::audit::Via,
+    /// How long the query may run (none: no limit). A query stopped by it after execution started is
+    /// charged its planned cost (the stop could depend on the data).
+    pub timeout: Option<std::time::Duration>,
+    /// At most this many rows are released (none: no limit). A larger answer is refused after it was
+    /// computed, so its cost is charged.
+    pub max_groups: Option<usize>,
 }
 
 impl Default for QueryOptions {
@@ -63,6 +69,8 @@ impl Default for QueryOptions {
             epsilon: None,
             delta: None,
             via: crate::audit::Via::local("cli"),
+            timeout: None,
+            max_groups: None,
         }
     }
 }
@@ -122,6 +130,54 @@ pub struct DpAnswer {
     pub epsilon_delta_equivalent: Option<(f64, f64)>,
     /// What bounding left out, when some person may have had more rows than the bound.
     pub truncation: Option<Truncation>,
+}
+
+impl DpAnswer {
+    /// The rows as display strings (NULL as `None`), the way every front end shows them.
+    pub fn rows(&self) -> Vec<Vec<Option<String>>> {
+        let b = &self.batch;
+        let mut rows = vec![Vec::with_capacity(b.num_columns()); b.num_rows()];
+        for c in b.columns() {
+            for (r, row) in rows.iter_mut().enumerate() {
+                row.push((!arrow::array::Array::is_null(c, r)).then(|| {
+                    arrow::util::display::array_value_to_string(c, r).unwrap_or_default()
+                }));
+            }
+        }
+        rows
+    }
+
+    /// The answer as JSON (`enclave sql --json` and the HTTP API): columns, rows, each column's noise
+    /// and intervals, the cost and its split, the budget after it, truncation and the audit record.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "columns": self.batch.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>(),
+            "rows": self.rows(),
+            "noise": self.noise,
+            "cost": self.cost,
+            "cost_split": self.cost_split.iter().map(|(what, n)| serde_json::json!({
+                "what": what, "epsilon": n.epsilon, "delta": n.delta, "rho": n.rho, "scale": n.scale,
+            })).collect::<Vec<_>>(),
+            "budget": self.budget,
+            "epsilon_delta_equivalent": self.epsilon_delta_equivalent,
+            "truncation": self.truncation,
+            "audit_seq": self.audit_seq,
+        })
+    }
+}
+
+/// Why an accepted query stopped while running (either way its planned cost is charged).
+enum Stopped {
+    /// An error (could only depend on the data): the user learns only that it failed.
+    Failed(Error),
+    /// A limit of the caller's (time, rows): named to the user.
+    Limit(String),
+}
+
+impl<E: Into<Error>> From<E> for Stopped {
+    fn from(e: E) -> Stopped {
+        Stopped::Failed(e.into())
+    }
 }
 
 /// The engine over one data directory.
@@ -443,7 +499,12 @@ impl DpEngine {
                         .collect(),
                 })
                 .collect::<Vec<_>>();
-            Ok::<_, Error>((
+            if let Some(max) = options.max_groups.filter(|&m| batch.num_rows() > m) {
+                return Err(Stopped::Limit(format!(
+                    "the answer has more than {max} rows, the most the gateway releases; its cost was charged (group by fewer values, or filter)"
+                )));
+            }
+            Ok::<_, Stopped>((
                 batch,
                 noise,
                 released.cost,
@@ -451,17 +512,32 @@ impl DpEngine {
                 released.truncation,
             ))
         };
-        let (batch, noise, cost, split, truncation) = match run.await {
+        let outcome = match options.timeout {
+            Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+                Err(Stopped::Limit(format!(
+                    "the query ran past the time limit of {} s; its cost was charged",
+                    limit.as_secs_f64()
+                )))
+            }),
+            None => run.await,
+        };
+        let (batch, noise, cost, split, truncation) = match outcome {
             Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "an accepted query failed while running; charged");
+            Err(stopped) => {
+                let message = match stopped {
+                    Stopped::Failed(e) => {
+                        tracing::error!(error = %e, "an accepted query failed while running; charged");
+                        "the query failed while running; its cost was charged".to_owned()
+                    }
+                    Stopped::Limit(m) => m,
+                };
                 let planned = planned_cost(&dp, total, delta, accounting);
                 self.ledger
                     .charge_failure(draft, planned)
                     .map_err(Failure::Recorded)?;
                 return Err(Failure::Recorded(Error::Refused {
                     rule: Rule::Execution,
-                    message: "the query failed while running; its cost was charged".into(),
+                    message,
                 }));
             }
         };

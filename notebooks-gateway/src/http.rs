@@ -1,0 +1,307 @@
+//! The HTTP JSON listener (axum on hyper): sessions, queries, datasets, budgets and the OpenAPI document.
+//!
+//! | route | body | answer |
+//! | --- | --- | --- |
+//! | `POST /api/v1/session` | `{"user","token","totp"}` | `{"session","session_id","expires_at"}` |
+//! | `POST /api/v1/query` | `{"dataset","sql","epsilon"?,"delta"?}` | the JSON of `enclave sql --json` |
+//! | `GET /api/v1/datasets` | | the datasets the caller may query (columns, never row counts) |
+//! | `GET /api/v1/budget` | | the caller's budgets |
+//! | `GET /api/v1/openapi.json` | | the OpenAPI 3.1 document of these routes |
+//!
+//! Every route but the session and the document takes `Authorization: Bearer <session>`. Errors are
+//! one [`AppError`], `{"error": {"rule", "message"}}` with a status from the error's class; request
+//! bodies are parsed here (not by axum's extractors) so a malformed one gets our message, not a parser's.
+//!
+//! The accept loop is ours: each connection has a header-read timeout (a slow-loris client is cut), a
+//! body-read timeout, a size limit, and the server holds at most a fixed number of connections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use crate::auth::Caller;
+use crate::service::{ErrorKind, Gateway, GatewayError, Peer, Protocol, QueryRequest};
+
+/// The OpenAPI document served at `/api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Connections held at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// The one error type of the HTTP API: a status and a safe message naming the rule.
+#[derive(Debug)]
+pub struct AppError(pub GatewayError);
+
+impl From<GatewayError> for AppError {
+    fn from(e: GatewayError) -> Self {
+        AppError(e)
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = match self.0.kind() {
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let status = match &self.0 {
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            _ => status,
+        };
+        let body = serde_json::json!({
+            "error": {"rule": self.0.rule(), "message": self.0.to_string()}
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type ApiResult = Result<Response, AppError>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionBody {
+    user: String,
+    token: String,
+    totp: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryBody {
+    dataset: String,
+    sql: String,
+    epsilon: Option<f64>,
+    delta: Option<f64>,
+}
+
+/// The client's address, put on each connection's requests by the accept loop.
+#[derive(Debug, Clone, Copy)]
+struct PeerAddr(SocketAddr);
+
+fn peer(addr: PeerAddr) -> Peer {
+    Peer {
+        protocol: Protocol::Http,
+        addr: addr.0,
+    }
+}
+
+/// Reads and parses a JSON body within the size limit and the read timeout.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, AppError> {
+    let bad = |m: &str| AppError(GatewayError::BadRequest(m.to_owned()));
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or("").trim() == "application/json");
+    if !is_json {
+        return Err(bad("send the body as Content-Type: application/json"));
+    }
+    let limit = gateway.limits().max_request_bytes;
+    let read = axum::body::to_bytes(body, limit);
+    let bytes = match tokio::time::timeout(gateway.limits().read_timeout, read).await {
+        Err(_) => return Err(bad("the body did not arrive in time")),
+        Ok(Err(_)) => {
+            return Err(bad(&format!(
+                "the body is larger than {limit} bytes, or was cut off"
+            )));
+        }
+        Ok(Ok(b)) => b,
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        // serde's category and position only: never echo the body back.
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "is not valid JSON"
+            }
+            _ => "does not have this endpoint's fields and types (see /api/v1/openapi.json)",
+        };
+        bad(&format!(
+            "the body {what} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+/// The caller behind `Authorization: Bearer <session>`.
+fn bearer(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, AppError> {
+    let session = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or(AppError(GatewayError::Auth(
+            crate::auth::AuthError::Session,
+        )))?;
+    Ok(gateway.caller(session)?)
+}
+
+fn json(value: &impl serde::Serialize) -> Response {
+    axum::Json(value).into_response()
+}
+
+async fn session(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(addr): Extension<PeerAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let b: SessionBody = json_body(&gateway, &headers, body).await?;
+    let g = gateway.clone();
+    // Sign-in writes to SQLite (fsync): off the async workers.
+    let new =
+        tokio::task::spawn_blocking(move || g.sign_in(&b.user, &b.token, &b.totp, &peer(addr)))
+            .await
+            .map_err(|_| AppError(GatewayError::Internal))??;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({
+            "session": new.session, "session_id": new.id, "expires_at": new.expires_at,
+        })),
+    )
+        .into_response())
+}
+
+async fn query(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(addr): Extension<PeerAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    let b: QueryBody = json_body(&gateway, &headers, body).await?;
+    let request = QueryRequest {
+        dataset: b.dataset,
+        sql: b.sql,
+        epsilon: b.epsilon,
+        delta: b.delta,
+    };
+    let answer = gateway.query(&caller, &peer(addr), &request).await?;
+    Ok(json(&answer.to_json()))
+}
+
+async fn datasets(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    Ok(json(&gateway.datasets(&caller)?))
+}
+
+async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    Ok(json(&gateway.budgets(&caller)?))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found() -> AppError {
+    AppError(GatewayError::Refused {
+        rule: "route".into(),
+        message: "no such endpoint (see /api/v1/openapi.json)".into(),
+    })
+}
+
+/// The API's routes over `gateway`.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/api/v1/session", post(session))
+        .route("/api/v1/query", post(query))
+        .route("/api/v1/datasets", get(datasets))
+        .route("/api/v1/budget", get(budget))
+        .route("/api/v1/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(gateway)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let read_timeout = gateway.limits().read_timeout;
+    let router = router(gateway);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, addr) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            router.clone().layer(Extension(PeerAddr(addr))),
+        );
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(read_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %addr, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_parses_and_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("json");
+        let paths = doc["paths"].as_object().expect("paths");
+        for route in [
+            "/api/v1/session",
+            "/api/v1/query",
+            "/api/v1/datasets",
+            "/api/v1/budget",
+            "/api/v1/openapi.json",
+        ] {
+            assert!(paths.contains_key(route), "{route} is documented");
+        }
+        assert!(doc["openapi"].as_str().expect("version").starts_with("3."));
+    }
+}

@@ -1,0 +1,666 @@
+//! What every protocol does, in one place: sign in, resolve a session, list the datasets a caller may
+//! query, show their budgets, and answer a query — after Cedar's decision, within the limits, through
+//! the DP engine (which charges and audits before it returns). The listeners (`http`, and the Flight SQL
+//! and Postgres ones) only translate their protocol to these calls and [`GatewayError`] to their own
+//! error codes.
+//!
+//! - The principal of every query is the signed-in user ([`Caller`]); nobody names themselves.
+//! - Each query's audit record carries the protocol, the peer address, the session id and Cedar's decision
+//!   with the ids of the deciding policies; a denial, a limit hit and a refusal are recorded too.
+//! - Errors name their rule and never carry engine internals (DataFusion messages, schemas, values).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use catalog::{CatalogStore, SqliteCatalog, VersionEntry};
+use enclave::audit::{Draft, Via};
+use enclave::dp::{DpAnswer, DpEngine, Prepared, QueryOptions};
+use enclave::ledger::Budget;
+use serde::Serialize;
+
+use crate::auth::{Accounts, AuthError, Caller, NewSession};
+use crate::authz::{Action, DatasetRef, GrantState, Policies, PolicyError};
+
+/// The protocol a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP JSON.
+    Http,
+    /// Arrow Flight SQL.
+    Flight,
+    /// Postgres wire.
+    Pg,
+}
+
+impl Protocol {
+    /// Its name in audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Flight => "flight",
+            Protocol::Pg => "pg",
+        }
+    }
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The client's address.
+    pub addr: SocketAddr,
+}
+
+impl Peer {
+    /// The address as recorded and as counted for rate limits: IPv4 as is, IPv6 by its /64 (one host
+    /// usually holds a whole /64, so counting single addresses would let it rotate past the limit).
+    pub fn address_group(&self) -> String {
+        match self.addr.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => {
+                    let s = ip.segments();
+                    format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                }
+            },
+        }
+    }
+}
+
+/// The gateway's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// How long one query may run.
+    pub query_timeout: Duration,
+    /// At most this many rows in one answer.
+    pub max_groups: usize,
+    /// Queries one user may have running at once.
+    pub per_user: usize,
+    /// Queries running at once, all users together.
+    pub total: usize,
+    /// Largest request body or SQL text accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// How long a client may take to send a request's headers, or its body (a slower one is cut).
+    pub read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            query_timeout: Duration::from_secs(60),
+            max_groups: 10_000,
+            per_user: 4,
+            total: 64,
+            max_request_bytes: 64 * 1024,
+            read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a request was not answered. Every message names its rule and is safe to show.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// Sign-in or session refused.
+    #[error(transparent)]
+    Auth(AuthError),
+    /// The request was refused by a rule (authorization, the DP engine's rules, a limit).
+    #[error("refused (rule '{rule}'): {message}")]
+    Refused {
+        /// The rule's stable name.
+        rule: String,
+        /// What to do about it.
+        message: String,
+    },
+    /// The request itself is malformed (before anything was decided).
+    #[error("bad request (rule 'request'): {0}")]
+    BadRequest(String),
+    /// Something failed inside the enclave; the details are in its log, not here.
+    #[error(
+        "the enclave could not answer this request; nothing was released (see the operator's log)"
+    )]
+    Internal,
+}
+
+/// How a protocol should classify an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Not signed in, or the sign-in failed.
+    Unauthenticated,
+    /// Signed in, but not allowed (authorization, budget).
+    Forbidden,
+    /// No such dataset.
+    NotFound,
+    /// The query or request is refused as written.
+    Invalid,
+    /// A rate or concurrency limit: try again later.
+    Busy,
+    /// The enclave failed.
+    Internal,
+}
+
+impl GatewayError {
+    /// The error's class, for status codes.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            GatewayError::Auth(AuthError::RateLimited) => ErrorKind::Busy,
+            GatewayError::Auth(AuthError::Enclave(_)) => ErrorKind::Internal,
+            GatewayError::Auth(AuthError::Account(_)) => ErrorKind::Invalid,
+            GatewayError::Auth(_) => ErrorKind::Unauthenticated,
+            GatewayError::Refused { rule, .. } => match rule.as_str() {
+                "access" | "budget" => ErrorKind::Forbidden,
+                "catalog" => ErrorKind::NotFound,
+                "concurrency" => ErrorKind::Busy,
+                _ => ErrorKind::Invalid,
+            },
+            GatewayError::BadRequest(_) => ErrorKind::Invalid,
+            GatewayError::Internal => ErrorKind::Internal,
+        }
+    }
+
+    /// The rule's name.
+    pub fn rule(&self) -> &str {
+        match self {
+            GatewayError::Auth(AuthError::Credentials) => "credentials",
+            GatewayError::Auth(AuthError::ReplayedCode) => "replayed-code",
+            GatewayError::Auth(AuthError::RateLimited) => "rate-limit",
+            GatewayError::Auth(AuthError::Session) => "session",
+            GatewayError::Auth(AuthError::Account(_)) => "account",
+            GatewayError::Auth(_) | GatewayError::Internal => "internal",
+            GatewayError::Refused { rule, .. } => rule,
+            GatewayError::BadRequest(_) => "request",
+        }
+    }
+}
+
+impl From<AuthError> for GatewayError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Enclave(e) => internal(e),
+            other => GatewayError::Auth(other),
+        }
+    }
+}
+
+impl From<enclave::Error> for GatewayError {
+    fn from(e: enclave::Error) -> Self {
+        match e {
+            enclave::Error::Refused { rule, message } => GatewayError::Refused {
+                rule: rule.name().to_owned(),
+                message,
+            },
+            other => internal(other),
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> GatewayError {
+    tracing::error!(error = %e, "gateway request failed inside the enclave");
+    GatewayError::Internal
+}
+
+fn refused(rule: &str, message: impl Into<String>) -> GatewayError {
+    GatewayError::Refused {
+        rule: rule.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A dataset as a researcher sees it: what can be asked, never how many rows there are.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetInfo {
+    /// Its name (the schema in SQL).
+    pub name: String,
+    /// Its latest version.
+    pub version: String,
+    /// Who contributed it.
+    pub provider: String,
+    /// When it was published.
+    pub published_at: String,
+    /// `basic` ((ε, δ)) or `zcdp` (ρ).
+    pub accounting: String,
+    /// Its tables.
+    pub tables: Vec<TableInfo>,
+}
+
+/// A table's columns.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TableInfo {
+    /// Its name.
+    pub name: String,
+    /// Its columns.
+    pub columns: Vec<ColumnInfo>,
+}
+
+/// A column's public description.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ColumnInfo {
+    /// Its name.
+    pub name: String,
+    /// Arrow type.
+    pub data_type: String,
+    /// identifier | quasi_identifier | sensitive | value.
+    pub role: String,
+    /// Public clamping bounds for DP, if any.
+    pub lower: Option<f64>,
+    /// Upper bound.
+    pub upper: Option<f64>,
+    /// Public domain of a categorical column.
+    pub domain: Option<Vec<String>>,
+}
+
+impl DatasetInfo {
+    fn of(v: &VersionEntry) -> DatasetInfo {
+        let e = &v.version;
+        DatasetInfo {
+            name: e.dataset.clone(),
+            version: e.version.clone(),
+            provider: e.provenance.provider.clone(),
+            published_at: v.published_at.clone(),
+            accounting: e.accounting.clone(),
+            tables: e
+                .tables
+                .iter()
+                .map(|t| TableInfo {
+                    name: t.name.clone(),
+                    columns: t
+                        .columns
+                        .iter()
+                        .map(|c| ColumnInfo {
+                            name: c.name.clone(),
+                            data_type: c.data_type.clone(),
+                            role: c.role.clone(),
+                            lower: c.lower,
+                            upper: c.upper,
+                            domain: c.domain.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A query as a protocol received it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryRequest {
+    /// The dataset (schema) it runs on.
+    pub dataset: String,
+    /// The SQL, as received.
+    pub sql: String,
+    /// ε (or ρ) to spend; the engine's default when none.
+    pub epsilon: Option<f64>,
+    /// δ for private key selection.
+    pub delta: Option<f64>,
+}
+
+/// Running queries, per user and in total.
+#[derive(Default)]
+struct Running {
+    per_user: HashMap<String, usize>,
+    total: usize,
+}
+
+/// A claimed query slot, given back on drop (also when the request is cancelled).
+struct Slot<'a> {
+    running: &'a Mutex<Running>,
+    user: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        r.total = r.total.saturating_sub(1);
+        if let Some(n) = r.per_user.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                r.per_user.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// The gateway over one data directory.
+pub struct Gateway {
+    engine: DpEngine,
+    accounts: Accounts,
+    policies: Policies,
+    catalog: SqliteCatalog,
+    limits: Limits,
+    running: Mutex<Running>,
+}
+
+impl Gateway {
+    /// Opens the gateway on an initialised data directory (its `policies/` must validate).
+    pub fn open(
+        dir: &enclave::DataDir,
+        limits: Limits,
+        session_lifetime: Duration,
+    ) -> Result<Gateway, GatewayError> {
+        let policies = Policies::open(&dir.root().join("policies")).map_err(|e| match e {
+            PolicyError::Io(..) => refused(
+                "policies",
+                "the data directory has no policies/ (run `enclave init` again to write the defaults)",
+            ),
+            other => refused("policies", other.to_string()),
+        })?;
+        Ok(Gateway {
+            engine: DpEngine::open(dir)?,
+            accounts: Accounts::open(dir, session_lifetime)?,
+            policies,
+            catalog: dir.catalog()?,
+            limits,
+            running: Mutex::new(Running::default()),
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The policies (so a listener can force a re-read, e.g. on SIGHUP).
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    /// Opens a session with the user's token and current TOTP code.
+    pub fn sign_in(
+        &self,
+        user: &str,
+        token: &str,
+        code: &str,
+        peer: &Peer,
+    ) -> Result<NewSession, GatewayError> {
+        Ok(self.accounts.sign_in(
+            user,
+            token,
+            code,
+            &peer.address_group(),
+            peer.protocol.name(),
+            SystemTime::now(),
+        )?)
+    }
+
+    /// The caller a session secret belongs to.
+    pub fn caller(&self, session: &str) -> Result<Caller, GatewayError> {
+        Ok(self.accounts.session(session, SystemTime::now())?)
+    }
+
+    /// The caller behind a password: a session secret, or `<token>:<totp>` with the user's name
+    /// (which opens a session in one step). Flight's Basic handshake and pg's password use it.
+    pub fn caller_from_password(
+        &self,
+        user: &str,
+        password: &str,
+        peer: &Peer,
+    ) -> Result<(Caller, Option<NewSession>), GatewayError> {
+        match password.rsplit_once(':') {
+            Some((token, code)) if code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()) => {
+                let new = self.sign_in(user, token, code, peer)?;
+                let caller = self.caller(&new.session)?;
+                Ok((caller, Some(new)))
+            }
+            _ => {
+                let caller = self.caller(password)?;
+                if caller.user != user {
+                    return Err(GatewayError::Auth(AuthError::Session));
+                }
+                Ok((caller, None))
+            }
+        }
+    }
+
+    fn via(caller: &Caller, peer: &Peer, decision: String) -> Via {
+        Via {
+            origin: peer.protocol.name().to_owned(),
+            peer: peer.addr.to_string(),
+            session: caller.session_id.clone(),
+            decision,
+        }
+    }
+
+    /// Cedar's decision on `caller` querying `dataset` now.
+    fn decide_query(
+        &self,
+        caller: &Caller,
+        version: &VersionEntry,
+    ) -> Result<(bool, String), GatewayError> {
+        let grant = self
+            .engine
+            .ledger()
+            .budget(&caller.user, &version.version.dataset)?
+            .map(|b| GrantState {
+                expires_at: b.expires_at.as_deref().map_or(i64::MAX, |t| {
+                    chrono::DateTime::parse_from_rfc3339(t).map_or(i64::MIN, |t| t.timestamp())
+                }),
+            });
+        let verdict = self
+            .policies
+            .current()
+            .decide(
+                caller,
+                None,
+                Action::Query,
+                DatasetRef {
+                    name: &version.version.dataset,
+                    provider: &version.version.provenance.provider,
+                },
+                grant,
+                SystemTime::now(),
+            )
+            .map_err(internal)?;
+        Ok((verdict.allowed, verdict.summary()))
+    }
+
+    /// The datasets `caller` may query now (Cedar allows it), newest version of each; never a row count.
+    pub fn datasets(&self, caller: &Caller) -> Result<Vec<DatasetInfo>, GatewayError> {
+        let mut out = Vec::new();
+        for summary in self.catalog.list().map_err(internal)? {
+            let version = self
+                .catalog
+                .version(&summary.name, None)
+                .map_err(internal)?;
+            if self.decide_query(caller, &version)?.0 {
+                out.push(DatasetInfo::of(&version));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One dataset `caller` may query (`NotFound` for one they may not: its existence is not theirs to
+    /// learn from this call).
+    pub fn dataset(&self, caller: &Caller, name: &str) -> Result<DatasetInfo, GatewayError> {
+        self.datasets(caller)?
+            .into_iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| refused("catalog", format!("no dataset '{name}' you may query")))
+    }
+
+    /// The caller's budgets.
+    pub fn budgets(&self, caller: &Caller) -> Result<Vec<Budget>, GatewayError> {
+        Ok(self.engine.ledger().budgets(Some(&caller.user))?)
+    }
+
+    /// Checks the request's shape before anything is decided.
+    fn check_request(&self, request: &QueryRequest) -> Result<(), GatewayError> {
+        if request.sql.len() > self.limits.max_request_bytes {
+            return Err(GatewayError::BadRequest(format!(
+                "the SQL is longer than {} bytes",
+                self.limits.max_request_bytes
+            )));
+        }
+        if request.dataset.is_empty() {
+            return Err(GatewayError::BadRequest(
+                "name a dataset (the schema of the query, or the session's default)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Authorizes the query: the dataset's latest version and Cedar's decision (a denial is recorded).
+    fn authorize(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        request: &QueryRequest,
+    ) -> Result<Via, GatewayError> {
+        self.check_request(request)?;
+        let version = match self.catalog.version(&request.dataset, None) {
+            Ok(v) => v,
+            Err(catalog::Error::UnknownDataset(_)) => {
+                let message = format!("no dataset '{}'", request.dataset);
+                let draft = Draft::query(
+                    &caller.user,
+                    &Self::via(caller, peer, String::new()),
+                    &request.dataset,
+                    &request.sql,
+                );
+                self.engine.ledger().refuse(&draft, "catalog", &message)?;
+                return Err(refused("catalog", message));
+            }
+            Err(e) => return Err(internal(e)),
+        };
+        let (allowed, decision) = self.decide_query(caller, &version)?;
+        let via = Self::via(caller, peer, decision);
+        if !allowed {
+            let message = format!(
+                "{} may not query dataset '{}': no policy permits it (a researcher needs an active, unexpired grant)",
+                caller.user, request.dataset
+            );
+            let draft = Draft::query(&caller.user, &via, &request.dataset, &request.sql);
+            self.engine.ledger().refuse(&draft, "access", &message)?;
+            return Err(refused("access", message));
+        }
+        Ok(via)
+    }
+
+    /// Claims a running-query slot for `caller`, or records and refuses the query.
+    fn claim(
+        &self,
+        caller: &Caller,
+        via: &Via,
+        request: &QueryRequest,
+    ) -> Result<Slot<'_>, GatewayError> {
+        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = r.per_user.get(&caller.user).copied().unwrap_or(0);
+        let message = if mine >= self.limits.per_user {
+            Some(format!(
+                "{} already has {mine} queries running, the most one user may; wait for one to finish",
+                caller.user
+            ))
+        } else if r.total >= self.limits.total {
+            Some(
+                "the enclave is answering as many queries as it may at once; try again shortly"
+                    .into(),
+            )
+        } else {
+            None
+        };
+        if let Some(message) = message {
+            drop(r);
+            let draft = Draft::query(&caller.user, via, &request.dataset, &request.sql);
+            self.engine
+                .ledger()
+                .refuse(&draft, "concurrency", &message)?;
+            return Err(refused("concurrency", message));
+        }
+        r.total += 1;
+        *r.per_user.entry(caller.user.clone()).or_insert(0) += 1;
+        Ok(Slot {
+            running: &self.running,
+            user: caller.user.clone(),
+        })
+    }
+
+    /// Answers a query for the signed-in `caller`: Cedar decides, the limits apply, the engine checks,
+    /// runs, charges and records it. Every outcome is in the audit log when this returns.
+    pub async fn query(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        request: &QueryRequest,
+    ) -> Result<DpAnswer, GatewayError> {
+        let via = self.authorize(caller, peer, request)?;
+        let _slot = self.claim(caller, &via, request)?;
+        let options = QueryOptions {
+            epsilon: request.epsilon,
+            delta: request.delta,
+            via,
+            timeout: Some(self.limits.query_timeout),
+            max_groups: Some(self.limits.max_groups),
+        };
+        Ok(self
+            .engine
+            .answer(&caller.user, &request.dataset, &request.sql, &options)
+            .await?)
+    }
+
+    /// Checks and plans a query without running, charging or recording it (prepared statements): the
+    /// answer's columns and what it would cost. Authorization is decided as for [`Gateway::query`] (a
+    /// denial is recorded).
+    pub async fn prepare(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        request: &QueryRequest,
+    ) -> Result<Prepared, GatewayError> {
+        let via = self.authorize(caller, peer, request)?;
+        let options = QueryOptions {
+            epsilon: request.epsilon,
+            delta: request.delta,
+            via,
+            ..QueryOptions::default()
+        };
+        Ok(self
+            .engine
+            .prepare(&caller.user, &request.dataset, &request.sql, &options)
+            .await?)
+    }
+}
+
+/// A shared gateway.
+pub type SharedGateway = Arc<Gateway>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_peers_are_grouped_by_their_64_and_ipv4_mapped_ones_as_ipv4() {
+        let peer = |s: &str| Peer {
+            protocol: Protocol::Http,
+            addr: s.parse().expect("addr"),
+        };
+        assert_eq!(peer("10.1.2.3:5").address_group(), "10.1.2.3");
+        assert_eq!(
+            peer("[2001:db8:1:2:aaaa::1]:5").address_group(),
+            peer("[2001:db8:1:2:ffff::9]:7").address_group()
+        );
+        assert_ne!(
+            peer("[2001:db8:1:2::1]:5").address_group(),
+            peer("[2001:db8:1:3::1]:5").address_group()
+        );
+        assert_eq!(peer("[::ffff:10.1.2.3]:5").address_group(), "10.1.2.3");
+    }
+
+    #[test]
+    fn errors_name_their_rule_and_class() {
+        let e = GatewayError::from(enclave::Error::Refused {
+            rule: enclave::dp::Rule::RowLevel,
+            message: "m".into(),
+        });
+        assert_eq!((e.rule(), e.kind()), ("row-level", ErrorKind::Invalid));
+        let e = GatewayError::from(enclave::Error::Internal("secret detail".into()));
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(
+            GatewayError::from(AuthError::RateLimited).kind(),
+            ErrorKind::Busy
+        );
+    }
+}
