@@ -86,6 +86,7 @@ struct SessionBody {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct QueryBody {
+    #[serde(default)]
     dataset: String,
     sql: String,
     epsilon: Option<f64>,

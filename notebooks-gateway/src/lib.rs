@@ -7,12 +7,17 @@
 //!   name the deciding policies.
 //! - `service`: what every protocol does (sign in, datasets, budgets, queries under Cedar and the
 //!   limits), protocol-independent.
-//! - `http`: the HTTP JSON listener. (Arrow Flight SQL and Postgres wire come next.)
+//! - `conn`: accepted connections with a cap, a first-bytes deadline and an idle limit.
+//! - `http`: the HTTP JSON listener.
+//! - `flight`: the Arrow Flight SQL listener (opaque single-use tickets, prepared statements, catalog).
+//!   (Postgres wire comes next.)
 //!
 //! `enclave-cli` links this crate for `enclave serve`, `enclave users`, `enclave login` and
 //! `enclave policies check`.
 
 pub mod auth;
 pub mod authz;
+pub mod conn;
+pub mod flight;
 pub mod http;
 pub mod service;

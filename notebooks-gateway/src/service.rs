@@ -288,7 +288,7 @@ impl DatasetInfo {
 /// A query as a protocol received it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueryRequest {
-    /// The dataset (schema) it runs on.
+    /// The dataset it runs on; empty: the schema its tables name (`FROM demo.encounters`).
     pub dataset: String,
     /// The SQL, as received.
     pub sql: String,
@@ -486,19 +486,43 @@ impl Gateway {
         Ok(self.engine.ledger().budgets(Some(&caller.user))?)
     }
 
-    /// Checks the request's shape before anything is decided.
-    fn check_request(&self, request: &QueryRequest) -> Result<(), GatewayError> {
+    /// Checks the request's shape before anything is decided, and names its dataset: the request's, else
+    /// the schema its tables name.
+    fn resolve(&self, request: &QueryRequest) -> Result<QueryRequest, GatewayError> {
         if request.sql.len() > self.limits.max_request_bytes {
             return Err(GatewayError::BadRequest(format!(
                 "the SQL is longer than {} bytes",
                 self.limits.max_request_bytes
             )));
         }
-        if request.dataset.is_empty() {
-            return Err(GatewayError::BadRequest(
-                "name a dataset (the schema of the query, or the session's default)".into(),
-            ));
+        let mut resolved = request.clone();
+        if resolved.dataset.is_empty() {
+            resolved.dataset = enclave::dp::dataset_named_in(&request.sql).ok_or_else(|| {
+                GatewayError::BadRequest(
+                    "name the dataset as the tables' schema (SELECT … FROM \"my-dataset\".encounters) or choose a default one for the session".into(),
+                )
+            })?;
         }
+        Ok(resolved)
+    }
+
+    /// Records a refusal the listener decided (a forged ticket, an unknown statement): nothing is
+    /// charged, and the record says who, from where and why.
+    pub fn record_refusal(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        what: &str,
+        rule: &str,
+        message: &str,
+    ) -> Result<(), GatewayError> {
+        let draft = Draft::query(
+            &caller.user,
+            &Self::via(caller, peer, String::new()),
+            "",
+            what,
+        );
+        self.engine.ledger().refuse(&draft, rule, message)?;
         Ok(())
     }
 
@@ -509,7 +533,6 @@ impl Gateway {
         peer: &Peer,
         request: &QueryRequest,
     ) -> Result<Via, GatewayError> {
-        self.check_request(request)?;
         let version = match self.catalog.version(&request.dataset, None) {
             Ok(v) => v,
             Err(catalog::Error::UnknownDataset(_)) => {
@@ -585,6 +608,7 @@ impl Gateway {
         peer: &Peer,
         request: &QueryRequest,
     ) -> Result<DpAnswer, GatewayError> {
+        let request = &self.resolve(request)?;
         let via = self.authorize(caller, peer, request)?;
         let _slot = self.claim(caller, &via, request)?;
         let options = QueryOptions {
@@ -600,26 +624,39 @@ impl Gateway {
             .await?)
     }
 
-    /// Checks and plans a query without running, charging or recording it (prepared statements): the
-    /// answer's columns and what it would cost. Authorization is decided as for [`Gateway::query`] (a
-    /// denial is recorded).
+    /// Checks and plans a query without running or charging it (prepared statements): the request with
+    /// its dataset named, the answer's columns and what it would cost. Authorization is decided as for
+    /// [`Gateway::query`]; a denial or refusal is recorded (free), an accepted statement is recorded when
+    /// it runs.
     pub async fn prepare(
         &self,
         caller: &Caller,
         peer: &Peer,
         request: &QueryRequest,
-    ) -> Result<Prepared, GatewayError> {
-        let via = self.authorize(caller, peer, request)?;
+    ) -> Result<(QueryRequest, Prepared), GatewayError> {
+        let request = self.resolve(request)?;
+        let via = self.authorize(caller, peer, &request)?;
         let options = QueryOptions {
             epsilon: request.epsilon,
             delta: request.delta,
             via,
             ..QueryOptions::default()
         };
-        Ok(self
+        match self
             .engine
             .prepare(&caller.user, &request.dataset, &request.sql, &options)
-            .await?)
+            .await
+        {
+            Ok(prepared) => Ok((request, prepared)),
+            Err(enclave::Error::Refused { rule, message }) => {
+                // The engine records nothing for a prepare; a refusal is still a request on record.
+                let draft =
+                    Draft::query(&caller.user, &options.via, &request.dataset, &request.sql);
+                self.engine.ledger().refuse(&draft, rule.name(), &message)?;
+                Err(enclave::Error::Refused { rule, message }.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -161,14 +161,24 @@ pub struct Server {
     child: std::process::Child,
     /// The HTTP listener's address.
     pub http: std::net::SocketAddr,
+    /// The Flight SQL listener's address.
+    pub flight: std::net::SocketAddr,
 }
 
 impl Server {
-    /// Starts `enclave --data-dir <data> serve --http 127.0.0.1:0 extra…` in `cwd` and waits for its
-    /// listener line.
+    /// Starts `enclave --data-dir <data> serve` with every listener on a free loopback port (and
+    /// `extra` options) in `cwd`, and waits for its listener lines.
     pub fn start(cwd: &Path, data: &str, extra: &[&str]) -> Server {
         use std::io::BufRead as _;
-        let mut args = vec!["--data-dir", data, "serve", "--http", "127.0.0.1:0"];
+        let mut args = vec![
+            "--data-dir",
+            data,
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--flight",
+            "127.0.0.1:0",
+        ];
         args.extend_from_slice(extra);
         let mut child = enclave_command(cwd, &args)
             .stdout(std::process::Stdio::piped())
@@ -177,18 +187,26 @@ impl Server {
             .expect("start enclave serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = std::io::BufReader::new(stdout).lines();
-        let http = loop {
+        let (mut http, mut flight) = (None, None);
+        while http.is_none() || flight.is_none() {
             let line = lines
                 .next()
-                .expect("enclave serve printed its listener before exiting")
+                .expect("enclave serve printed its listeners before exiting")
                 .expect("stdout line");
-            if let Some(addr) = line.strip_prefix("listening: http on ") {
-                break addr.trim().parse().expect("listener address");
-            }
-        };
+            let addr = |prefix: &str| {
+                line.strip_prefix(prefix)
+                    .map(|a| a.trim().parse::<std::net::SocketAddr>().expect("address"))
+            };
+            http = http.or(addr("listening: http on "));
+            flight = flight.or(addr("listening: flight on "));
+        }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, http }
+        Server {
+            child,
+            http: http.expect("http"),
+            flight: flight.expect("flight"),
+        }
     }
 
     /// Sends a signal to the server (`HUP`, `TERM`).
@@ -212,6 +230,63 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Python of the real-client venv (`$ENCLAVE_VENV`, default `~/.cache/enclave-venv`), created
+/// from `tests/clients/requirements.txt` when missing or stale (pip, from the package registry). Built
+/// in a scratch directory and renamed into place, so racing test binaries do not see a half-made one.
+pub fn client_python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(make_client_venv).clone()
+}
+
+fn make_client_venv() -> PathBuf {
+    let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements).expect("requirements");
+    let venv = std::env::var_os("ENCLAVE_VENV").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/enclave-venv"),
+        PathBuf::from,
+    );
+    let stamp = venv.join("enclave-requirements.txt");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return venv.join("bin/python");
+    }
+    let parent = venv.parent().expect("venv parent");
+    std::fs::create_dir_all(parent).expect("venv parent");
+    let scratch = parent.join(format!("enclave-venv.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&scratch)
+        .status()
+        .expect("python3 -m venv")
+        .success();
+    assert!(ok, "python3 -m venv failed");
+    let ok = Command::new(scratch.join("bin/python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements)
+        .status()
+        .expect("pip install")
+        .success();
+    assert!(ok, "pip install -r {} failed", requirements.display());
+    std::fs::write(scratch.join("enclave-requirements.txt"), &wanted).expect("stamp");
+    // Replace a stale venv; if another test binary finished first, keep theirs.
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        let _ = std::fs::remove_dir_all(&scratch);
+    } else {
+        let _ = std::fs::remove_dir_all(&venv);
+        if std::fs::rename(&scratch, &venv).is_err() {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
+    venv.join("bin/python")
 }
 
 /// Sends raw bytes to `addr` and reads until the server closes (or 30 s pass); returns what came back.

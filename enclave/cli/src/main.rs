@@ -124,7 +124,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the researchers' gateway: HTTP JSON (Flight SQL and Postgres wire come next), with two-factor
+    /// Run the researchers' gateway: HTTP JSON and Arrow Flight SQL (Postgres wire comes next), with two-factor
     /// sessions, Cedar authorization, the DP engine, budgets and the audit log in front of every query.
     /// Stops on Ctrl-C or SIGTERM; SIGHUP re-reads the policies.
     Serve(ServeArgs),
@@ -768,6 +768,9 @@ struct ServeArgs {
     /// HTTP JSON listener address, or `off`.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: String,
+    /// Arrow Flight SQL listener address, or `off`.
+    #[arg(long, default_value = "127.0.0.1:8815")]
+    flight: String,
     /// Session lifetime in minutes (at most 720).
     #[arg(long, default_value_t = 480)]
     session_minutes: u64,
@@ -819,6 +822,7 @@ fn listen_addr(
 fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
     use notebooks_gateway::service::{Gateway, Limits};
     let http = listen_addr("http", &args.http, args.danger_allow_plaintext)?;
+    let flight = listen_addr("flight", &args.flight, args.danger_allow_plaintext)?;
     let limits = Limits {
         query_timeout: std::time::Duration::from_secs(args.query_timeout.max(1)),
         max_groups: args.max_groups.max(1),
@@ -851,6 +855,23 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await;
+            }));
+        }
+        if let Some(addr) = flight {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for flight: {e}"))?;
+            println!("listening: flight on {}", listener.local_addr()?);
+            let mut stop = stop_rx.clone();
+            let g = gateway.clone();
+            tasks.push(tokio::spawn(async move {
+                let served = notebooks_gateway::flight::serve(listener, g, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+                if let Err(e) = served {
+                    eprintln!("flight listener stopped: {e}");
+                }
             }));
         }
         if tasks.is_empty() {

@@ -26,6 +26,7 @@ mod release;
 pub mod rules;
 mod total;
 
+pub use query::dataset_named_in;
 pub use rules::Rule;
 
 use std::collections::HashMap;
@@ -293,7 +294,16 @@ impl DpEngine {
                     .take(p.dry.shows.len())
                     .cloned()
                     .collect();
+                let noisy_columns = p
+                    .dry
+                    .shows
+                    .iter()
+                    .zip(schema.fields())
+                    .filter(|(shows, _)| shows.is_some())
+                    .map(|(_, f)| f.name().clone())
+                    .collect();
                 Ok(Prepared {
+                    noisy_columns,
                     schema: Arc::new(arrow::datatypes::Schema::new(fields)),
                     version: draft.version,
                     cost: planned_cost(&p.dp, p.total, p.delta, p.accounting),
@@ -818,6 +828,9 @@ pub struct Prepared {
     pub version: String,
     /// What it will cost at most.
     pub cost: Cost,
+    /// The columns that show an aggregate unchanged: the answer gives each a noise scale and intervals
+    /// (as [`DpAnswer::noise`] will).
+    pub noisy_columns: Vec<String>,
 }
 
 /// Why a query was not answered, and whether the audit log has it already.

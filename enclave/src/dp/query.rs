@@ -247,6 +247,9 @@ pub(crate) fn analyze(sql: &str, version: &VersionEntry) -> Result<Analyzed> {
     };
     let _ = VisitMut::visit(&mut *query, &mut Canonical);
     check_query_shape(&query)?;
+    if let SetExpr::Select(select) = &mut *query.body {
+        unqualify_tables(select, &version.version.dataset)?;
+    }
     let SetExpr::Select(select) = &*query.body else {
         return refuse(
             Rule::SingleSelect,
@@ -408,6 +411,66 @@ fn check_query_shape(q: &Query) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The FROM items of a SELECT (the first table and every joined one).
+fn relations_mut(select: &mut Select) -> impl Iterator<Item = &mut TableFactor> {
+    select.from.iter_mut().flat_map(|t| {
+        std::iter::once(&mut t.relation).chain(t.joins.iter_mut().map(|j| &mut j.relation))
+    })
+}
+
+/// Tables may name the dataset as their schema (`"demo-cohort".encounters`, as every protocol shows
+/// datasets): the qualifier must be the query's dataset, and is removed from the tree so DataFusion
+/// resolves the table in the dataset's own session.
+fn unqualify_tables(select: &mut Select, dataset: &str) -> Result<()> {
+    for factor in relations_mut(select) {
+        let TableFactor::Table { name, .. } = factor else {
+            continue;
+        };
+        if let [
+            ObjectNamePart::Identifier(schema),
+            ObjectNamePart::Identifier(table),
+        ] = name.0.as_slice()
+        {
+            if normalized(schema) != dataset {
+                return refuse(
+                    Rule::Catalog,
+                    format!(
+                        "'{name}' is not in dataset '{dataset}', which this query runs on (one dataset per query)"
+                    ),
+                );
+            }
+            *name = ObjectName(vec![ObjectNamePart::Identifier(table.clone())]);
+        }
+    }
+    Ok(())
+}
+
+/// The dataset a query names as its tables' schema (`SELECT … FROM demo.encounters` → `demo`), when
+/// every qualified table names the same one; `None` when no table is qualified or the query does not
+/// parse as one SELECT (the front door then says why). Protocols without a dataset field use it.
+pub fn dataset_named_in(sql: &str) -> Option<String> {
+    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let Some(Statement::Query(mut query)) = statements.pop() else {
+        return None;
+    };
+    let SetExpr::Select(select) = &mut *query.body else {
+        return None;
+    };
+    let mut named = None;
+    for factor in relations_mut(select) {
+        if let TableFactor::Table { name, .. } = factor
+            && let [ObjectNamePart::Identifier(schema), _] = name.0.as_slice()
+        {
+            let schema = normalized(schema);
+            match &named {
+                Some(n) if *n != schema => return None,
+                _ => named = Some(schema),
+            }
+        }
+    }
+    named
 }
 
 /// The table a FROM item names and the name the query refers to it by (its alias, else the table), both
@@ -901,4 +964,33 @@ fn aggregate(f: &Function, scope: &Scope<'_>) -> Result<Aggregate> {
         }
     };
     Ok(Aggregate { key, kind, bounds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dataset_a_query_names_is_its_tables_common_schema() {
+        for (sql, want) in [
+            ("SELECT COUNT(*) FROM demo.encounters", Some("demo")),
+            (
+                "SELECT COUNT(*) FROM \"diabetes-2026\".encounters",
+                Some("diabetes-2026"),
+            ),
+            (
+                "SELECT COUNT(*) FROM DEMO.encounters e JOIN demo.patients p ON p.person_id = e.person_id",
+                Some("demo"),
+            ),
+            ("SELECT COUNT(*) FROM encounters", None),
+            (
+                "SELECT COUNT(*) FROM a.encounters e JOIN b.patients p ON p.person_id = e.person_id",
+                None,
+            ),
+            ("DROP TABLE demo.encounters", None),
+            ("not sql", None),
+        ] {
+            assert_eq!(dataset_named_in(sql).as_deref(), want, "{sql}");
+        }
+    }
 }
