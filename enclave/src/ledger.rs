@@ -345,8 +345,9 @@ impl Ledger {
 
     /// Records an accepted query that failed while running: its planned cost is charged (capped at what
     /// is left, so concurrent queries still never overspend), with outcome `failed`. A failure that could
-    /// only depend on the data must not be a free answer.
-    pub fn charge_failure(&self, draft: &Draft, cost: Cost) -> Result<Record> {
+    /// only depend on the data must not be a free answer. `why` (a limit hit, or a failure) is the
+    /// record's reason.
+    pub fn charge_failure(&self, draft: &Draft, cost: Cost, why: &str) -> Result<Record> {
         let units = cost_units(cost)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -365,7 +366,7 @@ impl Ledger {
             draft,
             charged,
             "failed",
-            "execution: the query failed while running; its cost was charged",
+            &format!("execution: {why}"),
         )?;
         tx.commit()?;
         Ok(rec)
@@ -725,7 +726,11 @@ mod tests {
             .charge(&draft("alice", "q1"), epsilon(0.75))
             .expect("charged");
         let rec = ledger
-            .charge_failure(&draft("alice", "q2"), epsilon(0.5))
+            .charge_failure(
+                &draft("alice", "q2"),
+                epsilon(0.5),
+                "the query failed while running; its cost was charged",
+            )
             .expect("recorded");
         assert_eq!(rec.outcome, "failed");
         assert_eq!(from_units(rec.cost_epsilon), 0.25, "capped at what is left");

@@ -1042,3 +1042,51 @@ fn prepare_answers_the_columns_without_running_charging_or_recording() {
     );
     assert_eq!(records(), before, "prepare records nothing");
 }
+
+/// An answer with more rows than the caller's limit is refused after it was computed: its cost is
+/// charged, and the audit record says which limit stopped it.
+#[test]
+fn an_answer_over_the_row_limit_is_refused_and_charged() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let values: Vec<Vec<f64>> = (0..50).map(|p| vec![f64::from(p)]).collect();
+    export(&tmp.path().join("export"), &values);
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_as(&dir, "rows", &tmp.path().join("export"));
+    let engine = DpEngine::open(&dir).expect("engine");
+    engine
+        .ledger()
+        .set_budget("test", "alice", "rows", 1.0, 0.0, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let options = QueryOptions {
+        epsilon: Some(0.25),
+        max_groups: Some(3),
+        ..QueryOptions::default()
+    };
+    // category has a public domain of nine values: nine rows, over the limit of three.
+    let sql = "SELECT category, COUNT(*) AS n FROM observations GROUP BY category";
+    match rt.block_on(engine.answer("alice", "rows", sql, &options)) {
+        Err(enclave::Error::Refused {
+            rule: enclave::dp::Rule::Execution,
+            message,
+        }) => assert!(message.contains("more than 3 rows"), "{message}"),
+        other => panic!("expected the row limit, got {other:?}"),
+    }
+    let budget = engine
+        .ledger()
+        .budget("alice", "rows")
+        .expect("b")
+        .expect("some");
+    assert!(
+        (budget.spent_epsilon - 0.25).abs() < 1e-9,
+        "charged: {budget:?}"
+    );
+    let last = engine.ledger().tail(1).expect("tail").remove(0);
+    assert_eq!(last.outcome, "failed");
+    assert!(last.rule.contains("more than 3 rows"), "{}", last.rule);
+    engine
+        .ledger()
+        .verify(&engine.ledger().public_key_hex())
+        .expect("verifies");
+}

@@ -2,7 +2,7 @@
 //!
 //! - **Sign-in**: a Basic handshake with the user's name and, as password, `<token>:<totp>` (opens a
 //!   session) or a session secret; the handshake answers `authorization: Bearer <session>`, which every
-//!   later call carries (ADBC does this by itself). A call may also carry the Bearer session directly.
+//!   later call carries (ADBC does this by itself).
 //! - **Queries** run when their `FlightInfo` is asked for (`CommandStatementQuery`, or a prepared
 //!   statement): charged once, recorded, and the answer kept under a ticket. The ticket is an opaque
 //!   random handle bound to the session that asked, good once and for [`TICKET_LIFETIME`]: never the SQL.
@@ -49,8 +49,15 @@ use crate::service::{ErrorKind, Gateway, GatewayError, Peer, Protocol, QueryRequ
 /// How long an answer waits for its `DoGet`.
 pub const TICKET_LIFETIME: Duration = Duration::from_secs(600);
 
-/// Answers waiting for their `DoGet`, all sessions together; more are refused until some are fetched.
+/// Answers waiting for their `DoGet`, all sessions together; more are refused (before they run) until
+/// some are fetched.
 pub const MAX_WAITING: usize = 10_000;
+
+/// Answers waiting for their `DoGet` per session, and open prepared statements per session.
+pub const MAX_WAITING_PER_SESSION: usize = 32;
+
+/// How long a prepared statement stays open without being closed.
+pub const STATEMENT_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// The one catalog name the datasets are listed under.
 pub const CATALOG: &str = "enclave";
@@ -70,6 +77,7 @@ struct Waiting {
 /// A prepared statement.
 struct Statement {
     session_id: String,
+    at: Instant,
     request: QueryRequest,
 }
 
@@ -199,7 +207,7 @@ impl FlightSql {
         }
     }
 
-    /// The caller of a call: its Bearer session (or Basic credentials), and where it came from.
+    /// The caller of a call: its Bearer session, and where it came from.
     fn caller<T>(&self, request: &Request<T>) -> Result<(Caller, Peer), Status> {
         let peer = peer_of(request)?;
         let header = request
@@ -214,13 +222,7 @@ impl FlightSql {
             let caller = self.gateway.caller(session.trim()).map_err(status)?;
             return Ok((caller, peer));
         }
-        if let Some((user, password)) = basic(header) {
-            let (caller, _) = self
-                .gateway
-                .caller_from_password(&user, &password, &peer)
-                .map_err(status)?;
-            return Ok((caller, peer));
-        }
+        // Basic credentials open a session only through the handshake (off the async workers).
         Err(status(GatewayError::Auth(AuthError::Session)))
     }
 
@@ -232,6 +234,26 @@ impl FlightSql {
         request: &QueryRequest,
         descriptor: FlightDescriptor,
     ) -> Result<Response<FlightInfo>, Status> {
+        // Room for the answer is checked before the query runs (and is charged): a full store refuses
+        // for free, rather than losing a charged answer.
+        let room = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            waiting.retain(|_, w| w.at.elapsed() < TICKET_LIFETIME);
+            let mine = waiting
+                .values()
+                .filter(|w| w.session_id == caller.session_id)
+                .count();
+            mine < MAX_WAITING_PER_SESSION && waiting.len() < MAX_WAITING
+        };
+        if !room {
+            let message = "too many answers are waiting to be fetched; fetch them (DoGet) first";
+            self.gateway
+                .record_refusal(caller, peer, &request.sql, "concurrency", message)
+                .map_err(status)?;
+            return Err(Status::resource_exhausted(format!(
+                "refused (rule 'concurrency'): {message}"
+            )));
+        }
         let answer = self
             .gateway
             .query(caller, peer, request)
@@ -240,14 +262,9 @@ impl FlightSql {
         let batch = answer_batch(&answer).map_err(status)?;
         let handle = handle()?;
         {
+            // Checked above; racing queries of one session may pass the check together and go a few
+            // over, never unboundedly (each also holds a concurrency slot while it runs).
             let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            waiting.retain(|_, w| w.at.elapsed() < TICKET_LIFETIME);
-            if waiting.len() >= MAX_WAITING {
-                // The query is charged and recorded; its answer cannot be held.
-                return Err(Status::resource_exhausted(
-                    "refused (rule 'concurrency'): too many answers are waiting to be fetched; fetch them first",
-                ));
-            }
             waiting.insert(
                 handle.clone(),
                 Waiting {
@@ -425,7 +442,11 @@ impl FlightSqlService for FlightSql {
         let q = {
             let statements = self.statements.lock().unwrap_or_else(|p| p.into_inner());
             match statements.get(&handle) {
-                Some(s) if s.session_id == caller.session_id => Some(s.request.clone()),
+                Some(s)
+                    if s.session_id == caller.session_id && s.at.elapsed() < STATEMENT_LIFETIME =>
+                {
+                    Some(s.request.clone())
+                }
                 _ => None,
             }
         };
@@ -599,7 +620,12 @@ impl FlightSqlService for FlightSql {
                 .map_err(internal)?;
         let handle = handle()?;
         let mut statements = self.statements.lock().unwrap_or_else(|p| p.into_inner());
-        if statements.len() >= MAX_WAITING {
+        statements.retain(|_, st| st.at.elapsed() < STATEMENT_LIFETIME);
+        let mine = statements
+            .values()
+            .filter(|st| st.session_id == caller.session_id)
+            .count();
+        if mine >= MAX_WAITING_PER_SESSION || statements.len() >= MAX_WAITING {
             return Err(Status::resource_exhausted(
                 "refused (rule 'concurrency'): too many open prepared statements; close some",
             ));
@@ -608,6 +634,7 @@ impl FlightSqlService for FlightSql {
             handle.clone(),
             Statement {
                 session_id: caller.session_id,
+                at: Instant::now(),
                 request: resolved,
             },
         );

@@ -305,13 +305,13 @@ struct Running {
     total: usize,
 }
 
-/// A claimed query slot, given back on drop (also when the request is cancelled).
-struct Slot<'a> {
-    running: &'a Mutex<Running>,
+/// A claimed query slot, given back on drop.
+struct Slot {
+    running: Arc<Mutex<Running>>,
     user: String,
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
         r.total = r.total.saturating_sub(1);
@@ -331,7 +331,7 @@ pub struct Gateway {
     policies: Policies,
     catalog: SqliteCatalog,
     limits: Limits,
-    running: Mutex<Running>,
+    running: Arc<Mutex<Running>>,
 }
 
 impl Gateway {
@@ -354,7 +354,7 @@ impl Gateway {
             policies,
             catalog: dir.catalog()?,
             limits,
-            running: Mutex::new(Running::default()),
+            running: Arc::new(Mutex::new(Running::default())),
         })
     }
 
@@ -533,32 +533,30 @@ impl Gateway {
         peer: &Peer,
         request: &QueryRequest,
     ) -> Result<Via, GatewayError> {
+        // An unknown dataset and one the caller may not query get the same refusal: whether a dataset
+        // exists is not the caller's to learn from it.
+        let refuse = |decision: String| -> Result<Via, GatewayError> {
+            let message = format!(
+                "no dataset '{}' that {} may query (it does not exist, or there is no active, unexpired grant on it)",
+                request.dataset, caller.user
+            );
+            let via = Self::via(caller, peer, decision);
+            let draft = Draft::query(&caller.user, &via, &request.dataset, &request.sql);
+            self.engine.ledger().refuse(&draft, "access", &message)?;
+            Err(refused("access", message))
+        };
         let version = match self.catalog.version(&request.dataset, None) {
             Ok(v) => v,
             Err(catalog::Error::UnknownDataset(_)) => {
-                let message = format!("no dataset '{}'", request.dataset);
-                let draft = Draft::query(
-                    &caller.user,
-                    &Self::via(caller, peer, String::new()),
-                    &request.dataset,
-                    &request.sql,
-                );
-                self.engine.ledger().refuse(&draft, "catalog", &message)?;
-                return Err(refused("catalog", message));
+                return refuse("deny [no such dataset]".into());
             }
             Err(e) => return Err(internal(e)),
         };
         let (allowed, decision) = self.decide_query(caller, &version)?;
-        let via = Self::via(caller, peer, decision);
         if !allowed {
-            let message = format!(
-                "{} may not query dataset '{}': no policy permits it (a researcher needs an active, unexpired grant)",
-                caller.user, request.dataset
-            );
-            let draft = Draft::query(&caller.user, &via, &request.dataset, &request.sql);
-            self.engine.ledger().refuse(&draft, "access", &message)?;
-            return Err(refused("access", message));
+            return refuse(decision);
         }
+        let via = Self::via(caller, peer, decision);
         Ok(via)
     }
 
@@ -568,7 +566,7 @@ impl Gateway {
         caller: &Caller,
         via: &Via,
         request: &QueryRequest,
-    ) -> Result<Slot<'_>, GatewayError> {
+    ) -> Result<Slot, GatewayError> {
         let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mine = r.per_user.get(&caller.user).copied().unwrap_or(0);
         let message = if mine >= self.limits.per_user {
@@ -595,22 +593,27 @@ impl Gateway {
         r.total += 1;
         *r.per_user.entry(caller.user.clone()).or_insert(0) += 1;
         Ok(Slot {
-            running: &self.running,
+            running: Arc::clone(&self.running),
             user: caller.user.clone(),
         })
     }
 
     /// Answers a query for the signed-in `caller`: Cedar decides, the limits apply, the engine checks,
     /// runs, charges and records it. Every outcome is in the audit log when this returns.
+    ///
+    /// The engine runs as a task of its own: a client that goes away (a closed connection, a gRPC
+    /// deadline) cannot cancel a query between its run and its charge, which would make a data-dependent
+    /// outcome (how long it ran) free. The query finishes, is charged and recorded, and its answer is
+    /// dropped.
     pub async fn query(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         peer: &Peer,
         request: &QueryRequest,
     ) -> Result<DpAnswer, GatewayError> {
-        let request = &self.resolve(request)?;
-        let via = self.authorize(caller, peer, request)?;
-        let _slot = self.claim(caller, &via, request)?;
+        let request = self.resolve(request)?;
+        let via = self.authorize(caller, peer, &request)?;
+        let slot = self.claim(caller, &via, &request)?;
         let options = QueryOptions {
             epsilon: request.epsilon,
             delta: request.delta,
@@ -618,10 +621,16 @@ impl Gateway {
             timeout: Some(self.limits.query_timeout),
             max_groups: Some(self.limits.max_groups),
         };
-        Ok(self
-            .engine
-            .answer(&caller.user, &request.dataset, &request.sql, &options)
-            .await?)
+        let gateway = Arc::clone(self);
+        let user = caller.user.clone();
+        let run = tokio::spawn(async move {
+            let _slot = slot;
+            gateway
+                .engine
+                .answer(&user, &request.dataset, &request.sql, &options)
+                .await
+        });
+        Ok(run.await.map_err(internal)??)
     }
 
     /// Checks and plans a query without running or charging it (prepared statements): the request with

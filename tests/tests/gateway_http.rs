@@ -64,6 +64,11 @@ fn the_http_api_answers_refuses_and_records_every_request() {
             "2999-12-31",
         ],
     );
+    // Changed without --expires, a grant keeps its end.
+    s.enclave(
+        "data",
+        &["budget", "set", "alice", "demo-cohort", "--epsilon", "1.0"],
+    );
     s.enclave(
         "data",
         &[
@@ -152,7 +157,28 @@ fn the_http_api_answers_refuses_and_records_every_request() {
         Some(&alice),
         Some(&json!({"dataset": "no-such", "sql": "SELECT COUNT(*) FROM patients"})),
     );
+    // An unknown dataset is refused as one without a grant: its existence is not told.
+    assert_eq!((status, rule(&body)), (403, "access"), "{body}");
+    // The request names one dataset, the tables another: refused by the front door.
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/v1/query",
+        Some(&alice),
+        Some(&json!({"dataset": "demo-cohort", "sql": "SELECT COUNT(*) FROM other.patients"})),
+    );
     assert_eq!((status, rule(&body)), (404, "catalog"), "{body}");
+    // Without a dataset field, the tables' schema names it.
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/v1/query",
+        Some(&alice),
+        Some(
+            &json!({"sql": "SELECT COUNT(*) AS n FROM \"demo-cohort\".patients", "epsilon": 0.01}),
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
 
     // Datasets and budget: what alice may query, no row counts.
     let (status, body) = http(addr, "GET", "/api/v1/datasets", Some(&alice), None);
@@ -260,13 +286,16 @@ fn the_http_api_answers_refuses_and_records_every_request() {
         slow.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
         let mut cut = false;
+        // A complete, valid request (it would be answered 200) sent over about 5 s, past the 2 s limit.
+        let auth = format!("Authorization: Bearer {alice}\r\n");
         for piece in [
             "GET /api/v1/bud",
             "get HTTP/1.1\r\n",
-            "X-A: 1\r\n",
-            "X-B: 2\r\n",
+            "Host: e\r\n",
+            auth.as_str(),
             "X-C: 3\r\n",
-            "X-D: 4\r\n",
+            "Connection: close\r\n",
+            "\r\n",
         ] {
             if slow.write_all(piece.as_bytes()).is_err() {
                 cut = true;
@@ -381,7 +410,7 @@ fn the_http_api_answers_refuses_and_records_every_request() {
             "{denied}"
         );
     }
-    for rule_name in ["row-level", "budget", "catalog"] {
+    for rule_name in ["row-level", "budget", "access"] {
         assert!(
             http_queries.iter().any(|r| r["principal"] == "alice"
                 && r["rule"].as_str().is_some_and(|r| r.starts_with(rule_name))),

@@ -253,10 +253,10 @@ enum BudgetCommand {
         /// ρ granted, for datasets accounted in zCDP.
         #[arg(long)]
         rho: Option<f64>,
-        /// When the grant ends: a date (the grant holds through that day, UTC) or an RFC 3339 time.
-        /// Without it the grant does not end; setting a budget again without it removes an end date.
+        /// When the grant ends: a date (the grant holds through that day, UTC), an RFC 3339 time, or
+        /// `never`. Without it a new grant does not end and a changed one keeps its end.
         #[arg(long, value_parser = parse_expiry)]
-        expires: Option<chrono::DateTime<chrono::Utc>>,
+        expires: Option<Expiry>,
         /// Who grants it, for the audit log (default: the login name).
         #[arg(long, env = "USER", default_value = "unknown")]
         by: String,
@@ -748,18 +748,32 @@ fn users_command(dir: &DataDir, command: UsersCommand) -> Result<()> {
     Ok(())
 }
 
-/// `--expires`: a date (the grant holds through that day, UTC, so it ends at the next midnight) or an
-/// RFC 3339 time.
-fn parse_expiry(s: &str) -> std::result::Result<chrono::DateTime<chrono::Utc>, String> {
+/// A grant's end as `--expires` gives it.
+#[derive(Debug, Clone, Copy)]
+enum Expiry {
+    /// The grant does not end.
+    Never,
+    /// It ends at this time.
+    At(chrono::DateTime<chrono::Utc>),
+}
+
+/// `--expires`: a date (the grant holds through that day, UTC, so it ends at the next midnight), an
+/// RFC 3339 time, or `never`.
+fn parse_expiry(s: &str) -> std::result::Result<Expiry, String> {
+    if s == "never" {
+        return Ok(Expiry::Never);
+    }
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&chrono::Utc));
+        return Ok(Expiry::At(t.with_timezone(&chrono::Utc)));
     }
     chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
         .ok()
         .and_then(|d| d.succ_opt())
         .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| t.and_utc())
-        .ok_or_else(|| format!("{s:?} is neither a date (YYYY-MM-DD) nor an RFC 3339 time"))
+        .map(|t| Expiry::At(t.and_utc()))
+        .ok_or_else(|| {
+            format!("{s:?} is neither a date (YYYY-MM-DD), an RFC 3339 time, nor `never`")
+        })
 }
 
 /// `enclave serve`'s options.
@@ -916,6 +930,22 @@ fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
         } => {
             // Fail closed: a budget only exists for a dataset the catalog knows.
             dir.catalog()?.version(&dataset, None)?;
+            // A changed grant keeps its end unless --expires says otherwise.
+            let expires = match expires {
+                Some(Expiry::Never) => None,
+                Some(Expiry::At(t)) => Some(t),
+                None => ledger
+                    .budget(&principal, &dataset)?
+                    .and_then(|b| b.expires_at)
+                    .map(|t| chrono::DateTime::parse_from_rfc3339(&t))
+                    .transpose()
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "the stored end of this grant does not parse; give --expires"
+                        )
+                    })?
+                    .map(|t| t.with_timezone(&chrono::Utc)),
+            };
             let b =
                 ledger.set_budget_until(&by, &principal, &dataset, epsilon, delta, rho, expires)?;
             println!(

@@ -543,7 +543,7 @@ impl DpEngine {
                 };
                 let planned = planned_cost(&dp, total, delta, accounting);
                 self.ledger
-                    .charge_failure(draft, planned)
+                    .charge_failure(draft, planned, &message)
                     .map_err(Failure::Recorded)?;
                 return Err(Failure::Recorded(Error::Refused {
                     rule: Rule::Execution,
