@@ -1090,3 +1090,61 @@ fn an_answer_over_the_row_limit_is_refused_and_charged() {
         .verify(&engine.ledger().public_key_hex())
         .expect("verifies");
 }
+
+/// Queries running together hold their planned cost: those that do not fit are refused before they run,
+/// and every one that ran and hit a limit is charged in full, never capped to nothing by the others.
+#[test]
+fn concurrent_queries_hold_their_cost_so_a_limit_hit_is_always_charged_in_full() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let values: Vec<Vec<f64>> = (0..50).map(|p| vec![f64::from(p)]).collect();
+    export(&tmp.path().join("export"), &values);
+    let dir = DataDir::new(tmp.path().join("data"));
+    dir.init().expect("init");
+    ingest_as(&dir, "held", &tmp.path().join("export"));
+    let engine = DpEngine::open(&dir).expect("engine");
+    engine
+        .ledger()
+        .set_budget("test", "alice", "held", 1.0, 0.0, None)
+        .expect("budget");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let options = QueryOptions {
+        epsilon: Some(0.25),
+        max_groups: Some(3),
+        ..QueryOptions::default()
+    };
+    let sql = "SELECT category, COUNT(*) AS n FROM observations GROUP BY category";
+    let outcomes = rt.block_on(async {
+        let runs = (0..8).map(|_| engine.answer("alice", "held", sql, &options));
+        futures::future::join_all(runs).await
+    });
+    let rules: Vec<String> = outcomes
+        .iter()
+        .map(|o| match o {
+            Err(enclave::Error::Refused { rule, .. }) => rule.name().to_owned(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        rules.iter().filter(|r| *r == "execution").count(),
+        4,
+        "{rules:?}"
+    );
+    assert_eq!(
+        rules.iter().filter(|r| *r == "budget").count(),
+        4,
+        "{rules:?}"
+    );
+    let records = engine.ledger().tail(20).expect("tail");
+    let failed: Vec<_> = records.iter().filter(|r| r.outcome == "failed").collect();
+    assert_eq!(failed.len(), 4);
+    assert!(
+        failed.iter().all(|r| r.cost_epsilon == 250_000_000_000),
+        "each failed query is charged its whole ε: {failed:?}"
+    );
+    let budget = engine
+        .ledger()
+        .budget("alice", "held")
+        .expect("b")
+        .expect("some");
+    assert!((budget.spent_epsilon - 1.0).abs() < 1e-9, "{budget:?}");
+}

@@ -198,6 +198,34 @@ pub struct DpEngine {
     /// Per (version directory, tables joined, k): the exact figures of the truncation estimate over
     /// their whole join (rows left out, rows), computed from their indexes once.
     truncation_totals: std::sync::Mutex<TruncationTotals>,
+    /// What running queries have planned to spend, per (principal, dataset): (ε or ρ, δ).
+    held: Arc<std::sync::Mutex<Held>>,
+    /// Taken while tables are registered in a session: two first queries of a version at once would
+    /// otherwise both register a table, and the second fail.
+    registering: tokio::sync::Mutex<()>,
+}
+
+/// Planned costs of running queries, per (principal, dataset).
+type Held = HashMap<(String, String), (f64, f64)>;
+
+/// A running query's planned cost, held against its budget until it is charged (dropped after).
+struct Hold {
+    held: Arc<std::sync::Mutex<Held>>,
+    key: (String, String),
+    amount: (f64, f64),
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = held.get_mut(&self.key) {
+            h.0 -= self.amount.0;
+            h.1 -= self.amount.1;
+            if h.0 <= 1e-12 && h.1 <= 1e-18 {
+                held.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl DpEngine {
@@ -217,6 +245,8 @@ impl DpEngine {
             danger_crash_after_charge: false,
             sessions: std::sync::Mutex::new(HashMap::new()),
             truncation_totals: std::sync::Mutex::new(HashMap::new()),
+            held: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            registering: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -410,7 +440,6 @@ impl DpEngine {
         Ok(Planned {
             version,
             tables: analyzed.tables,
-            budget,
             dp,
             bounds,
             dry,
@@ -430,7 +459,6 @@ impl DpEngine {
         let Planned {
             version,
             tables,
-            budget,
             dp,
             bounds,
             dry,
@@ -439,22 +467,11 @@ impl DpEngine {
             delta,
             accounting,
         } = self.plan_query(draft, options).await?;
-        // Cheap pre-check; the ledger's transaction is the authority.
-        let left = match accounting {
-            Accounting::Basic => budget.epsilon_left(),
-            Accounting::Zcdp => (budget.rho.unwrap_or(0.0) - budget.spent_rho).max(0.0),
-        };
-        if total > left + 1e-12 {
-            let unit = if accounting == Accounting::Zcdp {
-                "ρ"
-            } else {
-                "ε"
-            };
-            return Err(Failure::refused(
-                Rule::Budget,
-                format!("budget exhausted: {left:.6} {unit} left, query needs {total:.6}"),
-            ));
-        }
+        // The planned cost is held against the budget while the query runs, so that its charge
+        // afterwards always fits: a limit hit or failure is then charged in full, never capped to nothing
+        // by queries that ran beside it. (The ledger's transaction stays the authority across processes.)
+        let planned = planned_cost(&dp, total, delta, accounting);
+        let _held = self.hold(draft, accounting, planned)?;
         let index = if dp.bounding == (Bounding::Weight { indexed: true }) {
             self.index_scans(&ctx, &version, &tables).await?
         } else {
@@ -541,7 +558,6 @@ impl DpEngine {
                     }
                     Stopped::Limit(m) => m,
                 };
-                let planned = planned_cost(&dp, total, delta, accounting);
                 self.ledger
                     .charge_failure(draft, planned, &message)
                     .map_err(Failure::Recorded)?;
@@ -588,6 +604,55 @@ impl DpEngine {
         })
     }
 
+    /// Holds `planned` against the principal's budget on the dataset while the query runs, or refuses
+    /// (rule `budget`) when what is left, less what running queries hold, does not cover it.
+    fn hold(&self, draft: &Draft, accounting: Accounting, planned: Cost) -> Result<Hold, Failure> {
+        let key = (draft.principal.clone(), draft.dataset.clone());
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = self
+            .ledger
+            .budget(&draft.principal, &draft.dataset)?
+            .ok_or_else(|| Failure::refused(Rule::Access, "the grant was removed"))?;
+        let (main, unit, left) = match accounting {
+            Accounting::Basic => (planned.epsilon, "ε", budget.epsilon_left()),
+            Accounting::Zcdp => (
+                planned.rho,
+                "ρ",
+                (budget.rho.unwrap_or(0.0) - budget.spent_rho).max(0.0),
+            ),
+        };
+        let delta_left = (budget.delta - budget.spent_delta).max(0.0);
+        let (h_main, h_delta) = held.get(&key).copied().unwrap_or((0.0, 0.0));
+        let running = if h_main > 0.0 {
+            format!(" ({h_main:.6} of it held by queries still running)")
+        } else {
+            String::new()
+        };
+        if main > left - h_main + 1e-12 {
+            return Err(Failure::refused(
+                Rule::Budget,
+                format!("budget exhausted: {left:.6} {unit} left{running}, query needs {main:.6}"),
+            ));
+        }
+        if planned.delta > delta_left - h_delta + 1e-18 {
+            return Err(Failure::refused(
+                Rule::Budget,
+                format!(
+                    "budget exhausted: {delta_left:.3e} δ left{running}, query needs {:.3e}",
+                    planned.delta
+                ),
+            ));
+        }
+        let entry = held.entry(key.clone()).or_insert((0.0, 0.0));
+        entry.0 += main;
+        entry.1 += planned.delta;
+        Ok(Hold {
+            held: Arc::clone(&self.held),
+            key,
+            amount: (main, planned.delta),
+        })
+    }
+
     /// The query's ε (or ρ) and δ, checked: ε, ρ within [10⁻⁹, 10⁶] (a finite, positive amount the
     /// ledger can count exactly), δ within [10⁻¹², 0.5].
     fn options(&self, options: &QueryOptions) -> Result<(f64, f64), Failure> {
@@ -623,6 +688,7 @@ impl DpEngine {
             .or_insert_with(|| crate::storage::session(self.keystore.clone()))
             .clone();
         let dir = self.root.join(&version.version.storage_path);
+        let _registering = self.registering.lock().await;
         for t in tables {
             if ctx.table_exist(t.as_str())? {
                 continue;
@@ -730,6 +796,7 @@ impl DpEngine {
         tables: &[String],
     ) -> Result<HashMap<String, LogicalPlan>> {
         let mut out = HashMap::new();
+        let _registering = self.registering.lock().await;
         for t in tables {
             let name = format!("__index_{t}");
             if !ctx.table_exist(name.as_str())? {
@@ -809,7 +876,6 @@ type TruncationTotals = HashMap<(String, String, i64), (f64, f64)>;
 struct Planned {
     version: VersionEntry,
     tables: Vec<String>,
-    budget: Budget,
     dp: DpPlan,
     bounds: Bounds,
     dry: plan::PostPlan,
