@@ -1043,27 +1043,34 @@ fn prepare_answers_the_columns_without_running_charging_or_recording() {
     assert_eq!(records(), before, "prepare records nothing");
 }
 
-/// An answer with more rows than the caller's limit is refused after it was computed: its cost is
-/// charged, and the audit record says which limit stopped it.
-#[test]
-fn an_answer_over_the_row_limit_is_refused_and_charged() {
+/// Fifty persons with one observation each in dataset `name`, alice granted ε 1 on it, and options that
+/// spend ε 0.25 and release at most three rows.
+fn row_limited(name: &str) -> (tempfile::TempDir, DpEngine, QueryOptions) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let values: Vec<Vec<f64>> = (0..50).map(|p| vec![f64::from(p)]).collect();
     export(&tmp.path().join("export"), &values);
     let dir = DataDir::new(tmp.path().join("data"));
     dir.init().expect("init");
-    ingest_as(&dir, "rows", &tmp.path().join("export"));
+    ingest_as(&dir, name, &tmp.path().join("export"));
     let engine = DpEngine::open(&dir).expect("engine");
     engine
         .ledger()
-        .set_budget("test", "alice", "rows", 1.0, 0.0, None)
+        .set_budget("test", "alice", name, 1.0, 0.0, None)
         .expect("budget");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
     let options = QueryOptions {
         epsilon: Some(0.25),
         max_groups: Some(3),
         ..QueryOptions::default()
     };
+    (tmp, engine, options)
+}
+
+/// An answer with more rows than the caller's limit is refused after it was computed: its cost is
+/// charged, and the audit record says which limit stopped it.
+#[test]
+fn an_answer_over_the_row_limit_is_refused_and_charged() {
+    let (_tmp, engine, options) = row_limited("rows");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
     // category has a public domain of nine values: nine rows, over the limit of three.
     let sql = "SELECT category, COUNT(*) AS n FROM observations GROUP BY category";
     match rt.block_on(engine.answer("alice", "rows", sql, &options)) {
@@ -1095,23 +1102,8 @@ fn an_answer_over_the_row_limit_is_refused_and_charged() {
 /// and every one that ran and hit a limit is charged in full, never capped to nothing by the others.
 #[test]
 fn concurrent_queries_hold_their_cost_so_a_limit_hit_is_always_charged_in_full() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let values: Vec<Vec<f64>> = (0..50).map(|p| vec![f64::from(p)]).collect();
-    export(&tmp.path().join("export"), &values);
-    let dir = DataDir::new(tmp.path().join("data"));
-    dir.init().expect("init");
-    ingest_as(&dir, "held", &tmp.path().join("export"));
-    let engine = DpEngine::open(&dir).expect("engine");
-    engine
-        .ledger()
-        .set_budget("test", "alice", "held", 1.0, 0.0, None)
-        .expect("budget");
+    let (_tmp, engine, options) = row_limited("held");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let options = QueryOptions {
-        epsilon: Some(0.25),
-        max_groups: Some(3),
-        ..QueryOptions::default()
-    };
     let sql = "SELECT category, COUNT(*) AS n FROM observations GROUP BY category";
     let outcomes = rt.block_on(async {
         let runs = (0..8).map(|_| engine.answer("alice", "held", sql, &options));

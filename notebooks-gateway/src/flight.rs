@@ -121,6 +121,17 @@ fn batch_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> Stream_<arrow_f
     Box::pin(stream)
 }
 
+/// A catalog listing's one batch as a `DoGet` stream.
+fn listing<E: std::fmt::Display>(
+    schema: SchemaRef,
+    batch: Result<RecordBatch, E>,
+) -> Result<Response<Stream_<arrow_flight::FlightData>>, Status> {
+    Ok(Response::new(batch_stream(
+        schema,
+        vec![batch.map_err(internal)?],
+    )))
+}
+
 /// The answer as Flight sends it: the DP columns, each noisy column's 95 % interval as two more, and the
 /// answer's metadata on the schema.
 pub fn answer_batch(answer: &enclave::dp::DpAnswer) -> Result<RecordBatch, GatewayError> {
@@ -531,9 +542,7 @@ impl FlightSqlService for FlightSql {
         self.caller(&request)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG);
-        let schema = builder.schema();
-        let batch = builder.build().map_err(internal)?;
-        Ok(Response::new(batch_stream(schema, vec![batch])))
+        listing(builder.schema(), builder.build())
     }
 
     async fn get_flight_info_schemas(
@@ -556,9 +565,7 @@ impl FlightSqlService for FlightSql {
         for d in self.datasets(&caller)? {
             builder.append(CATALOG, d.name);
         }
-        let schema = builder.schema();
-        let batch = builder.build().map_err(internal)?;
-        Ok(Response::new(batch_stream(schema, vec![batch])))
+        listing(builder.schema(), builder.build())
     }
 
     async fn get_flight_info_tables(
@@ -591,9 +598,7 @@ impl FlightSqlService for FlightSql {
                     .map_err(internal)?;
             }
         }
-        let schema = builder.schema();
-        let batch = builder.build().map_err(internal)?;
-        Ok(Response::new(batch_stream(schema, vec![batch])))
+        listing(builder.schema(), builder.build())
     }
 
     async fn do_action_create_prepared_statement(

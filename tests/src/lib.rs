@@ -126,6 +126,14 @@ impl Scratch {
 }
 
 impl Scratch {
+    /// The last `n` audit records of data directory `data`, as JSON objects.
+    pub fn audit_records(&self, data: &str, n: usize) -> Vec<serde_json::Value> {
+        self.enclave(data, &["audit", "tail", "-n", &n.to_string(), "--json"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
+            .collect()
+    }
+
     /// Adds a gateway user; returns its API token and TOTP secret (base32).
     pub fn add_user(&self, data: &str, name: &str, role: &str) -> (String, String) {
         let added: serde_json::Value = serde_json::from_str(&self.enclave(

@@ -200,11 +200,7 @@ fn flight_sql_answers_real_clients_and_tickets_are_single_use() {
     drop(server);
 
     s.enclave("data", &["audit", "verify"]);
-    let records: Vec<Value> = s
-        .enclave("data", &["audit", "tail", "-n", "500", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("record"))
-        .collect();
+    let records = s.audit_records("data", 500);
     let flight: Vec<&Value> = records.iter().filter(|r| r["origin"] == "flight").collect();
     for r in &flight {
         assert!(r["peer"].as_str().is_some_and(|p| !p.is_empty()), "{r}");

@@ -27,13 +27,16 @@ fn rule(body: &Value) -> &str {
     body["error"]["rule"].as_str().unwrap_or("")
 }
 
+/// `POST /api/v1/query` with `body`.
+fn post_query(addr: std::net::SocketAddr, session: &str, body: &Value) -> (u16, Value) {
+    http(addr, "POST", "/api/v1/query", Some(session), Some(body))
+}
+
 fn query(addr: std::net::SocketAddr, session: &str, sql: &str, epsilon: f64) -> (u16, Value) {
-    http(
+    post_query(
         addr,
-        "POST",
-        "/api/v1/query",
-        Some(session),
-        Some(&json!({"dataset": "demo-cohort", "sql": sql, "epsilon": epsilon})),
+        session,
+        &json!({"dataset": "demo-cohort", "sql": sql, "epsilon": epsilon}),
     )
 }
 
@@ -150,33 +153,25 @@ fn the_http_api_answers_refuses_and_records_every_request() {
     // Refused as written: row-level, unknown dataset; neither costs anything.
     let (status, body) = query(addr, &alice, "SELECT * FROM patients", 0.1);
     assert_eq!((status, rule(&body)), (422, "row-level"), "{body}");
-    let (status, body) = http(
+    let (status, body) = post_query(
         addr,
-        "POST",
-        "/api/v1/query",
-        Some(&alice),
-        Some(&json!({"dataset": "no-such", "sql": "SELECT COUNT(*) FROM patients"})),
+        &alice,
+        &json!({"dataset": "no-such", "sql": "SELECT COUNT(*) FROM patients"}),
     );
     // An unknown dataset is refused as one without a grant: its existence is not told.
     assert_eq!((status, rule(&body)), (403, "access"), "{body}");
     // The request names one dataset, the tables another: refused by the front door.
-    let (status, body) = http(
+    let (status, body) = post_query(
         addr,
-        "POST",
-        "/api/v1/query",
-        Some(&alice),
-        Some(&json!({"dataset": "demo-cohort", "sql": "SELECT COUNT(*) FROM other.patients"})),
+        &alice,
+        &json!({"dataset": "demo-cohort", "sql": "SELECT COUNT(*) FROM other.patients"}),
     );
     assert_eq!((status, rule(&body)), (404, "catalog"), "{body}");
     // Without a dataset field, the tables' schema names it.
-    let (status, body) = http(
+    let (status, body) = post_query(
         addr,
-        "POST",
-        "/api/v1/query",
-        Some(&alice),
-        Some(
-            &json!({"sql": "SELECT COUNT(*) AS n FROM \"demo-cohort\".patients", "epsilon": 0.01}),
-        ),
+        &alice,
+        &json!({"sql": "SELECT COUNT(*) AS n FROM \"demo-cohort\".patients", "epsilon": 0.01}),
     );
     assert_eq!(status, 200, "{body}");
 
@@ -235,12 +230,10 @@ fn the_http_api_answers_refuses_and_records_every_request() {
         b"{}",
     ));
     assert_eq!((status, rule(&body)), (400, "request"), "{body}");
-    let (status, body) = http(
+    let (status, body) = post_query(
         addr,
-        "POST",
-        "/api/v1/query",
-        Some(&alice),
-        Some(&json!({"dataset": "demo-cohort", "sql": "SELECT 1", "as": "bob"})),
+        &alice,
+        &json!({"dataset": "demo-cohort", "sql": "SELECT 1", "as": "bob"}),
     );
     assert_eq!((status, rule(&body)), (400, "request"), "{body}");
     let big = json!({"dataset": "demo-cohort", "sql": "x".repeat(10_000)}).to_string();
@@ -364,11 +357,7 @@ fn the_http_api_answers_refuses_and_records_every_request() {
 
     // The audit log: every query with user, protocol, peer, session and Cedar's decision.
     s.enclave("data", &["audit", "verify"]);
-    let records: Vec<Value> = s
-        .enclave("data", &["audit", "tail", "-n", "500", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
-        .collect();
+    let records = s.audit_records("data", 500);
     let http_queries: Vec<&Value> = records
         .iter()
         .filter(|r| r["origin"] == "http" && !r["sql"].as_str().unwrap_or("").is_empty())
