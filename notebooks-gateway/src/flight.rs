@@ -258,11 +258,12 @@ impl FlightSql {
         };
         if !room {
             let message = "too many answers are waiting to be fetched; fetch them (DoGet) first";
-            self.gateway
-                .record_refusal(caller, peer, &request.sql, "concurrency", message)
-                .map_err(status)?;
-            return Err(Status::resource_exhausted(format!(
-                "refused (rule 'concurrency'): {message}"
+            return Err(status(self.gateway.record_refusal(
+                caller,
+                peer,
+                &request.sql,
+                "concurrency",
+                message,
             )));
         }
         let answer = self
@@ -463,17 +464,12 @@ impl FlightSqlService for FlightSql {
         };
         let Some(q) = q else {
             let message = "this prepared statement is unknown, closed, or another session's";
-            self.gateway
-                .record_refusal(
-                    &caller,
-                    &peer,
-                    "flight prepared statement",
-                    "statement",
-                    message,
-                )
-                .map_err(status)?;
-            return Err(Status::permission_denied(format!(
-                "refused (rule 'statement'): {message}"
+            return Err(status(self.gateway.record_refusal(
+                &caller,
+                &peer,
+                "flight prepared statement",
+                "statement",
+                message,
             )));
         };
         self.run(&caller, &peer, &q, request.into_inner()).await
@@ -499,11 +495,12 @@ impl FlightSqlService for FlightSql {
             }
             _ => {
                 let message = "this ticket is unknown, already used, expired, or another session's";
-                self.gateway
-                    .record_refusal(&caller, &peer, "flight ticket", "ticket", message)
-                    .map_err(status)?;
-                Err(Status::permission_denied(format!(
-                    "refused (rule 'ticket'): {message}"
+                Err(status(self.gateway.record_refusal(
+                    &caller,
+                    &peer,
+                    "flight ticket",
+                    "ticket",
+                    message,
                 )))
             }
         }
@@ -516,11 +513,12 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let (caller, peer) = self.caller(&request)?;
         let message = "this ticket is not one the enclave issued";
-        self.gateway
-            .record_refusal(&caller, &peer, "flight ticket", "ticket", message)
-            .map_err(status)?;
-        Err(Status::permission_denied(format!(
-            "refused (rule 'ticket'): {message}"
+        Err(status(self.gateway.record_refusal(
+            &caller,
+            &peer,
+            "flight ticket",
+            "ticket",
+            message,
         )))
     }
 

@@ -152,7 +152,7 @@ impl GatewayError {
             GatewayError::Auth(AuthError::Account(_)) => ErrorKind::Invalid,
             GatewayError::Auth(_) => ErrorKind::Unauthenticated,
             GatewayError::Refused { rule, .. } => match rule.as_str() {
-                "access" | "budget" => ErrorKind::Forbidden,
+                "access" | "budget" | "ticket" | "statement" => ErrorKind::Forbidden,
                 "catalog" => ErrorKind::NotFound,
                 "concurrency" => ErrorKind::Busy,
                 _ => ErrorKind::Invalid,
@@ -472,15 +472,6 @@ impl Gateway {
         Ok(out)
     }
 
-    /// One dataset `caller` may query (`NotFound` for one they may not: its existence is not theirs to
-    /// learn from this call).
-    pub fn dataset(&self, caller: &Caller, name: &str) -> Result<DatasetInfo, GatewayError> {
-        self.datasets(caller)?
-            .into_iter()
-            .find(|d| d.name == name)
-            .ok_or_else(|| refused("catalog", format!("no dataset '{name}' you may query")))
-    }
-
     /// The caller's budgets.
     pub fn budgets(&self, caller: &Caller) -> Result<Vec<Budget>, GatewayError> {
         Ok(self.engine.ledger().budgets(Some(&caller.user))?)
@@ -506,8 +497,8 @@ impl Gateway {
         Ok(resolved)
     }
 
-    /// Records a refusal the listener decided (a forged ticket, an unknown statement): nothing is
-    /// charged, and the record says who, from where and why.
+    /// Records a refusal the listener decided (a forged ticket, an unknown statement, no room): nothing
+    /// is charged, and the record says who, from where and why. Returns the refusal to send.
     pub fn record_refusal(
         &self,
         caller: &Caller,
@@ -515,15 +506,17 @@ impl Gateway {
         what: &str,
         rule: &str,
         message: &str,
-    ) -> Result<(), GatewayError> {
+    ) -> GatewayError {
         let draft = Draft::query(
             &caller.user,
             &Self::via(caller, peer, String::new()),
             "",
             what,
         );
-        self.engine.ledger().refuse(&draft, rule, message)?;
-        Ok(())
+        match self.engine.ledger().refuse(&draft, rule, message) {
+            Ok(_) => refused(rule, message),
+            Err(e) => e.into(),
+        }
     }
 
     /// Authorizes the query: the dataset's latest version and Cedar's decision (a denial is recorded).
