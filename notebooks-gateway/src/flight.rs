@@ -193,7 +193,7 @@ pub fn answer_batch(answer: &enclave::dp::DpAnswer) -> Result<RecordBatch, Gatew
 }
 
 /// The schema of a prepared statement's answer (as [`answer_batch`] will build it, without metadata).
-fn prepared_schema(p: &enclave::dp::Prepared) -> Schema {
+pub(crate) fn prepared_schema(p: &enclave::dp::Prepared) -> Schema {
     let mut fields: Vec<Field> = p
         .schema
         .fields()

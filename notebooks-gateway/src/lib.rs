@@ -10,7 +10,9 @@
 //! - `conn`: accepted connections with a cap, a first-bytes deadline and an idle limit.
 //! - `http`: the HTTP JSON listener.
 //! - `flight`: the Arrow Flight SQL listener (opaque single-use tickets, prepared statements, catalog).
-//!   (Postgres wire comes next.)
+//! - `pg`: the Postgres wire listener (simple and extended protocols; its `catalog` answers psql's,
+//!   psycopg's and DBeaver's catalog queries from metadata; its `frames` cut oversized and stalled
+//!   messages).
 //!
 //! `enclave-cli` links this crate for `enclave serve`, `enclave users`, `enclave login` and
 //! `enclave policies check`.
@@ -20,4 +22,5 @@ pub mod authz;
 pub mod conn;
 pub mod flight;
 pub mod http;
+pub mod pg;
 pub mod service;

@@ -171,6 +171,8 @@ pub struct Server {
     pub http: std::net::SocketAddr,
     /// The Flight SQL listener's address.
     pub flight: std::net::SocketAddr,
+    /// The Postgres wire listener's address.
+    pub pg: std::net::SocketAddr,
 }
 
 impl Server {
@@ -186,6 +188,8 @@ impl Server {
             "127.0.0.1:0",
             "--flight",
             "127.0.0.1:0",
+            "--pg",
+            "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
         let mut child = enclave_command(cwd, &args)
@@ -195,8 +199,8 @@ impl Server {
             .expect("start enclave serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = std::io::BufReader::new(stdout).lines();
-        let (mut http, mut flight) = (None, None);
-        while http.is_none() || flight.is_none() {
+        let (mut http, mut flight, mut pg) = (None, None, None);
+        while http.is_none() || flight.is_none() || pg.is_none() {
             let line = lines
                 .next()
                 .expect("enclave serve printed its listeners before exiting")
@@ -207,6 +211,7 @@ impl Server {
             };
             http = http.or(addr("listening: http on "));
             flight = flight.or(addr("listening: flight on "));
+            pg = pg.or(addr("listening: pg on "));
         }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
@@ -214,6 +219,7 @@ impl Server {
             child,
             http: http.expect("http"),
             flight: flight.expect("flight"),
+            pg: pg.expect("pg"),
         }
     }
 

@@ -652,42 +652,9 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
         writeln!(out, "{}", cells.join(" | "))?;
     }
     writeln!(out, "({} rows)", rows.len())?;
-    for n in &a.noise {
-        writeln!(
-            out,
-            "noise: {} has scale {:.4}; interval {}",
-            n.column, n.scale, n.method
-        )?;
+    for line in a.summary_lines() {
+        writeln!(out, "{line}")?;
     }
-    if let Some(t) = &a.truncation {
-        writeln!(
-            out,
-            "truncation: bounding left out at least about {:.1} % (± {:.1}) of the rows this query covers \
-             (a DP estimate; each person counts for at most {:.0} left-out rows); the intervals describe the bounded values",
-            100.0 * t.share,
-            100.0 * t.half_width_95 / t.rows.max(1.0),
-            t.cap_per_person
-        )?;
-    }
-    if a.cost.rho > 0.0 {
-        let (e, d) = a.epsilon_delta_equivalent.unwrap_or((f64::NAN, f64::NAN));
-        writeln!(
-            out,
-            "cost: ρ {:.6} (≈ ε {e:.4} at δ {d:.1e}); budget left: ρ {:.6}",
-            a.cost.rho,
-            a.budget.rho.unwrap_or(0.0) - a.budget.spent_rho
-        )?;
-    } else {
-        writeln!(
-            out,
-            "cost: ε {:.6}, δ {:.2e}; budget left: ε {:.6}, δ {:.2e}",
-            a.cost.epsilon,
-            a.cost.delta,
-            a.budget.epsilon_left(),
-            (a.budget.delta - a.budget.spent_delta).max(0.0)
-        )?;
-    }
-    writeln!(out, "audit record #{}", a.audit_seq)?;
     emit(&out)
 }
 
@@ -785,6 +752,9 @@ struct ServeArgs {
     /// Arrow Flight SQL listener address, or `off`.
     #[arg(long, default_value = "127.0.0.1:8815")]
     flight: String,
+    /// Postgres wire listener address, or `off`.
+    #[arg(long, default_value = "127.0.0.1:5433")]
+    pg: String,
     /// Session lifetime in minutes (at most 720).
     #[arg(long, default_value_t = 480)]
     session_minutes: u64,
@@ -837,6 +807,7 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
     use notebooks_gateway::service::{Gateway, Limits};
     let http = listen_addr("http", &args.http, args.danger_allow_plaintext)?;
     let flight = listen_addr("flight", &args.flight, args.danger_allow_plaintext)?;
+    let pg = listen_addr("pg", &args.pg, args.danger_allow_plaintext)?;
     let limits = Limits {
         query_timeout: std::time::Duration::from_secs(args.query_timeout.max(1)),
         max_groups: args.max_groups.max(1),
@@ -886,6 +857,20 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
                 if let Err(e) = served {
                     eprintln!("flight listener stopped: {e}");
                 }
+            }));
+        }
+        if let Some(addr) = pg {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for pg: {e}"))?;
+            println!("listening: pg on {}", listener.local_addr()?);
+            let mut stop = stop_rx.clone();
+            let g = gateway.clone();
+            tasks.push(tokio::spawn(async move {
+                notebooks_gateway::pg::serve(listener, g, None, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
             }));
         }
         if tasks.is_empty() {

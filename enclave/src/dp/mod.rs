@@ -148,6 +148,48 @@ impl DpAnswer {
         rows
     }
 
+    /// What a reader needs beside the rows, one line each: every noisy column's scale and interval
+    /// method, what bounding left out, the cost and the budget left, and the audit record (`enclave sql`
+    /// prints them under the table; the Postgres listener sends them as a NOTICE).
+    pub fn summary_lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for n in &self.noise {
+            lines.push(format!(
+                "noise: {} has scale {:.4}; interval {}",
+                n.column, n.scale, n.method
+            ));
+        }
+        if let Some(t) = &self.truncation {
+            lines.push(format!(
+                "truncation: bounding left out at least about {:.1} % (± {:.1}) of the rows this query covers \
+                 (a DP estimate; each person counts for at most {:.0} left-out rows); the intervals describe the bounded values",
+                100.0 * t.share,
+                100.0 * t.half_width_95 / t.rows.max(1.0),
+                t.cap_per_person
+            ));
+        }
+        if self.cost.rho > 0.0 {
+            let (e, d) = self
+                .epsilon_delta_equivalent
+                .unwrap_or((f64::NAN, f64::NAN));
+            lines.push(format!(
+                "cost: ρ {:.6} (≈ ε {e:.4} at δ {d:.1e}); budget left: ρ {:.6}",
+                self.cost.rho,
+                self.budget.rho.unwrap_or(0.0) - self.budget.spent_rho
+            ));
+        } else {
+            lines.push(format!(
+                "cost: ε {:.6}, δ {:.2e}; budget left: ε {:.6}, δ {:.2e}",
+                self.cost.epsilon,
+                self.cost.delta,
+                self.budget.epsilon_left(),
+                (self.budget.delta - self.budget.spent_delta).max(0.0)
+            ));
+        }
+        lines.push(format!("audit record #{}", self.audit_seq));
+        lines
+    }
+
     /// The answer as JSON (`enclave sql --json` and the HTTP API): columns, rows, each column's noise
     /// and intervals, the cost and its split, the budget after it, truncation and the audit record.
     pub fn to_json(&self) -> serde_json::Value {
