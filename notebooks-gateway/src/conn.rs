@@ -1,7 +1,8 @@
 //! Connections the gRPC listener accepts, guarded: at most [`MAX_CONNECTIONS`] at once (more wait in the
-//! kernel's backlog), and a client that has not sent the HTTP/2 preface within the first-bytes timeout
-//! is cut before the server sees it (a silent or trickling client cannot hold a connection). Once a connection is up, HTTP/2
-//! keep-alive pings close it when the client stops answering.
+//! kernel's backlog), and a client that has not sent the HTTP/2 preface (or, with TLS, finished its
+//! handshake) within the first-bytes timeout is cut before the server sees it (a silent or trickling
+//! client cannot hold a connection). Once a connection is up, HTTP/2 keep-alive pings close it when the
+//! client stops answering.
 
 use std::io;
 use std::pin::Pin;
@@ -16,9 +17,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 /// Connections held at once per listener.
 pub const MAX_CONNECTIONS: usize = 1024;
 
+/// A client's stream, plain or TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
 /// An accepted TCP stream that sent its first bytes in time, holding its connection slot.
 pub struct Guarded {
-    io: TcpStream,
+    io: Io,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -28,7 +35,10 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
@@ -38,15 +48,24 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -54,7 +73,10 @@ impl tonic::transport::server::Connected for Guarded {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        match &self.io {
+            Io::Plain(s) => s.connect_info(),
+            Io::Tls(s) => s.get_ref().0.connect_info(),
+        }
     }
 }
 
@@ -72,12 +94,13 @@ async fn preface(io: &TcpStream) -> bool {
     }
 }
 
-/// The guarded connections of `listener`: each is handed on only once it has sent the HTTP/2 preface,
-/// within `first_bytes` of being accepted; the accept loop runs as its own task and never waits on a
-/// client.
+/// The guarded connections of `listener`: each is handed on only once it has sent the HTTP/2 preface
+/// (with `tls`: finished the TLS handshake), within `first_bytes` of being accepted; the accept loop
+/// runs as its own task and never waits on a client.
 pub fn incoming(
     listener: TcpListener,
     first_bytes: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> impl futures::Stream<Item = io::Result<Guarded>> + Send {
     let (tx, rx) = mpsc::channel::<Guarded>(64);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -99,12 +122,21 @@ pub fn incoming(
                 return;
             }
             let tx = tx.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let _ = io.set_nodelay(true);
-                if tokio::time::timeout(first_bytes, preface(&io))
-                    .await
-                    .is_ok_and(|ok| ok)
-                {
+                let ready = match tls {
+                    Some(tls) => tokio::time::timeout(first_bytes, tls.accept(io))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|s| Io::Tls(Box::new(s))),
+                    None => tokio::time::timeout(first_bytes, preface(&io))
+                        .await
+                        .is_ok_and(|ok| ok)
+                        .then_some(Io::Plain(io)),
+                };
+                if let Some(io) = ready {
                     let _ = tx.send(Guarded { io, _slot: slot }).await;
                 }
                 // Otherwise silent, slow, closed or failed: dropped, and the slot freed with it.

@@ -683,6 +683,7 @@ impl FlightSqlService for FlightSql {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gateway: Arc<Gateway>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let limits = gateway.limits();
@@ -697,7 +698,7 @@ pub async fn serve(
         .max_frame_size(None)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            crate::conn::incoming(listener, limits.read_timeout),
+            crate::conn::incoming(listener, limits.read_timeout, tls),
             shutdown,
         )
         .await

@@ -243,6 +243,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gateway: Arc<Gateway>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let read_timeout = gateway.limits().read_timeout;
@@ -272,14 +273,33 @@ pub async fn serve(
         let service = hyper_util::service::TowerToHyperService::new(
             router.clone().layer(Extension(PeerAddr(addr))),
         );
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(read_timeout)
-                .max_buf_size(64 * 1024)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
+            let http = || {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(read_timeout)
+                    .max_buf_size(64 * 1024);
+                b
+            };
+            let served = match tls {
+                None => {
+                    http()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await
+                }
+                // The handshake is held to the same timeout as a request's headers.
+                Some(tls) => match tokio::time::timeout(read_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        http()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await
+                    }
+                    _ => return,
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, %addr, "http connection ended with an error");
             }
         });

@@ -7,6 +7,7 @@
 //!   name the deciding policies.
 //! - `service`: what every protocol does (sign in, datasets, budgets, queries under Cedar and the
 //!   limits), protocol-independent.
+//! - `tls`: the listeners' TLS (rustls): certificate and key from PEM files, a self-signed local pair.
 //! - `conn`: accepted connections with a cap, a first-bytes deadline and an idle limit.
 //! - `http`: the HTTP JSON listener.
 //! - `flight`: the Arrow Flight SQL listener (opaque single-use tickets, prepared statements, catalog).
@@ -24,3 +25,4 @@ pub mod flight;
 pub mod http;
 pub mod pg;
 pub mod service;
+pub mod tls;

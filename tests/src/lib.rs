@@ -206,8 +206,12 @@ impl Server {
                 .expect("enclave serve printed its listeners before exiting")
                 .expect("stdout line");
             let addr = |prefix: &str| {
-                line.strip_prefix(prefix)
-                    .map(|a| a.trim().parse::<std::net::SocketAddr>().expect("address"))
+                line.strip_prefix(prefix).map(|a| {
+                    a.trim()
+                        .trim_end_matches(" (tls)")
+                        .parse::<std::net::SocketAddr>()
+                        .expect("address")
+                })
             };
             http = http.or(addr("listening: http on "));
             flight = flight.or(addr("listening: flight on "));

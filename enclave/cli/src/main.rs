@@ -34,7 +34,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create the data directory, its database and a master key (idempotent; never overwrites a key).
-    Init,
+    Init {
+        /// Also make a self-signed TLS certificate and key for the gateway under `<data-dir>/tls/`
+        /// (for localhost, 127.0.0.1, ::1 and each --tls-host), kept if they exist.
+        #[arg(long)]
+        self_signed: bool,
+        /// Another host name or address the self-signed certificate is for.
+        #[arg(long = "tls-host", requires = "self_signed")]
+        tls_hosts: Vec<String>,
+    },
     /// Generate a synthetic hospital export (CSV and/or FHIR R4) with a manifest of planted identifiers.
     DemoData {
         /// Patients to generate.
@@ -355,12 +363,27 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let dir = DataDir::new(&cli.data_dir);
     match cli.command {
-        Command::Init => {
+        Command::Init {
+            self_signed,
+            tls_hosts,
+        } => {
             for line in dir.init()? {
                 println!("{line}");
             }
             // The gateway's Cedar policies, to edit in place (existing files are kept).
             notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))?;
+            if self_signed {
+                let (cert, key, made) =
+                    notebooks_gateway::tls::self_signed(&dir.root().join("tls"), &tls_hosts)?;
+                println!(
+                    "{} self-signed TLS certificate {} (key {}): enclave serve --tls-cert {} --tls-key {}",
+                    if made { "made a" } else { "kept the" },
+                    cert.display(),
+                    key.display(),
+                    cert.display(),
+                    key.display()
+                );
+            }
             println!("data directory {} is ready", dir.root().display());
         }
         Command::DemoData {
@@ -776,14 +799,20 @@ struct ServeArgs {
     /// Seconds a client may take to send a request's headers or body before it is cut (slow clients).
     #[arg(long, default_value_t = 10)]
     read_timeout: u64,
+    /// TLS certificate chain (PEM) for every listener; with --tls-key (`enclave init --self-signed`
+    /// makes a local pair).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Allow listening on a non-loopback address without TLS (sessions and tokens then cross the network
     /// in the clear: only behind a TLS-terminating proxy on the same host).
     #[arg(long)]
     danger_allow_plaintext: bool,
 }
 
-/// Parses a listener address (`off` → none); a non-loopback one needs `--danger-allow-plaintext` until
-/// the listener has TLS.
+/// Parses a listener address (`off` → none); a non-loopback one needs TLS (or `--danger-allow-plaintext`).
 fn listen_addr(
     what: &str,
     value: &str,
@@ -797,7 +826,7 @@ fn listen_addr(
     })?;
     if !addr.ip().is_loopback() && !allow_plaintext {
         anyhow::bail!(
-            "--{what} {addr}: a non-loopback address needs TLS; this listener has none yet, so it binds to loopback only (or pass --danger-allow-plaintext behind a TLS proxy)"
+            "--{what} {addr}: a non-loopback address needs TLS (--tls-cert and --tls-key; or --danger-allow-plaintext behind a TLS-terminating proxy)"
         );
     }
     Ok(Some(addr))
@@ -805,9 +834,26 @@ fn listen_addr(
 
 fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
     use notebooks_gateway::service::{Gateway, Limits};
-    let http = listen_addr("http", &args.http, args.danger_allow_plaintext)?;
-    let flight = listen_addr("flight", &args.flight, args.danger_allow_plaintext)?;
-    let pg = listen_addr("pg", &args.pg, args.danger_allow_plaintext)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(notebooks_gateway::tls::Tls::load(cert, key)?),
+        _ => None,
+    };
+    let plaintext_ok = args.danger_allow_plaintext || tls.is_some();
+    let http = listen_addr("http", &args.http, plaintext_ok)?;
+    let flight = listen_addr("flight", &args.flight, plaintext_ok)?;
+    let pg = listen_addr("pg", &args.pg, plaintext_ok)?;
+    let acceptor = |alpn: &[u8]| -> Result<_> {
+        Ok(match &tls {
+            Some(t) => Some(t.acceptor(alpn)?),
+            None => None,
+        })
+    };
+    let (http_tls, flight_tls, pg_tls) = (
+        acceptor(b"http/1.1")?,
+        acceptor(b"h2")?,
+        acceptor(b"postgresql")?,
+    );
+    let scheme = if tls.is_some() { " (tls)" } else { "" };
     let limits = Limits {
         query_timeout: std::time::Duration::from_secs(args.query_timeout.max(1)),
         max_groups: args.max_groups.max(1),
@@ -832,11 +878,11 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for http: {e}"))?;
             // Tests and scripts read the bound address (port 0 picks a free one) from this line.
-            println!("listening: http on {}", listener.local_addr()?);
+            println!("listening: http on {}{scheme}", listener.local_addr()?);
             let mut stop = stop_rx.clone();
             let g = gateway.clone();
             tasks.push(tokio::spawn(async move {
-                notebooks_gateway::http::serve(listener, g, async move {
+                notebooks_gateway::http::serve(listener, g, http_tls, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await;
@@ -846,14 +892,15 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for flight: {e}"))?;
-            println!("listening: flight on {}", listener.local_addr()?);
+            println!("listening: flight on {}{scheme}", listener.local_addr()?);
             let mut stop = stop_rx.clone();
             let g = gateway.clone();
             tasks.push(tokio::spawn(async move {
-                let served = notebooks_gateway::flight::serve(listener, g, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
+                let served =
+                    notebooks_gateway::flight::serve(listener, g, flight_tls, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
                 if let Err(e) = served {
                     eprintln!("flight listener stopped: {e}");
                 }
@@ -863,11 +910,11 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for pg: {e}"))?;
-            println!("listening: pg on {}", listener.local_addr()?);
+            println!("listening: pg on {}{scheme}", listener.local_addr()?);
             let mut stop = stop_rx.clone();
             let g = gateway.clone();
             tasks.push(tokio::spawn(async move {
-                notebooks_gateway::pg::serve(listener, g, None, async move {
+                notebooks_gateway::pg::serve(listener, g, pg_tls, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await;

@@ -55,9 +55,9 @@ use pgwire::messages::response::NoticeResponse;
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use pgwire::tokio::server::{PgWireMessageServerCodec, process_error, process_message};
-use pgwire::tokio::tokio_rustls::TlsAcceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{AuthError, Caller};
 use crate::service::{ErrorKind, Gateway, GatewayError, Peer, Protocol, QueryRequest};
@@ -1006,6 +1006,21 @@ async fn connection(
     let mut socket =
         tokio_util::codec::Framed::new(guarded, PgWireMessageServerCodec::<String>::new(client));
     socket.set_state(PgWireConnectionState::AwaitingStartup);
+    if tls.is_some() && !secure {
+        // The password would cross the network in the clear: refused before it is sent.
+        let refusal = ErrorInfo::new(
+            "FATAL".to_owned(),
+            "28000".to_owned(),
+            "this listener requires TLS (rule 'tls'): connect with sslmode=require or stricter"
+                .to_owned(),
+        );
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            socket.send(PgWireBackendMessage::ErrorResponse(refusal.into())),
+        )
+        .await;
+        return;
+    }
     let noop = Arc::new(NoopHandler);
     let sign_in_by = tokio::time::sleep(read_timeout);
     tokio::pin!(sign_in_by);
