@@ -101,7 +101,12 @@ rows(alice, "SET enclave.epsilon = 0.25")
 assert rows(alice, "SHOW enclave.epsilon") == [("0.25",)]
 rows(alice, "SELECT COUNT(*) FROM patients")
 assert any("cost: ε 0.250000" in n for n in notices), notices
+rows(alice, 'SET "Enclave".EPSILON = 0.3')
+assert rows(alice, "SHOW enclave.epsilon") == [("0.3",)]
+rows(alice, "SET enclave.epsilon = 0.25")
 refused(lambda: rows(alice, "SET enclave.epsilon = 'NaN'"), "positive number")
+refused(lambda: rows(alice, "SET enclave.delta = 5"), "positive number")
+refused(lambda: rows(alice, "SET enclave.epsilonn = 1"), "unrecognized")
 refused(lambda: rows(alice, "SET enclave.epsilon = -1"), "positive number")
 print("ok: SET enclave.epsilon")
 

@@ -323,6 +323,15 @@ fn postgres_clients_are_answered_refused_and_recorded() {
         answer.first() != Some(&b'R'),
         "no sign-in for a bad version"
     );
+    // A query before the password: cut, never answered.
+    let mut early = startup("dave", "demo-cohort");
+    early.extend_from_slice(b"Q\x00\x00\x00\x0dSELECT 1\x00");
+    let (answer, elapsed) = exchange(addr, &early);
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "cut at once ({elapsed:?})"
+    );
+    assert!(!answer.contains(&b'T'), "no row description before sign-in");
     let mut huge = startup("dave", "demo-cohort");
     huge.extend_from_slice(b"p\x40\x00\x00\x00");
     let (answer, elapsed) = exchange(addr, &huge);

@@ -27,41 +27,129 @@ use datafusion::sql::sqlparser::ast::{
 
 use crate::service::{DatasetInfo, GatewayError};
 
-/// The schemas whose tables this module answers.
-const SYSTEM_SCHEMAS: [&str; 2] = ["pg_catalog", "information_schema"];
-
 /// The oid of the first dataset's namespace (Postgres starts user objects at 16384).
 const FIRST_OID: i64 = 16_384;
 
-/// Whether `query` only reads catalog tables (or no table at all), and so is this module's.
+/// Memory one catalog query may use.
+const MEMORY: usize = 64 * 1024 * 1024;
+
+/// Rows one catalog answer may have (more are left out).
+const MAX_ROWS: usize = 100_000;
+
+/// Bind parameters a statement may have (Postgres' own limit).
+const MAX_PARAMETERS: usize = 65_535;
+
+/// Built-in functions (scalar or table) whose output size their arguments choose: not offered.
+const UNBOUNDED: [&str; 7] = [
+    "range",
+    "generate_series",
+    "repeat",
+    "lpad",
+    "rpad",
+    "array_repeat",
+    "overlay",
+];
+
+/// Whether `query` only reads this module's catalog tables (or no table at all), by plain table
+/// references, and so is this module's. Anything else (a dataset's table, a table function, UNNEST,
+/// LATERAL) is the DP engine's to answer or refuse.
 pub fn is_catalog_query(query: &Query) -> bool {
-    let ctes: Vec<String> = query
-        .with
-        .iter()
-        .flat_map(|w| w.cte_tables.iter())
-        .map(|c| c.alias.name.value.to_ascii_lowercase())
-        .collect();
-    let mut all_system = true;
-    let _ = ast::visit_relations(query, |name: &ObjectName| {
-        let parts: Vec<String> = name
-            .0
-            .iter()
-            .filter_map(ObjectNamePart::as_ident)
-            .map(|i| i.value.to_ascii_lowercase())
-            .collect();
-        let system = match parts.as_slice() {
-            [schema, _] => SYSTEM_SCHEMAS.contains(&schema.as_str()),
-            [table] => table.starts_with("pg_") || ctes.contains(table),
-            _ => false,
-        };
-        if system {
+    struct Check {
+        ctes: Vec<String>,
+        catalog: bool,
+    }
+    impl ast::Visitor for Check {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            if let Some(with) = &q.with {
+                if with.recursive {
+                    self.catalog = false;
+                    return ControlFlow::Break(());
+                }
+                self.ctes.extend(
+                    with.cte_tables
+                        .iter()
+                        .map(|c| c.alias.name.value.to_ascii_lowercase()),
+                );
+            }
             ControlFlow::Continue(())
-        } else {
-            all_system = false;
-            ControlFlow::Break(())
         }
+        fn pre_visit_table_factor(&mut self, f: &ast::TableFactor) -> ControlFlow<()> {
+            let ok = match f {
+                ast::TableFactor::Table {
+                    name,
+                    args: None,
+                    with_hints,
+                    ..
+                } if with_hints.is_empty() => {
+                    let parts: Vec<String> = name
+                        .0
+                        .iter()
+                        .filter_map(ObjectNamePart::as_ident)
+                        .map(|i| i.value.to_ascii_lowercase())
+                        .collect();
+                    match parts.as_slice() {
+                        [schema, table] if schema == "pg_catalog" => catalog_table(table),
+                        [schema, table] if schema == "information_schema" => {
+                            INFORMATION_SCHEMA.iter().any(|(t, _)| t == table)
+                        }
+                        [table] => catalog_table(table) || self.ctes.contains(table),
+                        _ => false,
+                    }
+                }
+                // pg_catalog's set-returning functions (psql's publication query reads
+                // generate_series): this context offers none, so planning fails and the query is
+                // answered empty; data is out of reach either way.
+                ast::TableFactor::Table {
+                    name,
+                    args: Some(_),
+                    ..
+                } => {
+                    name.0.len() == 2
+                        && name.0[0]
+                            .as_ident()
+                            .is_some_and(|i| i.value.eq_ignore_ascii_case("pg_catalog"))
+                }
+                ast::TableFactor::Derived { lateral: false, .. }
+                | ast::TableFactor::NestedJoin { .. } => true,
+                _ => false,
+            };
+            if ok {
+                ControlFlow::Continue(())
+            } else {
+                self.catalog = false;
+                ControlFlow::Break(())
+            }
+        }
+    }
+    let mut check = Check {
+        ctes: Vec::new(),
+        catalog: true,
+    };
+    // ARRAY(SELECT …) becomes NULL before planning (see `rewrite`): what it reads does not count.
+    let mut query = query.clone();
+    let _ = ast::visit_expressions_mut(&mut query, |e: &mut Expr| {
+        if array_subquery(e) {
+            *e = Expr::Value(ast::ValueWithSpan::from(ast::Value::Null));
+        }
+        ControlFlow::<()>::Continue(())
     });
-    all_system
+    let _ = ast::Visit::visit(&query, &mut check);
+    check.catalog
+}
+
+/// Whether `e` is `ARRAY(SELECT …)`.
+fn array_subquery(e: &Expr) -> bool {
+    matches!(e, Expr::Function(f)
+        if matches!(f.args, ast::FunctionArguments::Subquery(_))
+            && f.name.0.len() == 1
+            && f.name.0[0]
+                .as_ident()
+                .is_some_and(|i| i.value.eq_ignore_ascii_case("array")))
+}
+
+fn catalog_table(name: &str) -> bool {
+    TABLES.iter().any(|(t, _)| *t == name)
 }
 
 /// A function answered from metadata: each row's arguments as text in, one value out.
@@ -845,11 +933,23 @@ impl CatalogView {
             user,
             database,
         };
-        let config = SessionConfig::new()
+        let mut config = SessionConfig::new()
             .with_default_catalog_and_schema("enclave", "pg_catalog")
             .with_information_schema(false)
             .with_target_partitions(1);
-        let ctx = SessionContext::new_with_config(config);
+        config.options_mut().execution.enable_recursive_ctes = false;
+        // Catalog answers are small; a query that builds something big (a cross join of catalog
+        // tables) fails on this pool instead of taking the enclave's memory.
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_limit(MEMORY, 1.0)
+            .build_arc()
+            .map_err(internal)?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        // Functions whose output size is the caller's to choose.
+        for f in UNBOUNDED {
+            ctx.deregister_udf(f);
+            ctx.deregister_udtf(f);
+        }
         let mut empty = Vec::new();
         let catalog = Arc::new(datafusion::catalog::MemoryCatalogProvider::new());
         ctx.register_catalog("enclave", catalog.clone());
@@ -954,6 +1054,23 @@ impl CatalogView {
         &self,
         statement: &Statement,
         parameters: &[Option<String>],
+        limit: std::time::Duration,
+    ) -> Result<CatalogAnswer, GatewayError> {
+        let empty = CatalogAnswer {
+            schema: fallback_schema(statement),
+            batches: Vec::new(),
+            supported: false,
+        };
+        match tokio::time::timeout(limit, self.run_unlimited(statement, parameters)).await {
+            Ok(answer) => answer,
+            Err(_) => Ok(empty),
+        }
+    }
+
+    async fn run_unlimited(
+        &self,
+        statement: &Statement,
+        parameters: &[Option<String>],
     ) -> Result<CatalogAnswer, GatewayError> {
         let empty = || CatalogAnswer {
             schema: fallback_schema(statement),
@@ -1002,17 +1119,32 @@ impl CatalogView {
             return Ok(empty());
         };
         let schema = Arc::new(frame.schema().as_arrow().clone());
-        match frame.collect().await {
-            Ok(batches) => Ok(CatalogAnswer {
-                schema,
-                batches,
-                supported: true,
-            }),
-            Err(e) => {
-                tracing::debug!(error = %e, "pg catalog query failed");
-                Ok(empty())
+        let Ok(mut stream) = frame.execute_stream().await else {
+            return Ok(empty());
+        };
+        let mut batches = Vec::new();
+        let mut rows = 0;
+        while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+            match batch {
+                Ok(b) => {
+                    let take = b.num_rows().min(MAX_ROWS - rows);
+                    rows += take;
+                    batches.push(b.slice(0, take));
+                    if rows == MAX_ROWS {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "pg catalog query failed");
+                    return Ok(empty());
+                }
             }
         }
+        Ok(CatalogAnswer {
+            schema,
+            batches,
+            supported: true,
+        })
     }
 }
 
@@ -1026,15 +1158,19 @@ pub struct CatalogAnswer {
     pub supported: bool,
 }
 
-/// How many `$n` parameters a statement has.
+/// The highest `$n` a statement uses (at most [`MAX_PARAMETERS`]; a higher one counts as that).
 pub fn placeholders(statement: &Statement) -> usize {
     let mut most = 0;
     let _ = ast::visit_expressions(statement, |e: &Expr| {
         if let Expr::Value(v) = e
             && let ast::Value::Placeholder(p) = &v.value
-            && let Ok(n) = p.trim_start_matches('$').parse::<usize>()
         {
-            most = most.max(n);
+            let n = p
+                .trim_start_matches('$')
+                .parse::<usize>()
+                .unwrap_or(MAX_PARAMETERS)
+                .min(MAX_PARAMETERS);
+            most = most.max(n.max(1));
         }
         ControlFlow::<()>::Continue(())
     });
@@ -1284,13 +1420,7 @@ fn rewrite(statement: &mut Statement, relations: &HashMap<String, i64>, empty: &
                 *e = Expr::Value(ast::ValueWithSpan::from(ast::Value::Null));
             }
             // ARRAY(SELECT …) → NULL: the catalog's array columns (options, ACLs) are all NULL here.
-            Expr::Function(f)
-                if matches!(f.args, ast::FunctionArguments::Subquery(_))
-                    && f.name.0.len() == 1
-                    && f.name.0[0]
-                        .as_ident()
-                        .is_some_and(|i| i.value.eq_ignore_ascii_case("array")) =>
-            {
+            e if array_subquery(e) => {
                 *e = Expr::Value(ast::ValueWithSpan::from(ast::Value::Null));
             }
             // pg_catalog.f(…) → f(…)
@@ -1514,7 +1644,10 @@ mod tests {
         let statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
             .expect("parses")
             .remove(0);
-        let answer = view.run(&statement, &[]).await.expect("answers");
+        let answer = view
+            .run(&statement, &[], std::time::Duration::from_secs(10))
+            .await
+            .expect("answers");
         assert!(answer.supported, "{sql}");
         let mut rows = Vec::new();
         for b in answer.batches {
@@ -1664,7 +1797,10 @@ mod tests {
             let statement = Parser::parse_sql(&PostgreSqlDialect {}, &sql)
                 .expect("parses")
                 .remove(0);
-            let answer = view.run(&statement, &[]).await.expect("answered");
+            let answer = view
+                .run(&statement, &[], std::time::Duration::from_secs(10))
+                .await
+                .expect("answered");
             let n: usize = answer.batches.iter().map(|b| b.num_rows()).sum();
             assert_eq!(n, 0, "{sql}");
         }
@@ -1684,6 +1820,62 @@ mod tests {
         assert_eq!(sizes, vec![vec![None]]);
     }
 
+    #[test]
+    fn table_functions_recursion_and_unknown_pg_names_are_not_catalog_queries() {
+        for sql in [
+            "SELECT * FROM generate_series(1, 10)",
+            "SELECT * FROM LATERAL generate_series(1, 10) g",
+            "SELECT * FROM UNNEST(ARRAY[1, 2])",
+            "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT * FROM t",
+            "SELECT * FROM pg_stats",
+            "SELECT * FROM pg_catalog.nosuch",
+            "SELECT * FROM information_schema.pg_class",
+        ] {
+            assert!(!is_catalog_query(&query(sql)), "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn big_answers_are_cut_and_unbounded_functions_are_not_offered() {
+        let view = CatalogView::new(&demo(), "ada", "demo").expect("view");
+        for sql in [
+            "SELECT range(1, 2000000000)",
+            "SELECT repeat('x', 1000000000)",
+            "SELECT * FROM pg_catalog.generate_series(1, 2000000000)",
+        ] {
+            let statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+                .expect("parses")
+                .remove(0);
+            let answer = view
+                .run(&statement, &[], std::time::Duration::from_secs(10))
+                .await
+                .expect("answered");
+            assert!(!answer.supported, "{sql}");
+        }
+        // A cross join of catalog tables past the row cap: cut, not refused.
+        let statement = Parser::parse_sql(
+            &PostgreSqlDialect {},
+            "SELECT a.oid FROM pg_type a, pg_type b, pg_type c, pg_type d, pg_type e",
+        )
+        .expect("parses")
+        .remove(0);
+        let answer = view
+            .run(&statement, &[], std::time::Duration::from_secs(30))
+            .await
+            .expect("answered");
+        let rows: usize = answer.batches.iter().map(|b| b.num_rows()).sum();
+        assert!(rows <= MAX_ROWS, "{rows}");
+        // A huge placeholder number does not size anything.
+        let statement = Parser::parse_sql(
+            &PostgreSqlDialect {},
+            "SELECT $9999999999 AS a, nosuch FROM pg_class",
+        )
+        .expect("parses")
+        .remove(0);
+        let (params, _) = view.describe(&statement).await;
+        assert_eq!(params.len(), MAX_PARAMETERS);
+    }
+
     #[tokio::test]
     async fn a_parameter_takes_the_type_of_its_place() {
         let view = CatalogView::new(&demo(), "ada", "demo").expect("view");
@@ -1696,7 +1888,11 @@ mod tests {
         let (params, _) = view.describe(&statement).await;
         assert_eq!(params, vec![DataType::Utf8]);
         let answer = view
-            .run(&statement, &[Some("demo".into())])
+            .run(
+                &statement,
+                &[Some("demo".into())],
+                std::time::Duration::from_secs(10),
+            )
             .await
             .expect("runs");
         assert_eq!(
@@ -1714,7 +1910,10 @@ mod tests {
         )
         .expect("parses")
         .remove(0);
-        let answer = view.run(&statement, &[]).await.expect("answered");
+        let answer = view
+            .run(&statement, &[], std::time::Duration::from_secs(10))
+            .await
+            .expect("answered");
         assert!(!answer.supported);
         assert!(answer.batches.is_empty());
         let names: Vec<&str> = answer

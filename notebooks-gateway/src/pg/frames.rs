@@ -3,9 +3,16 @@
 //! cuts the connection when a message announces more than the size limit (before any of it is
 //! buffered) or when a message that has started does not finish within the read timeout (a slow-loris
 //! client). Between messages a connection may stay idle: a psql prompt waits for its user.
+//!
+//! It also hands on at most one message's bytes per read, so the protocol library only ever decodes a
+//! buffer that ends where the message ends (its body decoders read from the whole buffer, so a crafted
+//! body could otherwise reach into the next message), and until the connection is signed in it lets
+//! through only the startup message, password messages and Terminate.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,13 +38,25 @@ pub struct Framed<S> {
     max_message: usize,
     read_timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Set once the connection is signed in: every message type may pass.
+    signed_in: Arc<AtomicBool>,
+    scratch: Vec<u8>,
 }
+
+/// The message types a client may send before it is signed in (after its startup message): password
+/// (and SASL) messages, and Terminate.
+const BEFORE_SIGN_IN: [u8; 2] = [b'p', b'X'];
 
 impl<S> Framed<S> {
     /// Guards `io`, whose next byte starts the startup message. A message longer than `max_message`
-    /// bytes, or one that takes longer than `read_timeout` to arrive once started, ends the stream
-    /// with an error.
-    pub fn new(io: S, max_message: usize, read_timeout: Duration) -> Framed<S> {
+    /// bytes, one that takes longer than `read_timeout` to arrive once started, or (until `signed_in`
+    /// is set) one other than a password or Terminate ends the stream with an error.
+    pub fn new(
+        io: S,
+        max_message: usize,
+        read_timeout: Duration,
+        signed_in: Arc<AtomicBool>,
+    ) -> Framed<S> {
         Framed {
             io,
             untyped: true,
@@ -46,6 +65,8 @@ impl<S> Framed<S> {
             max_message,
             read_timeout,
             deadline: None,
+            signed_in,
+            scratch: vec![0; 16 * 1024],
         }
     }
 
@@ -73,6 +94,15 @@ impl<S> Framed<S> {
                     if have < need {
                         self.at = Position::Header { have };
                         continue;
+                    }
+                    if !self.untyped
+                        && !self.signed_in.load(Ordering::Acquire)
+                        && !BEFORE_SIGN_IN.contains(&self.header[0])
+                    {
+                        return Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            "only a password may be sent before signing in",
+                        ));
                     }
                     let len_at = need - 4;
                     let len = u32::from_be_bytes([
@@ -117,6 +147,14 @@ impl<S> Framed<S> {
     fn mid_message(&self) -> bool {
         self.at != Position::Header { have: 0 }
     }
+
+    /// How many bytes are left of the header or body being read (at least one).
+    fn until_boundary(&self) -> usize {
+        match self.at {
+            Position::Header { have } => self.header_len() - have,
+            Position::Body { left } => left,
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
@@ -126,18 +164,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        // Never past the end of the current header or body.
+        let want = this
+            .until_boundary()
+            .min(buf.remaining())
+            .min(this.scratch.len());
+        if want == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let mut part = ReadBuf::new(&mut this.scratch[..want]);
+        match Pin::new(&mut this.io).poll_read(cx, &mut part) {
             Poll::Ready(Ok(())) => {
+                let got = part.filled().len();
                 let was_mid = this.mid_message();
-                let finished = match this.follow(&buf.filled()[before..]) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        // Nothing of a refused read is handed on.
-                        buf.set_filled(before);
-                        return Poll::Ready(Err(e));
-                    }
-                };
+                let bytes = this.scratch[..got].to_vec();
+                let finished = this.follow(&bytes)?;
+                buf.put_slice(&bytes);
                 // Each message gets the read timeout from its first byte.
                 if !this.mid_message() {
                     this.deadline = None;
@@ -188,6 +230,10 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    fn signed() -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(true))
+    }
+
     fn startup() -> Vec<u8> {
         let body = b"\0\x03\0\0user\0ada\0\0";
         let mut m = ((body.len() + 4) as u32).to_be_bytes().to_vec();
@@ -209,7 +255,7 @@ mod tests {
         all.extend(typed(b'X', b""));
         for split in [1, 2, 3, 5, 7, all.len()] {
             let (mut client, server) = tokio::io::duplex(4096);
-            let mut framed = Framed::new(server, 1024, Duration::from_secs(5));
+            let mut framed = Framed::new(server, 1024, Duration::from_secs(5), signed());
             for chunk in all.chunks(split) {
                 client.write_all(chunk).await.expect("write");
             }
@@ -223,7 +269,7 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_message_is_refused_from_its_header() {
         let (mut client, server) = tokio::io::duplex(4096);
-        let mut framed = Framed::new(server, 1024, Duration::from_secs(5));
+        let mut framed = Framed::new(server, 1024, Duration::from_secs(5), signed());
         client.write_all(&startup()).await.expect("write");
         // Announces 1 GiB; only the header is sent.
         client.write_all(b"Q\x40\0\0\0").await.expect("write");
@@ -234,9 +280,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reads_stop_at_each_message_boundary() {
+        let mut all = startup();
+        all.extend(typed(b'Q', b"SELECT 1\0"));
+        all.extend(typed(b'Q', b"SELECT 2\0"));
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut framed = Framed::new(server, 1024, Duration::from_secs(5), signed());
+        client.write_all(&all).await.expect("write");
+        let mut chunk = [0u8; 4096];
+        let mut ends = Vec::new();
+        let mut total = 0;
+        while total < all.len() {
+            let n = framed.read(&mut chunk).await.expect("read");
+            total += n;
+            ends.push(total);
+        }
+        // Each message's end is the end of some read.
+        let first = startup().len();
+        let second = first + typed(b'Q', b"SELECT 1\0").len();
+        assert!(
+            ends.contains(&first) && ends.contains(&second) && ends.contains(&all.len()),
+            "{ends:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn before_sign_in_only_a_password_passes() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut framed = Framed::new(server, 1024, Duration::from_secs(5), flag.clone());
+        let mut all = startup();
+        all.extend(typed(b'p', b"secret\0"));
+        client.write_all(&all).await.expect("write");
+        let mut got = vec![0u8; all.len()];
+        framed
+            .read_exact(&mut got)
+            .await
+            .expect("startup and password pass");
+        client
+            .write_all(&typed(b'Q', b"SELECT 1\0"))
+            .await
+            .expect("write");
+        let e = framed
+            .read(&mut got)
+            .await
+            .expect_err("a query before sign-in");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        // Once signed in, a query passes.
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut framed = Framed::new(server, 1024, Duration::from_secs(5), flag.clone());
+        client.write_all(&startup()).await.expect("write");
+        let mut got = vec![0u8; startup().len()];
+        framed.read_exact(&mut got).await.expect("startup");
+        flag.store(true, Ordering::Release);
+        let q = typed(b'Q', b"SELECT 1\0");
+        client.write_all(&q).await.expect("write");
+        let mut got = vec![0u8; q.len()];
+        framed.read_exact(&mut got).await.expect("query");
+    }
+
+    #[tokio::test]
     async fn an_impossible_length_is_refused() {
         let (mut client, server) = tokio::io::duplex(4096);
-        let mut framed = Framed::new(server, 1024, Duration::from_secs(5));
+        let mut framed = Framed::new(server, 1024, Duration::from_secs(5), signed());
         client.write_all(&[0, 0, 0, 2]).await.expect("write");
         let mut got = [0u8; 16];
         let e = framed.read(&mut got).await.expect_err("refused");
@@ -246,7 +352,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_that_stalls_midway_is_cut_but_an_idle_connection_is_not() {
         let (mut client, server) = tokio::io::duplex(4096);
-        let mut framed = Framed::new(server, 1024, Duration::from_millis(200));
+        let mut framed = Framed::new(server, 1024, Duration::from_millis(200), signed());
         client.write_all(&startup()).await.expect("write");
         let mut got = vec![0u8; startup().len()];
         framed.read_exact(&mut got).await.expect("startup");

@@ -23,6 +23,7 @@ pub mod frames;
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,10 +48,13 @@ use pgwire::api::results::{
 use pgwire::api::stmt::{QueryParser, StoredStatement};
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
-    ClientInfo, ClientPortalStore, METADATA_APPLICATION_NAME, METADATA_DATABASE, METADATA_USER,
-    NoopHandler, PgWireConnectionState, Type,
+    ClientInfo, ClientPortalStore, DEFAULT_NAME, METADATA_APPLICATION_NAME, METADATA_DATABASE,
+    METADATA_USER, NoopHandler, PgWireConnectionState, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::extendedquery::{
+    Close, CloseComplete, Parse, ParseComplete, TARGET_TYPE_BYTE_PORTAL, TARGET_TYPE_BYTE_STATEMENT,
+};
 use pgwire::messages::response::NoticeResponse;
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
@@ -64,6 +68,15 @@ use crate::service::{ErrorKind, Gateway, GatewayError, Peer, Protocol, QueryRequ
 
 /// Connections held at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Connections one client address may hold at once (more are closed at once).
+pub const MAX_PER_ADDRESS: usize = 128;
+
+/// Prepared statements one connection may hold.
+pub const MAX_STATEMENTS: usize = 256;
+
+/// Catalog queries answered at once, over all connections.
+const CATALOG_AT_ONCE: usize = 8;
 
 /// The version this listener reports (psql and drivers pick their catalog queries by it).
 const SERVER_VERSION: &str = "16.6";
@@ -81,11 +94,16 @@ struct Login {
     delta: Mutex<Option<f64>>,
 }
 
+/// How many named statements a connection holds (in its extensions).
+#[derive(Default)]
+struct Statements(std::sync::atomic::AtomicUsize);
+
 /// The handlers of one listener.
 pub struct PgHandler {
     gateway: Arc<Gateway>,
     driver: AuthDriver<Parameters>,
     parser: Arc<StatementText>,
+    catalog_slots: tokio::sync::Semaphore,
 }
 
 /// The parameters every connection is told at sign-in (and `SHOW` answers).
@@ -240,7 +258,18 @@ fn classify(statement: Statement) -> Kind {
         ),
         Statement::Set(Set::SingleAssignment {
             variable, values, ..
-        }) => Kind::Set(variable.to_string(), values),
+        }) => Kind::Set(
+            variable
+                .0
+                .iter()
+                .map(|p| {
+                    p.as_ident()
+                        .map_or_else(|| p.to_string(), |i| i.value.to_ascii_lowercase())
+                })
+                .collect::<Vec<_>>()
+                .join("."),
+            values,
+        ),
         Statement::Set(Set::SetTimeZone { .. }) | Statement::Set(Set::SetNames { .. }) => {
             Kind::Tag("SET")
         }
@@ -406,7 +435,7 @@ fn parameter_text(
     value: &Option<bytes::Bytes>,
 ) -> PgWireResult<Option<String>> {
     let Some(b) = value else { return Ok(None) };
-    if portal.parameter_format.is_text(i) {
+    if format_of(&portal.parameter_format, i) == FieldFormat::Text {
         return String::from_utf8(b.to_vec())
             .map(Some)
             .map_err(|_| user_error("22021", "a parameter is not UTF-8 (rule 'request')"));
@@ -414,9 +443,13 @@ fn parameter_text(
     let declared = portal.statement.parameter_types.get(i).cloned().flatten();
     let text = match (declared, b.len()) {
         (Some(t), 1) if t == Type::BOOL => (b[0] != 0).to_string(),
-        (_, 2) => i16::from_be_bytes([b[0], b[1]]).to_string(),
-        (_, 4) => i32::from_be_bytes([b[0], b[1], b[2], b[3]]).to_string(),
-        (_, 8) => i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).to_string(),
+        (Some(t), 2) if t == Type::INT2 => i16::from_be_bytes([b[0], b[1]]).to_string(),
+        (Some(t), 4) if t == Type::INT4 || t == Type::OID => {
+            i32::from_be_bytes([b[0], b[1], b[2], b[3]]).to_string()
+        }
+        (Some(t), 8) if t == Type::INT8 => {
+            i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).to_string()
+        }
         _ => {
             return Err(user_error(
                 "0A000",
@@ -434,6 +467,7 @@ impl PgHandler {
             gateway,
             driver: AuthDriver::new(Parameters),
             parser: Arc::new(StatementText),
+            catalog_slots: tokio::sync::Semaphore::new(CATALOG_AT_ONCE),
         }
     }
 
@@ -489,9 +523,23 @@ impl PgHandler {
                 query_response(&schema, &[batch], formats, "SHOW")
             }
             Kind::Catalog(statement) => {
+                let limit = self.gateway.limits().query_timeout;
+                let busy = || {
+                    pg_error(
+                        &GatewayError::Refused {
+                            rule: "concurrency".into(),
+                            message: "the enclave is answering as many catalog queries as it may at once; try again shortly".into(),
+                        },
+                        false,
+                    )
+                };
+                let _slot = tokio::time::timeout(limit, self.catalog_slots.acquire())
+                    .await
+                    .map_err(|_| busy())?
+                    .map_err(|_| busy())?;
                 let view = self.catalog_view(&caller, &login)?;
                 let answer = view
-                    .run(&statement, &parameters)
+                    .run(&statement, &parameters, limit)
                     .await
                     .map_err(|e| pg_error(&e, false))?;
                 if !answer.supported {
@@ -564,11 +612,15 @@ impl PgHandler {
     fn set(&self, login: &Login, name: &str, values: &[Expr]) -> PgWireResult<()> {
         let name = name.to_ascii_lowercase();
         let value = set_value(values);
-        let number = |what: &str| -> PgWireResult<Option<f64>> {
+        let number = |what: &str, most: f64| -> PgWireResult<Option<f64>> {
             match value.as_deref() {
                 Some("default") | Some("DEFAULT") => Ok(None),
                 Some(v) => match v.parse::<f64>() {
-                    Ok(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                    Ok(x) if x.is_finite() && x > 0.0 && x <= most => Ok(Some(x)),
+                    _ if most < f64::MAX => Err(user_error(
+                        "22023",
+                        format!("{what} must be a positive number up to {most} (rule 'request')"),
+                    )),
                     _ => Err(user_error(
                         "22023",
                         format!("{what} must be a positive number (rule 'request')"),
@@ -581,8 +633,8 @@ impl PgHandler {
             }
         };
         match name.as_str() {
-            "enclave.epsilon" => *lock(&login.epsilon) = number("enclave.epsilon")?,
-            "enclave.delta" => *lock(&login.delta) = number("enclave.delta")?,
+            "enclave.epsilon" => *lock(&login.epsilon) = number("enclave.epsilon", f64::MAX)?,
+            "enclave.delta" => *lock(&login.delta) = number("enclave.delta", 0.5)?,
             "search_path" => {
                 // The first schema that is not a system one becomes the connection's dataset.
                 if let Some(first) = values.iter().find_map(|v| {
@@ -591,6 +643,14 @@ impl PgHandler {
                 }) {
                     *lock(&login.dataset) = first;
                 }
+            }
+            other if other.starts_with("enclave.") => {
+                return Err(user_error(
+                    "42704",
+                    format!(
+                        "unrecognized configuration parameter \"{other}\" (the enclave's are enclave.epsilon and enclave.delta)"
+                    ),
+                ));
             }
             // Everything else a driver sets is accepted and has no effect.
             _ => {}
@@ -847,6 +907,72 @@ impl ExtendedQueryHandler for PgHandler {
         Arc::clone(&self.parser)
     }
 
+    /// Stores a statement, at most [`MAX_STATEMENTS`] named ones per connection.
+    async fn on_parse<C>(&self, client: &mut C, message: Parse) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = String>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message
+            .name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAME.to_owned());
+        let held = client
+            .session_extensions()
+            .get_or_insert_with(Statements::default);
+        if client.portal_store().get_statement(&name).is_none() {
+            if held.0.load(Ordering::Relaxed) >= MAX_STATEMENTS {
+                return Err(user_error(
+                    "53400",
+                    format!(
+                        "a connection holds at most {MAX_STATEMENTS} prepared statements; close some (rule 'statement')"
+                    ),
+                ));
+            }
+            held.0.fetch_add(1, Ordering::Relaxed);
+        }
+        match StoredStatement::parse(client, &message, self.query_parser()).await? {
+            Some(statement) => client.portal_store().put_statement(Arc::new(statement)),
+            None => client.portal_store().put_empty_statement(&name),
+        }
+        client
+            .send(PgWireBackendMessage::ParseComplete(ParseComplete::new()))
+            .await?;
+        Ok(())
+    }
+
+    /// Closes a statement or portal (a closed statement frees its place).
+    async fn on_close<C>(&self, client: &mut C, message: Close) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = String>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        match message.target_type {
+            TARGET_TYPE_BYTE_STATEMENT => {
+                if client.portal_store().get_statement(name).is_some() {
+                    let held = client
+                        .session_extensions()
+                        .get_or_insert_with(Statements::default);
+                    let _ = held
+                        .0
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                }
+                client.portal_store().rm_statement(name);
+            }
+            TARGET_TYPE_BYTE_PORTAL => client.portal_store().rm_portal(name),
+            _ => {}
+        }
+        client
+            .send(PgWireBackendMessage::CloseComplete(CloseComplete::new()))
+            .await?;
+        Ok(())
+    }
+
     async fn do_describe_statement<C>(
         &self,
         client: &mut C,
@@ -985,6 +1111,15 @@ async fn negotiate(
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
 
+fn signing_in_state(state: PgWireConnectionState) -> bool {
+    matches!(
+        state,
+        PgWireConnectionState::AwaitingSslRequest
+            | PgWireConnectionState::AwaitingStartup
+            | PgWireConnectionState::AuthenticationInProgress
+    )
+}
+
 /// Serves one connection to its end.
 async fn connection(
     io: TcpStream,
@@ -1001,7 +1136,8 @@ async fn connection(
     };
     // A message may carry the SQL plus the protocol's framing and a few parameters.
     let max_message = limits.max_request_bytes + 16 * 1024;
-    let guarded = frames::Framed::new(stream, max_message, read_timeout);
+    let signed_in = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guarded = frames::Framed::new(stream, max_message, read_timeout, Arc::clone(&signed_in));
     let client = pgwire::api::DefaultClient::new(addr, secure);
     let mut socket =
         tokio_util::codec::Framed::new(guarded, PgWireMessageServerCodec::<String>::new(client));
@@ -1025,11 +1161,7 @@ async fn connection(
     let sign_in_by = tokio::time::sleep(read_timeout);
     tokio::pin!(sign_in_by);
     loop {
-        let signing_in = matches!(
-            socket.state(),
-            PgWireConnectionState::AwaitingStartup
-                | PgWireConnectionState::AuthenticationInProgress
-        );
+        let signing_in = signing_in_state(socket.state());
         let message = if signing_in {
             tokio::select! {
                 () = &mut sign_in_by => return,
@@ -1062,7 +1194,7 @@ async fn connection(
             return;
         }
         let extended = message.is_extended_query();
-        if let Err(e) = process_message(
+        let result = process_message(
             message,
             &mut socket,
             Arc::clone(&handler),
@@ -1071,8 +1203,11 @@ async fn connection(
             Arc::clone(&noop),
             Arc::clone(&noop),
         )
-        .await
-        {
+        .await;
+        if !signing_in_state(socket.state()) {
+            signed_in.store(true, std::sync::atomic::Ordering::Release);
+        }
+        if let Err(e) = result {
             let fatal = e.is_fatal();
             if process_error(&mut socket, e, extended).await.is_err() || fatal {
                 return;
@@ -1091,6 +1226,7 @@ pub async fn serve(
 ) {
     let handler = Arc::new(PgHandler::new(gateway));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_address: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -1111,12 +1247,31 @@ pub async fn serve(
                 }
             },
         };
+        // One address holds at most a share of the connections, so it cannot lock everyone out.
+        {
+            let mut held = lock(&per_address);
+            let n = held.entry(addr.ip()).or_insert(0);
+            if *n >= MAX_PER_ADDRESS {
+                drop(held);
+                tracing::debug!(%addr, "pg connection refused: too many from one address");
+                continue;
+            }
+            *n += 1;
+        }
         let _ = io.set_nodelay(true);
         let handler = Arc::clone(&handler);
         let tls = tls.clone();
+        let per_address = Arc::clone(&per_address);
         tokio::spawn(async move {
             let _permit = permit;
             connection(io, addr, handler, tls).await;
+            let mut held = lock(&per_address);
+            if let Some(n) = held.get_mut(&addr.ip()) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    held.remove(&addr.ip());
+                }
+            }
         });
     }
 }
@@ -1141,6 +1296,10 @@ mod tests {
         assert!(
             matches!(kind("SET enclave.epsilon = 0.5"), Kind::Set(n, _) if n == "enclave.epsilon")
         );
+        assert!(matches!(
+            kind("SET \"Enclave\".EPSILON = 0.5"),
+            Kind::Set(n, _) if n == "enclave.epsilon"
+        ));
         assert!(matches!(
             kind("SELECT count(*) FROM encounters"),
             Kind::Engine
