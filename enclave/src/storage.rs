@@ -157,7 +157,22 @@ impl EncryptionFactory for KeystoreEncryptionFactory {
 
 /// A DataFusion session that can read the enclave's encrypted tables.
 pub(crate) fn session(keystore: Arc<Keystore>) -> SessionContext {
-    let ctx = SessionContext::new();
+    session_within(keystore, None)
+}
+
+/// [`session`] whose queries share a memory pool of `memory` bytes (none: unbounded): an operator that
+/// needs more fails with DataFusion's resources-exhausted error rather than taking the host's memory.
+pub(crate) fn session_within(keystore: Arc<Keystore>, memory: Option<usize>) -> SessionContext {
+    let runtime = memory.and_then(|bytes| {
+        datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_limit(bytes, 1.0)
+            .build_arc()
+            .ok()
+    });
+    let ctx = match runtime {
+        Some(rt) => SessionContext::new_with_config_rt(Default::default(), rt),
+        None => SessionContext::new(),
+    };
     let factory = KeystoreEncryptionFactory {
         retriever: Arc::new(KeystoreRetriever {
             keystore,

@@ -1098,6 +1098,46 @@ fn an_answer_over_the_row_limit_is_refused_and_charged() {
         .expect("verifies");
 }
 
+/// A query that needs more memory than the engine's pool stops, is charged (it ran) and says which limit
+/// stopped it; the engine answers the next query within the limit.
+#[test]
+fn a_query_past_the_memory_limit_is_stopped_charged_and_named() {
+    let (tmp, _, options) = row_limited("memory");
+    let options = QueryOptions {
+        max_groups: None,
+        ..options
+    };
+    let engine = DpEngine::open(&DataDir::new(tmp.path().join("data")))
+        .expect("engine")
+        .with_memory_limit(1);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let sql = "SELECT category, COUNT(*) AS n FROM observations GROUP BY category";
+    match rt.block_on(engine.answer("alice", "memory", sql, &options)) {
+        Err(enclave::Error::Refused {
+            rule: enclave::dp::Rule::Execution,
+            message,
+        }) => assert!(message.contains("more memory than the limit"), "{message}"),
+        other => panic!("expected the memory limit, got {other:?}"),
+    }
+    let budget = engine
+        .ledger()
+        .budget("alice", "memory")
+        .expect("b")
+        .expect("some");
+    assert!(
+        (budget.spent_epsilon - 0.25).abs() < 1e-9,
+        "charged: {budget:?}"
+    );
+    let last = engine.ledger().tail(1).expect("tail").remove(0);
+    assert_eq!(last.outcome, "failed");
+    assert!(last.rule.contains("memory"), "{}", last.rule);
+    let roomy = DpEngine::open(&DataDir::new(tmp.path().join("data")))
+        .expect("engine")
+        .with_memory_limit(256 * 1024 * 1024);
+    rt.block_on(roomy.answer("alice", "memory", sql, &options))
+        .expect("answered within the limit");
+}
+
 /// Queries running together hold their planned cost: those that do not fit are refused before they run,
 /// and every one that ran and hit a limit is charged in full, never capped to nothing by the others.
 #[test]

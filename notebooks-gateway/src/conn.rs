@@ -1,4 +1,5 @@
-//! Connections the gRPC listener accepts, guarded: at most [`MAX_CONNECTIONS`] at once (more wait in the
+//! Accepting connections: [`next_connection`] (a slot, then the next connection, or shutdown) for every
+//! listener's accept loop; and the connections the gRPC listener accepts, guarded: at most [`MAX_CONNECTIONS`] at once (more wait in the
 //! kernel's backlog), and a client that has not sent the HTTP/2 preface (or, with TLS, finished its
 //! handshake) within the first-bytes timeout is cut before the server sees it (a silent or trickling
 //! client cannot hold a connection). Once a connection is up, HTTP/2 keep-alive pings close it when the
@@ -147,4 +148,29 @@ pub fn incoming(
         rx,
         |mut rx| async move { rx.recv().await.map(|g| (Ok(g), rx)) },
     )
+}
+
+/// Waits for a free connection slot, then for the next connection on `listener`; `None` once `shutdown`
+/// resolves. An accept error (out of descriptors and the like) waits a little rather than spin.
+pub async fn next_connection<F: std::future::Future<Output = ()>>(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    mut shutdown: Pin<&mut F>,
+) -> Option<(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit)> {
+    let permit = tokio::select! {
+        () = shutdown.as_mut() => return None,
+        p = Arc::clone(slots).acquire_owned() => p.ok()?,
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.as_mut() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((io, addr)) => return Some((io, addr, permit)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
 }

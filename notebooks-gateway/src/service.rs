@@ -86,6 +86,8 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// How long a client may take to send a request's headers, or its body (a slower one is cut).
     pub read_timeout: Duration,
+    /// Memory the queries on one dataset version may use together (DataFusion's memory pool), bytes.
+    pub query_memory: usize,
 }
 
 impl Default for Limits {
@@ -97,6 +99,7 @@ impl Default for Limits {
             total: 64,
             max_request_bytes: 64 * 1024,
             read_timeout: Duration::from_secs(10),
+            query_memory: 2 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -349,7 +352,7 @@ impl Gateway {
             other => refused("policies", other.to_string()),
         })?;
         Ok(Gateway {
-            engine: DpEngine::open(dir)?,
+            engine: DpEngine::open(dir)?.with_memory_limit(limits.query_memory),
             accounts: Accounts::open(dir, session_lifetime)?,
             policies,
             catalog: dir.catalog()?,

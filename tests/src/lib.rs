@@ -513,3 +513,57 @@ pub fn manifest(export: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(export.join("manifest.json")).expect("manifest"))
         .expect("manifest JSON")
 }
+
+/// What a gateway protocol's audit records must show: the records of `origin` (each names the peer it
+/// came from); its queries on `dataset` all carry a session id, and one of `released_by`'s was released
+/// under the researchers' query policy; `signer` both signed in and had a sign-in refused; each
+/// `(user, rule)` refusal is there. Returns the protocol's records for further checks.
+pub fn assert_gateway_records(
+    records: &[serde_json::Value],
+    origin: &str,
+    dataset: &str,
+    released_by: &str,
+    signer: &str,
+    refusals: &[(&str, &str)],
+) -> Vec<serde_json::Value> {
+    let mine: Vec<serde_json::Value> = records
+        .iter()
+        .filter(|r| r["origin"] == origin)
+        .cloned()
+        .collect();
+    assert!(!mine.is_empty(), "no {origin} records");
+    for r in &mine {
+        assert!(
+            r["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("127.0.0.1")),
+            "{r}"
+        );
+    }
+    let queries: Vec<&serde_json::Value> =
+        mine.iter().filter(|r| r["dataset"] == dataset).collect();
+    assert!(
+        queries
+            .iter()
+            .all(|r| !r["session"].as_str().unwrap_or("").is_empty())
+    );
+    assert!(queries.iter().any(|r| r["outcome"] == "released"
+        && r["principal"] == released_by
+        && r["decision"] == "allow [researchers-query-under-an-active-grant]"));
+    for outcome in ["signed-in", "sign-in-refused"] {
+        assert!(
+            mine.iter()
+                .any(|r| r["outcome"] == outcome && r["principal"] == signer),
+            "{signer}: {outcome}"
+        );
+    }
+    for (who, rule) in refusals {
+        assert!(
+            mine.iter().any(|r| r["principal"] == *who
+                && r["outcome"] == "refused"
+                && r["rule"].as_str().is_some_and(|x| x.starts_with(rule))),
+            "{who}'s {rule} refusal is recorded"
+        );
+    }
+    mine
+}

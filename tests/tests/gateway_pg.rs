@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use enclave_e2e::{Scratch, Server, client_python, code_at, code_now};
+use enclave_e2e::{Scratch, Server, assert_gateway_records, client_python, code_at, code_now};
 use serde_json::Value;
 
 const QUERY: &str = "SELECT gender, COUNT(*) AS n FROM patients GROUP BY gender";
@@ -406,58 +406,23 @@ fn postgres_clients_are_answered_refused_and_recorded() {
     // The audit log: every pg request with user, protocol, peer, session and Cedar's decision.
     s.enclave("data", &["audit", "verify"]);
     let records = s.audit_records("data", 1000);
-    let pg: Vec<&Value> = records.iter().filter(|r| r["origin"] == "pg").collect();
-    assert!(!pg.is_empty());
-    for r in &pg {
-        assert!(
-            r["peer"]
-                .as_str()
-                .is_some_and(|p| p.starts_with("127.0.0.1")),
-            "{r}"
-        );
-    }
-    let queries: Vec<&&Value> = pg
-        .iter()
-        .filter(|r| r["dataset"] == "demo-cohort")
-        .collect();
-    assert!(
-        queries
-            .iter()
-            .all(|r| !r["session"].as_str().unwrap_or("").is_empty())
+    assert_gateway_records(
+        &records,
+        "pg",
+        "demo-cohort",
+        "pat",
+        "pat",
+        &[
+            ("pat", "row-level"),
+            ("alice", "row-level"),
+            ("bob", "access"),
+            ("carol", "access"),
+            ("erin", "budget"),
+            ("ben", "access"),
+            ("cora", "access"),
+            ("eve", "budget"),
+            ("pat", "statement"),
+            ("alice", "parameters"),
+        ],
     );
-    assert!(queries.iter().any(|r| r["outcome"] == "released"
-        && r["principal"] == "pat"
-        && r["decision"] == "allow [researchers-query-under-an-active-grant]"));
-    for (who, rule) in [
-        ("pat", "row-level"),
-        ("alice", "row-level"),
-        ("bob", "access"),
-        ("carol", "access"),
-        ("erin", "budget"),
-        ("ben", "access"),
-        ("cora", "access"),
-        ("eve", "budget"),
-    ] {
-        assert!(
-            queries.iter().any(|r| r["principal"] == who
-                && r["outcome"] == "refused"
-                && r["rule"].as_str().is_some_and(|x| x.starts_with(rule))),
-            "{who}'s {rule} refusal is recorded"
-        );
-    }
-    for (who, rule) in [("pat", "statement"), ("alice", "parameters")] {
-        assert!(
-            pg.iter().any(|r| r["principal"] == who
-                && r["outcome"] == "refused"
-                && r["rule"].as_str().is_some_and(|x| x.starts_with(rule))),
-            "{who}'s {rule} refusal is recorded"
-        );
-    }
-    for outcome in ["signed-in", "sign-in-refused"] {
-        assert!(
-            pg.iter()
-                .any(|r| r["outcome"] == outcome && r["principal"] == "pat"),
-            "{outcome}"
-        );
-    }
 }

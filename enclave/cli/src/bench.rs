@@ -643,7 +643,7 @@ fn error_stats(values: &[f64], reference: f64) -> ErrorStats {
 
 /// Writes the accuracy benchmark's export: 20,000 patients with a skewed number of encounters each (one
 /// or two for most, dozens for a few; ~100,000 in all) and, for the first 2,000, ~60 observations each.
-fn accuracy_export(dir: &Path) -> Result<()> {
+pub(crate) fn accuracy_export(dir: &Path) -> Result<()> {
     use rand::{Rng, SeedableRng};
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);

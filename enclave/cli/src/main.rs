@@ -332,6 +332,13 @@ enum BenchCommand {
         #[arg(long)]
         smartnoise: bool,
     },
+    /// The gateway under load: 20 users × 10 concurrent Flight SQL clients, 2,000 queries, against plain
+    /// DataFusion behind Flight SQL; checks no budget is overspent and one audit record per query.
+    Gateway {
+        /// Work directory (the export is kept between runs; the data directory is made afresh).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
     /// DP answers against the true and the bounded value: bias, standard deviation and RMSE at ε = 1.
     Accuracy {
         /// Work directory (kept between runs, so data is generated and ingested once).
@@ -572,6 +579,9 @@ fn run(cli: Cli) -> Result<()> {
             print_card(&catalog.version("demo-cohort", None)?);
         }
         Command::Bench { command } => match command {
+            BenchCommand::Gateway { work_dir } => {
+                enclave_cli::bench_gateway::gateway_bench(work_dir)?
+            }
             BenchCommand::Ingest { patients, work_dir } => {
                 enclave_cli::bench::ingest_bench(patients, work_dir, demo_today())?
             }
@@ -796,6 +806,10 @@ struct ServeArgs {
     /// Largest request body or SQL text, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     max_request_bytes: usize,
+    /// Memory the queries on one dataset may use together, in MiB (a query that needs more stops and
+    /// is charged).
+    #[arg(long, default_value_t = 2048)]
+    query_memory_mb: usize,
     /// Seconds a client may take to send a request's headers or body before it is cut (slow clients).
     #[arg(long, default_value_t = 10)]
     read_timeout: u64,
@@ -861,6 +875,7 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
         total: args.total.max(1),
         max_request_bytes: args.max_request_bytes.max(1024),
         read_timeout: std::time::Duration::from_secs(args.read_timeout.max(1)),
+        query_memory: args.query_memory_mb.clamp(16, 1 << 20) * 1024 * 1024,
     };
     let gateway = std::sync::Arc::new(Gateway::open(
         dir,

@@ -237,6 +237,8 @@ pub struct DpEngine {
     /// DataFusion sessions per (dataset, version), tables (and their indexed copies) registered as
     /// first used.
     sessions: std::sync::Mutex<HashMap<(String, String), SessionContext>>,
+    /// The memory pool of each dataset version's session, in bytes (none: unbounded).
+    memory_limit: Option<usize>,
     /// Per (version directory, tables joined, k): the exact figures of the truncation estimate over
     /// their whole join (rows left out, rows), computed from their indexes once.
     truncation_totals: std::sync::Mutex<TruncationTotals>,
@@ -286,10 +288,18 @@ impl DpEngine {
             #[cfg(feature = "danger-test-hooks")]
             danger_crash_after_charge: false,
             sessions: std::sync::Mutex::new(HashMap::new()),
+            memory_limit: None,
             truncation_totals: std::sync::Mutex::new(HashMap::new()),
             held: Arc::new(std::sync::Mutex::new(HashMap::new())),
             registering: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Bounds the memory the queries of each dataset version may use together (DataFusion's memory
+    /// pool): a query that needs more stops, is charged (it ran) and says which limit stopped it.
+    pub fn with_memory_limit(mut self, bytes: usize) -> DpEngine {
+        self.memory_limit = Some(bytes);
+        self
     }
 
     /// Turns noise off while keeping every other step (bounding, clamping, accounting, audit). Only for
@@ -594,6 +604,22 @@ impl DpEngine {
             Ok(r) => r,
             Err(stopped) => {
                 let message = match stopped {
+                    Stopped::Failed(Error::DataFusion(e))
+                        if matches!(
+                            e.find_root(),
+                            datafusion::error::DataFusionError::ResourcesExhausted(_)
+                        ) =>
+                    {
+                        let limit = self.memory_limit.unwrap_or(0);
+                        let limit = if limit >= 1024 * 1024 {
+                            format!("{} MiB", limit / (1024 * 1024))
+                        } else {
+                            format!("{limit} bytes")
+                        };
+                        format!(
+                            "the query needed more memory than the limit of {limit}; its cost was charged"
+                        )
+                    }
                     Stopped::Failed(e) => {
                         tracing::error!(error = %e, "an accepted query failed while running; charged");
                         "the query failed while running; its cost was charged".to_owned()
@@ -727,7 +753,9 @@ impl DpEngine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(key)
-            .or_insert_with(|| crate::storage::session(self.keystore.clone()))
+            .or_insert_with(|| {
+                crate::storage::session_within(self.keystore.clone(), self.memory_limit)
+            })
             .clone();
         let dir = self.root.join(&version.version.storage_path);
         let _registering = self.registering.lock().await;

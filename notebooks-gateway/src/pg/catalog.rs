@@ -1228,7 +1228,6 @@ fn register_functions(ctx: &SessionContext, objects: &Objects<'_>, datasets: &[D
         "public".to_owned()
     };
     let constant = |v: ScalarValue| -> Body { Arc::new(move |_| v.clone()) };
-    let null_text = || constant(ScalarValue::Utf8(None));
     let mut descriptions: HashMap<(i64, i32), String> = HashMap::new();
     for (i, d) in datasets.iter().enumerate() {
         for (j, t) in d.tables.iter().enumerate() {
@@ -1245,7 +1244,7 @@ fn register_functions(ctx: &SessionContext, objects: &Objects<'_>, datasets: &[D
         "PostgreSQL {} (RWD enclave: differentially private answers only)",
         super::SERVER_VERSION
     );
-    let functions: Vec<(&str, DataType, Body)> = vec![
+    let mut functions: Vec<(&str, DataType, Body)> = vec![
         ("version", DataType::Utf8, constant(text(version))),
         (
             "current_database",
@@ -1259,52 +1258,6 @@ fn register_functions(ctx: &SessionContext, objects: &Objects<'_>, datasets: &[D
             DataType::Utf8,
             constant(text(format!("{{pg_catalog,{schema}}}"))),
         ),
-        ("current_user", DataType::Utf8, constant(text(&user))),
-        ("session_user", DataType::Utf8, constant(text(&user))),
-        ("current_role", DataType::Utf8, constant(text(&user))),
-        ("user", DataType::Utf8, constant(text(&user))),
-        ("pg_get_userbyid", DataType::Utf8, constant(text(&user))),
-        (
-            "pg_table_is_visible",
-            DataType::Boolean,
-            constant(boolean(true)),
-        ),
-        (
-            "pg_type_is_visible",
-            DataType::Boolean,
-            constant(boolean(true)),
-        ),
-        (
-            "pg_function_is_visible",
-            DataType::Boolean,
-            constant(boolean(true)),
-        ),
-        (
-            "has_table_privilege",
-            DataType::Boolean,
-            constant(boolean(true)),
-        ),
-        (
-            "has_schema_privilege",
-            DataType::Boolean,
-            constant(boolean(true)),
-        ),
-        (
-            "has_database_privilege",
-            DataType::Boolean,
-            constant(boolean(true)),
-        ),
-        (
-            "has_column_privilege",
-            DataType::Boolean,
-            constant(boolean(true)),
-        ),
-        ("pg_has_role", DataType::Boolean, constant(boolean(false))),
-        (
-            "pg_is_in_recovery",
-            DataType::Boolean,
-            constant(boolean(false)),
-        ),
         (
             "pg_backend_pid",
             DataType::Int32,
@@ -1315,49 +1268,75 @@ fn register_functions(ctx: &SessionContext, objects: &Objects<'_>, datasets: &[D
             DataType::Utf8,
             constant(text("UTF8")),
         ),
-        ("pg_get_expr", DataType::Utf8, null_text()),
-        ("pg_get_indexdef", DataType::Utf8, null_text()),
-        ("pg_get_constraintdef", DataType::Utf8, null_text()),
-        ("pg_get_viewdef", DataType::Utf8, null_text()),
-        ("pg_get_triggerdef", DataType::Utf8, null_text()),
-        ("pg_get_partkeydef", DataType::Utf8, null_text()),
-        ("pg_get_function_arguments", DataType::Utf8, null_text()),
-        ("pg_get_function_result", DataType::Utf8, null_text()),
+    ];
+    let constants: [(&[&str], DataType, ScalarValue); 5] = [
         (
-            "pg_get_statisticsobjdef_columns",
+            &[
+                "current_user",
+                "session_user",
+                "current_role",
+                "user",
+                "pg_get_userbyid",
+            ],
             DataType::Utf8,
-            null_text(),
+            text(&user),
         ),
-        ("pg_tablespace_location", DataType::Utf8, null_text()),
-        ("shobj_description", DataType::Utf8, null_text()),
-        ("obj_description", DataType::Utf8, null_text()),
+        (
+            &[
+                "pg_table_is_visible",
+                "pg_type_is_visible",
+                "pg_function_is_visible",
+                "has_table_privilege",
+                "has_schema_privilege",
+                "has_database_privilege",
+                "has_column_privilege",
+            ],
+            DataType::Boolean,
+            boolean(true),
+        ),
+        (
+            &["pg_has_role", "pg_is_in_recovery"],
+            DataType::Boolean,
+            boolean(false),
+        ),
+        (
+            &[
+                "pg_get_expr",
+                "pg_get_indexdef",
+                "pg_get_constraintdef",
+                "pg_get_viewdef",
+                "pg_get_triggerdef",
+                "pg_get_partkeydef",
+                "pg_get_function_arguments",
+                "pg_get_function_result",
+                "pg_get_statisticsobjdef_columns",
+                "pg_tablespace_location",
+                "shobj_description",
+                "obj_description",
+                "pg_size_pretty",
+            ],
+            DataType::Utf8,
+            ScalarValue::Utf8(None),
+        ),
         // Sizes would tell row counts: never given.
         (
-            "pg_relation_size",
+            &[
+                "pg_relation_size",
+                "pg_total_relation_size",
+                "pg_table_size",
+                "pg_indexes_size",
+                "pg_database_size",
+            ],
             DataType::Int64,
-            constant(ScalarValue::Int64(None)),
+            ScalarValue::Int64(None),
         ),
-        (
-            "pg_total_relation_size",
-            DataType::Int64,
-            constant(ScalarValue::Int64(None)),
-        ),
-        (
-            "pg_table_size",
-            DataType::Int64,
-            constant(ScalarValue::Int64(None)),
-        ),
-        (
-            "pg_indexes_size",
-            DataType::Int64,
-            constant(ScalarValue::Int64(None)),
-        ),
-        (
-            "pg_database_size",
-            DataType::Int64,
-            constant(ScalarValue::Int64(None)),
-        ),
-        ("pg_size_pretty", DataType::Utf8, null_text()),
+    ];
+    for (names, returns, value) in constants {
+        for name in names {
+            functions.push((name, returns.clone(), constant(value.clone())));
+        }
+    }
+    functions.extend::<Vec<(&str, DataType, Body)>>(vec![
         // The catalog has no array columns: its ACL and option lists are NULL text.
         (
             "array_to_string",
@@ -1404,7 +1383,7 @@ fn register_functions(ctx: &SessionContext, objects: &Objects<'_>, datasets: &[D
                 }))
             }),
         ),
-    ];
+    ]);
     for (name, returns, body) in functions {
         ctx.register_udf(function(name, returns, body));
     }

@@ -1228,25 +1228,9 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let per_address: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (io, addr) = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pg accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((io, addr, permit)) =
+        crate::conn::next_connection(&listener, &slots, shutdown.as_mut()).await
+    {
         // One address holds at most a share of the connections, so it cannot lock everyone out.
         {
             let mut held = lock(&per_address);
