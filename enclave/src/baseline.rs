@@ -31,7 +31,7 @@ impl Baseline {
                 "dataset '{dataset}' was not made by a benchmark: only DP answers read it"
             )));
         }
-        let ctx = crate::storage::session(Arc::new(dir.keystore()?));
+        let ctx = crate::storage::session(Arc::new(dir.keystore()?))?;
         let vdir = dir.root().join(&version.version.storage_path);
         for t in &version.version.tables {
             crate::storage::register_table(&ctx, &t.name, &vdir.join(&t.file)).await?;

@@ -61,7 +61,7 @@ pub(crate) fn choose(
     let mut cost = Cost::default();
     for t in tables {
         let rows_per_person: Vec<f64> = rt.block_on(async {
-            let ctx = crate::storage::session(keystore.clone());
+            let ctx = crate::storage::session(keystore.clone())?;
             let file = version_dir.join(format!("{}.parquet", t.name()));
             crate::storage::register_table(&ctx, t.name(), &file).await?;
             let batches = ctx

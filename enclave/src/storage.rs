@@ -155,24 +155,13 @@ impl EncryptionFactory for KeystoreEncryptionFactory {
     }
 }
 
-/// A DataFusion session that can read the enclave's encrypted tables.
-pub(crate) fn session(keystore: Arc<Keystore>) -> SessionContext {
-    session_within(keystore, None)
-}
-
-/// [`session`] whose queries share a memory pool of `memory` bytes (none: unbounded): an operator that
-/// needs more fails with DataFusion's resources-exhausted error rather than taking the host's memory.
-pub(crate) fn session_within(keystore: Arc<Keystore>, memory: Option<usize>) -> SessionContext {
-    let runtime = memory.and_then(|bytes| {
-        datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_memory_limit(bytes, 1.0)
-            .build_arc()
-            .ok()
-    });
-    let ctx = match runtime {
-        Some(rt) => SessionContext::new_with_config_rt(Default::default(), rt),
-        None => SessionContext::new(),
-    };
+/// A DataFusion session that can read the enclave's encrypted tables. Its disk manager is disabled: an
+/// operator that runs out of memory fails rather than spill decrypted rows to a temporary file.
+pub(crate) fn session(keystore: Arc<Keystore>) -> Result<SessionContext> {
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_disk_manager_builder(no_spill())
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
     let factory = KeystoreEncryptionFactory {
         retriever: Arc::new(KeystoreRetriever {
             keystore,
@@ -181,7 +170,32 @@ pub(crate) fn session_within(keystore: Arc<Keystore>, memory: Option<usize>) -> 
     };
     ctx.runtime_env()
         .register_parquet_encryption_factory(FACTORY_ID, Arc::new(factory));
-    ctx
+    Ok(ctx)
+}
+
+/// A disk manager that writes nothing: spilling would put decrypted rows at rest.
+pub fn no_spill() -> datafusion::execution::disk_manager::DiskManagerBuilder {
+    datafusion::execution::disk_manager::DiskManagerBuilder::default()
+        .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled)
+}
+
+/// The runtime of one query on `ctx`: the session's (its encryption factory, caches and object
+/// stores) with a memory pool of `memory` bytes of its own, so one query's need cannot fail another's.
+pub(crate) fn query_runtime(
+    ctx: &SessionContext,
+    memory: Option<usize>,
+) -> Arc<datafusion::execution::runtime_env::RuntimeEnv> {
+    let base = ctx.runtime_env();
+    match memory {
+        Some(bytes) => {
+            let mut runtime = (*base).clone();
+            runtime.memory_pool = Arc::new(
+                datafusion::execution::memory_pool::GreedyMemoryPool::new(bytes),
+            );
+            Arc::new(runtime)
+        }
+        None => base,
+    }
 }
 
 /// Registers one encrypted Parquet file as table `name`.
@@ -201,7 +215,7 @@ pub(crate) async fn register_table(ctx: &SessionContext, name: &str, file: &Path
 
 /// A decrypting session, for tests that inspect what ingest wrote. Never in a release build.
 #[cfg(feature = "danger-test-hooks")]
-pub fn danger_session(keystore: Arc<Keystore>) -> SessionContext {
+pub fn danger_session(keystore: Arc<Keystore>) -> Result<SessionContext> {
     session(keystore)
 }
 

@@ -18,10 +18,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 /// Connections held at once per listener.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// A client's stream, plain or TLS.
+/// A client's stream, plain or TLS (with the HTTP/2 preface read through it, handed on first).
 enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Vec<u8>),
 }
 
 /// An accepted TCP stream that sent its first bytes in time, holding its connection slot.
@@ -38,7 +38,13 @@ impl AsyncRead for Guarded {
     ) -> Poll<io::Result<()>> {
         match &mut self.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::Tls(_, preface) if !preface.is_empty() => {
+                let n = preface.len().min(buf.remaining());
+                buf.put_slice(&preface[..n]);
+                preface.drain(..n);
+                Poll::Ready(Ok(()))
+            }
+            Io::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -51,21 +57,21 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         match &mut self.io {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.io {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.io {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -76,7 +82,7 @@ impl tonic::transport::server::Connected for Guarded {
     fn connect_info(&self) -> Self::ConnectInfo {
         match &self.io {
             Io::Plain(s) => s.connect_info(),
-            Io::Tls(s) => s.get_ref().0.connect_info(),
+            Io::Tls(s, _) => s.get_ref().0.connect_info(),
         }
     }
 }
@@ -127,11 +133,18 @@ pub fn incoming(
             tokio::spawn(async move {
                 let _ = io.set_nodelay(true);
                 let ready = match tls {
-                    Some(tls) => tokio::time::timeout(first_bytes, tls.accept(io))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .map(|s| Io::Tls(Box::new(s))),
+                    // The handshake and then the preface, read through it, within the deadline.
+                    Some(tls) => tokio::time::timeout(first_bytes, async {
+                        let mut s = tls.accept(io).await.ok()?;
+                        let mut preface = vec![0u8; 24];
+                        tokio::io::AsyncReadExt::read_exact(&mut s, &mut preface)
+                            .await
+                            .ok()?;
+                        Some(Io::Tls(Box::new(s), preface))
+                    })
+                    .await
+                    .ok()
+                    .flatten(),
                     None => tokio::time::timeout(first_bytes, preface(&io))
                         .await
                         .is_ok_and(|ok| ok)

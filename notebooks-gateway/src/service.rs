@@ -86,7 +86,7 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// How long a client may take to send a request's headers, or its body (a slower one is cut).
     pub read_timeout: Duration,
-    /// Memory the queries on one dataset version may use together (DataFusion's memory pool), bytes.
+    /// Memory one query's execution may use (its own DataFusion memory pool), bytes.
     pub query_memory: usize,
 }
 

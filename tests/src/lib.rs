@@ -424,7 +424,7 @@ impl Opened {
     pub fn sql(&self, dataset: &str, query: &str) -> Vec<Vec<Option<String>>> {
         let dir = self.version_dir(dataset);
         self.runtime.block_on(async {
-            let ctx = enclave::storage::danger_session(self.keystore.clone());
+            let ctx = enclave::storage::danger_session(self.keystore.clone()).expect("session");
             for entry in std::fs::read_dir(&dir).expect("version dir") {
                 let path = entry.expect("entry").path();
                 if path.extension().is_some_and(|e| e == "parquet") {

@@ -1,5 +1,5 @@
 //! `enclave bench gateway`: the researchers' gateway under load. 20 users, each with 10 concurrent Arrow
-//! Flight SQL clients, send 2,000 queries in all (a grouped COUNT over ~100,000 encounters) to the real
+//! Flight SQL clients, send 2,000 queries in all (a grouped COUNT over ~90,000 encounters) to the real
 //! Flight SQL listener on loopback (two-factor sessions, Cedar, the DP engine, the ledger, the audit
 //! log), and the same clients send the same query to plain DataFusion behind a minimal Flight SQL server
 //! over the same (decrypted) files: the protocol and privacy overhead. It prints throughput and p50/p99
@@ -195,11 +195,20 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
         println!("generating 20,000 patients with ~100,000 encounters …");
         crate::bench::accuracy_export(&export)?;
     }
-    // A fresh data directory each run, so the budgets and the audit log are this run's alone.
+    // A fresh data directory each run, so the budgets and the audit log are this run's alone (one this
+    // benchmark made, marked so, is removed; anything else there is refused).
     let dir = DataDir::new(work.join("data"));
+    let mark = work.join("data.bench-gateway");
     if dir.root().exists() {
+        if !mark.exists() {
+            return Err(Error::Config(format!(
+                "{} exists and was not made by this benchmark: choose another --work-dir",
+                dir.root().display()
+            )));
+        }
         std::fs::remove_dir_all(dir.root()).map_err(|e| Error::io(dir.root(), e))?;
     }
+    std::fs::write(&mark, "made by enclave bench gateway\n").map_err(|e| Error::io(&mark, e))?;
     dir.init()?;
     notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -309,7 +318,7 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
         });
 
         // Warm both (the engine's first query of a version builds its contribution index): one query
-        // each, outside the figures and the audit count below.
+        // each, outside the figures (the enclave's is in the audit count below).
         let warm = ask(
             &mut connect(enclave_addr, sessions[0].1.clone()).await?,
             DP_SQL,
@@ -398,7 +407,7 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
         "budgets overspent: {overspent} of {USERS}; audit records for the {} queries: {} ({released} released, {refused} refused); \
          answers charged: {answered} (the warm-up's included)",
         QUERIES,
-        records.len() - 1
+        records.len().saturating_sub(1)
     );
     ledger.verify(&ledger.public_key_hex())?;
     if overspent > 0 || records.len() != QUERIES + 1 || answered != released {
@@ -451,7 +460,11 @@ async fn ask(
     sql: &str,
 ) -> std::result::Result<(), arrow_flight::error::FlightError> {
     let info = client.execute(sql.to_owned(), None).await?;
-    let ticket = info.endpoint[0].ticket.clone().unwrap_or_default();
+    let ticket = info
+        .endpoint
+        .first()
+        .and_then(|e| e.ticket.clone())
+        .unwrap_or_default();
     let _: Vec<RecordBatch> = client.do_get(ticket).await?.try_collect().await?;
     Ok(())
 }

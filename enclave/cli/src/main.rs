@@ -806,8 +806,8 @@ struct ServeArgs {
     /// Largest request body or SQL text, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     max_request_bytes: usize,
-    /// Memory the queries on one dataset may use together, in MiB (a query that needs more stops and
-    /// is charged).
+    /// Memory one query may use, in MiB (a query that needs more stops and is charged; nothing
+    /// spills to disk).
     #[arg(long, default_value_t = 2048)]
     query_memory_mb: usize,
     /// Seconds a client may take to send a request's headers or body before it is cut (slow clients).

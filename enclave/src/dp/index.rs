@@ -51,7 +51,7 @@ pub(crate) async fn ensure(
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let started = std::time::Instant::now();
-    let ctx = crate::storage::session(keystore.clone());
+    let ctx = crate::storage::session(keystore.clone())?;
     crate::storage::register_table(&ctx, "__src", &vdir.join(&entry.file)).await?;
     let df = ctx
         .sql(&format!(

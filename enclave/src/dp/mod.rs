@@ -237,7 +237,7 @@ pub struct DpEngine {
     /// DataFusion sessions per (dataset, version), tables (and their indexed copies) registered as
     /// first used.
     sessions: std::sync::Mutex<HashMap<(String, String), SessionContext>>,
-    /// The memory pool of each dataset version's session, in bytes (none: unbounded).
+    /// The memory pool of each query's execution, in bytes (none: unbounded).
     memory_limit: Option<usize>,
     /// Per (version directory, tables joined, k): the exact figures of the truncation estimate over
     /// their whole join (rows left out, rows), computed from their indexes once.
@@ -295,8 +295,9 @@ impl DpEngine {
         })
     }
 
-    /// Bounds the memory the queries of each dataset version may use together (DataFusion's memory
-    /// pool): a query that needs more stops, is charged (it ran) and says which limit stopped it.
+    /// Bounds the memory each query's execution may use (a DataFusion memory pool of its own; nothing
+    /// spills to disk): a query that needs more stops, is charged (it ran) and says which limit
+    /// stopped it.
     pub fn with_memory_limit(mut self, bytes: usize) -> DpEngine {
         self.memory_limit = Some(bytes);
         self
@@ -554,7 +555,10 @@ impl DpEngine {
                 accounting,
                 danger_no_noise: self.danger_no_noise,
             };
-            let exact = datafusion::physical_plan::collect(exact_physical, ctx.task_ctx()).await?;
+            // The query's own memory pool: what it needs cannot make another query fail.
+            let task = datafusion::execution::TaskContext::from(&state)
+                .with_runtime(crate::storage::query_runtime(&ctx, self.memory_limit));
+            let exact = datafusion::physical_plan::collect(exact_physical, Arc::new(task)).await?;
             let exact = concat(&exact_plan, &exact)?;
             let released = release::release(&dp, &exact, &settings)?;
             let table = release::noisy_table(&dp, &released)?;
@@ -748,15 +752,17 @@ impl DpEngine {
             version.version.dataset.clone(),
             version.version.version.clone(),
         );
-        let ctx = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_insert_with(|| {
-                crate::storage::session_within(self.keystore.clone(), self.memory_limit)
-            })
-            .clone();
+        let ctx = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            match sessions.get(&key) {
+                Some(ctx) => ctx.clone(),
+                None => {
+                    let ctx = crate::storage::session(self.keystore.clone())?;
+                    sessions.insert(key, ctx.clone());
+                    ctx
+                }
+            }
+        };
         let dir = self.root.join(&version.version.storage_path);
         let _registering = self.registering.lock().await;
         for t in tables {

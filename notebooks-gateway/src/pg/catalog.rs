@@ -942,6 +942,7 @@ impl CatalogView {
         // tables) fails on this pool instead of taking the enclave's memory.
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_limit(MEMORY, 1.0)
+            .with_disk_manager_builder(enclave::storage::no_spill())
             .build_arc()
             .map_err(internal)?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
