@@ -1,5 +1,5 @@
-//! Accepting connections: [`next_connection`] (a slot, then the next connection, or shutdown) for every
-//! listener's accept loop; and the connections the gRPC listener accepts, guarded: at most [`MAX_CONNECTIONS`] at once (more wait in the
+//! Accepting connections: [`next_connection`] (a slot, then the next connection, or shutdown) for the
+//! HTTP and Postgres listeners' accept loops; and the connections the gRPC listener accepts, guarded: at most [`MAX_CONNECTIONS`] at once (more wait in the
 //! kernel's backlog), and a client that has not sent the HTTP/2 preface (or, with TLS, finished its
 //! handshake) within the first-bytes timeout is cut before the server sees it (a silent or trickling
 //! client cannot hold a connection). Once a connection is up, HTTP/2 keep-alive pings close it when the

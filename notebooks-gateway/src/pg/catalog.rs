@@ -1159,7 +1159,7 @@ pub struct CatalogAnswer {
     pub supported: bool,
 }
 
-/// The highest `$n` a statement uses (at most [`MAX_PARAMETERS`]; a higher one counts as that).
+/// The highest `$n` a statement uses (at most 65,535, Postgres' own limit; a higher one counts as that).
 pub fn placeholders(statement: &Statement) -> usize {
     let mut most = 0;
     let _ = ast::visit_expressions(statement, |e: &Expr| {
