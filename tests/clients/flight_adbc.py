@@ -4,34 +4,18 @@ catalog, a prepared statement, and every refusal the gateway issue lists. Driven
 Environment: ENCLAVE_FLIGHT (grpc://host:port) and, per user U in ALICE BOB CAROL ERIN, ENCLAVE_<U>_TOKEN and
 ENCLAVE_<U>_TOTP (base32 secret). Prints one `ok: …` line per check; any failure raises.
 """
-import base64
-import hashlib
-import hmac
 import json
 import os
-import struct
-import time
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import pandas as pd
 import polars as pl
 
+from enclave_credentials import token, totp
+
 URI = os.environ["ENCLAVE_FLIGHT"]
 QUERY = ('SELECT p.gender, COUNT(*) AS n FROM "demo-cohort".encounters e '
          'JOIN "demo-cohort".patients p ON e.person_id = p.person_id GROUP BY p.gender')
-
-
-def totp(user, offset=0):
-    secret = os.environ[f"ENCLAVE_{user.upper()}_TOTP"]
-    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
-    step = int(time.time()) // 30 + offset
-    digest = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
-    o = digest[-1] & 0x0F
-    return "%06d" % ((struct.unpack(">I", digest[o:o + 4])[0] & 0x7FFFFFFF) % 1_000_000)
-
-
-def token(user):
-    return os.environ[f"ENCLAVE_{user.upper()}_TOKEN"]
 
 
 def connect(user, password, dataset=None):

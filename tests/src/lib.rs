@@ -134,6 +134,28 @@ impl Scratch {
             .collect()
     }
 
+    /// Adds researchers and their grants (`(user, budget set options)`, none: no grant); returns the
+    /// client scripts' environment: `ENCLAVE_<USER>_TOKEN` and `ENCLAVE_<USER>_TOTP` (base32 secret).
+    pub fn add_researchers(
+        &self,
+        data: &str,
+        dataset: &str,
+        users: &[(&str, Option<&[&str]>)],
+    ) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        for (user, grant) in users {
+            let (token, secret) = self.add_user(data, user, "researcher");
+            env.push((format!("ENCLAVE_{}_TOKEN", user.to_uppercase()), token));
+            env.push((format!("ENCLAVE_{}_TOTP", user.to_uppercase()), secret));
+            if let Some(options) = grant {
+                let mut args = vec!["budget", "set", user, dataset];
+                args.extend_from_slice(options);
+                self.enclave(data, &args);
+            }
+        }
+        env
+    }
+
     /// Adds a gateway user; returns its API token and TOTP secret (base32).
     pub fn add_user(&self, data: &str, name: &str, role: &str) -> (String, String) {
         let added: serde_json::Value = serde_json::from_str(&self.enclave(

@@ -45,28 +45,29 @@ fn flight_sql_answers_real_clients_and_tickets_are_single_use() {
     let python = client_python();
     let s = Scratch::new();
     s.enclave("data", &["demo", "--patients", "60"]);
-    let mut env = Vec::new();
-    for user in ["alice", "bob", "carol", "erin", "dave"] {
-        let (token, secret) = s.add_user("data", user, "researcher");
-        env.push((format!("ENCLAVE_{}_TOKEN", user.to_uppercase()), token));
-        env.push((format!("ENCLAVE_{}_TOTP", user.to_uppercase()), secret));
-    }
+    let env = s.add_researchers(
+        "data",
+        "demo-cohort",
+        &[
+            (
+                "alice",
+                Some(&["--epsilon", "2.0", "--expires", "2999-12-31"]),
+            ),
+            ("bob", None),
+            (
+                "carol",
+                Some(&["--epsilon", "1.0", "--expires", "2020-01-01"]),
+            ),
+            ("erin", Some(&["--epsilon", "0.15"])),
+            ("dave", Some(&["--epsilon", "1.0"])),
+        ],
+    );
     let var = |name: &str| {
         env.iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
             .expect(name)
     };
-    for (user, args) in [
-        ("alice", vec!["--epsilon", "2.0", "--expires", "2999-12-31"]),
-        ("carol", vec!["--epsilon", "1.0", "--expires", "2020-01-01"]),
-        ("erin", vec!["--epsilon", "0.15"]),
-        ("dave", vec!["--epsilon", "1.0"]),
-    ] {
-        let mut all = vec!["budget", "set", user, "demo-cohort"];
-        all.extend(args);
-        s.enclave("data", &all);
-    }
     let mut server = Server::start(
         s.path(),
         "data",

@@ -85,35 +85,38 @@ fn postgres_clients_are_answered_refused_and_recorded() {
     let python = client_python();
     let s = Scratch::new();
     s.enclave("data", &["demo", "--patients", "60"]);
-    let mut env = Vec::new();
     // psycopg's users (alice, bob, carol, erin), the example's (dave) and psql's (pat, ben, cora, eve):
     // each TOTP code signs in once, so the clients do not share users.
-    for user in [
-        "alice", "bob", "carol", "erin", "dave", "pat", "ben", "cora", "eve",
-    ] {
-        let (token, secret) = s.add_user("data", user, "researcher");
-        env.push((format!("ENCLAVE_{}_TOKEN", user.to_uppercase()), token));
-        env.push((format!("ENCLAVE_{}_TOTP", user.to_uppercase()), secret));
-    }
+    let env = s.add_researchers(
+        "data",
+        "demo-cohort",
+        &[
+            (
+                "alice",
+                Some(&["--epsilon", "3.0", "--expires", "2999-12-31"]),
+            ),
+            ("bob", None),
+            (
+                "carol",
+                Some(&["--epsilon", "1.0", "--expires", "2020-01-01"]),
+            ),
+            ("erin", Some(&["--epsilon", "0.15"])),
+            ("dave", Some(&["--epsilon", "1.0"])),
+            ("pat", Some(&["--epsilon", "2.0"])),
+            ("ben", None),
+            (
+                "cora",
+                Some(&["--epsilon", "1.0", "--expires", "2020-01-01"]),
+            ),
+            ("eve", Some(&["--epsilon", "0.15"])),
+        ],
+    );
     let var = |name: &str| {
         env.iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
             .expect(name)
     };
-    for (user, args) in [
-        ("alice", vec!["--epsilon", "3.0", "--expires", "2999-12-31"]),
-        ("carol", vec!["--epsilon", "1.0", "--expires", "2020-01-01"]),
-        ("erin", vec!["--epsilon", "0.15"]),
-        ("dave", vec!["--epsilon", "1.0"]),
-        ("pat", vec!["--epsilon", "2.0"]),
-        ("cora", vec!["--epsilon", "1.0", "--expires", "2020-01-01"]),
-        ("eve", vec!["--epsilon", "0.15"]),
-    ] {
-        let mut all = vec!["budget", "set", user, "demo-cohort"];
-        all.extend(args);
-        s.enclave("data", &all);
-    }
     let mut server = Server::start(
         s.path(),
         "data",
