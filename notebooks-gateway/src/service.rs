@@ -352,7 +352,10 @@ impl Gateway {
             other => refused("policies", other.to_string()),
         })?;
         Ok(Gateway {
-            engine: DpEngine::open(dir)?.with_memory_limit(limits.query_memory),
+            // Many queries at once: each in one partition, the cores shared among them.
+            engine: DpEngine::open(dir)?
+                .with_memory_limit(limits.query_memory)
+                .with_partitions(1),
             accounts: Accounts::open(dir, session_lifetime)?,
             policies,
             catalog: dir.catalog()?,

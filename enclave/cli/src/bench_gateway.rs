@@ -365,7 +365,8 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
     plain_solo.print("plain DataFusion Flight SQL");
     println!(
         "\n{USERS} users × {CLIENTS_PER_USER} concurrent Flight SQL clients, {QUERIES} queries on loopback \
-         (latency includes waiting behind the other {} clients)\n",
+         (latency includes waiting behind the other {} clients; the enclave runs each query in one \
+         partition, the plain server with DataFusion's defaults)\n",
         USERS * CLIENTS_PER_USER - 1
     );
     header();

@@ -239,6 +239,8 @@ pub struct DpEngine {
     sessions: std::sync::Mutex<HashMap<(String, String), SessionContext>>,
     /// The memory pool of each query's execution, in bytes (none: unbounded).
     memory_limit: Option<usize>,
+    /// Partitions a query runs in (none: DataFusion's default, one per core).
+    partitions: Option<usize>,
     /// Per (version directory, tables joined, k): the exact figures of the truncation estimate over
     /// their whole join (rows left out, rows), computed from their indexes once.
     truncation_totals: std::sync::Mutex<TruncationTotals>,
@@ -289,6 +291,7 @@ impl DpEngine {
             danger_crash_after_charge: false,
             sessions: std::sync::Mutex::new(HashMap::new()),
             memory_limit: None,
+            partitions: None,
             truncation_totals: std::sync::Mutex::new(HashMap::new()),
             held: Arc::new(std::sync::Mutex::new(HashMap::new())),
             registering: tokio::sync::Mutex::new(()),
@@ -300,6 +303,13 @@ impl DpEngine {
     /// stopped it.
     pub fn with_memory_limit(mut self, bytes: usize) -> DpEngine {
         self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Runs each query in `n` partitions. A server answering many queries at once gains from one each
+    /// (no repartitioning; the concurrent queries use the cores); `enclave sql` keeps one per core.
+    pub fn with_partitions(mut self, n: usize) -> DpEngine {
+        self.partitions = Some(n.max(1));
         self
     }
 
@@ -758,6 +768,11 @@ impl DpEngine {
                 Some(ctx) => ctx.clone(),
                 None => {
                     let ctx = crate::storage::session(self.keystore.clone())?;
+                    if let Some(n) = self.partitions {
+                        let state = ctx.state_ref();
+                        let mut state = state.write();
+                        state.config_mut().options_mut().execution.target_partitions = n;
+                    }
                     sessions.insert(key, ctx.clone());
                     ctx
                 }
