@@ -589,3 +589,11 @@ pub fn assert_gateway_records(
     }
     mine
 }
+
+/// The value of `name` in an environment from [`Scratch::add_researchers`].
+pub fn env_value(env: &[(String, String)], name: &str) -> String {
+    env.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .expect(name)
+}

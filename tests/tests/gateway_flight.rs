@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 use arrow_flight::Ticket;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use enclave_e2e::{
-    Scratch, Server, assert_gateway_records, client_python, code_at, code_now, raw_exchange,
+    Scratch, Server, assert_gateway_records, client_python, code_at, code_now, env_value,
+    raw_exchange,
 };
 use futures::TryStreamExt as _;
 
@@ -62,12 +63,7 @@ fn flight_sql_answers_real_clients_and_tickets_are_single_use() {
             ("dave", Some(&["--epsilon", "1.0"])),
         ],
     );
-    let var = |name: &str| {
-        env.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .expect(name)
-    };
+    let var = |name: &str| env_value(&env, name);
     let mut server = Server::start(
         s.path(),
         "data",

@@ -10,7 +10,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use enclave_e2e::{Scratch, Server, assert_gateway_records, client_python, code_at, code_now};
+use enclave_e2e::{
+    Scratch, Server, assert_gateway_records, client_python, code_at, code_now, env_value,
+};
 use serde_json::Value;
 
 const QUERY: &str = "SELECT gender, COUNT(*) AS n FROM patients GROUP BY gender";
@@ -111,12 +113,7 @@ fn postgres_clients_are_answered_refused_and_recorded() {
             ("eve", Some(&["--epsilon", "0.15"])),
         ],
     );
-    let var = |name: &str| {
-        env.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .expect(name)
-    };
+    let var = |name: &str| env_value(&env, name);
     let mut server = Server::start(
         s.path(),
         "data",

@@ -1619,11 +1619,15 @@ mod tests {
         }]
     }
 
+    fn parse(sql: &str) -> Statement {
+        Parser::parse_sql(&PostgreSqlDialect {}, sql)
+            .expect("parses")
+            .remove(0)
+    }
+
     async fn ask(sql: &str) -> Vec<Vec<Option<String>>> {
         let view = CatalogView::new(&demo(), "ada", "demo").expect("view");
-        let statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
-            .expect("parses")
-            .remove(0);
+        let statement = parse(sql);
         let answer = view
             .run(&statement, &[], std::time::Duration::from_secs(10))
             .await
@@ -1649,10 +1653,7 @@ mod tests {
     }
 
     fn query(sql: &str) -> Query {
-        match Parser::parse_sql(&PostgreSqlDialect {}, sql)
-            .expect("parses")
-            .remove(0)
-        {
+        match parse(sql) {
             Statement::Query(q) => *q,
             _ => panic!("not a query"),
         }
@@ -1774,9 +1775,7 @@ mod tests {
                 "SELECT c.oid::pg_catalog.regclass, c.relkind, inhdetachpending, pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM pg_catalog.pg_class c, pg_catalog.pg_inherits i WHERE c.oid = i.inhrelid AND i.inhparent = '{oid}' ORDER BY pg_catalog.pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT', c.oid::pg_catalog.regclass::pg_catalog.text;"
             ),
         ] {
-            let statement = Parser::parse_sql(&PostgreSqlDialect {}, &sql)
-                .expect("parses")
-                .remove(0);
+            let statement = parse(&sql);
             let answer = view
                 .run(&statement, &[], std::time::Duration::from_secs(10))
                 .await
@@ -1823,9 +1822,7 @@ mod tests {
             "SELECT repeat('x', 1000000000)",
             "SELECT * FROM pg_catalog.generate_series(1, 2000000000)",
         ] {
-            let statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
-                .expect("parses")
-                .remove(0);
+            let statement = parse(sql);
             let answer = view
                 .run(&statement, &[], std::time::Duration::from_secs(10))
                 .await
@@ -1833,12 +1830,8 @@ mod tests {
             assert!(!answer.supported, "{sql}");
         }
         // A cross join of catalog tables past the row cap: cut, not refused.
-        let statement = Parser::parse_sql(
-            &PostgreSqlDialect {},
-            "SELECT a.oid FROM pg_type a, pg_type b, pg_type c, pg_type d, pg_type e",
-        )
-        .expect("parses")
-        .remove(0);
+        let statement =
+            parse("SELECT a.oid FROM pg_type a, pg_type b, pg_type c, pg_type d, pg_type e");
         let answer = view
             .run(&statement, &[], std::time::Duration::from_secs(30))
             .await
@@ -1846,12 +1839,7 @@ mod tests {
         let rows: usize = answer.batches.iter().map(|b| b.num_rows()).sum();
         assert!(rows <= MAX_ROWS, "{rows}");
         // A huge placeholder number does not size anything.
-        let statement = Parser::parse_sql(
-            &PostgreSqlDialect {},
-            "SELECT $9999999999 AS a, nosuch FROM pg_class",
-        )
-        .expect("parses")
-        .remove(0);
+        let statement = parse("SELECT $9999999999 AS a, nosuch FROM pg_class");
         let (params, _) = view.describe(&statement).await;
         assert_eq!(params.len(), MAX_PARAMETERS);
     }
@@ -1859,12 +1847,8 @@ mod tests {
     #[tokio::test]
     async fn a_parameter_takes_the_type_of_its_place() {
         let view = CatalogView::new(&demo(), "ada", "demo").expect("view");
-        let statement = Parser::parse_sql(
-            &PostgreSqlDialect {},
-            "SELECT db.oid, db.datname FROM pg_catalog.pg_database db WHERE datname = $1",
-        )
-        .expect("parses")
-        .remove(0);
+        let statement =
+            parse("SELECT db.oid, db.datname FROM pg_catalog.pg_database db WHERE datname = $1");
         let (params, _) = view.describe(&statement).await;
         assert_eq!(params, vec![DataType::Utf8]);
         let answer = view
@@ -1884,12 +1868,8 @@ mod tests {
     #[tokio::test]
     async fn what_datafusion_cannot_answer_gets_no_rows_under_its_named_columns() {
         let view = CatalogView::new(&demo(), "ada", "demo").expect("view");
-        let statement = Parser::parse_sql(
-            &PostgreSqlDialect {},
-            "SELECT nosuch AS a, c.relname, version() FROM pg_class c WHERE oid = $2",
-        )
-        .expect("parses")
-        .remove(0);
+        let statement =
+            parse("SELECT nosuch AS a, c.relname, version() FROM pg_class c WHERE oid = $2");
         let answer = view
             .run(&statement, &[], std::time::Duration::from_secs(10))
             .await

@@ -172,14 +172,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
         if want == 0 {
             return Poll::Ready(Ok(()));
         }
-        let mut part = ReadBuf::new(&mut this.scratch[..want]);
-        match Pin::new(&mut this.io).poll_read(cx, &mut part) {
+        let was_mid = this.mid_message();
+        // The scratch buffer is taken out while read into, so following its bytes needs no copy.
+        let mut scratch = std::mem::take(&mut this.scratch);
+        let mut part = ReadBuf::new(&mut scratch[..want]);
+        let polled = Pin::new(&mut this.io).poll_read(cx, &mut part);
+        let got = part.filled().len();
+        let followed = match &polled {
+            Poll::Ready(Ok(())) => Some(this.follow(&scratch[..got]).inspect(|_| {
+                buf.put_slice(&scratch[..got]);
+            })),
+            _ => None,
+        };
+        this.scratch = scratch;
+        match polled {
             Poll::Ready(Ok(())) => {
-                let got = part.filled().len();
-                let was_mid = this.mid_message();
-                let bytes = this.scratch[..got].to_vec();
-                let finished = this.follow(&bytes)?;
-                buf.put_slice(&bytes);
+                let finished = followed.unwrap_or(Ok(false))?;
                 // Each message gets the read timeout from its first byte.
                 if !this.mid_message() {
                     this.deadline = None;
