@@ -3,7 +3,9 @@
 //! Every file of a dataset version is written with Parquet modular encryption (AES-GCM, encrypted footer,
 //! so it ends in `PARE`) under that version's data key. The footer's key metadata holds only the key's ID;
 //! readers resolve the ID through the [`Keystore`]. DataFusion reads the tables through an
-//! [`EncryptionFactory`] registered on its runtime, so decrypted pages exist only in memory.
+//! [`EncryptionFactory`] registered on its runtime, so decrypted pages exist only in memory: every
+//! session's disk manager is disabled (an operator short of memory fails rather than spill rows to a
+//! temporary file), and `query_runtime` gives one query a memory pool of its own.
 
 use std::collections::HashMap;
 use std::fs::File;
