@@ -1,18 +1,36 @@
-//! k-anonymity over the patients' quasi-identifiers: Datafly-style full-domain generalisation, then
-//! suppression of the persons whose class still has fewer than k members.
+//! k-anonymity over the patients' quasi-identifiers: global generalisation (Datafly) of the ordered
+//! columns, then local recoding of the persons still in classes smaller than k, then suppression of the
+//! few that even that cannot place.
 //!
-//! Each quasi-identifier has a ladder of levels (a year: 1 → 5 → 10 → 20 years → withheld; a date: day →
-//! month → year → 5 → 10 years → withheld; text: as is → withheld). While more than the allowed share of
-//! persons sit in classes smaller than k, the column with the most distinct values climbs one level.
-//! Then the remaining violators are suppressed. The result is applied to every released row of `patients`.
+//! Each quasi-identifier has a ladder of levels, the top one withheld (`Null`): a year 1 → 5 → 10 → 20
+//! years → withheld; a date day → month → year → 5 → 10 years → withheld; any other value as is →
+//! withheld.
+//!
+//! 1. **Global** (Datafly, Sweeney 1998): while more than the allowed share of persons sit in classes
+//!    smaller than k, the ordered column (year, date) with the most distinct values climbs one level for
+//!    everyone; the levels kept are the first that left the fewest persons in small classes (a climb that
+//!    placed nobody is undone). A column is never withheld globally: that is what step 2 does, for the
+//!    persons who need it.
+//! 2. **Local recoding** (cell generalisation and suppression, as μ-Argus and ARX do it): the persons still
+//!    in small classes climb one column at a time until their classes reach k. Steps are tried in a fixed
+//!    order — the profile's last-listed (least important) quasi-identifier first, and within a column a
+//!    step that keeps a value (a wider band) before one that withholds it — and the first step that places anyone moves
+//!    just the persons it places. When no step places anyone, one moves them all so that later steps can
+//!    merge them: a wider band if any column has one, else the least important column is withheld. Only their cells change; everyone else keeps the global levels.
+//! 3. **Suppression**: whoever is left (fewer than k persons, all of whose quasi-identifiers are then
+//!    withheld) is not released.
+//!
+//! Every class is counted over the exact released values (`Null` is a value of its own), so each released
+//! combination is shared by at least k persons. The outcome gives each person's levels, so the transform
+//! releases exactly what was counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{Datelike, NaiveDate};
 
 use crate::transform::Out;
 
-/// Levels per ladder, level 0 being the profile's own output.
+/// Levels per ladder, level 0 being the profile's own output; the top level withholds the value.
 fn max_level(v: &Out) -> u8 {
     match v {
         Out::I32(_) => 4,
@@ -30,10 +48,7 @@ pub(crate) fn climb(v: &Out, level: u8) -> Out {
         return Out::Null;
     }
     match v {
-        Out::I32(year) => {
-            let w = [1, 5, 10, 20][usize::from(level)];
-            Out::I32(year - year.rem_euclid(w))
-        }
+        Out::I32(year) => Out::I32(year - year.rem_euclid(year_band(level))),
         Out::Date(days) => {
             let Some(d) = crate::transform::date_from_days(*days) else {
                 return Out::Null;
@@ -52,68 +67,305 @@ pub(crate) fn climb(v: &Out, level: u8) -> Out {
     }
 }
 
+/// Width in years of a year value's band at a level below the top.
+pub(crate) fn year_band(level: u8) -> i32 {
+    [1, 5, 10, 20][usize::from(level.min(3))]
+}
+
+/// The last day a value climbed to `level` can stand for (a year band's last day, a date band's last
+/// day); `None` for values that are not dates or years, and for withheld ones.
+pub(crate) fn latest_day(v: &Out, level: u8) -> Option<NaiveDate> {
+    match climb(v, level) {
+        Out::I32(year) => NaiveDate::from_ymd_opt(year + year_band(level) - 1, 12, 31),
+        Out::Date(days) => {
+            let d = crate::transform::date_from_days(days)?;
+            let (years, months) = match level {
+                0 => return Some(d),
+                1 => (0, 1),
+                2 => (1, 0),
+                3 => (5, 0),
+                _ => (10, 0),
+            };
+            let next = d
+                .checked_add_months(chrono::Months::new(years * 12 + months))
+                .unwrap_or(NaiveDate::MAX);
+            next.pred_opt()
+        }
+        _ => None,
+    }
+}
+
+/// A released cell, borrowed from the person's value: what classes are counted over.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Cell<'a> {
+    Null,
+    Str(&'a str),
+    Int(i64),
+    Bits(u64),
+}
+
+fn cell(v: &Out, level: u8) -> Cell<'_> {
+    if level >= max_level(v) && level > 0 {
+        return Cell::Null;
+    }
+    match (v, level) {
+        (Out::Null, _) => Cell::Null,
+        (Out::Str(s), _) => Cell::Str(s),
+        (Out::I32(_) | Out::Date(_), l) if l > 0 => match climb(v, l) {
+            Out::I32(x) | Out::Date(x) => Cell::Int(i64::from(x)),
+            _ => Cell::Null,
+        },
+        (Out::I32(x) | Out::Date(x), _) => Cell::Int(i64::from(*x)),
+        (Out::I64(x) | Out::Ts(x), _) => Cell::Int(*x),
+        (Out::F64(x), _) => Cell::Bits(x.to_bits()),
+    }
+}
+
 /// What k-anonymity decided.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct KAnonOutcome {
-    /// Ladder level reached per quasi-identifier (same order as the profile's list).
+    /// Global ladder level reached per quasi-identifier (same order as the profile's list).
     pub levels: Vec<u8>,
+    /// Each person's level per quasi-identifier, four bits each (column `i` at bits `4i..4i+4`): the
+    /// global level, or higher where the person was recoded locally.
+    pub person_levels: Vec<u64>,
+    /// Per quasi-identifier, the persons recoded locally above the global level.
+    pub recoded: Vec<u64>,
+    /// Per quasi-identifier, the released persons whose value is withheld (`Null`) by recoding.
+    pub withheld: Vec<u64>,
     /// Which persons (indexes into the input) are suppressed.
     pub suppressed: Vec<bool>,
+    /// Each person's equivalence class (an index; suppressed persons' too).
+    pub class_of: Vec<u32>,
     /// Smallest class among released persons (0 when nobody is released).
     pub k_reached: u64,
     /// Number of equivalence classes released.
     pub classes: u64,
 }
 
-/// Runs Datafly over `rows` (one quasi-identifier vector per person).
+/// The level of quasi-identifier `i` in a packed level word.
+pub fn level_of(packed: u64, i: usize) -> u8 {
+    ((packed >> (4 * i)) & 0xf) as u8
+}
+
+fn pack(levels: &[u8]) -> u64 {
+    levels
+        .iter()
+        .enumerate()
+        .fold(0, |acc, (i, l)| acc | (u64::from(*l & 0xf) << (4 * i)))
+}
+
+/// Class sizes and each person's class over the persons' current levels.
+fn classes<'a>(rows: &'a [Vec<Out>], levels: &[Vec<u8>]) -> (Vec<u32>, Vec<u64>) {
+    let mut ids: HashMap<Vec<Cell<'a>>, u32> = HashMap::new();
+    let mut sizes = Vec::new();
+    let mut class_of = Vec::with_capacity(rows.len());
+    for (row, lv) in rows.iter().zip(levels) {
+        let key: Vec<Cell<'a>> = row.iter().zip(lv).map(|(v, l)| cell(v, *l)).collect();
+        let next = u32::try_from(sizes.len()).unwrap_or(u32::MAX);
+        let id = *ids.entry(key).or_insert(next);
+        if id == next {
+            sizes.push(0);
+        }
+        sizes[id as usize] += 1;
+        class_of.push(id);
+    }
+    (class_of, sizes)
+}
+
+/// Distinct released values of column `i` among `who`.
+fn distinct(rows: &[Vec<Out>], levels: &[Vec<u8>], who: &[usize], i: usize) -> usize {
+    who.iter()
+        .map(|&p| cell(&rows[p][i], levels[p][i]))
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+fn key_of<'a>(row: &'a [Out], levels: &[u8]) -> Vec<Cell<'a>> {
+    row.iter().zip(levels).map(|(v, l)| cell(v, *l)).collect()
+}
+
+/// Moves the small persons whose class, with the settled persons', now has k members to the settled.
+fn settle<'a>(
+    rows: &'a [Vec<Out>],
+    levels: &[Vec<u8>],
+    small: &mut Vec<usize>,
+    settled: &mut HashMap<Vec<Cell<'a>>, u64>,
+    k: u64,
+) {
+    let keys: Vec<Vec<Cell<'a>>> = small
+        .iter()
+        .map(|&p| key_of(&rows[p], &levels[p]))
+        .collect();
+    let mut counts: HashMap<&[Cell<'a>], u64> = HashMap::new();
+    for key in &keys {
+        *counts.entry(key.as_slice()).or_default() += 1;
+    }
+    let mut still = Vec::new();
+    for (p, key) in small.iter().zip(&keys) {
+        if counts[key.as_slice()] + settled.get(key).copied().unwrap_or(0) >= k {
+            *settled.entry(key.clone()).or_default() += 1;
+        } else {
+            still.push(*p);
+        }
+    }
+    *small = still;
+}
+
+/// Of `movers`, the persons whose class would reach k if all of them climbed column `col` one level
+/// (moving just those gives their classes the same members).
+fn placed_by(
+    rows: &[Vec<Out>],
+    levels: &[Vec<u8>],
+    movers: &[usize],
+    settled: &HashMap<Vec<Cell<'_>>, u64>,
+    col: usize,
+    k: u64,
+) -> Vec<usize> {
+    let keys: Vec<Vec<Cell<'_>>> = movers
+        .iter()
+        .map(|&p| {
+            rows[p]
+                .iter()
+                .zip(&levels[p])
+                .enumerate()
+                .map(|(i, (v, l))| cell(v, if i == col { *l + 1 } else { *l }))
+                .collect()
+        })
+        .collect();
+    let mut counts: HashMap<&[Cell<'_>], u64> = HashMap::new();
+    for key in &keys {
+        *counts.entry(key.as_slice()).or_default() += 1;
+    }
+    movers
+        .iter()
+        .zip(&keys)
+        .filter(|(_, key)| counts[key.as_slice()] + settled.get(*key).copied().unwrap_or(0) >= k)
+        .map(|(p, _)| *p)
+        .collect()
+}
+
+/// Runs k-anonymity over `rows` (one quasi-identifier vector per person, at most 16 columns).
 pub fn anonymize(rows: &[Vec<Out>], k: u32, max_suppression_ratio: f64) -> KAnonOutcome {
-    let n_qi = rows.first().map_or(0, Vec::len);
-    let mut levels = vec![0u8; n_qi];
-    let maxes: Vec<u8> = (0..n_qi)
+    let n = rows.len();
+    let n_qi = rows.first().map_or(0, Vec::len).min(16);
+    let k = u64::from(k);
+    let tops: Vec<u8> = (0..n_qi)
         .map(|i| rows.iter().map(|r| max_level(&r[i])).max().unwrap_or(1))
         .collect();
-    let allowed = (max_suppression_ratio * rows.len() as f64).floor() as usize;
-    loop {
-        let keys: Vec<Vec<Out>> = rows
-            .iter()
-            .map(|r| r.iter().zip(&levels).map(|(v, l)| climb(v, *l)).collect())
-            .collect();
-        let mut sizes: HashMap<&[Out], u64> = HashMap::new();
-        for key in &keys {
-            *sizes.entry(key.as_slice()).or_default() += 1;
-        }
-        let violating: usize = keys
-            .iter()
-            .filter(|key| sizes[key.as_slice()] < u64::from(k))
-            .count();
-        let climbable: Vec<usize> = (0..n_qi).filter(|&i| levels[i] < maxes[i]).collect();
-        if violating <= allowed || climbable.is_empty() {
-            let suppressed: Vec<bool> = keys
-                .iter()
-                .map(|key| sizes[key.as_slice()] < u64::from(k))
-                .collect();
-            let released: Vec<u64> = sizes
-                .values()
-                .copied()
-                .filter(|&s| s >= u64::from(k))
-                .collect();
-            return KAnonOutcome {
-                levels,
-                suppressed,
-                k_reached: released.iter().copied().min().unwrap_or(0),
-                classes: released.len() as u64,
-            };
-        }
-        // Datafly: generalise the column with the most distinct values at its current level.
-        let distinct = |i: usize| {
-            let mut seen: Vec<&Out> = keys.iter().map(|key| &key[i]).collect();
-            seen.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-            seen.dedup();
-            seen.len()
+    let allowed = (max_suppression_ratio * n as f64).floor() as usize;
+
+    // 1. Global generalisation of the ordered columns, never to the withheld level.
+    let violating = |global: &[u8]| {
+        let (class_of, sizes) = classes(rows, &vec![global.to_vec(); n]);
+        class_of.iter().filter(|c| sizes[**c as usize] < k).count()
+    };
+    let everyone: Vec<usize> = (0..n).collect();
+    let mut global = vec![0u8; n_qi];
+    let mut now = violating(&global);
+    // Datafly climbs the ordered column with the most distinct values; the levels kept are the first
+    // that placed the most persons (climbing that placed nobody is undone).
+    let mut best = (now, global.clone());
+    while now > allowed {
+        let levels = vec![global.clone(); n];
+        let Some(col) = (0..n_qi)
+            .filter(|&i| global[i] + 1 < tops[i])
+            .max_by_key(|&i| distinct(rows, &levels, &everyone, i))
+        else {
+            break;
         };
-        if let Some(&col) = climbable.iter().max_by_key(|&&i| distinct(i)) {
-            levels[col] += 1;
+        global[col] += 1;
+        now = violating(&global);
+        if now < best.0 {
+            best = (now, global.clone());
         }
+    }
+    let global = best.1;
+
+    // 2. Local recoding of the persons still in small classes.
+    let mut levels = vec![global.clone(); n];
+    let (class_of, sizes) = classes(rows, &levels);
+    let mut settled: HashMap<Vec<Cell<'_>>, u64> = HashMap::new();
+    let mut small: Vec<usize> = Vec::new();
+    for p in 0..n {
+        if sizes[class_of[p] as usize] >= k {
+            *settled.entry(key_of(&rows[p], &levels[p])).or_default() += 1;
+        } else {
+            small.push(p);
+        }
+    }
+    // Steps in the order they are tried: the profile's last quasi-identifier (its least important)
+    // first, and within a column a wider band before a withheld value.
+    let steps: Vec<(usize, bool)> = (0..n_qi)
+        .rev()
+        .flat_map(|c| [(c, true), (c, false)])
+        .collect();
+    // When no step places anyone: a wider band before any withheld value.
+    let progress: Vec<(usize, bool)> = [true, false]
+        .into_iter()
+        .flat_map(|keep| (0..n_qi).rev().map(move |c| (c, keep)))
+        .collect();
+    loop {
+        settle(rows, &levels, &mut small, &mut settled, k);
+        if small.is_empty() {
+            break;
+        }
+        let movers = |levels: &[Vec<u8>], (c, keep): (usize, bool)| -> Vec<usize> {
+            small
+                .iter()
+                .copied()
+                .filter(|&p| levels[p][c] + u8::from(keep) < tops[c])
+                .collect()
+        };
+        // The first step that places anyone moves just the persons it places; if none does, the first
+        // possible step moves every small person it can (so that later steps can merge them).
+        let placing = steps.iter().find_map(|&(c, keep)| {
+            let placed = placed_by(rows, &levels, &movers(&levels, (c, keep)), &settled, c, k);
+            (!placed.is_empty()).then_some((c, placed))
+        });
+        let (col, who) = match placing {
+            Some(step) => step,
+            None => match progress
+                .iter()
+                .map(|&step| (step.0, movers(&levels, step)))
+                .find(|(_, m)| !m.is_empty())
+            {
+                Some(step) => step,
+                None => break,
+            },
+        };
+        for p in who {
+            levels[p][col] += 1;
+        }
+    }
+    let (class_of, sizes) = classes(rows, &levels);
+
+    // 3. Suppression of whoever is still in a small class.
+    let suppressed: Vec<bool> = class_of.iter().map(|c| sizes[*c as usize] < k).collect();
+    let mut recoded = vec![0u64; n_qi];
+    let mut withheld = vec![0u64; n_qi];
+    for p in (0..n).filter(|&p| !suppressed[p]) {
+        for i in 0..n_qi {
+            if levels[p][i] > global[i] {
+                recoded[i] += 1;
+            }
+            if matches!(cell(&rows[p][i], levels[p][i]), Cell::Null)
+                && !matches!(rows[p][i], Out::Null)
+            {
+                withheld[i] += 1;
+            }
+        }
+    }
+    let released: Vec<u64> = sizes.iter().copied().filter(|&s| s >= k).collect();
+    KAnonOutcome {
+        levels: global,
+        person_levels: levels.iter().map(|l| pack(l)).collect(),
+        recoded,
+        withheld,
+        suppressed,
+        class_of,
+        k_reached: released.iter().copied().min().unwrap_or(0),
+        classes: released.len() as u64,
     }
 }
 
@@ -124,6 +376,22 @@ mod tests {
 
     fn row(year: i32, sex: &str, zip: &str) -> Vec<Out> {
         vec![Out::I32(year), Out::Str(sex.into()), Out::Str(zip.into())]
+    }
+
+    /// Class sizes over the released values, recomputed from scratch.
+    fn released_sizes(rows: &[Vec<Out>], out: &KAnonOutcome) -> HashMap<Vec<Out>, u64> {
+        let mut sizes: HashMap<Vec<Out>, u64> = HashMap::new();
+        for ((r, sup), packed) in rows.iter().zip(&out.suppressed).zip(&out.person_levels) {
+            if !sup {
+                let key: Vec<Out> = r
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| climb(v, level_of(*packed, i)))
+                    .collect();
+                *sizes.entry(key).or_default() += 1;
+            }
+        }
+        sizes
     }
 
     #[test]
@@ -137,23 +405,98 @@ mod tests {
         assert!(out.suppressed.iter().all(|s| !s));
     }
 
+    #[test]
+    fn the_persons_of_small_classes_lose_one_cell_each_and_nobody_else_any() {
+        // 60 persons over common values, 5 with a rare race (3 F, 2 M): no global generalisation; the
+        // rare persons lose one value each (their sex: then all five share a class), nobody is suppressed.
+        let mut rows: Vec<Vec<Out>> = (0..60)
+            .map(|i| {
+                let mut r = row(1960, ["F", "M"][i % 2], "021");
+                r.push(Out::Str("white".into()));
+                r
+            })
+            .collect();
+        for sex in ["F", "F", "F", "M", "M"] {
+            let mut r = row(1960, sex, "021");
+            r.push(Out::Str("rare".into()));
+            rows.push(r);
+        }
+        let out = anonymize(&rows, 5, 0.05);
+        assert_eq!(out.levels, vec![0, 0, 0, 0], "nobody else is generalised");
+        assert!(out.suppressed.iter().all(|s| !s), "nobody is suppressed");
+        assert_eq!(out.recoded, vec![0, 5, 0, 0]);
+        assert_eq!(out.withheld, vec![0, 5, 0, 0]);
+        assert!(released_sizes(&rows, &out).values().all(|&s| s >= 5));
+    }
+
+    #[test]
+    fn two_persons_no_class_can_take_are_suppressed() {
+        let mut rows: Vec<Vec<Out>> = (0..60)
+            .map(|i| row(1960, ["F", "M"][i % 2], "021"))
+            .collect();
+        rows.push(row(1930, "F", "999"));
+        rows.push(row(2001, "M", "888"));
+        let out = anonymize(&rows, 5, 0.05);
+        assert_eq!(out.suppressed.iter().filter(|s| **s).count(), 2);
+        assert_eq!(out.k_reached, 30);
+    }
+
+    #[test]
+    fn a_year_band_is_widened_locally_before_a_value_is_withheld() {
+        // Ten persons a year in 1950–1959, and three born 1990: they get a wider band, not a withheld year.
+        let mut rows: Vec<Vec<Out>> = (0..100).map(|i| row(1950 + i % 10, "F", "021")).collect();
+        for _ in 0..3 {
+            rows.push(row(1990, "F", "021"));
+        }
+        rows.push(row(1994, "F", "021"));
+        rows.push(row(1998, "F", "021"));
+        let out = anonymize(&rows, 5, 0.05);
+        assert_eq!(out.levels[0], 0);
+        assert!(out.suppressed.iter().all(|s| !s), "{out:?}");
+        for p in 100..105 {
+            let l = level_of(out.person_levels[p], 0);
+            assert!(
+                l > 0 && l < 4,
+                "1990s persons share a band, not a withheld year: level {l}"
+            );
+        }
+        assert_eq!(out.withheld, vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn latest_days_of_bands() {
+        let d = |y, m, dd| NaiveDate::from_ymd_opt(y, m, dd).expect("date");
+        assert_eq!(latest_day(&Out::I32(1953), 0), Some(d(1953, 12, 31)));
+        assert_eq!(latest_day(&Out::I32(1953), 1), Some(d(1954, 12, 31)));
+        assert_eq!(latest_day(&Out::I32(1953), 3), Some(d(1959, 12, 31)));
+        assert_eq!(latest_day(&Out::I32(1953), 4), None, "withheld");
+        let birth = Out::Date(crate::transform::days_from_date(d(1953, 2, 14)));
+        assert_eq!(latest_day(&birth, 0), Some(d(1953, 2, 14)));
+        assert_eq!(latest_day(&birth, 1), Some(d(1953, 2, 28)));
+        assert_eq!(latest_day(&birth, 2), Some(d(1953, 12, 31)));
+        assert_eq!(latest_day(&birth, 3), Some(d(1954, 12, 31)));
+        assert_eq!(latest_day(&birth, 4), Some(d(1959, 12, 31)));
+        assert_eq!(latest_day(&Out::Str("F".into()), 0), None);
+    }
+
     proptest! {
         #[test]
-        fn every_released_class_has_at_least_k(
-            people in proptest::collection::vec((1920i32..2020, 0usize..2, 0usize..6), 1..200),
+        fn every_released_class_has_at_least_k_and_few_are_suppressed(
+            people in proptest::collection::vec((1920i32..2020, 0usize..2, 0usize..6, 0usize..4), 1..200),
             k in 2u32..8,
             ratio in 0.0f64..0.2,
         ) {
-            let rows: Vec<_> = people.iter().map(|(y, s, z)| row(*y, ["F", "M"][*s], ["021", "100", "606", "941", "331", "000"][*z])).collect();
+            let rows: Vec<_> = people.iter().map(|(y, s, z, r)| {
+                let mut v = row(*y, ["F", "M"][*s], ["021", "100", "606", "941", "331", "000"][*z]);
+                v.push(if *r == 3 { Out::Null } else { Out::Str(["a", "b", "c"][*r].into()) });
+                v
+            }).collect();
             let out = anonymize(&rows, k, ratio);
-            let mut sizes: HashMap<Vec<Out>, u64> = HashMap::new();
-            for (r, sup) in rows.iter().zip(&out.suppressed) {
-                if !sup {
-                    let key: Vec<Out> = r.iter().zip(&out.levels).map(|(v, l)| climb(v, *l)).collect();
-                    *sizes.entry(key).or_default() += 1;
-                }
-            }
+            let sizes = released_sizes(&rows, &out);
             prop_assert!(sizes.values().all(|&s| s >= u64::from(k)));
+            let suppressed = out.suppressed.iter().filter(|s| **s).count();
+            prop_assert!(suppressed < k as usize, "only a last small class is suppressed: {suppressed}");
+            prop_assert_eq!(out.k_reached, sizes.values().copied().min().unwrap_or(0));
         }
     }
 }

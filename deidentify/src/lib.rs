@@ -3,8 +3,8 @@
 //! It reads provider exports (CSV with built-in Synthea or file-given mappings, FHIR R4 Bundle JSON and
 //! bulk NDJSON) as canonical records ([`read`]), and transforms them under a validated
 //! [`policies::Profile`] ([`transform`]): keyed pseudonyms and per-person date shifts ([`keys`]),
-//! national-ID check digits ([`ids`]), generalisation, free-text scrubbing ([`scrub`]) and k-anonymity
-//! ([`kanon`]). What comes out is Arrow record batches with no direct identifier left; writing them
+//! national-ID check digits ([`ids`]), generalisation and coarsening, free-text scrubbing ([`scrub`]) and
+//! k-anonymity ([`kanon`]), and measures the re-identification risk of what it releases ([`risk`]). What comes out is Arrow record batches with no direct identifier left; writing them
 //! (encrypted) and cataloguing them is the `enclave` crate's job. It writes nothing itself: the persons'
 //! known identifiers, kept between the two passes, go to a [`KnownStore`] the caller provides (in memory
 //! by default; the enclave's ingest spills them to an encrypted file).
@@ -14,12 +14,14 @@ pub mod ids;
 pub mod kanon;
 pub mod keys;
 pub mod read;
+pub mod risk;
 pub mod scrub;
 pub mod transform;
 pub mod value;
 
 pub use keys::{LinkageKey, Pseudonymizer};
 pub use read::{Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discover, read_file};
+pub use risk::{ColumnRisk, RiskReport, TableRisk};
 pub use scrub::{PhiKind, ScrubCounts};
 pub use transform::{
     Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, ReleasedColumn, Skip, TableOutput,

@@ -17,12 +17,15 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use chrono::{Datelike, NaiveDate, NaiveDateTime, TimeDelta};
 use policies::schema::{PATIENT_REF, PERSON_ID};
-use policies::{Action, ColumnRule, ColumnType, Generalization, LinkKey, Profile, Table};
+use policies::{
+    Action, ColumnRule, ColumnType, Generalization, LinkKey, Profile, Table, TimeGrain,
+};
 
 use crate::ids::validate_national_id;
-use crate::kanon::{KAnonOutcome, anonymize, climb};
+use crate::kanon::{KAnonOutcome, anonymize, climb, latest_day, level_of};
 use crate::keys::Pseudonymizer;
 use crate::read::SourceRecord;
+use crate::risk::{Measured, RiskMeter, RiskReport};
 use crate::scrub::{KnownIdentifiers, PhiKind, ScrubCounts, scrub};
 use crate::value::Value;
 
@@ -119,6 +122,13 @@ struct Person {
     suppressed: bool,
     /// Its ID occurred twice: quarantined, not part of k-anonymity or the counts.
     duplicate: bool,
+    /// Its quasi-identifiers' levels after k-anonymity (four bits a column).
+    levels: u64,
+    /// Its k-anonymity class.
+    class: u32,
+    /// The last day its released birth value can stand for (days since 1970; `i32::MIN`: no limit):
+    /// an event dated earlier would narrow it, so it is withheld.
+    birth_latest: i32,
 }
 
 /// Where pass one keeps each person's known identifiers (names, IDs, phone, address, dates) until pass
@@ -258,6 +268,11 @@ pub struct Deidentifier {
     /// Rows written per (table, person_id), for the tables whose rows per person the profile bounds
     /// (keyed by the released person_id: two source IDs can link to one person).
     rows_per_person: HashMap<(Table, [u8; 16]), u32>,
+    /// Event times withheld because they would narrow the person's released birth value, per
+    /// `table.column`.
+    withheld_events: BTreeMap<String, u64>,
+    /// The risk figures, from the end of pass one.
+    risk: Option<RiskMeter>,
 }
 
 impl Deidentifier {
@@ -286,6 +301,7 @@ impl Deidentifier {
                 output: PERSON_ID.to_owned(),
                 domain: None,
                 other: None,
+                reason: None,
             };
             cols.push(OutColumn {
                 field: Field::new(PERSON_ID, DataType::Utf8, false),
@@ -335,6 +351,8 @@ impl Deidentifier {
             row_buf: Vec::new(),
             rows_per_person: HashMap::new(),
             out_of_domain: BTreeMap::new(),
+            withheld_events: BTreeMap::new(),
+            risk: None,
         }
     }
 
@@ -356,13 +374,32 @@ impl Deidentifier {
             .map(|c| {
                 let mut action = match &c.rule.action {
                     Action::Generalize(g) => format!("generalize: {g}"),
+                    Action::Coarsen(co) => format!("{}: {co}", c.rule.action.name()),
+                    Action::TruncateTime(g) if self.profile.date_shift_days > 0 => {
+                        format!("date_shift, truncated to the {g}")
+                    }
+                    Action::TruncateTime(g) => format!("truncated to the {g}"),
                     a => a.name().to_owned(),
                 };
-                let level =
-                    c.qi.zip(self.kanon.as_ref())
-                        .and_then(|(i, k)| k.levels.get(i).copied());
-                if let Some(level @ 1..) = level {
-                    action.push_str(&format!("; k-anonymity generalisation level {level}"));
+                if let Some((i, k)) = c.qi.zip(self.kanon.as_ref()) {
+                    if let Some(level @ 1..) = k.levels.get(i).copied() {
+                        action.push_str(&format!("; k-anonymity generalisation level {level}"));
+                    }
+                    if let Some(n @ 1..) = k.recoded.get(i).copied() {
+                        let withheld = k.withheld.get(i).copied().unwrap_or(0);
+                        action.push_str(&format!(
+                            "; recoded locally for {n} persons ({withheld} withheld)"
+                        ));
+                    }
+                }
+                if let Some(n) = self
+                    .withheld_events
+                    .get(&format!("{table}.{}", c.rule.column))
+                {
+                    action.push_str(&format!("; {n} withheld inside the person's birth band"));
+                }
+                if let Some(reason) = &c.rule.reason {
+                    action.push_str(&format!("; declared: {reason}"));
                 }
                 ReleasedColumn {
                     name: c.field.name().clone(),
@@ -490,6 +527,9 @@ impl Deidentifier {
             known,
             suppressed: false,
             duplicate: false,
+            levels: 0,
+            class: 0,
+            birth_latest: i32::MIN,
         };
         let mut qi = Vec::new();
         if let Some(k) = &self.profile.k_anonymity {
@@ -511,24 +551,92 @@ impl Deidentifier {
 
     /// Ends the first pass: runs k-anonymity over the registered patients.
     pub fn finish_patients(&mut self) -> Option<&KAnonOutcome> {
+        self.risk = Some(self.risk_meter());
         let k = self.profile.k_anonymity.clone()?;
+        // The birth column's place in the record: event dates must not narrow its released value.
+        let birth = self.outputs[&Table::Patients]
+            .1
+            .iter()
+            .find(|c| c.rule.column == "birth_date")
+            .and_then(|c| Some((c.qi?, c.rule.clone())));
         // The quasi-identifiers are needed for this step only.
         let mut all_qi = std::mem::take(&mut self.pending_qi).into_iter();
-        let mut eligible: Vec<&mut Person> = Vec::new();
+        let mut eligible: Vec<usize> = Vec::new();
         let mut rows: Vec<Vec<Out>> = Vec::new();
-        for p in &mut self.people {
+        for (i, p) in self.people.iter().enumerate() {
             let qi = all_qi.next().unwrap_or_default();
             if !p.duplicate {
-                eligible.push(p);
+                eligible.push(i);
                 rows.push(qi);
             }
         }
         let outcome = anonymize(&rows, k.k, k.max_suppression_ratio);
-        for (p, s) in eligible.iter_mut().zip(&outcome.suppressed) {
-            p.suppressed = *s;
+        for (j, &i) in eligible.iter().enumerate() {
+            let levels = outcome.person_levels[j];
+            let latest = birth
+                .as_ref()
+                .and_then(|(b, rule)| self.latest_birth(&rows[j][*b], level_of(levels, *b), rule));
+            let p = &mut self.people[i];
+            p.suppressed = outcome.suppressed[j];
+            p.levels = levels;
+            p.class = outcome.class_of[j];
+            p.birth_latest = latest.map_or(i32::MIN, days_from_date);
         }
         self.kanon = Some(outcome);
         self.kanon.as_ref()
+    }
+
+    /// The last day a released birth value (at its k-anonymity level) can stand for.
+    fn latest_birth(&self, v: &Out, level: u8, rule: &ColumnRule) -> Option<NaiveDate> {
+        match (&rule.action, v) {
+            (Action::Generalize(Generalization::AgeBand { .. }), Out::Str(band)) if level == 0 => {
+                let youngest: u32 = band.split(['-', '+']).next()?.parse().ok()?;
+                self.reference
+                    .checked_sub_months(chrono::Months::new(youngest.saturating_mul(12)))
+            }
+            _ => latest_day(v, level),
+        }
+    }
+
+    /// What the risk report measures in each table: its own quasi-identifier columns, and every released
+    /// column but the person's, pseudonyms, scrubbed text and the k-anonymity record.
+    fn risk_meter(&self) -> RiskMeter {
+        let shifting = self.profile.date_shift_days > 0;
+        let tables = self
+            .outputs
+            .iter()
+            .map(|(table, (_, cols))| {
+                let mut row_qis = Vec::new();
+                let mut measured = Vec::new();
+                for (index, c) in cols[1..].iter().enumerate() {
+                    let rule = &c.rule;
+                    if *table != Table::Patients && rule.role == policies::Role::QuasiIdentifier {
+                        row_qis.push(index);
+                    }
+                    if matches!(rule.action, Action::Pseudonymize | Action::Scrub)
+                        || rule.role == policies::Role::Identifier
+                        || c.qi.is_some()
+                    {
+                        continue;
+                    }
+                    measured.push(Measured {
+                        name: rule.output.clone(),
+                        index,
+                        enforced: rule.role == policies::Role::Value || rule.ty.is_temporal(),
+                        time_of_day: shifting
+                            && matches!(rule.action, Action::DateShift | Action::TruncateTime(_)),
+                    });
+                }
+                (*table, row_qis, measured)
+            })
+            .collect();
+        RiskMeter::new(self.people.len(), tables)
+    }
+
+    /// The risk report of everything written so far (call after the last row).
+    pub fn risk_report(&mut self) -> Option<RiskReport> {
+        let limit = self.profile.risk.max_unique_ratio;
+        self.risk.take().map(|m| m.finish(limit))
     }
 
     /// Persons registered, released (not suppressed), and linked through a national ID.
@@ -541,6 +649,12 @@ impl Deidentifier {
     /// Values outside a declared domain so far, per `table.column`.
     pub fn out_of_domain(&self) -> &BTreeMap<String, OutOfDomain> {
         &self.out_of_domain
+    }
+
+    /// Event times withheld so far because they would narrow a person's released birth value, per
+    /// `table.column`.
+    pub fn withheld_events(&self) -> &BTreeMap<String, u64> {
+        &self.withheld_events
     }
 
     /// Placeholder counts of all scrubbing so far.
@@ -652,13 +766,30 @@ impl Deidentifier {
                     }
                 }
             }
-            if let (Some(i), Some(k)) = (c.qi, &self.kanon) {
-                o = climb(&o, k.levels[i]);
+            if let Some(i) = c.qi
+                && self.kanon.is_some()
+            {
+                o = climb(&o, level_of(person.levels, i));
+            }
+            if table != Table::Patients
+                && person.birth_latest != i32::MIN
+                && let Some(grain) = c.rule.released_grain()
+                && event_latest(&o, grain).is_some_and(|d| d < person.birth_latest)
+            {
+                // An event dated inside the person's released birth band would narrow it.
+                o = Out::Null;
+                *self
+                    .withheld_events
+                    .entry(format!("{table}.{}", c.rule.column))
+                    .or_default() += 1;
             }
             row.push(o);
         }
         for (k, n) in counts {
             *self.scrub_counts.entry(k).or_default() += n;
+        }
+        if let Some(meter) = self.risk.as_mut() {
+            meter.record(table, idx, person.class, &row);
         }
         out.push_for_person(&person.person_id, &row);
         self.row_buf = row;
@@ -731,6 +862,13 @@ impl Deidentifier {
             (Action::Generalize(Generalization::Zip3), v) => {
                 Out::Str(zip3(&text_of(v), &self.profile.restricted_zip3))
             }
+            (Action::Coarsen(c), Value::Float(f)) => c.apply(*f).map_or(Out::Null, Out::F64),
+            (Action::Coarsen(c), Value::Int(i)) => {
+                c.apply(*i as f64).map_or(Out::Null, |f| Out::I64(f as i64))
+            }
+            (Action::TruncateTime(grain), Value::Timestamp(t)) => {
+                Out::Ts(grain.truncate_micros(micros(*t + TimeDelta::days(person.shift_days))))
+            }
             (Action::Scrub, Value::Text(t)) => {
                 Out::Str(scrub(t, &KnownIdentifiers::default(), counts))
             }
@@ -762,11 +900,37 @@ pub(crate) fn plain_schema(table: Table) -> SchemaRef {
                 output: c.name.to_owned(),
                 domain: None,
                 other: None,
+                reason: None,
             };
             Field::new(c.name, output_type(&rule), true)
         })
         .collect();
     Arc::new(Schema::new(fields))
+}
+
+/// The last day (since 1970) a released time can stand for, by the grain it is released at.
+fn event_latest(o: &Out, grain: TimeGrain) -> Option<i32> {
+    let end_of = |d: NaiveDate, months: u32| {
+        d.checked_add_months(chrono::Months::new(months))
+            .and_then(|n| n.pred_opt())
+            .map(days_from_date)
+    };
+    match o {
+        Out::I32(year) => NaiveDate::from_ymd_opt(*year, 12, 31).map(days_from_date),
+        Out::Date(days) => match grain {
+            TimeGrain::Year => end_of(
+                NaiveDate::from_ymd_opt(date_from_days(*days)?.year(), 1, 1)?,
+                12,
+            ),
+            TimeGrain::Month => {
+                let d = date_from_days(*days)?;
+                end_of(NaiveDate::from_ymd_opt(d.year(), d.month(), 1)?, 1)
+            }
+            _ => Some(*days),
+        },
+        Out::Ts(micros) => i32::try_from(micros.div_euclid(86_400_000_000)).ok(),
+        _ => None,
+    }
 }
 
 fn age_at(birth: NaiveDate, at: NaiveDate) -> u32 {

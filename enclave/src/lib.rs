@@ -66,6 +66,18 @@ pub enum Error {
         /// The run's summary.
         summary: String,
     },
+    /// A released column would single out more persons than the profile allows.
+    #[error(
+        "re-identification risk above the profile's limit (risk.max_unique_ratio = {limit}): {columns}; coarsen them (round, bin, top_code, truncate_time) or drop them; nothing was published\n{summary}"
+    )]
+    RiskLimit {
+        /// The columns over the limit, with their share of persons singled out.
+        columns: String,
+        /// The limit.
+        limit: f64,
+        /// The run's summary.
+        summary: String,
+    },
     /// Parquet failed.
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),

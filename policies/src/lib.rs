@@ -5,14 +5,16 @@
 //! has one known action for every canonical column, identifiers are never kept, and bounds are sane. An
 //! invalid file is refused with its path, line and reason before the pipeline reads a single row.
 
+pub mod coarsen;
 pub mod mapping;
 pub mod profile;
 pub mod schema;
 
+pub use coarsen::{Coarsening, Grid, TimeGrain};
 pub use mapping::CsvMapping;
 pub use profile::{
     Action, ChosenBounds, ColumnRule, DpAccounting, Generalization, KAnonymity, LinkKey, Profile,
-    Role,
+    RiskLimits, Role,
 };
 pub use schema::{ColumnType, Table};
 

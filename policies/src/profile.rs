@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::coarsen::{Coarsening, Grid, TimeGrain};
 use crate::schema::{ColumnType, PATIENT_REF, Table};
 use crate::{Error, Result, line_of};
 
@@ -29,6 +30,10 @@ pub enum Action {
     Generalize(Generalization),
     /// Free text with the person's own identifiers and pattern-found PHI replaced by typed placeholders.
     Scrub,
+    /// A number coarsened: `round`, `bin`, `top_code` or `bottom_code`.
+    Coarsen(Coarsening),
+    /// A timestamp truncated to a grain (day, hour or minute) after the person's date shift.
+    TruncateTime(TimeGrain),
 }
 
 impl Action {
@@ -41,6 +46,13 @@ impl Action {
             Action::DateShift => "date_shift",
             Action::Generalize(_) => "generalize",
             Action::Scrub => "scrub",
+            Action::Coarsen(c) => match (&c.grid, c.top_code, c.bottom_code) {
+                (Grid::Exact, Some(_), _) => "top_code",
+                (Grid::Exact, _, _) => "bottom_code",
+                (Grid::Bins(_), _, _) => "bin",
+                _ => "round",
+            },
+            Action::TruncateTime(_) => "truncate_time",
         }
     }
 }
@@ -130,6 +142,42 @@ pub struct ColumnRule {
     /// The domain key a value outside the domain becomes (`other = "Other"`); without it, a row with
     /// such a value is quarantined. Either way the ingest report counts them per column.
     pub other: Option<String>,
+    /// Why the column is released as it is where the profile's defaults would refuse it (a
+    /// quasi-identifier left out of k-anonymity, a time finer than `risk.time_precision`); the report
+    /// and the catalog print it.
+    pub reason: Option<String>,
+}
+
+impl ColumnRule {
+    /// How finely a temporal column is released (`None` for other columns and dropped ones).
+    pub fn released_grain(&self) -> Option<TimeGrain> {
+        if !self.ty.is_temporal() {
+            return None;
+        }
+        Some(match &self.action {
+            Action::Drop | Action::Pseudonymize | Action::Scrub | Action::Coarsen(_) => {
+                return None;
+            }
+            Action::Generalize(Generalization::Year { .. } | Generalization::AgeBand { .. }) => {
+                TimeGrain::Year
+            }
+            Action::Generalize(Generalization::Month) => TimeGrain::Month,
+            Action::Generalize(Generalization::Zip3) => return None,
+            Action::TruncateTime(g) => *g,
+            Action::Keep | Action::DateShift if self.ty == ColumnType::Date => TimeGrain::Day,
+            Action::Keep | Action::DateShift => TimeGrain::Second,
+        })
+    }
+}
+
+/// Re-identification limits checked at ingest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RiskLimits {
+    /// Largest share of persons a kept value or time column may single out (a value no other person
+    /// has); above it the run fails and names the column.
+    pub max_unique_ratio: f64,
+    /// Finest grain a time may be released at unless its rule says why (`reason`).
+    pub time_precision: TimeGrain,
 }
 
 /// Which identifier a person's keyed `person_id` is computed from (first present wins).
@@ -219,6 +267,8 @@ pub struct Profile {
     pub max_quarantine_ratio: f64,
     /// DP defaults.
     pub dp: DpDefaults,
+    /// Re-identification limits.
+    pub risk: RiskLimits,
     tables: BTreeMap<Table, Vec<ColumnRule>>,
 }
 
@@ -267,6 +317,10 @@ impl Profile {
     }
 }
 
+/// Most quasi-identifiers a k-anonymity record may have (each person's generalisation levels are packed
+/// four bits a column into 64 bits).
+pub const MAX_QUASI_IDENTIFIERS: usize = 16;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProfile {
@@ -283,6 +337,8 @@ struct RawProfile {
     max_quarantine_ratio: Spanned<f64>,
     #[serde(default)]
     dp: RawDp,
+    #[serde(default)]
+    risk: RawRisk,
     patients: Option<Spanned<RawTable>>,
     encounters: Option<Spanned<RawTable>>,
     conditions: Option<Spanned<RawTable>>,
@@ -353,6 +409,32 @@ impl Default for RawDp {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawRisk {
+    #[serde(default = "default_unique_ratio")]
+    max_unique_ratio: f64,
+    #[serde(default = "default_time_precision")]
+    time_precision: String,
+}
+
+impl Default for RawRisk {
+    fn default() -> Self {
+        RawRisk {
+            max_unique_ratio: default_unique_ratio(),
+            time_precision: default_time_precision(),
+        }
+    }
+}
+
+fn default_unique_ratio() -> f64 {
+    0.05
+}
+
+fn default_time_precision() -> String {
+    "day".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRule {
     action: String,
     role: Role,
@@ -365,6 +447,13 @@ struct RawRule {
     output: Option<String>,
     domain: Option<Vec<String>>,
     other: Option<String>,
+    step: Option<f64>,
+    digits: Option<u32>,
+    edges: Option<Vec<f64>>,
+    at: Option<f64>,
+    top_code: Option<f64>,
+    bottom_code: Option<f64>,
+    reason: Option<String>,
 }
 
 struct Validator<'a> {
@@ -457,7 +546,26 @@ impl Validator<'_> {
             }
         };
 
+        let Some(time_precision) = TimeGrain::from_name(&raw.risk.time_precision) else {
+            return self.err(
+                0,
+                format!(
+                    "risk.time_precision: '{}' is not year, month, day, hour, minute or second",
+                    raw.risk.time_precision
+                ),
+            );
+        };
+        let max_unique_ratio = raw.risk.max_unique_ratio;
+        if !(0.0..=1.0).contains(&max_unique_ratio) {
+            return self.err(0, "risk.max_unique_ratio must be within 0..=1");
+        }
+        let risk = RiskLimits {
+            max_unique_ratio,
+            time_precision,
+        };
+
         let mut tables = BTreeMap::new();
+        let mut offsets: BTreeMap<(Table, &'static str), usize> = BTreeMap::new();
         for (table, section) in raw.take_tables() {
             let Some(section) = section else {
                 return self.err(
@@ -468,7 +576,9 @@ impl Validator<'_> {
             let at = section.span().start;
             let mut rules = Vec::new();
             for (column, rule) in section.into_inner() {
-                rules.push(self.rule(table, &column, &rule, raw.date_shift_days)?);
+                let r = self.rule(table, &column, &rule, raw.date_shift_days, time_precision)?;
+                offsets.insert((table, r.column), column.span().start);
+                rules.push(r);
             }
             for def in table.columns() {
                 if def.name != PATIENT_REF
@@ -526,6 +636,12 @@ impl Validator<'_> {
                         Some(_) => {}
                     }
                 }
+                if k.quasi_identifiers.len() > MAX_QUASI_IDENTIFIERS {
+                    return self.err(
+                        span,
+                        format!("k_anonymity: at most {MAX_QUASI_IDENTIFIERS} quasi-identifiers"),
+                    );
+                }
                 Some(KAnonymity {
                     k: k.k,
                     quasi_identifiers: k.quasi_identifiers,
@@ -533,6 +649,36 @@ impl Validator<'_> {
                 })
             }
         };
+        // Every released quasi-identifier is in the k-anonymity record, or its rule says why not.
+        let listed = |r: &ColumnRule| {
+            k_anonymity
+                .as_ref()
+                .is_some_and(|k| k.quasi_identifiers.contains(&r.output))
+        };
+        for (table, rules) in &tables {
+            for r in rules {
+                if r.role != Role::QuasiIdentifier
+                    || r.action == Action::Drop
+                    || r.reason.is_some()
+                    || (*table == Table::Patients && listed(r))
+                {
+                    continue;
+                }
+                let at = offsets.get(&(*table, r.column)).copied().unwrap_or(0);
+                let why = if *table == Table::Patients {
+                    "is not in k_anonymity.quasi_identifiers"
+                } else {
+                    "is outside [patients], so it cannot be in the per-person k-anonymity record"
+                };
+                return self.err(
+                    at,
+                    format!(
+                        "{table}.{}: role quasi_identifier, but it {why}; add it there, or say in `reason` why it is left out",
+                        r.column
+                    ),
+                );
+            }
+        }
 
         Ok(Profile {
             name: raw.name,
@@ -549,6 +695,7 @@ impl Validator<'_> {
                 chosen_bounds,
                 accounting,
             },
+            risk,
             tables,
         })
     }
@@ -559,6 +706,7 @@ impl Validator<'_> {
         column: &Spanned<String>,
         rule: &Spanned<RawRule>,
         shift: u32,
+        grain: TimeGrain,
     ) -> Result<ColumnRule> {
         let at = column.span().start;
         let Some(index) = table.column_index(column.get_ref()) else {
@@ -595,6 +743,20 @@ impl Validator<'_> {
                 top: raw.top.unwrap_or(90),
             }),
             ("generalize", Some("zip3")) => Action::Generalize(Generalization::Zip3),
+            ("truncate_time", Some(to)) => match TimeGrain::from_name(to) {
+                Some(g @ (TimeGrain::Day | TimeGrain::Hour | TimeGrain::Minute)) => {
+                    Action::TruncateTime(g)
+                }
+                _ => {
+                    return self.err(
+                        at,
+                        format!("{table}.{name}: truncate_time needs to = day | hour | minute, got {to:?}"),
+                    );
+                }
+            },
+            ("round" | "bin" | "top_code" | "bottom_code", None) => {
+                Action::Coarsen(self.coarsening(table, name, at, raw)?)
+            }
             ("generalize", other) => {
                 return self.err(at, format!(
                     "{table}.{name}: generalize needs to = year | month | age_band | zip3, got {other:?}"
@@ -608,16 +770,33 @@ impl Validator<'_> {
             }
             (other, _) => {
                 return self.err(at, format!(
-                    "{table}.{name}: unknown action '{other}' (drop, keep, pseudonymize, date_shift, generalize, scrub)"
+                    "{table}.{name}: unknown action '{other}' (drop, keep, pseudonymize, date_shift, generalize, scrub, round, bin, top_code, bottom_code, truncate_time)"
                 ));
             }
         };
+        let numeric_fields = [raw.step, raw.at, raw.top_code, raw.bottom_code]
+            .iter()
+            .any(Option::is_some)
+            || raw.digits.is_some()
+            || raw.edges.is_some();
+        if numeric_fields && !matches!(action, Action::Coarsen(_)) {
+            return self.err(
+                at,
+                format!(
+                    "{table}.{name}: step, digits, edges, at, top_code and bottom_code go with round, bin, top_code and bottom_code only"
+                ),
+            );
+        }
         let type_ok = match &action {
             Action::Drop | Action::Keep => true,
             Action::Pseudonymize | Action::Scrub => ty == ColumnType::Text,
             Action::DateShift => ty.is_temporal(),
             Action::Generalize(Generalization::Zip3) => ty == ColumnType::Text,
             Action::Generalize(_) => ty.is_temporal(),
+            Action::Coarsen(c) => {
+                ty == ColumnType::Float || (ty == ColumnType::Int && c.is_integral())
+            }
+            Action::TruncateTime(_) => ty == ColumnType::Timestamp,
         };
         if !type_ok {
             return self.err(
@@ -654,10 +833,12 @@ impl Validator<'_> {
         let bounds = match raw.bounds {
             None => None,
             Some([lo, hi]) => {
-                if !ty.is_numeric() || !matches!(action, Action::Keep) {
+                if !ty.is_numeric() || !matches!(action, Action::Keep | Action::Coarsen(_)) {
                     return self.err(
                         at,
-                        format!("{table}.{name}: bounds go on kept numeric columns only"),
+                        format!(
+                            "{table}.{name}: bounds go on kept or coarsened numeric columns only"
+                        ),
                     );
                 }
                 if !(lo.is_finite() && hi.is_finite() && lo < hi) {
@@ -666,9 +847,50 @@ impl Validator<'_> {
                         format!("{table}.{name}: bounds must be finite with low < high"),
                     );
                 }
+                if let Action::Coarsen(c) = &action {
+                    // Coarsening is monotone: the bounds' own coarsened values must stay inside them,
+                    // or clamping to the bounds would move coarsened values off the grid.
+                    let inside = |v: Option<f64>| v.is_some_and(|v| (lo..=hi).contains(&v));
+                    if !inside(c.apply(lo)) || !inside(c.apply(hi)) {
+                        return self.err(
+                            at,
+                            format!(
+                                "{table}.{name}: bounds [{lo}, {hi}] coarsen to [{}, {}], outside the bounds; declare bounds on the grid",
+                                c.apply(lo).unwrap_or(f64::NAN),
+                                c.apply(hi).unwrap_or(f64::NAN)
+                            ),
+                        );
+                    }
+                }
                 Some((lo, hi))
             }
         };
+        let rule_grain = ColumnRule {
+            column: name,
+            ty,
+            action: action.clone(),
+            role: raw.role,
+            bounds: None,
+            output: String::new(),
+            domain: None,
+            other: None,
+            reason: None,
+        }
+        .released_grain();
+        if let Some(g) = rule_grain
+            && g > grain
+            && raw.reason.is_none()
+        {
+            return self.err(
+                at,
+                format!(
+                    "{table}.{name}: released to the {g}, finer than risk.time_precision = \"{grain}\"; coarsen it (truncate_time, generalize) or say why in `reason`"
+                ),
+            );
+        }
+        if raw.reason.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return self.err(at, format!("{table}.{name}: reason is empty"));
+        }
         let domain = match &raw.domain {
             None => None,
             Some(values) => {
@@ -714,6 +936,94 @@ impl Validator<'_> {
             output,
             domain,
             other,
+            reason: raw.reason.clone(),
+        })
+    }
+
+    /// The coarsening of a `round`, `bin`, `top_code` or `bottom_code` rule.
+    fn coarsening(&self, table: Table, name: &str, at: usize, raw: &RawRule) -> Result<Coarsening> {
+        let action = raw.action.as_str();
+        let finite = |what: &str, v: Option<f64>| match v {
+            Some(x) if !x.is_finite() => {
+                self.err(at, format!("{table}.{name}: {what} must be finite"))
+            }
+            _ => Ok(v),
+        };
+        if raw.at.is_some() && !matches!(action, "top_code" | "bottom_code") {
+            return self.err(
+                at,
+                format!("{table}.{name}: 'at' goes with top_code or bottom_code"),
+            );
+        }
+        if (raw.step.is_some() || raw.digits.is_some()) && action != "round" {
+            return self.err(
+                at,
+                format!("{table}.{name}: 'step' and 'digits' go with round"),
+            );
+        }
+        if raw.edges.is_some() && action != "bin" {
+            return self.err(at, format!("{table}.{name}: 'edges' go with bin"));
+        }
+        let mut top = finite("top_code", raw.top_code)?;
+        let mut bottom = finite("bottom_code", raw.bottom_code)?;
+        let grid = match action {
+            "round" => match (raw.step, raw.digits) {
+                (Some(step), None) if step.is_finite() && step > 0.0 => Grid::Step(step),
+                (None, Some(d)) if (1..=15).contains(&d) => Grid::Significant(d),
+                _ => {
+                    return self.err(
+                        at,
+                        format!("{table}.{name}: round needs either step (> 0) or digits (1 to 15 significant digits)"),
+                    );
+                }
+            },
+            "bin" => {
+                let edges = raw.edges.clone().unwrap_or_default();
+                if edges.len() < 2
+                    || edges.len() > 1000
+                    || !edges.iter().all(|e| e.is_finite())
+                    || !edges.windows(2).all(|w| w[0] < w[1])
+                {
+                    return self.err(
+                        at,
+                        format!(
+                            "{table}.{name}: bin needs 2 to 1000 finite edges in ascending order"
+                        ),
+                    );
+                }
+                Grid::Bins(edges)
+            }
+            code => {
+                let Some(v) = finite("at", raw.at)? else {
+                    return self.err(
+                        at,
+                        format!("{table}.{name}: {code} needs at = the code value"),
+                    );
+                };
+                let slot = if code == "top_code" {
+                    &mut top
+                } else {
+                    &mut bottom
+                };
+                if slot.is_some() {
+                    return self.err(at, format!("{table}.{name}: {code} is given twice"));
+                }
+                *slot = Some(v);
+                Grid::Exact
+            }
+        };
+        if let (Some(b), Some(t)) = (bottom, top)
+            && b >= t
+        {
+            return self.err(
+                at,
+                format!("{table}.{name}: bottom_code must be below top_code"),
+            );
+        }
+        Ok(Coarsening {
+            grid,
+            bottom_code: bottom,
+            top_code: top,
         })
     }
 }
@@ -850,6 +1160,234 @@ mod tests {
                 .contains("must be one of the column's domain values"),
             "{e}"
         );
+    }
+
+    fn refused(text: &str, edit: (&str, &str)) -> String {
+        assert!(text.contains(edit.0), "the edit applies: {}", edit.0);
+        Profile::parse(&text.replacen(edit.0, edit.1, 1), "p.toml")
+            .expect_err("must be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn coarsening_rules_parse_and_odd_ones_are_refused() {
+        let (_, text) = crate::builtin_profile("hipaa-safe-harbor").expect("builtin");
+        let p = Profile::parse(text, "p.toml").expect("parses");
+        let Some(Action::Coarsen(c)) = p.rule(Table::Encounters, "total_cost").map(|r| &r.action)
+        else {
+            panic!("total_cost is coarsened");
+        };
+        assert_eq!(c.apply(12_345.67), Some(12_000.0));
+        let expenses = r#"healthcare_expenses = { action = "round", digits = 1, role = "value", bounds = [0.0, 5000000.0] }"#;
+        let with = |rule: &str| refused(text, (expenses, rule));
+        for (rule, why) in [
+            (
+                r#"healthcare_expenses = { action = "round", role = "value" }"#,
+                "either step (> 0) or digits",
+            ),
+            (
+                r#"healthcare_expenses = { action = "round", step = 0.0, role = "value" }"#,
+                "either step",
+            ),
+            (
+                r#"healthcare_expenses = { action = "round", step = nan, role = "value" }"#,
+                "either step",
+            ),
+            (
+                r#"healthcare_expenses = { action = "round", step = 1.0, digits = 2, role = "value" }"#,
+                "either step",
+            ),
+            (
+                r#"healthcare_expenses = { action = "round", digits = 0, role = "value" }"#,
+                "digits (1 to 15",
+            ),
+            (
+                r#"healthcare_expenses = { action = "bin", edges = [10.0, 5.0], role = "value" }"#,
+                "ascending",
+            ),
+            (
+                r#"healthcare_expenses = { action = "bin", edges = [1.0], role = "value" }"#,
+                "2 to 1000 finite edges",
+            ),
+            (
+                r#"healthcare_expenses = { action = "bin", edges = [0.0, inf], role = "value" }"#,
+                "finite edges",
+            ),
+            (
+                r#"healthcare_expenses = { action = "top_code", role = "value" }"#,
+                "needs at =",
+            ),
+            (
+                r#"healthcare_expenses = { action = "top_code", at = 10.0, top_code = 5.0, role = "value" }"#,
+                "given twice",
+            ),
+            (
+                r#"healthcare_expenses = { action = "round", digits = 2, top_code = 5.0, bottom_code = 9.0, role = "value" }"#,
+                "below top_code",
+            ),
+            (
+                r#"healthcare_expenses = { action = "keep", top_code = 5.0, role = "value" }"#,
+                "go with round, bin",
+            ),
+            (
+                r#"healthcare_expenses = { action = "round", edges = [0.0, 1.0], digits = 2, role = "value" }"#,
+                "'edges' go with bin",
+            ),
+            (
+                r#"healthcare_expenses = { action = "round", digits = 2, role = "value", bounds = [0.0, 4999999.0] }"#,
+                "coarsen to [0, 5000000]",
+            ),
+            (
+                r#"healthcare_expenses = { action = "round", step = 1000.0, role = "value", bounds = [1.0, 5000000.0] }"#,
+                "coarsen to [0, 5000000]",
+            ),
+        ] {
+            let e = with(rule);
+            assert!(e.contains(why), "{rule}: {e}");
+            assert!(e.starts_with("p.toml:"), "{e}");
+        }
+        // Integer columns take integral coarsenings only; text columns none.
+        let dispenses =
+            r#"dispenses = { action = "keep", role = "value", bounds = [0.0, 1000.0] }"#;
+        let e = refused(
+            text,
+            (
+                dispenses,
+                r#"dispenses = { action = "round", step = 0.5, role = "value" }"#,
+            ),
+        );
+        assert!(e.contains("does not apply to a Int column"), "{e}");
+        Profile::parse(
+            &text.replacen(dispenses, r#"dispenses = { action = "top_code", at = 100.0, bottom_code = 0.0, role = "value", bounds = [0.0, 100.0] }"#, 1),
+            "p.toml",
+        )
+        .expect("an integral top code on an integer column");
+        let e = refused(
+            text,
+            (
+                r#"note_type = { action = "keep""#,
+                r#"note_type = { action = "round", digits = 2"#,
+            ),
+        );
+        assert!(e.contains("does not apply to a Text column"), "{e}");
+    }
+
+    #[test]
+    fn every_quasi_identifier_is_in_the_record_or_says_why() {
+        let (_, text) = crate::builtin_profile("hipaa-safe-harbor").expect("builtin");
+        let listed = r#""marital", "state"]"#;
+        let e = refused(text, (listed, r#""marital"]"#));
+        assert!(
+            e.contains("patients.state: role quasi_identifier, but it is not in k_anonymity.quasi_identifiers"),
+            "{e}"
+        );
+        let state = r#"state = { action = "keep", role = "quasi_identifier" }"#;
+        let why = r#"state = { action = "keep", role = "quasi_identifier", reason = "one state in this export" }"#;
+        let p = Profile::parse(
+            &text
+                .replacen(listed, r#""marital"]"#, 1)
+                .replacen(state, why, 1),
+            "p.toml",
+        )
+        .expect("a stated reason lets it out");
+        assert_eq!(
+            p.rule(Table::Patients, "state")
+                .and_then(|r| r.reason.as_deref()),
+            Some("one state in this export")
+        );
+        let e = refused(
+            text,
+            (
+                state,
+                r#"state = { action = "keep", role = "quasi_identifier", reason = " " }"#,
+            ),
+        );
+        assert!(e.contains("reason is empty"), "{e}");
+        // An event table's quasi-identifier cannot be in the per-person record: it must say why.
+        let start =
+            r#"start = { action = "generalize", to = "year", role = "quasi_identifier", reason = "#;
+        let e = refused(
+            text,
+            (
+                start,
+                r#"start = { action = "generalize", to = "year", role = "quasi_identifier", unused = "#,
+            ),
+        );
+        assert!(e.contains("unknown field"), "{e}");
+        let plain = text.replacen(
+            r#"start = { action = "generalize", to = "year", role = "quasi_identifier", reason = "event years, many per person: not part of the per-person record; released as years, and withheld where they would narrow the released birth year" }"#,
+            r#"start = { action = "generalize", to = "year", role = "quasi_identifier" }"#,
+            1,
+        );
+        let e = Profile::parse(&plain, "p.toml")
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("encounters.start: role quasi_identifier, but it is outside [patients]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn times_finer_than_the_profile_allows_need_a_reason() {
+        let (_, text) = crate::builtin_profile("jp-pseudonymized-medical").expect("builtin");
+        let p = Profile::parse(text, "p.toml").expect("parses");
+        assert_eq!(p.risk.time_precision, TimeGrain::Hour);
+        assert_eq!(
+            p.rule(Table::Notes, "date").map(|r| &r.action),
+            Some(&Action::TruncateTime(TimeGrain::Hour))
+        );
+        let note = r#"date = { action = "truncate_time", to = "hour", role = "sensitive" }  # shifted with the person, to the hour
+note_type"#;
+        let e = refused(
+            text,
+            (
+                note,
+                "date = { action = \"date_shift\", role = \"sensitive\" }\nnote_type",
+            ),
+        );
+        assert!(
+            e.contains(
+                "notes.date: released to the second, finer than risk.time_precision = \"hour\""
+            ),
+            "{e}"
+        );
+        let minute = "date = { action = \"truncate_time\", to = \"minute\", role = \"sensitive\", reason = \"medication timing studies\" }\nnote_type";
+        Profile::parse(&text.replacen(note, minute, 1), "p.toml")
+            .expect("a stated reason allows minutes");
+        let e = refused(
+            text,
+            (
+                note,
+                "date = { action = \"truncate_time\", to = \"week\", role = \"sensitive\" }\nnote_type",
+            ),
+        );
+        assert!(
+            e.contains("truncate_time needs to = day | hour | minute"),
+            "{e}"
+        );
+        let e = refused(
+            text,
+            (
+                "time_precision = \"hour\"",
+                "time_precision = \"fortnight\"",
+            ),
+        );
+        assert!(e.contains("risk.time_precision: 'fortnight'"), "{e}");
+        let e = refused(text, ("max_unique_ratio = 0.05", "max_unique_ratio = 1.5"));
+        assert!(e.contains("max_unique_ratio must be within 0..=1"), "{e}");
+        let (_, hipaa) = crate::builtin_profile("hipaa-safe-harbor").expect("builtin");
+        let p = Profile::parse(hipaa, "p.toml").expect("parses");
+        for t in Table::ALL {
+            for r in p.rules(t) {
+                assert!(
+                    r.released_grain().is_none_or(|g| g == TimeGrain::Year),
+                    "Safe Harbor releases {t}.{} to the {:?}",
+                    r.column,
+                    r.released_grain()
+                );
+            }
+        }
     }
 
     #[test]

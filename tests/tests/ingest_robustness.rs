@@ -185,7 +185,8 @@ Unit = "units"
     assert_eq!(rows[0][0].as_deref(), Some("30"));
     assert_eq!(
         (rows[0][1].as_deref(), rows[0][2].as_deref()),
-        (Some("90.0"), Some("122.0"))
+        (Some("90.0"), Some("120.0")),
+        "measurements to 2 significant digits (122 → 120)"
     );
 
     // A mapping naming a column the model lacks is refused with its line, before any row is read.

@@ -63,6 +63,10 @@ pub struct IngestOptions {
     pub consent_scope: String,
     /// Report progress on stderr: a bar with rows/s on a terminal, a plain line every few seconds otherwise.
     pub progress: bool,
+    /// Test builds only: replaces the profile's `risk.max_unique_ratio` (a tiny synthetic export singles
+    /// out more persons than any real one; the end-to-end tests of other parts use such exports).
+    #[cfg(feature = "danger-test-hooks")]
+    pub danger_max_unique_ratio: Option<f64>,
 }
 
 impl IngestOptions {
@@ -84,6 +88,8 @@ impl IngestOptions {
             max_quarantine_ratio: None,
             consent_scope: "secondary use for research under the profile's legal basis".into(),
             progress: false,
+            #[cfg(feature = "danger-test-hooks")]
+            danger_max_unique_ratio: None,
         }
     }
 }
@@ -117,7 +123,12 @@ pub fn ingest(
     validate_name("dataset", &opts.dataset)?;
     validate_name("provider", &opts.provider)?;
     // Everything that can be wrong with the configuration is found before the first row.
-    let profile = Profile::load(&opts.profile)?;
+    #[allow(unused_mut)]
+    let mut profile = Profile::load(&opts.profile)?;
+    #[cfg(feature = "danger-test-hooks")]
+    if let Some(limit) = opts.danger_max_unique_ratio {
+        profile.risk.max_unique_ratio = limit;
+    }
     let mut mappings = Vec::new();
     if let Some(m) = &opts.mapping {
         let text = std::fs::read_to_string(m).map_err(|e| Error::io(m, e))?;
@@ -254,7 +265,15 @@ pub fn ingest(
                 classes: o.classes,
                 generalisation_levels: qis.iter().cloned().zip(o.levels.iter().copied()).collect(),
                 suppressed_persons: o.suppressed.iter().filter(|s| **s).count() as u64,
+                recoded_persons: qis.iter().cloned().zip(o.recoded.iter().copied()).collect(),
+                withheld_values: qis
+                    .iter()
+                    .cloned()
+                    .zip(o.withheld.iter().copied())
+                    .collect(),
             }),
+        withheld_event_times: deid.withheld_events().clone(),
+        risk: deid.risk_report(),
         out_of_domain: deid.out_of_domain().clone(),
         scrubbed: deid
             .scrub_counts()
@@ -284,6 +303,18 @@ pub fn ingest(
         return Err(Error::QuarantineLimit {
             ratio,
             limit: max_quarantine,
+            summary: report.summary(),
+        });
+    }
+    if let Some(risk) = report.risk.as_ref().filter(|r| !r.over_limit.is_empty()) {
+        let columns: Vec<String> = risk
+            .over_limit
+            .iter()
+            .map(|(c, r)| format!("{c} singles out {:.2} % of its persons", r * 100.0))
+            .collect();
+        return Err(Error::RiskLimit {
+            columns: columns.join(", "),
+            limit: risk.max_unique_ratio,
             summary: report.summary(),
         });
     }

@@ -58,6 +58,13 @@ pub struct KAnonReport {
     pub generalisation_levels: BTreeMap<String, u8>,
     /// Persons suppressed.
     pub suppressed_persons: u64,
+    /// Per quasi-identifier, persons recoded locally (a wider band or a withheld value) above the
+    /// global level.
+    #[serde(default)]
+    pub recoded_persons: BTreeMap<String, u64>,
+    /// Per quasi-identifier, released persons whose value is withheld.
+    #[serde(default)]
+    pub withheld_values: BTreeMap<String, u64>,
 }
 
 /// One column's treatment.
@@ -112,6 +119,12 @@ pub struct IngestReport {
     /// Values outside a column's declared domain, per `table.column`: mapped to its `other` key, or
     /// their rows quarantined.
     pub out_of_domain: BTreeMap<String, deidentify::OutOfDomain>,
+    /// Event times withheld because they fell inside the person's released birth band (and would have
+    /// narrowed it), per `table.column`.
+    #[serde(default)]
+    pub withheld_event_times: BTreeMap<String, u64>,
+    /// Re-identification risk of the released tables.
+    pub risk: Option<deidentify::RiskReport>,
     /// Date shift window (days, ±).
     pub date_shift_days: u32,
     /// Per table, every released column and its treatment.
@@ -161,7 +174,33 @@ impl IngestReport {
             if !lv.is_empty() {
                 s += &format!("; generalised further: {}", lv.join(", "));
             }
-            s += "\n";
+            let local: Vec<String> = k
+                .recoded_persons
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(c, n)| {
+                    let w = k.withheld_values.get(c).copied().unwrap_or(0);
+                    format!("{c} {n} ({w} withheld)")
+                })
+                .collect();
+            if !local.is_empty() {
+                s += &format!("; recoded locally: {}", local.join(", "));
+            }
+            s += &format!("; {} persons suppressed\n", k.suppressed_persons);
+        }
+        if !self.withheld_event_times.is_empty() {
+            let parts: Vec<String> = self
+                .withheld_event_times
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            s += &format!(
+                "event times withheld inside the person's birth band: {}\n",
+                parts.join(", ")
+            );
+        }
+        if let Some(r) = &self.risk {
+            s += &r.summary();
         }
         if !self.scrubbed.is_empty() {
             let parts: Vec<String> = self

@@ -1,0 +1,459 @@
+//! The re-identification risk of what is released, measured on the rows as they are written (ARX's risk
+//! analysis is the model; El Emam, *Guide to the De-Identification of Personal Health Information*).
+//!
+//! Per table:
+//! - **records unique on their quasi-identifiers**: a record's quasi-identifiers are its person's
+//!   k-anonymity class (the demographic record) and the table's own quasi-identifier columns (event years);
+//!   with the class sizes, the **prosecutor** risk (highest: 1 / smallest class; average: classes /
+//!   records), the **journalist** risk (with no population table the dataset is taken as the population,
+//!   so it equals the prosecutor risk; a sample of a larger population only lowers it) and the
+//!   **marketer** risk (classes / records: the expected share re-identified when every record is tried);
+//! - per released column: the share of persons it **singles out** — persons holding a value of the column
+//!   that no other person holds, who an outsider knowing that one value links to their record. Shifted
+//!   times are measured on their time of day, the part a whole-day shift keeps. This is the figure the
+//!   profile's `max_unique_ratio` limits for value and time columns;
+//! - for `patients` (one record per person): the share of records unique on the quasi-identifiers plus
+//!   each column. On event tables that combination is not counted: it would hold one entry per row, and
+//!   the ingest's memory grows with persons, never with rows.
+//!
+//! Values are compared by a 64-bit hash under a key drawn for this run (collisions, which could only merge
+//! two values and so under-count by one, have probability about 2⁻⁶⁴ per pair).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+
+use policies::Table;
+use serde::Serialize;
+
+use crate::transform::Out;
+
+const MANY: u32 = u32::MAX;
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// How one released column is measured.
+pub(crate) struct Measured {
+    /// Output column name.
+    pub name: String,
+    /// Position in the output row (after the person column).
+    pub index: usize,
+    /// Limited by `max_unique_ratio` (value and time columns).
+    pub enforced: bool,
+    /// A shifted time: measured on its time of day.
+    pub time_of_day: bool,
+}
+
+struct ColumnMeter {
+    spec: Measured,
+    /// Value hash → the one person holding it, or [`MANY`].
+    owner: HashMap<u64, u32>,
+    /// Persons holding any value of the column.
+    holders: Vec<u64>,
+    /// Patients only: (class, value hash) → records, up to 2.
+    with_qi: Option<HashMap<(u32, u64), u8>>,
+}
+
+struct TableMeter {
+    records: u64,
+    /// The table's own quasi-identifier columns (positions in the output row).
+    row_qis: Vec<usize>,
+    /// Record key (person class and own quasi-identifiers) → records.
+    classes: HashMap<u64, u64>,
+    columns: Vec<ColumnMeter>,
+}
+
+/// Accumulates the risk figures while rows are written.
+pub(crate) struct RiskMeter {
+    hasher: RandomState,
+    persons: usize,
+    tables: BTreeMap<Table, TableMeter>,
+}
+
+/// One column's figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ColumnRisk {
+    /// Persons holding a value of the column.
+    pub persons: u64,
+    /// Of them, persons holding a value no other person holds.
+    pub singled_out: u64,
+    /// `singled_out / persons` (0 when nobody holds a value).
+    pub person_unique_ratio: f64,
+    /// `patients` only: share of records unique on the quasi-identifiers plus this column.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique_with_qi_ratio: Option<f64>,
+    /// What is compared: `"value"`, or `"time of day"` for a shifted time.
+    pub measured_on: &'static str,
+    /// Whether `max_unique_ratio` limits it (value and time columns).
+    pub limited: bool,
+}
+
+/// One table's figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TableRisk {
+    /// Records released.
+    pub records: u64,
+    /// Quasi-identifier classes among them.
+    pub classes: u64,
+    /// Records in the smallest class (0 for an empty table).
+    pub smallest_class: u64,
+    /// Share of records alone in their class.
+    pub unique_ratio: f64,
+    /// Highest prosecutor risk: 1 / smallest class.
+    pub prosecutor_highest: f64,
+    /// Average prosecutor risk: classes / records.
+    pub prosecutor_average: f64,
+    /// Highest journalist risk (the dataset taken as the population: the prosecutor's).
+    pub journalist_highest: f64,
+    /// Marketer risk: classes / records.
+    pub marketer: f64,
+    /// Per measured column.
+    pub columns: BTreeMap<String, ColumnRisk>,
+}
+
+/// The risk report of one ingest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RiskReport {
+    /// The profile's limit on the share of persons a value or time column may single out.
+    pub max_unique_ratio: f64,
+    /// Per table.
+    pub tables: BTreeMap<String, TableRisk>,
+    /// `table.column` of every limited column above the limit, with its share.
+    pub over_limit: Vec<(String, f64)>,
+}
+
+impl RiskReport {
+    /// The lines the provider reads: per table the uniqueness and risks, and the columns that single
+    /// out the most persons.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "re-identification risk (prosecutor model; limit: {:.1} % of persons singled out by a value or time column)\n",
+            self.max_unique_ratio * 100.0
+        );
+        for (name, t) in &self.tables {
+            s += &format!(
+                "  {name:<13} {:>9} records, {:>5.2} % unique on quasi-identifiers, smallest class {}, prosecutor highest {:.3} / average {:.3}, marketer {:.3}\n",
+                t.records,
+                t.unique_ratio * 100.0,
+                t.smallest_class,
+                t.prosecutor_highest,
+                t.prosecutor_average,
+                t.marketer
+            );
+            let mut cols: Vec<(&String, &ColumnRisk)> = t.columns.iter().collect();
+            cols.sort_by(|a, b| b.1.person_unique_ratio.total_cmp(&a.1.person_unique_ratio));
+            let top: Vec<String> = cols
+                .iter()
+                .filter(|(_, c)| c.singled_out > 0)
+                .take(3)
+                .map(|(n, c)| {
+                    format!(
+                        "{n} {:.2} %{}",
+                        c.person_unique_ratio * 100.0,
+                        if c.limited { "" } else { " (not limited)" }
+                    )
+                })
+                .collect();
+            if !top.is_empty() {
+                s += &format!(
+                    "                persons singled out by: {}\n",
+                    top.join(", ")
+                );
+            }
+        }
+        for (column, ratio) in &self.over_limit {
+            s += &format!(
+                "  OVER THE LIMIT: {column} singles out {:.2} % of its persons\n",
+                ratio * 100.0
+            );
+        }
+        s
+    }
+}
+
+impl RiskMeter {
+    /// A meter for `persons` persons; `tables` gives each table's own quasi-identifier positions and its
+    /// measured columns.
+    pub(crate) fn new(
+        persons: usize,
+        tables: Vec<(Table, Vec<usize>, Vec<Measured>)>,
+    ) -> RiskMeter {
+        let words = persons.div_ceil(64);
+        RiskMeter {
+            hasher: RandomState::new(),
+            persons,
+            tables: tables
+                .into_iter()
+                .map(|(t, row_qis, measured)| {
+                    let columns = measured
+                        .into_iter()
+                        .map(|spec| ColumnMeter {
+                            spec,
+                            owner: HashMap::new(),
+                            holders: vec![0; words],
+                            with_qi: (t == Table::Patients).then(HashMap::new),
+                        })
+                        .collect();
+                    (
+                        t,
+                        TableMeter {
+                            records: 0,
+                            row_qis,
+                            classes: HashMap::new(),
+                            columns,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn hash_value(&self, v: &Out, time_of_day: bool) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        match v {
+            Out::Ts(t) if time_of_day => t.rem_euclid(DAY_MICROS).hash(&mut h),
+            Out::Date(_) if time_of_day => 0u8.hash(&mut h),
+            v => v.hash(&mut h),
+        }
+        h.finish()
+    }
+
+    /// Counts one written row of `table` for person `person` (index) in class `class`.
+    pub(crate) fn record(&mut self, table: Table, person: usize, class: u32, row: &[Out]) {
+        let mut hashes = Vec::new();
+        if let Some(t) = self.tables.get(&table) {
+            for c in &t.columns {
+                hashes.push(
+                    row.get(c.spec.index)
+                        .filter(|v| !matches!(v, Out::Null))
+                        .map(|v| self.hash_value(v, c.spec.time_of_day)),
+                );
+            }
+        }
+        let key = {
+            let mut h = self.hasher.build_hasher();
+            class.hash(&mut h);
+            if let Some(t) = self.tables.get(&table) {
+                for &i in &t.row_qis {
+                    row.get(i).hash(&mut h);
+                }
+            }
+            h.finish()
+        };
+        let Some(t) = self.tables.get_mut(&table) else {
+            return;
+        };
+        t.records += 1;
+        *t.classes.entry(key).or_default() += 1;
+        let Ok(p) = u32::try_from(person) else {
+            return;
+        };
+        for (c, hash) in t.columns.iter_mut().zip(hashes) {
+            let Some(hash) = hash else { continue };
+            if let Some(word) = c.holders.get_mut(person / 64) {
+                *word |= 1 << (person % 64);
+            }
+            c.owner
+                .entry(hash)
+                .and_modify(|o| {
+                    if *o != p {
+                        *o = MANY;
+                    }
+                })
+                .or_insert(p);
+            if let Some(w) = &mut c.with_qi {
+                let n = w.entry((class, hash)).or_default();
+                *n = n.saturating_add(1).min(2);
+            }
+        }
+    }
+
+    /// The figures, with every limited column above `max_unique_ratio` named.
+    pub(crate) fn finish(self, max_unique_ratio: f64) -> RiskReport {
+        let mut tables = BTreeMap::new();
+        let mut over_limit = Vec::new();
+        for (table, t) in self.tables {
+            let classes = t.classes.len() as u64;
+            let smallest = t.classes.values().copied().min().unwrap_or(0);
+            let alone = t.classes.values().filter(|n| **n == 1).count() as u64;
+            let share = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+            let mut columns = BTreeMap::new();
+            for c in t.columns {
+                let mut singled = vec![0u64; self.persons.div_ceil(64)];
+                for (_, &p) in c.owner.iter().filter(|(_, p)| **p != MANY) {
+                    let p = p as usize;
+                    if let Some(word) = singled.get_mut(p / 64) {
+                        *word |= 1 << (p % 64);
+                    }
+                }
+                let persons: u64 = c.holders.iter().map(|w| u64::from(w.count_ones())).sum();
+                let singled_out: u64 = singled.iter().map(|w| u64::from(w.count_ones())).sum();
+                let ratio = share(singled_out, persons);
+                if c.spec.enforced && ratio > max_unique_ratio {
+                    over_limit.push((format!("{table}.{}", c.spec.name), ratio));
+                }
+                columns.insert(
+                    c.spec.name.clone(),
+                    ColumnRisk {
+                        persons,
+                        singled_out,
+                        person_unique_ratio: ratio,
+                        unique_with_qi_ratio: c.with_qi.map(|w| {
+                            share(w.values().filter(|n| **n == 1).count() as u64, t.records)
+                        }),
+                        measured_on: if c.spec.time_of_day {
+                            "time of day"
+                        } else {
+                            "value"
+                        },
+                        limited: c.spec.enforced,
+                    },
+                );
+            }
+            tables.insert(
+                table.name().to_owned(),
+                TableRisk {
+                    records: t.records,
+                    classes,
+                    smallest_class: smallest,
+                    unique_ratio: share(alone, t.records),
+                    prosecutor_highest: if smallest == 0 {
+                        0.0
+                    } else {
+                        1.0 / smallest as f64
+                    },
+                    prosecutor_average: share(classes, t.records),
+                    journalist_highest: if smallest == 0 {
+                        0.0
+                    } else {
+                        1.0 / smallest as f64
+                    },
+                    marketer: share(classes, t.records),
+                    columns,
+                },
+            );
+        }
+        over_limit.sort_by(|a, b| a.0.cmp(&b.0));
+        RiskReport {
+            max_unique_ratio,
+            tables,
+            over_limit,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(name: &str, index: usize, enforced: bool, time_of_day: bool) -> Measured {
+        Measured {
+            name: name.into(),
+            index,
+            enforced,
+            time_of_day,
+        }
+    }
+
+    #[test]
+    fn singled_out_persons_classes_and_risks() {
+        let mut m = RiskMeter::new(
+            4,
+            vec![(
+                Table::Encounters,
+                vec![0],
+                vec![
+                    measured("year", 0, true, false),
+                    measured("cost", 1, true, false),
+                    measured("start", 2, true, true),
+                ],
+            )],
+        );
+        let hour = 3_600_000_000i64;
+        // Persons 0..3 in class 7; person 3 alone has cost 9 and a visit at 13:00 (another day's 13:00
+        // too); everyone else visits at 09:00 on different days.
+        let rows = [
+            (0, [Out::I32(2020), Out::F64(10.0), Out::Ts(9 * hour)]),
+            (
+                1,
+                [
+                    Out::I32(2020),
+                    Out::F64(10.0),
+                    Out::Ts(DAY_MICROS + 9 * hour),
+                ],
+            ),
+            (
+                2,
+                [
+                    Out::I32(2021),
+                    Out::F64(10.0),
+                    Out::Ts(2 * DAY_MICROS + 9 * hour),
+                ],
+            ),
+            (
+                2,
+                [
+                    Out::I32(2020),
+                    Out::Null,
+                    Out::Ts(3 * DAY_MICROS + 9 * hour),
+                ],
+            ),
+            (3, [Out::I32(2020), Out::F64(9.0), Out::Ts(13 * hour)]),
+            (
+                3,
+                [
+                    Out::I32(2020),
+                    Out::F64(10.0),
+                    Out::Ts(5 * DAY_MICROS + 13 * hour),
+                ],
+            ),
+        ];
+        for (p, row) in &rows {
+            m.record(Table::Encounters, *p, 7, row);
+        }
+        let r = m.finish(0.2);
+        let t = &r.tables["encounters"];
+        assert_eq!((t.records, t.classes, t.smallest_class), (6, 2, 1));
+        assert!(
+            (t.unique_ratio - 1.0 / 6.0).abs() < 1e-12,
+            "the 2021 record is alone"
+        );
+        assert_eq!(t.prosecutor_highest, 1.0);
+        assert!((t.marketer - 2.0 / 6.0).abs() < 1e-12);
+        let cost = &t.columns["cost"];
+        assert_eq!((cost.persons, cost.singled_out), (4, 1));
+        assert_eq!(t.columns["year"].singled_out, 1, "only person 2 has 2021");
+        assert_eq!(
+            t.columns["start"].singled_out, 1,
+            "only person 3 visits at 13:00"
+        );
+        assert_eq!(t.columns["start"].measured_on, "time of day");
+        assert_eq!(
+            r.over_limit,
+            vec![
+                ("encounters.cost".to_owned(), 0.25),
+                ("encounters.start".to_owned(), 0.25),
+                ("encounters.year".to_owned(), 0.25),
+            ]
+        );
+        assert!(r.summary().contains("OVER THE LIMIT: encounters.cost"));
+    }
+
+    #[test]
+    fn patients_count_uniqueness_with_the_quasi_identifiers() {
+        let mut m = RiskMeter::new(
+            3,
+            vec![(
+                Table::Patients,
+                vec![],
+                vec![measured("expenses", 0, true, false)],
+            )],
+        );
+        m.record(Table::Patients, 0, 1, &[Out::F64(100.0)]);
+        m.record(Table::Patients, 1, 1, &[Out::F64(100.0)]);
+        m.record(Table::Patients, 2, 2, &[Out::F64(100.0)]);
+        let r = m.finish(0.05);
+        let c = &r.tables["patients"].columns["expenses"];
+        assert_eq!(c.singled_out, 0, "one value shared by all");
+        assert!((c.unique_with_qi_ratio.expect("patients") - 1.0 / 3.0).abs() < 1e-12);
+        assert!(r.over_limit.is_empty());
+    }
+}
