@@ -10,8 +10,10 @@
 //!   **marketer** risk (classes / records: the expected share re-identified when every record is tried);
 //! - per released column: the share of persons it **singles out** — persons holding a value of the column
 //!   that no other person holds, who an outsider knowing that one value links to their record. Shifted
-//!   times are measured on their time of day, the part a whole-day shift keeps. This is the figure the
-//!   profile's `max_unique_ratio` limits for value and time columns;
+//!   times are measured on their time of day, the part a whole-day shift keeps. In value and time columns
+//!   ("limited") such values are withheld after the run (the ingest rewrites the tables that hold any, and
+//!   measures them again), unless more than the profile's `max_unique_ratio` of a column's values would
+//!   be: then its coarsening is too fine, and the run fails naming it;
 //! - for `patients` (one record per person): the share of records unique on the quasi-identifiers plus
 //!   each column. On event tables that combination is not counted: it would hold one entry per row, and
 //!   the ingest's memory grows with persons, never with rows.
@@ -28,6 +30,14 @@ use serde::Serialize;
 use crate::transform::Out;
 
 const MANY: u32 = u32::MAX;
+
+/// Who holds one value of a column, and in how many rows.
+#[derive(Clone, Copy)]
+struct Owner {
+    /// The one person holding it, or [`MANY`].
+    person: u32,
+    rows: u32,
+}
 const DAY_MICROS: i64 = 86_400_000_000;
 
 /// How one released column is measured.
@@ -44,12 +54,46 @@ pub(crate) struct Measured {
 
 struct ColumnMeter {
     spec: Measured,
-    /// Value hash → the one person holding it, or [`MANY`].
-    owner: HashMap<u64, u32>,
+    /// Value hash → who holds it.
+    owner: HashMap<u64, Owner>,
     /// Persons holding any value of the column.
     holders: Vec<u64>,
+    /// Rows holding a value.
+    values: u64,
+    /// Values withheld because they singled out their person (set when the table is measured again).
+    withheld: u64,
     /// Patients only: (class, value hash) → records, up to 2.
     with_qi: Option<HashMap<(u32, u64), u8>>,
+}
+
+impl ColumnMeter {
+    fn new(spec: Measured, words: usize, patients: bool) -> ColumnMeter {
+        ColumnMeter {
+            spec,
+            owner: HashMap::new(),
+            holders: vec![0; words],
+            values: 0,
+            withheld: 0,
+            with_qi: patients.then(HashMap::new),
+        }
+    }
+}
+
+/// A limited column's values that single out their person.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SingledOut {
+    /// Output column name.
+    pub column: String,
+    /// Rows holding a value of the column.
+    pub values: u64,
+    /// Of them, rows holding a value no other person holds.
+    pub rows: u64,
+}
+
+/// What withholding a table's singled-out values needs: per limited column, its position in the row,
+/// whether it is compared on its time of day, and the hashes of the values to withhold.
+pub(crate) struct Withhold {
+    pub columns: Vec<(usize, bool, std::collections::HashSet<u64>)>,
 }
 
 struct TableMeter {
@@ -77,6 +121,10 @@ pub struct ColumnRisk {
     pub singled_out: u64,
     /// `singled_out / persons` (0 when nobody holds a value).
     pub person_unique_ratio: f64,
+    /// Values released in the column (non-null).
+    pub values: u64,
+    /// Values withheld because no other person held them (limited columns).
+    pub withheld: u64,
     /// `patients` only: share of records unique on the quasi-identifiers plus this column.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unique_with_qi_ratio: Option<f64>,
@@ -116,7 +164,8 @@ pub struct RiskReport {
     pub max_unique_ratio: f64,
     /// Per table.
     pub tables: BTreeMap<String, TableRisk>,
-    /// `table.column` of every limited column above the limit, with its share.
+    /// `table.column` of every limited column where more than `max_unique_ratio` of the values single
+    /// out their person, with that share.
     pub over_limit: Vec<(String, f64)>,
 }
 
@@ -125,7 +174,7 @@ impl RiskReport {
     /// out the most persons.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "re-identification risk (prosecutor model; limit: {:.1} % of persons singled out by a value or time column)\n",
+            "re-identification risk (prosecutor model; a value or time column's values held by one person are withheld, up to {:.1} % of them)\n",
             self.max_unique_ratio * 100.0
         );
         for (name, t) in &self.tables {
@@ -158,10 +207,22 @@ impl RiskReport {
                     top.join(", ")
                 );
             }
+            let withheld: Vec<String> = t
+                .columns
+                .iter()
+                .filter(|(_, c)| c.withheld > 0)
+                .map(|(n, c)| format!("{n} {}", c.withheld))
+                .collect();
+            if !withheld.is_empty() {
+                s += &format!(
+                    "                values withheld (held by no other person): {}\n",
+                    withheld.join(", ")
+                );
+            }
         }
         for (column, ratio) in &self.over_limit {
             s += &format!(
-                "  OVER THE LIMIT: {column} singles out {:.2} % of its persons\n",
+                "  OVER THE LIMIT: {:.2} % of {column}'s values are held by one person only\n",
                 ratio * 100.0
             );
         }
@@ -185,12 +246,7 @@ impl RiskMeter {
                 .map(|(t, row_qis, measured)| {
                     let columns = measured
                         .into_iter()
-                        .map(|spec| ColumnMeter {
-                            spec,
-                            owner: HashMap::new(),
-                            holders: vec![0; words],
-                            with_qi: (t == Table::Patients).then(HashMap::new),
-                        })
+                        .map(|spec| ColumnMeter::new(spec, words, t == Table::Patients))
                         .collect();
                     (
                         t,
@@ -206,7 +262,8 @@ impl RiskMeter {
         }
     }
 
-    fn hash_value(&self, v: &Out, time_of_day: bool) -> u64 {
+    /// The hash a value is compared by.
+    pub(crate) fn hash_value(&self, v: &Out, time_of_day: bool) -> u64 {
         let mut h = self.hasher.build_hasher();
         match v {
             Out::Ts(t) if time_of_day => t.rem_euclid(DAY_MICROS).hash(&mut h),
@@ -251,19 +308,77 @@ impl RiskMeter {
             if let Some(word) = c.holders.get_mut(person / 64) {
                 *word |= 1 << (person % 64);
             }
-            c.owner
-                .entry(hash)
-                .and_modify(|o| {
-                    if *o != p {
-                        *o = MANY;
-                    }
-                })
-                .or_insert(p);
+            c.values += 1;
+            let o = c.owner.entry(hash).or_insert(Owner { person: p, rows: 0 });
+            if o.person != p {
+                o.person = MANY;
+            }
+            o.rows = o.rows.saturating_add(1);
             if let Some(w) = &mut c.with_qi {
                 let n = w.entry((class, hash)).or_default();
                 *n = n.saturating_add(1).min(2);
             }
         }
+    }
+
+    /// Per limited column of `table` holding any, its values that single out their person.
+    pub(crate) fn singled_out(&self, table: Table) -> Vec<SingledOut> {
+        let Some(t) = self.tables.get(&table) else {
+            return Vec::new();
+        };
+        t.columns
+            .iter()
+            .filter(|c| c.spec.enforced)
+            .map(|c| SingledOut {
+                column: c.spec.name.clone(),
+                values: c.values,
+                rows: c
+                    .owner
+                    .values()
+                    .filter(|o| o.person != MANY)
+                    .map(|o| u64::from(o.rows))
+                    .sum(),
+            })
+            .filter(|s| s.rows > 0)
+            .collect()
+    }
+
+    /// Starts measuring `table` again, for rows whose singled-out values are withheld: returns what to
+    /// withhold, and remembers how many values each column loses.
+    pub(crate) fn restart(&mut self, table: Table) -> Withhold {
+        let words = self.persons.div_ceil(64);
+        let Some(t) = self.tables.get_mut(&table) else {
+            return Withhold {
+                columns: Vec::new(),
+            };
+        };
+        let mut columns = Vec::new();
+        t.records = 0;
+        t.classes.clear();
+        for c in &mut t.columns {
+            let singled: std::collections::HashSet<u64> = c
+                .owner
+                .iter()
+                .filter(|(_, o)| o.person != MANY)
+                .map(|(h, _)| *h)
+                .collect();
+            let rows: u64 = c
+                .owner
+                .values()
+                .filter(|o| o.person != MANY)
+                .map(|o| u64::from(o.rows))
+                .sum();
+            let spec = Measured {
+                name: c.spec.name.clone(),
+                ..c.spec
+            };
+            *c = ColumnMeter::new(spec, words, table == Table::Patients);
+            if c.spec.enforced && !singled.is_empty() {
+                c.withheld = rows;
+                columns.push((c.spec.index, c.spec.time_of_day, singled));
+            }
+        }
+        Withhold { columns }
     }
 
     /// The figures, with every limited column above `max_unique_ratio` named.
@@ -278,8 +393,8 @@ impl RiskMeter {
             let mut columns = BTreeMap::new();
             for c in t.columns {
                 let mut singled = vec![0u64; self.persons.div_ceil(64)];
-                for (_, &p) in c.owner.iter().filter(|(_, p)| **p != MANY) {
-                    let p = p as usize;
+                for o in c.owner.values().filter(|o| o.person != MANY) {
+                    let p = o.person as usize;
                     if let Some(word) = singled.get_mut(p / 64) {
                         *word |= 1 << (p % 64);
                     }
@@ -287,8 +402,16 @@ impl RiskMeter {
                 let persons: u64 = c.holders.iter().map(|w| u64::from(w.count_ones())).sum();
                 let singled_out: u64 = singled.iter().map(|w| u64::from(w.count_ones())).sum();
                 let ratio = share(singled_out, persons);
-                if c.spec.enforced && ratio > max_unique_ratio {
-                    over_limit.push((format!("{table}.{}", c.spec.name), ratio));
+                let unique: u64 = c
+                    .owner
+                    .values()
+                    .filter(|o| o.person != MANY)
+                    .map(|o| u64::from(o.rows))
+                    .sum::<u64>()
+                    + c.withheld;
+                let unique_share = share(unique, c.values + c.withheld);
+                if c.spec.enforced && unique_share > max_unique_ratio {
+                    over_limit.push((format!("{table}.{}", c.spec.name), unique_share));
                 }
                 columns.insert(
                     c.spec.name.clone(),
@@ -296,6 +419,8 @@ impl RiskMeter {
                         persons,
                         singled_out,
                         person_unique_ratio: ratio,
+                        values: c.values,
+                        withheld: c.withheld,
                         unique_with_qi_ratio: c.with_qi.map(|w| {
                             share(w.values().filter(|n| **n == 1).count() as u64, t.records)
                         }),
@@ -409,7 +534,28 @@ mod tests {
         for (p, row) in &rows {
             m.record(Table::Encounters, *p, 7, row);
         }
-        let r = m.finish(0.2);
+        let singled = m.singled_out(Table::Encounters);
+        assert_eq!(
+            singled,
+            vec![
+                SingledOut {
+                    column: "year".into(),
+                    values: 6,
+                    rows: 1
+                },
+                SingledOut {
+                    column: "cost".into(),
+                    values: 5,
+                    rows: 1
+                },
+                SingledOut {
+                    column: "start".into(),
+                    values: 6,
+                    rows: 2
+                },
+            ]
+        );
+        let r = m.finish(0.15);
         let t = &r.tables["encounters"];
         assert_eq!((t.records, t.classes, t.smallest_class), (6, 2, 1));
         assert!(
@@ -429,12 +575,82 @@ mod tests {
         assert_eq!(
             r.over_limit,
             vec![
-                ("encounters.cost".to_owned(), 0.25),
-                ("encounters.start".to_owned(), 0.25),
-                ("encounters.year".to_owned(), 0.25),
+                ("encounters.cost".to_owned(), 1.0 / 5.0),
+                ("encounters.start".to_owned(), 2.0 / 6.0),
+                ("encounters.year".to_owned(), 1.0 / 6.0),
             ]
         );
-        assert!(r.summary().contains("OVER THE LIMIT: encounters.cost"));
+        assert!(
+            r.summary()
+                .contains("OVER THE LIMIT: 20.00 % of encounters.cost's values")
+        );
+    }
+
+    #[test]
+    fn withheld_values_leave_nobody_singled_out_and_are_counted() {
+        let hour = 3_600_000_000i64;
+        let mut m = RiskMeter::new(
+            3,
+            vec![(
+                Table::Encounters,
+                vec![],
+                vec![
+                    measured("cost", 0, true, false),
+                    measured("start", 1, true, true),
+                    measured("code", 2, false, false),
+                ],
+            )],
+        );
+        let rows = [
+            (0, [Out::F64(10.0), Out::Ts(9 * hour), Out::Str("a".into())]),
+            (
+                1,
+                [
+                    Out::F64(10.0),
+                    Out::Ts(DAY_MICROS + 9 * hour),
+                    Out::Str("b".into()),
+                ],
+            ),
+            (
+                2,
+                [Out::F64(99.0), Out::Ts(13 * hour), Out::Str("a".into())],
+            ),
+            (2, [Out::F64(10.0), Out::Ts(9 * hour), Out::Str("a".into())]),
+        ];
+        for (p, row) in &rows {
+            m.record(Table::Encounters, *p, 0, row);
+        }
+        let w = m.restart(Table::Encounters);
+        assert_eq!(w.columns.len(), 2, "cost and start; code is not limited");
+        for (p, row) in &rows {
+            let mut row = row.to_vec();
+            for (i, tod, hashes) in &w.columns {
+                if hashes.contains(&m.hash_value(&row[*i], *tod)) {
+                    row[*i] = Out::Null;
+                }
+            }
+            m.record(Table::Encounters, *p, 0, &row);
+        }
+        let r = m.finish(0.3);
+        let t = &r.tables["encounters"];
+        for c in ["cost", "start"] {
+            assert_eq!(t.columns[c].singled_out, 0, "{c}");
+            assert_eq!(t.columns[c].withheld, 1, "{c}");
+            assert_eq!(t.columns[c].values, 3, "{c}");
+            assert_eq!(
+                t.columns[c].persons, 3,
+                "person 2 still holds a shared value"
+            );
+        }
+        assert_eq!(
+            t.columns["code"].singled_out, 1,
+            "person 1's code b stays (not limited)"
+        );
+        assert!(r.over_limit.is_empty(), "1 of 4 values is under 30 %");
+        assert!(
+            r.summary()
+                .contains("values withheld (held by no other person): cost 1, start 1")
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::ids::validate_national_id;
 use crate::kanon::{KAnonOutcome, anonymize, climb, latest_day, level_of};
 use crate::keys::Pseudonymizer;
 use crate::read::SourceRecord;
-use crate::risk::{Measured, RiskMeter, RiskReport};
+use crate::risk::{Measured, RiskMeter, RiskReport, SingledOut, Withhold};
 use crate::scrub::{KnownIdentifiers, PhiKind, ScrubCounts, scrub};
 use crate::value::Value;
 
@@ -126,9 +126,15 @@ struct Person {
     levels: u64,
     /// Its k-anonymity class.
     class: u32,
-    /// The last day its released birth value can stand for (days since 1970; `i32::MIN`: no limit):
-    /// an event dated earlier would narrow it, so it is withheld.
+    /// The last day its released birth value can stand for (days since 1970, in the birth column's own
+    /// shifted or unshifted time; `i32::MIN`: no limit): an event dated earlier would narrow it, so it
+    /// is withheld.
     birth_latest: i32,
+    /// Another record of a person registered earlier (two source IDs, one national ID): it takes that
+    /// person's k-anonymity outcome, and its patients row is not released again.
+    alias: bool,
+    /// The person it is (itself, or the earlier record of an alias).
+    canonical: u32,
 }
 
 /// Where pass one keeps each person's known identifiers (names, IDs, phone, address, dates) until pass
@@ -271,8 +277,16 @@ pub struct Deidentifier {
     /// Event times withheld because they would narrow the person's released birth value, per
     /// `table.column`.
     withheld_events: BTreeMap<String, u64>,
+    /// The birth column is released shifted.
+    birth_shifted: bool,
+    /// Patients rows written per k-anonymity class (the check that what was written is what was counted).
+    written_classes: HashMap<u32, u64>,
     /// The risk figures, from the end of pass one.
     risk: Option<RiskMeter>,
+    /// The table whose singled-out values are being withheld, and which.
+    withholding: Option<(Table, Withhold)>,
+    /// Released person_id → person, for measuring rows read back.
+    person_index: HashMap<[u8; 16], u32>,
 }
 
 impl Deidentifier {
@@ -301,7 +315,8 @@ impl Deidentifier {
                 output: PERSON_ID.to_owned(),
                 domain: None,
                 other: None,
-                reason: None,
+                k_exempt: None,
+                time_exempt: None,
             };
             cols.push(OutColumn {
                 field: Field::new(PERSON_ID, DataType::Utf8, false),
@@ -330,6 +345,10 @@ impl Deidentifier {
             ));
             outputs.insert(table, (schema, cols));
         }
+        let birth_shifted = profile.date_shift_days > 0
+            && profile
+                .rule(Table::Patients, "birth_date")
+                .is_some_and(|r| matches!(r.action, Action::DateShift | Action::TruncateTime(_)));
         Deidentifier {
             profile,
             keys,
@@ -352,8 +371,18 @@ impl Deidentifier {
             rows_per_person: HashMap::new(),
             out_of_domain: BTreeMap::new(),
             withheld_events: BTreeMap::new(),
+            birth_shifted,
+            written_classes: HashMap::new(),
             risk: None,
+            withholding: None,
+            person_index: HashMap::new(),
         }
+    }
+
+    /// True when a column's times are released moved by the person's shift.
+    fn shifted(&self, rule: &ColumnRule) -> bool {
+        self.profile.date_shift_days > 0
+            && matches!(rule.action, Action::DateShift | Action::TruncateTime(_))
     }
 
     /// The profile in force.
@@ -398,8 +427,11 @@ impl Deidentifier {
                 {
                     action.push_str(&format!("; {n} withheld inside the person's birth band"));
                 }
-                if let Some(reason) = &c.rule.reason {
-                    action.push_str(&format!("; declared: {reason}"));
+                if let Some(why) = &c.rule.k_exempt {
+                    action.push_str(&format!("; outside k-anonymity: {why}"));
+                }
+                if let Some(why) = &c.rule.time_exempt {
+                    action.push_str(&format!("; finer than the profile's time precision: {why}"));
                 }
                 ReleasedColumn {
                     name: c.field.name().clone(),
@@ -530,20 +562,52 @@ impl Deidentifier {
             levels: 0,
             class: 0,
             birth_latest: i32::MIN,
+            alias: false,
+            canonical: u32::try_from(self.people.len()).unwrap_or(u32::MAX),
         };
-        let mut qi = Vec::new();
-        if let Some(k) = &self.profile.k_anonymity {
-            let cols = &self.outputs[&Table::Patients].1;
-            qi = vec![Out::Null; k.quasi_identifiers.len()];
-            for c in cols {
-                if let Some(i) = c.qi {
-                    qi[i] = self.apply(
-                        &c.rule,
-                        rec.values[c.source].as_ref(),
-                        &person,
-                        &mut ScrubCounts::new(),
-                    )?;
+        let mut person = person;
+        let n_qi = self
+            .profile
+            .k_anonymity
+            .as_ref()
+            .map_or(0, |k| k.quasi_identifiers.len());
+        let mut qi = vec![Out::Null; n_qi];
+        let cols = &self.outputs[&Table::Patients].1;
+        for c in cols.iter().skip(1) {
+            if c.qi.is_none() && c.rule.domain.is_none() && c.rule.column != "birth_date" {
+                continue;
+            }
+            let mut v = self.apply(
+                &c.rule,
+                rec.values[c.source].as_ref(),
+                &person,
+                &mut ScrubCounts::new(),
+            )?;
+            // The domain check of pass two, made here, so that k-anonymity counts only rows it releases.
+            if let (Some(domain), Out::Str(value)) = (&c.rule.domain, &v)
+                && !domain.contains(value)
+            {
+                match &c.rule.other {
+                    Some(other) => v = Out::Str(other.clone()),
+                    None => {
+                        self.out_of_domain
+                            .entry(format!("{}.{}", Table::Patients, c.rule.column))
+                            .or_default()
+                            .quarantined += 1;
+                        return Err(format!(
+                            "{}: a value outside the column's declared domain (the profile's domain list; declare `other` to map such values to a key)",
+                            c.rule.column
+                        ));
+                    }
                 }
+            }
+            if c.rule.column == "birth_date" {
+                person.birth_latest = self
+                    .latest_birth(&v, 0, &c.rule)
+                    .map_or(i32::MIN, days_from_date);
+            }
+            if let Some(i) = c.qi {
+                qi[i] = v;
             }
         }
         Ok((person, qi))
@@ -551,8 +615,24 @@ impl Deidentifier {
 
     /// Ends the first pass: runs k-anonymity over the registered patients.
     pub fn finish_patients(&mut self) -> Option<&KAnonOutcome> {
+        // Two records of one person (their national ID links them): the later one is an alias.
+        let mut first: HashMap<[u8; 16], u32> = HashMap::new();
+        for (i, p) in self.people.iter_mut().enumerate() {
+            if p.duplicate {
+                continue;
+            }
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            let canonical = *first.entry(p.person_id).or_insert(i);
+            if canonical != i {
+                p.alias = true;
+                p.canonical = canonical;
+            }
+        }
         self.risk = Some(self.risk_meter());
-        let k = self.profile.k_anonymity.clone()?;
+        let Some(k) = self.profile.k_anonymity.clone() else {
+            self.copy_to_aliases();
+            return None;
+        };
         // The birth column's place in the record: event dates must not narrow its released value.
         let birth = self.outputs[&Table::Patients]
             .1
@@ -565,7 +645,7 @@ impl Deidentifier {
         let mut rows: Vec<Vec<Out>> = Vec::new();
         for (i, p) in self.people.iter().enumerate() {
             let qi = all_qi.next().unwrap_or_default();
-            if !p.duplicate {
+            if !p.duplicate && !p.alias {
                 eligible.push(i);
                 rows.push(qi);
             }
@@ -580,10 +660,29 @@ impl Deidentifier {
             p.suppressed = outcome.suppressed[j];
             p.levels = levels;
             p.class = outcome.class_of[j];
-            p.birth_latest = latest.map_or(i32::MIN, days_from_date);
+            if birth.is_some() {
+                p.birth_latest = latest.map_or(i32::MIN, days_from_date);
+            }
         }
         self.kanon = Some(outcome);
+        self.copy_to_aliases();
         self.kanon.as_ref()
+    }
+
+    /// An alias takes its person's k-anonymity outcome.
+    fn copy_to_aliases(&mut self) {
+        for i in 0..self.people.len() {
+            if self.people[i].alias {
+                let c = &self.people[self.people[i].canonical as usize];
+                let (suppressed, levels, class, birth) =
+                    (c.suppressed, c.levels, c.class, c.birth_latest);
+                let p = &mut self.people[i];
+                p.suppressed = suppressed;
+                p.levels = levels;
+                p.class = class;
+                p.birth_latest = birth;
+            }
+        }
     }
 
     /// The last day a released birth value (at its k-anonymity level) can stand for.
@@ -601,7 +700,6 @@ impl Deidentifier {
     /// What the risk report measures in each table: its own quasi-identifier columns, and every released
     /// column but the person's, pseudonyms, scrubbed text and the k-anonymity record.
     fn risk_meter(&self) -> RiskMeter {
-        let shifting = self.profile.date_shift_days > 0;
         let tables = self
             .outputs
             .iter()
@@ -610,7 +708,9 @@ impl Deidentifier {
                 let mut measured = Vec::new();
                 for (index, c) in cols[1..].iter().enumerate() {
                     let rule = &c.rule;
-                    if *table != Table::Patients && rule.role == policies::Role::QuasiIdentifier {
+                    // A row's quasi-identifiers beyond its person's k-anonymity class: an event table's
+                    // own, and any the profile leaves out of the record (or all, without k-anonymity).
+                    if rule.role == policies::Role::QuasiIdentifier && c.qi.is_none() {
                         row_qis.push(index);
                     }
                     if matches!(rule.action, Action::Pseudonymize | Action::Scrub)
@@ -619,18 +719,99 @@ impl Deidentifier {
                     {
                         continue;
                     }
+                    // A shifted time is compared on its time of day, the part the shift keeps; a shifted
+                    // date keeps nothing an outsider could match without the person's shift.
+                    let shifted = self.shifted(rule);
+                    let shifted_date = shifted && rule.ty == ColumnType::Date;
                     measured.push(Measured {
                         name: rule.output.clone(),
                         index,
-                        enforced: rule.role == policies::Role::Value || rule.ty.is_temporal(),
-                        time_of_day: shifting
-                            && matches!(rule.action, Action::DateShift | Action::TruncateTime(_)),
+                        enforced: (rule.role == policies::Role::Value || rule.ty.is_temporal())
+                            && !shifted_date,
+                        time_of_day: shifted && !shifted_date,
                     });
                 }
                 (*table, row_qis, measured)
             })
             .collect();
         RiskMeter::new(self.people.len(), tables)
+    }
+
+    /// Per table, the value and time columns whose written values single out their person (a value no
+    /// other person holds), with how many rows hold such values.
+    pub fn singled_out(&self) -> Vec<(Table, Vec<SingledOut>)> {
+        let Some(meter) = &self.risk else {
+            return Vec::new();
+        };
+        Table::ALL
+            .into_iter()
+            .map(|t| (t, meter.singled_out(t)))
+            .filter(|(_, s)| !s.is_empty())
+            .collect()
+    }
+
+    /// Starts withholding `table`'s singled-out values: its written batches go through
+    /// [`Deidentifier::withhold_batch`] again, and the table is measured anew from them.
+    pub fn begin_withholding(&mut self, table: Table) {
+        if self.person_index.is_empty() {
+            self.person_index = self
+                .people
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| !p.suppressed && !p.alias)
+                .map(|(i, p)| (p.person_id, u32::try_from(i).unwrap_or(u32::MAX)))
+                .collect();
+        }
+        if let Some(meter) = self.risk.as_mut() {
+            self.withholding = Some((table, meter.restart(table)));
+        }
+    }
+
+    /// A written batch of the table given to [`Deidentifier::begin_withholding`], with its singled-out
+    /// values withheld (null); its rows are measured again.
+    pub fn withhold_batch(
+        &mut self,
+        batch: &RecordBatch,
+    ) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let (Some((table, w)), Some(meter)) = (&self.withholding, self.risk.as_mut()) else {
+            return Ok(batch.clone());
+        };
+        let rows = batch.num_rows();
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for (i, time_of_day, hashes) in &w.columns {
+            let Some(col) = columns.get(i + 1) else {
+                continue;
+            };
+            let mask: arrow::array::BooleanArray = (0..rows)
+                .map(|r| {
+                    let v = out_at(col.as_ref(), r);
+                    Some(
+                        !matches!(v, Out::Null)
+                            && hashes.contains(&meter.hash_value(&v, *time_of_day)),
+                    )
+                })
+                .collect();
+            columns[i + 1] = arrow::compute::nullif(col.as_ref(), &mask)?;
+        }
+        let out = RecordBatch::try_new(batch.schema(), columns)?;
+        let ids = out
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .ok_or_else(|| arrow::error::ArrowError::SchemaError("person_id is not text".into()))?;
+        let mut row = Vec::with_capacity(out.num_columns());
+        for r in 0..rows {
+            let mut id = [0u8; 16];
+            let person = hex::decode_to_slice(ids.value(r), &mut id)
+                .ok()
+                .and_then(|()| self.person_index.get(&id).copied());
+            let Some(idx) = person else { continue };
+            row.clear();
+            row.extend(out.columns()[1..].iter().map(|c| out_at(c.as_ref(), r)));
+            let class = self.people[idx as usize].class;
+            meter.record(*table, idx as usize, class, &row);
+        }
+        Ok(out)
     }
 
     /// The risk report of everything written so far (call after the last row).
@@ -641,14 +822,28 @@ impl Deidentifier {
 
     /// Persons registered, released (not suppressed), and linked through a national ID.
     pub fn person_counts(&self) -> (u64, u64, u64) {
-        let valid = self.people.iter().filter(|p| !p.duplicate).count() as u64;
-        let released = self.people.iter().filter(|p| !p.suppressed).count() as u64;
+        let valid = self
+            .people
+            .iter()
+            .filter(|p| !p.duplicate && !p.alias)
+            .count() as u64;
+        let released = self
+            .people
+            .iter()
+            .filter(|p| !p.suppressed && !p.alias)
+            .count() as u64;
         (valid, released, self.national_id_linked)
     }
 
     /// Values outside a declared domain so far, per `table.column`.
     pub fn out_of_domain(&self) -> &BTreeMap<String, OutOfDomain> {
         &self.out_of_domain
+    }
+
+    /// The smallest k-anonymity class among the patients rows written (`None` before any): at least the
+    /// profile's k, or something released a row k-anonymity did not count.
+    pub fn smallest_written_class(&self) -> Option<u64> {
+        self.written_classes.values().copied().min()
     }
 
     /// Event times withheld so far because they would narrow a person's released birth value, per
@@ -691,6 +886,11 @@ impl Deidentifier {
         };
         if self.people[idx].suppressed {
             return Err(Skip::Suppressed);
+        }
+        if table == Table::Patients && self.people[idx].alias {
+            return Err(Skip::Quarantine(
+                "another patients record of the same person (linked through the national ID): a person has one demographic row".into(),
+            ));
         }
         validate_row(rec).map_err(Skip::Quarantine)?;
         if let Some(&bound) = self.profile.dp.rows_per_person.get(&table) {
@@ -774,7 +974,13 @@ impl Deidentifier {
             if table != Table::Patients
                 && person.birth_latest != i32::MIN
                 && let Some(grain) = c.rule.released_grain()
-                && event_latest(&o, grain).is_some_and(|d| d < person.birth_latest)
+                && event_latest(&o, grain).is_some_and(|d| {
+                    narrows(
+                        (d, self.shifted(&c.rule)),
+                        (person.birth_latest, self.birth_shifted),
+                        self.profile.date_shift_days,
+                    )
+                })
             {
                 // An event dated inside the person's released birth band would narrow it.
                 o = Out::Null;
@@ -789,7 +995,10 @@ impl Deidentifier {
             *self.scrub_counts.entry(k).or_default() += n;
         }
         if let Some(meter) = self.risk.as_mut() {
-            meter.record(table, idx, person.class, &row);
+            meter.record(table, person.canonical as usize, person.class, &row);
+        }
+        if table == Table::Patients {
+            *self.written_classes.entry(person.class).or_default() += 1;
         }
         out.push_for_person(&person.person_id, &row);
         self.row_buf = row;
@@ -819,12 +1028,14 @@ impl Deidentifier {
         Ok(match (&rule.action, v) {
             (Action::Keep, v) => plain(v),
             (Action::Pseudonymize, v) => Out::Str(self.token(rule.column, &text_of(v))),
-            (Action::DateShift, Value::Date(d)) => {
-                Out::Date(days_from_date(*d + TimeDelta::days(person.shift_days)))
-            }
-            (Action::DateShift, Value::Timestamp(t)) => {
-                Out::Ts(micros(*t + TimeDelta::days(person.shift_days)))
-            }
+            (Action::DateShift, Value::Date(d)) => Out::Date(days_from_date(
+                d.checked_add_signed(TimeDelta::days(person.shift_days))
+                    .ok_or_else(|| out_of_range(rule))?,
+            )),
+            (Action::DateShift, Value::Timestamp(t)) => Out::Ts(micros(
+                t.checked_add_signed(TimeDelta::days(person.shift_days))
+                    .ok_or_else(|| out_of_range(rule))?,
+            )),
             (Action::Generalize(Generalization::Year { top_code_age }), v) => {
                 let d = v
                     .as_date()
@@ -866,9 +1077,12 @@ impl Deidentifier {
             (Action::Coarsen(c), Value::Int(i)) => {
                 c.apply(*i as f64).map_or(Out::Null, |f| Out::I64(f as i64))
             }
-            (Action::TruncateTime(grain), Value::Timestamp(t)) => {
-                Out::Ts(grain.truncate_micros(micros(*t + TimeDelta::days(person.shift_days))))
-            }
+            (Action::TruncateTime(grain), Value::Timestamp(t)) => Out::Ts(
+                grain.truncate_micros(micros(
+                    t.checked_add_signed(TimeDelta::days(person.shift_days))
+                        .ok_or_else(|| out_of_range(rule))?,
+                )),
+            ),
             (Action::Scrub, Value::Text(t)) => {
                 Out::Str(scrub(t, &KnownIdentifiers::default(), counts))
             }
@@ -900,12 +1114,39 @@ pub(crate) fn plain_schema(table: Table) -> SchemaRef {
                 output: c.name.to_owned(),
                 domain: None,
                 other: None,
-                reason: None,
+                k_exempt: None,
+                time_exempt: None,
             };
             Field::new(c.name, output_type(&rule), true)
         })
         .collect();
     Arc::new(Schema::new(fields))
+}
+
+/// One written cell as a value (the types `output_type` gives).
+fn out_at(array: &dyn arrow::array::Array, i: usize) -> Out {
+    use arrow::array::{
+        Date32Array, Float64Array, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
+    };
+    if array.is_null(i) {
+        return Out::Null;
+    }
+    let any = array.as_any();
+    if let Some(a) = any.downcast_ref::<StringArray>() {
+        Out::Str(a.value(i).to_owned())
+    } else if let Some(a) = any.downcast_ref::<Float64Array>() {
+        Out::F64(a.value(i))
+    } else if let Some(a) = any.downcast_ref::<Int64Array>() {
+        Out::I64(a.value(i))
+    } else if let Some(a) = any.downcast_ref::<Int32Array>() {
+        Out::I32(a.value(i))
+    } else if let Some(a) = any.downcast_ref::<Date32Array>() {
+        Out::Date(a.value(i))
+    } else if let Some(a) = any.downcast_ref::<TimestampMicrosecondArray>() {
+        Out::Ts(a.value(i))
+    } else {
+        Out::Null
+    }
 }
 
 /// The last day (since 1970) a released time can stand for, by the grain it is released at.
@@ -931,6 +1172,22 @@ fn event_latest(o: &Out, grain: TimeGrain) -> Option<i32> {
         Out::Ts(micros) => i32::try_from(micros.div_euclid(86_400_000_000)).ok(),
         _ => None,
     }
+}
+
+fn out_of_range(rule: &ColumnRule) -> String {
+    format!("{}: the date is out of range once shifted", rule.column)
+}
+
+/// Whether an event released as `(last day, shifted)` narrows a birth released as `(last day, shifted)`.
+/// Both moved by the person's one shift compare as they are; when only one is, an outsider knows the
+/// shift only to within `window` days, so that one's real last day may be `window` days later.
+fn narrows(event: (i32, bool), birth: (i32, bool), window: u32) -> bool {
+    if event.1 == birth.1 {
+        return event.0 < birth.0;
+    }
+    let real =
+        |(day, shifted): (i32, bool)| i64::from(day) + if shifted { i64::from(window) } else { 0 };
+    real(event) < real(birth)
 }
 
 fn age_at(birth: NaiveDate, at: NaiveDate) -> u32 {
@@ -1200,6 +1457,174 @@ mod tests {
             ),
             89
         );
+    }
+
+    use crate::read::Origin;
+
+    fn record(table: Table, values: &[(&str, Value)]) -> SourceRecord {
+        let mut row = vec![None; table.columns().len()];
+        for (c, v) in values {
+            row[table.column_index(c).expect("column")] = Some(v.clone());
+        }
+        SourceRecord {
+            table,
+            values: row,
+            origin: Origin {
+                file: "test".into(),
+                line: 1,
+            },
+        }
+    }
+
+    fn date(y: i32, m: u32, d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, d).expect("date")
+    }
+
+    fn patient(id: &str, national: Option<&str>, gender: &str, born: NaiveDate) -> SourceRecord {
+        let mut v = vec![
+            ("patient_id", Value::Text(id.into())),
+            ("gender", Value::Text(gender.into())),
+            ("birth_date", Value::Date(born)),
+            ("zip", Value::Text("02139".into())),
+        ];
+        if let Some(n) = national {
+            v.push(("national_id", Value::Text(n.into())));
+        }
+        record(Table::Patients, &v)
+    }
+
+    fn deidentifier(profile: &str) -> Deidentifier {
+        Deidentifier::new(
+            Profile::load(profile).expect("profile"),
+            Pseudonymizer::new(&crate::LinkageKey::from_bytes([7; 32])),
+            "H1",
+            date(2026, 11, 26),
+        )
+    }
+
+    /// A released patient's (gender, birth year).
+    type Released = (Option<String>, Option<i32>);
+
+    /// Writes every patients row and returns the released (gender, birth year) pairs, and the rows
+    /// quarantined.
+    fn released(d: &mut Deidentifier, rows: &[SourceRecord]) -> (Vec<Released>, usize) {
+        let mut out = TableOutput::new(d.schema(Table::Patients));
+        let mut quarantined = 0;
+        for r in rows {
+            if let Err(Skip::Quarantine(_)) = d.transform(r, &mut out) {
+                quarantined += 1;
+            }
+        }
+        let batch = out.take_batch().expect("batch");
+        let gender = batch.column_by_name("gender").expect("gender");
+        let year = batch.column_by_name("birth_year").expect("birth_year");
+        let rows = (0..batch.num_rows())
+            .map(|i| {
+                let g = match out_at(gender.as_ref(), i) {
+                    Out::Str(s) => Some(s),
+                    _ => None,
+                };
+                let y = match out_at(year.as_ref(), i) {
+                    Out::I32(y) => Some(y),
+                    _ => None,
+                };
+                (g, y)
+            })
+            .collect();
+        (rows, quarantined)
+    }
+
+    #[test]
+    fn a_patient_outside_a_domain_is_left_out_before_k_anonymity_counts() {
+        // Four identical persons and a fifth whose gender is outside the declared domain: counted, the
+        // five would form one class with gender withheld, and the fifth row then quarantined would leave 4.
+        let mut d = deidentifier("hipaa-safe-harbor");
+        let mut rows: Vec<SourceRecord> = (0..4)
+            .map(|i| patient(&format!("p{i}"), None, "M", date(1970, 1, 1)))
+            .collect();
+        rows.push(patient("p4", None, "X", date(1970, 1, 1)));
+        for r in &rows {
+            d.add_patient(r);
+        }
+        d.finish_patients();
+        let (out, quarantined) = released(&mut d, &rows);
+        assert_eq!(quarantined, 1, "the out-of-domain patient");
+        assert!(out.is_empty(), "four persons are fewer than k = 5: {out:?}");
+        assert_eq!(d.out_of_domain()["patients.gender"].quarantined, 1);
+    }
+
+    #[test]
+    fn two_records_of_one_person_count_once_and_release_one_row() {
+        // Five records, two of them one person (same national ID): four persons, fewer than k.
+        let mut d = deidentifier("hipaa-safe-harbor");
+        let nhs = ["9434765919", "9434765870", "9434765862", "9434765854"];
+        let mut rows: Vec<SourceRecord> = (0..4)
+            .map(|i| patient(&format!("p{i}"), Some(nhs[i]), "F", date(1970, 1, 1)))
+            .collect();
+        rows.push(patient("p0-again", Some(nhs[0]), "F", date(1970, 1, 1)));
+        for r in &rows {
+            d.add_patient(r);
+        }
+        d.finish_patients();
+        assert_eq!(d.person_counts().0, 4, "four persons");
+        let (out, _) = released(&mut d, &rows);
+        assert!(out.is_empty(), "four persons are fewer than k = 5: {out:?}");
+        // With a fifth person, all five are released, and the alias's row is not released twice.
+        let mut d = deidentifier("hipaa-safe-harbor");
+        rows.push(patient("p5", None, "F", date(1970, 1, 1)));
+        for r in &rows {
+            d.add_patient(r);
+        }
+        d.finish_patients();
+        let (out, quarantined) = released(&mut d, &rows);
+        assert_eq!((out.len(), quarantined), (5, 1));
+        assert_eq!(d.smallest_written_class(), Some(5));
+    }
+
+    #[test]
+    fn a_date_shifted_out_of_range_is_refused_not_a_panic() {
+        let d = deidentifier("jp-pseudonymized-medical");
+        let person = Person {
+            person_id: [0; 16],
+            shift_days: 10,
+            known: 0,
+            suppressed: false,
+            duplicate: false,
+            levels: 0,
+            class: 0,
+            birth_latest: i32::MIN,
+            alias: false,
+            canonical: 0,
+        };
+        let end = NaiveDate::MAX.and_hms_opt(23, 0, 0).expect("time");
+        for (table, column, value) in [
+            (Table::Encounters, "start", Value::Timestamp(end)),
+            (Table::Observations, "date", Value::Timestamp(end)),
+            (Table::Conditions, "start", Value::Date(NaiveDate::MAX)),
+            (Table::Patients, "death_date", Value::Date(NaiveDate::MAX)),
+        ] {
+            let rule = d.profile().rule(table, column).expect("rule").clone();
+            let e = d
+                .apply(&rule, Some(&value), &person, &mut ScrubCounts::new())
+                .expect_err("cannot be shifted past the end of time");
+            assert!(
+                e.contains("out of range once shifted"),
+                "{table}.{column}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn events_narrow_a_birth_band_in_the_outsiders_time() {
+        // Same shift on both: compared as released.
+        assert!(narrows((100, true), (200, true), 180));
+        assert!(!narrows((200, true), (200, true), 180));
+        // Shifted birth, unshifted event: the birth's real last day may be 180 days later.
+        assert!(narrows((250, false), (200, true), 180));
+        assert!(!narrows((380, false), (200, true), 180));
+        // Unshifted birth, shifted event: the event's real day may be 180 days later.
+        assert!(!narrows((100, true), (200, false), 180));
+        assert!(narrows((10, true), (200, false), 180));
     }
 
     #[test]

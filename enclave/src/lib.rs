@@ -66,6 +66,19 @@ pub enum Error {
         /// The run's summary.
         summary: String,
     },
+    /// The patients rows written fall into a class smaller than k (an internal check: what pass two
+    /// wrote must be what k-anonymity counted).
+    #[error(
+        "k-anonymity check failed: a released class has {smallest} persons, fewer than k = {k}; nothing was published\n{summary}"
+    )]
+    KAnonymity {
+        /// The profile's k.
+        k: u32,
+        /// The smallest class written.
+        smallest: u64,
+        /// The run's summary.
+        summary: String,
+    },
     /// A released column would single out more persons than the profile allows.
     #[error(
         "re-identification risk above the profile's limit (risk.max_unique_ratio = {limit}): {columns}; coarsen them (round, bin, top_code, truncate_time) or drop them; nothing was published\n{summary}"

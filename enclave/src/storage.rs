@@ -94,6 +94,23 @@ impl EncryptedWriter {
     }
 }
 
+/// Reads back a file this process wrote under `key` (the ingest's staged tables, before they are
+/// published), batch by batch: decrypted pages exist only in memory.
+pub fn read_encrypted(
+    path: &Path,
+    key: &Secret,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let decryption = FileDecryptionProperties::builder(key.to_vec()).build()?;
+    let options = ArrowReaderOptions::new().with_file_decryption_properties(decryption);
+    Ok(
+        ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)?
+            .with_batch_size(8192)
+            .build()?,
+    )
+}
+
 /// Resolves Parquet key metadata (a data-key ID) to the key, through the keystore.
 struct KeystoreRetriever {
     keystore: Arc<Keystore>,

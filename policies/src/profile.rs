@@ -47,8 +47,9 @@ impl Action {
             Action::Generalize(_) => "generalize",
             Action::Scrub => "scrub",
             Action::Coarsen(c) => match (&c.grid, c.top_code, c.bottom_code) {
-                (Grid::Exact, Some(_), _) => "top_code",
-                (Grid::Exact, _, _) => "bottom_code",
+                (Grid::Exact, Some(_), None) => "top_code",
+                (Grid::Exact, None, _) => "bottom_code",
+                (Grid::Exact, Some(_), Some(_)) => "top_code and bottom_code",
                 (Grid::Bins(_), _, _) => "bin",
                 _ => "round",
             },
@@ -142,10 +143,11 @@ pub struct ColumnRule {
     /// The domain key a value outside the domain becomes (`other = "Other"`); without it, a row with
     /// such a value is quarantined. Either way the ingest report counts them per column.
     pub other: Option<String>,
-    /// Why the column is released as it is where the profile's defaults would refuse it (a
-    /// quasi-identifier left out of k-anonymity, a time finer than `risk.time_precision`); the report
-    /// and the catalog print it.
-    pub reason: Option<String>,
+    /// Why a quasi-identifier is left out of the k-anonymity record (`k_exempt = "…"`); the report and
+    /// the catalog print it.
+    pub k_exempt: Option<String>,
+    /// Why a time is released finer than `risk.time_precision` (`time_exempt = "…"`); printed likewise.
+    pub time_exempt: Option<String>,
 }
 
 impl ColumnRule {
@@ -173,10 +175,11 @@ impl ColumnRule {
 /// Re-identification limits checked at ingest.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RiskLimits {
-    /// Largest share of persons a kept value or time column may single out (a value no other person
-    /// has); above it the run fails and names the column.
+    /// Largest share of a value or time column's values that may be held by one person only. Such values
+    /// single their person out and are withheld; above this share the column's coarsening is too fine,
+    /// and the run fails naming it.
     pub max_unique_ratio: f64,
-    /// Finest grain a time may be released at unless its rule says why (`reason`).
+    /// Finest grain a time may be released at unless its rule says why (`time_exempt`).
     pub time_precision: TimeGrain,
 }
 
@@ -317,6 +320,27 @@ impl Profile {
     }
 }
 
+/// The widest date-shift window a profile may ask for (ten years each way).
+pub const MAX_DATE_SHIFT_DAYS: u32 = 3650;
+
+/// Columns of `patients` that identify a person in combination wherever they are released: a profile
+/// that releases one must say so (role `quasi_identifier`), so k-anonymity cannot overlook it.
+const NATURAL_QUASI_IDENTIFIERS: [&str; 13] = [
+    "birth_date",
+    "death_date",
+    "gender",
+    "race",
+    "ethnicity",
+    "marital",
+    "state",
+    "zip",
+    "county",
+    "city",
+    "birthplace",
+    "lat",
+    "lon",
+];
+
 /// Most quasi-identifiers a k-anonymity record may have (each person's generalisation levels are packed
 /// four bits a column into 64 bits).
 pub const MAX_QUASI_IDENTIFIERS: usize = 16;
@@ -453,7 +477,8 @@ struct RawRule {
     at: Option<f64>,
     top_code: Option<f64>,
     bottom_code: Option<f64>,
-    reason: Option<String>,
+    k_exempt: Option<String>,
+    time_exempt: Option<String>,
 }
 
 struct Validator<'a> {
@@ -490,6 +515,12 @@ impl Validator<'_> {
             return self.err(
                 raw.link_on.span().start,
                 "link_on must end with patient_id so every person gets a key",
+            );
+        }
+        if raw.date_shift_days > MAX_DATE_SHIFT_DAYS {
+            return self.err(
+                0,
+                format!("date_shift_days must be at most {MAX_DATE_SHIFT_DAYS}"),
             );
         }
         let mut restricted = BTreeSet::new();
@@ -594,6 +625,17 @@ impl Validator<'_> {
                 }
             }
             rules.sort_by_key(|r| table.column_index(r.column));
+            let mut outputs = BTreeSet::new();
+            for r in rules.iter().filter(|r| r.action != Action::Drop) {
+                if !outputs.insert(r.output.as_str())
+                    || (r.output == crate::schema::PERSON_ID && r.column != PATIENT_REF)
+                {
+                    return self.err(
+                        offsets.get(&(table, r.column)).copied().unwrap_or(at),
+                        format!("[{table}] releases two columns named '{}'", r.output),
+                    );
+                }
+            }
             tables.insert(table, rules);
         }
 
@@ -659,7 +701,7 @@ impl Validator<'_> {
             for r in rules {
                 if r.role != Role::QuasiIdentifier
                     || r.action == Action::Drop
-                    || r.reason.is_some()
+                    || r.k_exempt.is_some()
                     || (*table == Table::Patients && listed(r))
                 {
                     continue;
@@ -673,7 +715,7 @@ impl Validator<'_> {
                 return self.err(
                     at,
                     format!(
-                        "{table}.{}: role quasi_identifier, but it {why}; add it there, or say in `reason` why it is left out",
+                        "{table}.{}: role quasi_identifier, but it {why}; add it there, or say in `k_exempt` why it is left out",
                         r.column
                     ),
                 );
@@ -848,14 +890,13 @@ impl Validator<'_> {
                     );
                 }
                 if let Action::Coarsen(c) = &action {
-                    // Coarsening is monotone: the bounds' own coarsened values must stay inside them,
-                    // or clamping to the bounds would move coarsened values off the grid.
-                    let inside = |v: Option<f64>| v.is_some_and(|v| (lo..=hi).contains(&v));
-                    if !inside(c.apply(lo)) || !inside(c.apply(hi)) {
+                    // Clamping to the bounds must keep a coarsened value on the grid: the bounds are
+                    // values the coarsening releases.
+                    if c.apply(lo) != Some(lo) || c.apply(hi) != Some(hi) {
                         return self.err(
                             at,
                             format!(
-                                "{table}.{name}: bounds [{lo}, {hi}] coarsen to [{}, {}], outside the bounds; declare bounds on the grid",
+                                "{table}.{name}: bounds [{lo}, {hi}] coarsen to [{}, {}]: declare bounds the coarsening releases (on its grid)",
                                 c.apply(lo).unwrap_or(f64::NAN),
                                 c.apply(hi).unwrap_or(f64::NAN)
                             ),
@@ -874,22 +915,71 @@ impl Validator<'_> {
             output: String::new(),
             domain: None,
             other: None,
-            reason: None,
+            k_exempt: None,
+            time_exempt: None,
         }
         .released_grain();
         if let Some(g) = rule_grain
             && g > grain
-            && raw.reason.is_none()
+            && raw.time_exempt.is_none()
         {
             return self.err(
                 at,
                 format!(
-                    "{table}.{name}: released to the {g}, finer than risk.time_precision = \"{grain}\"; coarsen it (truncate_time, generalize) or say why in `reason`"
+                    "{table}.{name}: released to the {g}, finer than risk.time_precision = \"{grain}\"; coarsen it (truncate_time, generalize) or say why in `time_exempt`"
                 ),
             );
         }
-        if raw.reason.as_deref().is_some_and(|r| r.trim().is_empty()) {
-            return self.err(at, format!("{table}.{name}: reason is empty"));
+        for (field, why) in [
+            ("k_exempt", &raw.k_exempt),
+            ("time_exempt", &raw.time_exempt),
+        ] {
+            if why.as_deref().is_some_and(|r| r.trim().is_empty()) {
+                return self.err(at, format!("{table}.{name}: {field} is empty"));
+            }
+        }
+        if raw.k_exempt.is_some() && raw.role != Role::QuasiIdentifier {
+            return self.err(
+                at,
+                format!("{table}.{name}: k_exempt goes on quasi-identifiers only"),
+            );
+        }
+        if raw.time_exempt.is_some() && rule_grain.is_none_or(|g| g <= grain) {
+            return self.err(
+                at,
+                format!("{table}.{name}: time_exempt goes on times released finer than risk.time_precision only"),
+            );
+        }
+        if raw.role == Role::QuasiIdentifier && action == Action::Scrub {
+            return self.err(
+                at,
+                format!("{table}.{name}: a quasi-identifier cannot be scrubbed free text (its released value would differ from the one k-anonymity counts)"),
+            );
+        }
+        if table == Table::Patients
+            && NATURAL_QUASI_IDENTIFIERS.contains(&name)
+            && action != Action::Drop
+            && !matches!(raw.role, Role::QuasiIdentifier | Role::Identifier)
+        {
+            return self.err(
+                at,
+                format!("{table}.{name}: a released {name} identifies in combination: its role is quasi_identifier (or identifier), not {}", raw.role.name()),
+            );
+        }
+        let generalize_fields =
+            raw.top_code_age.is_some() || raw.width.is_some() || raw.top.is_some();
+        let fits = match &action {
+            Action::Generalize(Generalization::Year { .. }) => {
+                raw.width.is_none() && raw.top.is_none()
+            }
+            Action::Generalize(Generalization::AgeBand { .. }) => raw.top_code_age.is_none(),
+            _ => !generalize_fields,
+        };
+        if !fits {
+            return self.err(
+                at,
+                format!("{table}.{name}: top_code_age goes with generalize to = year, width and top with to = age_band"),
+            );
         }
         let domain = match &raw.domain {
             None => None,
@@ -936,7 +1026,8 @@ impl Validator<'_> {
             output,
             domain,
             other,
-            reason: raw.reason.clone(),
+            k_exempt: raw.k_exempt.clone(),
+            time_exempt: raw.time_exempt.clone(),
         })
     }
 
@@ -1282,30 +1373,29 @@ mod tests {
             "{e}"
         );
         let state = r#"state = { action = "keep", role = "quasi_identifier" }"#;
-        let why = r#"state = { action = "keep", role = "quasi_identifier", reason = "one state in this export" }"#;
+        let why = r#"state = { action = "keep", role = "quasi_identifier", k_exempt = "one state in this export" }"#;
         let p = Profile::parse(
             &text
                 .replacen(listed, r#""marital"]"#, 1)
                 .replacen(state, why, 1),
             "p.toml",
         )
-        .expect("a stated reason lets it out");
+        .expect("a stated k_exempt lets it out");
         assert_eq!(
             p.rule(Table::Patients, "state")
-                .and_then(|r| r.reason.as_deref()),
+                .and_then(|r| r.k_exempt.as_deref()),
             Some("one state in this export")
         );
         let e = refused(
             text,
             (
                 state,
-                r#"state = { action = "keep", role = "quasi_identifier", reason = " " }"#,
+                r#"state = { action = "keep", role = "quasi_identifier", k_exempt = " " }"#,
             ),
         );
-        assert!(e.contains("reason is empty"), "{e}");
+        assert!(e.contains("k_exempt is empty"), "{e}");
         // An event table's quasi-identifier cannot be in the per-person record: it must say why.
-        let start =
-            r#"start = { action = "generalize", to = "year", role = "quasi_identifier", reason = "#;
+        let start = r#"start = { action = "generalize", to = "year", role = "quasi_identifier", k_exempt = "#;
         let e = refused(
             text,
             (
@@ -1315,7 +1405,7 @@ mod tests {
         );
         assert!(e.contains("unknown field"), "{e}");
         let plain = text.replacen(
-            r#"start = { action = "generalize", to = "year", role = "quasi_identifier", reason = "event years, many per person: not part of the per-person record; released as years, and withheld where they would narrow the released birth year" }"#,
+            r#"start = { action = "generalize", to = "year", role = "quasi_identifier", k_exempt = "event years, many per person: not part of the per-person record; released as years, and withheld where they would narrow the released birth year" }"#,
             r#"start = { action = "generalize", to = "year", role = "quasi_identifier" }"#,
             1,
         );
@@ -1326,6 +1416,77 @@ mod tests {
             e.contains("encounters.start: role quasi_identifier, but it is outside [patients]"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn rules_that_would_let_a_quasi_identifier_slip_are_refused() {
+        let (_, text) = crate::builtin_profile("hipaa-safe-harbor").expect("builtin");
+        let death = r#"death_date = { action = "generalize", to = "year", role = "quasi_identifier", as = "death_year" }"#;
+        for (edit, why) in [
+            (
+                (
+                    death,
+                    r#"death_date = { action = "generalize", to = "year", role = "quasi_identifier", as = "birth_year" }"#,
+                ),
+                "[patients] releases two columns named 'birth_year'",
+            ),
+            (
+                (
+                    death,
+                    r#"death_date = { action = "generalize", to = "year", role = "quasi_identifier", as = "person_id" }"#,
+                ),
+                "two columns named 'person_id'",
+            ),
+            (
+                (
+                    r#"zip = { action = "generalize", to = "zip3", role = "quasi_identifier""#,
+                    r#"zip = { action = "generalize", to = "zip3", role = "sensitive""#,
+                ),
+                "patients.zip: a released zip identifies in combination",
+            ),
+            (
+                (
+                    r#"birthplace = { action = "drop", role = "identifier" }"#,
+                    r#"birthplace = { action = "scrub", role = "quasi_identifier", k_exempt = "free text" }"#,
+                ),
+                "a quasi-identifier cannot be scrubbed",
+            ),
+            (
+                (
+                    r#"marital = { action = "keep", role = "quasi_identifier" }"#,
+                    r#"marital = { action = "keep", role = "quasi_identifier", top = 90 }"#,
+                ),
+                "top_code_age goes with generalize to = year",
+            ),
+            (
+                (
+                    r#"healthcare_coverage = { action = "round", digits = 1,"#,
+                    r#"healthcare_coverage = { action = "round", digits = 1, top_code_age = 90,"#,
+                ),
+                "top_code_age goes with generalize to = year",
+            ),
+            (
+                (
+                    r#"note_type = { action = "keep", role = "sensitive" }"#,
+                    r#"note_type = { action = "keep", role = "sensitive", k_exempt = "x" }"#,
+                ),
+                "k_exempt goes on quasi-identifiers only",
+            ),
+            (
+                (
+                    r#"note_type = { action = "keep", role = "sensitive" }"#,
+                    r#"note_type = { action = "keep", role = "sensitive", time_exempt = "x" }"#,
+                ),
+                "time_exempt goes on times released finer",
+            ),
+            (
+                ("date_shift_days = 0", "date_shift_days = 4000000000"),
+                "date_shift_days must be at most 3650",
+            ),
+        ] {
+            let e = refused(text, edit);
+            assert!(e.contains(why), "{edit:?}: {e}");
+        }
     }
 
     #[test]
@@ -1352,7 +1513,7 @@ note_type"#;
             ),
             "{e}"
         );
-        let minute = "date = { action = \"truncate_time\", to = \"minute\", role = \"sensitive\", reason = \"medication timing studies\" }\nnote_type";
+        let minute = "date = { action = \"truncate_time\", to = \"minute\", role = \"sensitive\", time_exempt = \"medication timing studies\" }\nnote_type";
         Profile::parse(&text.replacen(note, minute, 1), "p.toml")
             .expect("a stated reason allows minutes");
         let e = refused(
@@ -1374,7 +1535,7 @@ note_type"#;
             ),
         );
         assert!(e.contains("risk.time_precision: 'fortnight'"), "{e}");
-        let e = refused(text, ("max_unique_ratio = 0.05", "max_unique_ratio = 1.5"));
+        let e = refused(text, ("max_unique_ratio = 0.5", "max_unique_ratio = 1.5"));
         assert!(e.contains("max_unique_ratio must be within 0..=1"), "{e}");
         let (_, hipaa) = crate::builtin_profile("hipaa-safe-harbor").expect("builtin");
         let p = Profile::parse(hipaa, "p.toml").expect("parses");

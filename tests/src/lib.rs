@@ -28,17 +28,13 @@ pub fn enclave(cwd: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The `enclave` command with `args` in `cwd`, free of the caller's `ENCLAVE_*` settings. Ingests run
-/// without the re-identification limit (`ENCLAVE_DANGER_MAX_UNIQUE_RATIO=1`, read by test builds only):
-/// the tests of other parts use exports of a few dozen synthetic persons, whose values single out more
-/// persons than any real export's; `tests/deidentify_risk.rs` removes it and tests the limit.
+/// The `enclave` command with `args` in `cwd`, free of the caller's `ENCLAVE_*` settings.
 pub fn enclave_command(cwd: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(enclave_bin());
     c.args(args)
         .current_dir(cwd)
         .env_remove("ENCLAVE_DATA_DIR")
-        .env_remove("ENCLAVE_MASTER_KEY_FILE")
-        .env("ENCLAVE_DANGER_MAX_UNIQUE_RATIO", "1");
+        .env_remove("ENCLAVE_MASTER_KEY_FILE");
     c
 }
 

@@ -636,6 +636,33 @@ fn shared_synthea_samples_ingest_without_errors_and_leave_no_identifier() {
     assert_eq!(csv["tables"]["observations"]["rows_in"], 990);
     assert_eq!(fhir["tables"]["notes"]["rows_in"], 1215);
 
+    // Safe Harbor: no time finer than a year, no value or time column with a value that singles its
+    // person out; the Japanese profile ingests both samples too.
+    for report in [&csv, &fhir] {
+        for (table, t) in report["risk"]["tables"].as_object().expect("risk tables") {
+            for (column, c) in t["columns"].as_object().expect("columns") {
+                if c["limited"] == true {
+                    assert_eq!(c["singled_out"], 0, "{table}.{column}: {c}");
+                }
+            }
+        }
+    }
+    for (i, input) in ["synthea-csv-27", "fhir-r4-bulk-10"].iter().enumerate() {
+        let jp = s.ingest(
+            "data",
+            "S3",
+            &format!("jp{i}"),
+            &shared_data(input),
+            "jp-pseudonymized-medical",
+            &[],
+        );
+        assert_eq!(
+            jp["totals"]["quarantined"], 0,
+            "{}",
+            jp["quarantine_reasons"]
+        );
+    }
+
     let needles = shared_identifiers();
     assert!(needles.len() > 100, "{}", needles.len());
     let data = s.path().join("data");
@@ -669,6 +696,35 @@ fn shared_synthea_samples_ingest_without_errors_and_leave_no_identifier() {
         }
     }
     assert!(scanned > 5000);
+
+    // No released time finer than a year, and no birth year of anyone 90 or older but the top code
+    // (which k-anonymity may put in a band of up to 20 years).
+    use chrono::Datelike;
+    let top = chrono::Utc::now().date_naive().year() - 90;
+    for dataset in ["synthea27", "fhir10"] {
+        use catalog::CatalogStore;
+        let version = opened.catalog.version(dataset, None).expect("catalogued");
+        for t in &version.version.tables {
+            for c in &t.columns {
+                assert!(
+                    !c.data_type.contains("Date") && !c.data_type.contains("Timestamp"),
+                    "{dataset}.{}.{} is released as {}",
+                    t.name,
+                    c.name,
+                    c.data_type
+                );
+            }
+        }
+        // (In these small samples k-anonymity may withhold every birth year.)
+        let oldest = opened.sql(dataset, "SELECT MIN(birth_year) FROM patients");
+        if let Some(oldest) = oldest[0][0].as_deref() {
+            let oldest: i32 = oldest.parse().expect("year");
+            assert!(
+                oldest >= top - top.rem_euclid(20),
+                "{dataset}: born {oldest}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -169,7 +169,7 @@ enum Command {
     /// Generate demo data, initialise, ingest it, and show the catalog entry: the whole provider flow.
     Demo {
         /// Patients to generate.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 200)]
         patients: usize,
         /// Where to write the demo export.
         #[arg(long, default_value = "./demo-export")]
@@ -442,8 +442,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let keystore = dir.keystore()?;
             let catalog = dir.catalog()?;
-            #[allow(unused_mut)]
-            let mut opts = IngestOptions {
+            let opts = IngestOptions {
                 version,
                 mapping,
                 max_quarantine_ratio,
@@ -451,7 +450,6 @@ fn run(cli: Cli) -> Result<()> {
                 progress: true,
                 ..IngestOptions::new(&provider, &dataset, input, &profile)
             };
-            danger_risk_limit(&mut opts);
             let report = ingest(&dir, &keystore, &catalog, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -564,8 +562,7 @@ fn run(cli: Cli) -> Result<()> {
             let keystore = dir.keystore()?;
             let catalog = dir.catalog()?;
             let version = catalog.next_version_label("demo-cohort")?;
-            #[allow(unused_mut)]
-            let mut opts = IngestOptions {
+            let opts = IngestOptions {
                 version: Some(version),
                 consent_scope: "synthetic demo data".into(),
                 progress: true,
@@ -576,7 +573,6 @@ fn run(cli: Cli) -> Result<()> {
                     "hipaa-safe-harbor",
                 )
             };
-            danger_risk_limit(&mut opts);
             let report = ingest(&dir, &keystore, &catalog, &opts)?;
             println!("3/4 ingested:\n{}", report.summary());
             println!("4/4 catalog entry:\n");
@@ -828,19 +824,6 @@ struct ServeArgs {
     /// in the clear: only behind a TLS-terminating proxy on the same host).
     #[arg(long)]
     danger_allow_plaintext: bool,
-}
-
-/// Test builds only: `ENCLAVE_DANGER_MAX_UNIQUE_RATIO` replaces the profile's re-identification limit
-/// (the end-to-end tests of the gateway and the engine ingest exports of a few dozen synthetic persons).
-#[allow(unused_variables)]
-fn danger_risk_limit(opts: &mut IngestOptions) {
-    #[cfg(feature = "danger-test-hooks")]
-    if let Some(limit) = std::env::var("ENCLAVE_DANGER_MAX_UNIQUE_RATIO")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        opts.danger_max_unique_ratio = Some(limit);
-    }
 }
 
 /// Parses a listener address (`off` → none); a non-loopback one needs TLS (or `--danger-allow-plaintext`).

@@ -63,10 +63,10 @@ pub struct IngestOptions {
     pub consent_scope: String,
     /// Report progress on stderr: a bar with rows/s on a terminal, a plain line every few seconds otherwise.
     pub progress: bool,
-    /// Test builds only: replaces the profile's `risk.max_unique_ratio` (a tiny synthetic export singles
-    /// out more persons than any real one; the end-to-end tests of other parts use such exports).
+    /// Test builds only: release values that single out their person as they are, and never fail on
+    /// them (the DP engine's tests compare answers with exact figures over a few synthetic persons).
     #[cfg(feature = "danger-test-hooks")]
-    pub danger_max_unique_ratio: Option<f64>,
+    pub danger_keep_unique_values: bool,
 }
 
 impl IngestOptions {
@@ -89,7 +89,7 @@ impl IngestOptions {
             consent_scope: "secondary use for research under the profile's legal basis".into(),
             progress: false,
             #[cfg(feature = "danger-test-hooks")]
-            danger_max_unique_ratio: None,
+            danger_keep_unique_values: false,
         }
     }
 }
@@ -126,8 +126,8 @@ pub fn ingest(
     #[allow(unused_mut)]
     let mut profile = Profile::load(&opts.profile)?;
     #[cfg(feature = "danger-test-hooks")]
-    if let Some(limit) = opts.danger_max_unique_ratio {
-        profile.risk.max_unique_ratio = limit;
+    if opts.danger_keep_unique_values {
+        profile.risk.max_unique_ratio = 1.0;
     }
     let mut mappings = Vec::new();
     if let Some(m) = &opts.mapping {
@@ -197,7 +197,26 @@ pub fn ingest(
         &mut unmodelled,
     );
     progress.finish();
-    let (sinks, quarantine_reasons, unrecognised) = result?;
+    let (mut sinks, quarantine_reasons, unrecognised) = result?;
+
+    // Values no other person holds are withheld from the value and time columns, unless a column has
+    // so many that its coarsening is too fine: then the run fails below, naming it.
+    let limit = profile.risk.max_unique_ratio;
+    let singled = deid.singled_out();
+    let too_fine = singled
+        .iter()
+        .flat_map(|(_, cols)| cols)
+        .any(|c| c.rows as f64 > limit * c.values as f64);
+    #[cfg(feature = "danger-test-hooks")]
+    let too_fine = too_fine || opts.danger_keep_unique_values;
+    if !too_fine {
+        for (table, _) in &singled {
+            let span = withhold_singled_out(&mut deid, &staging.0, *table, &key_id, &data_key)?;
+            if let Some((_, s)) = sinks.get_mut(table) {
+                *s = span;
+            }
+        }
+    }
 
     let mut tables = BTreeMap::new();
     let mut totals = RowCounts::default();
@@ -306,11 +325,25 @@ pub fn ingest(
             summary: report.summary(),
         });
     }
+    if let (Some(k), Some(smallest)) = (&profile.k_anonymity, deid.smallest_written_class())
+        && smallest < u64::from(k.k)
+    {
+        return Err(Error::KAnonymity {
+            k: k.k,
+            smallest,
+            summary: report.summary(),
+        });
+    }
     if let Some(risk) = report.risk.as_ref().filter(|r| !r.over_limit.is_empty()) {
         let columns: Vec<String> = risk
             .over_limit
             .iter()
-            .map(|(c, r)| format!("{c} singles out {:.2} % of its persons", r * 100.0))
+            .map(|(c, r)| {
+                format!(
+                    "{:.2} % of {c}'s values are held by one person only",
+                    r * 100.0
+                )
+            })
             .collect();
         return Err(Error::RiskLimit {
             columns: columns.join(", "),
@@ -418,7 +451,10 @@ pub fn ingest(
     Ok(report)
 }
 
-type Sinks = BTreeMap<Table, (RowCounts, (Option<String>, Option<String>))>;
+/// The earliest and latest event of a table, as text.
+type Span = (Option<String>, Option<String>);
+
+type Sinks = BTreeMap<Table, (RowCounts, Span)>;
 
 fn write_version(
     deid: &mut Deidentifier,
@@ -539,7 +575,12 @@ fn flush(sink: &mut TableSink) -> Result<()> {
         return Ok(());
     }
     let batch = sink.output.take_batch()?;
-    // Coverage: the earliest and latest event of the table's first temporal (or year) column.
+    widen_span(&mut sink.span, &batch)?;
+    sink.writer.write(&batch)
+}
+
+/// Coverage: the earliest and latest event of the table's first temporal (or year) column.
+fn widen_span(span: &mut Span, batch: &arrow::record_batch::RecordBatch) -> Result<()> {
     if let Some((i, _)) = batch.schema().fields().iter().enumerate().find(|(_, f)| {
         matches!(f.data_type(), DataType::Timestamp(..) | DataType::Date32)
             || (f.data_type() == &DataType::Int32 && f.name() != "birth_year")
@@ -547,16 +588,40 @@ fn flush(sink: &mut TableSink) -> Result<()> {
         let text = arrow::compute::cast(batch.column(i), &DataType::Utf8)?;
         if let Some(s) = text.as_any().downcast_ref::<StringArray>() {
             for v in s.iter().flatten() {
-                if sink.span.0.as_deref().is_none_or(|m| v < m) {
-                    sink.span.0 = Some(v.to_owned());
+                if span.0.as_deref().is_none_or(|m| v < m) {
+                    span.0 = Some(v.to_owned());
                 }
-                if sink.span.1.as_deref().is_none_or(|m| v > m) {
-                    sink.span.1 = Some(v.to_owned());
+                if span.1.as_deref().is_none_or(|m| v > m) {
+                    span.1 = Some(v.to_owned());
                 }
             }
         }
     }
-    sink.writer.write(&batch)
+    Ok(())
+}
+
+/// Rewrites a staged table with its singled-out values withheld (through the transform, which measures
+/// it again); returns its coverage span.
+fn withhold_singled_out(
+    deid: &mut Deidentifier,
+    staging: &Path,
+    table: Table,
+    key_id: &str,
+    key: &Secret,
+) -> Result<Span> {
+    let path = staging.join(format!("{}.parquet", table.name()));
+    let rewritten = staging.join(format!("{}.parquet.withheld", table.name()));
+    deid.begin_withholding(table);
+    let mut span = (None, None);
+    let mut writer = EncryptedWriter::create(&rewritten, deid.schema(table), key_id, key)?;
+    for batch in crate::storage::read_encrypted(&path, key)? {
+        let batch = deid.withhold_batch(&batch?)?;
+        widen_span(&mut span, &batch)?;
+        writer.write(&batch)?;
+    }
+    writer.finish()?;
+    std::fs::rename(&rewritten, &path).map_err(|e| Error::io(&path, e))?;
+    Ok(span)
 }
 
 fn validate_name(what: &str, name: &str) -> Result<()> {
