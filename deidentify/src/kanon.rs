@@ -155,141 +155,190 @@ fn pack(levels: &[u8]) -> u64 {
         .fold(0, |acc, (i, l)| acc | (u64::from(*l & 0xf) << (4 * i)))
 }
 
-/// Class sizes and each person's class over the persons' current levels.
-fn classes<'a>(rows: &'a [Vec<Out>], levels: &[Vec<u8>]) -> (Vec<u32>, Vec<u64>) {
-    let mut ids: HashMap<Vec<Cell<'a>>, u32> = HashMap::new();
-    let mut sizes = Vec::new();
-    let mut class_of = Vec::with_capacity(rows.len());
-    for (row, lv) in rows.iter().zip(levels) {
-        let key: Vec<Cell<'a>> = row.iter().zip(lv).map(|(v, l)| cell(v, *l)).collect();
-        let next = u32::try_from(sizes.len()).unwrap_or(u32::MAX);
-        let id = *ids.entry(key).or_insert(next);
-        if id == next {
-            sizes.push(0);
+/// At most this many quasi-identifiers (each person's levels are packed four bits a column in 64 bits).
+const MAX_QI: usize = 16;
+
+/// A person's released record: one interned code per quasi-identifier (unused slots 0).
+type Key = [u32; MAX_QI];
+
+/// Levels per person, one per quasi-identifier.
+type Levels = [u8; MAX_QI];
+
+/// Every cell a person can be released with, interned: `codes[column][level][person]`. Equal released
+/// values have equal codes (per column), so classes are counted over small fixed keys.
+struct Coded {
+    n_qi: usize,
+    tops: Vec<u8>,
+    codes: Vec<Vec<Vec<u32>>>,
+}
+
+impl Coded {
+    fn new(rows: &[Vec<Out>], n_qi: usize) -> Coded {
+        let tops: Vec<u8> = (0..n_qi)
+            .map(|i| rows.iter().map(|r| max_level(&r[i])).max().unwrap_or(1))
+            .collect();
+        let codes = (0..n_qi)
+            .map(|i| {
+                let mut interned: HashMap<Cell<'_>, u32> = HashMap::new();
+                (0..=tops[i])
+                    .map(|level| {
+                        rows.iter()
+                            .map(|r| {
+                                let next = u32::try_from(interned.len()).unwrap_or(u32::MAX);
+                                *interned.entry(cell(&r[i], level)).or_insert(next)
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        Coded { n_qi, tops, codes }
+    }
+
+    /// A person's code in column `i` at `level`.
+    fn code(&self, p: usize, i: usize, level: u8) -> u32 {
+        self.codes[i][usize::from(level.min(self.tops[i]))][p]
+    }
+
+    fn key(&self, p: usize, levels: &Levels) -> Key {
+        let mut key = [0; MAX_QI];
+        for (i, slot) in key.iter_mut().enumerate().take(self.n_qi) {
+            *slot = self.code(p, i, levels[i]);
         }
-        sizes[id as usize] += 1;
-        class_of.push(id);
+        key
     }
-    (class_of, sizes)
-}
 
-/// Distinct released values of column `i` among `who`.
-fn distinct(rows: &[Vec<Out>], levels: &[Vec<u8>], who: &[usize], i: usize) -> usize {
-    who.iter()
-        .map(|&p| cell(&rows[p][i], levels[p][i]))
-        .collect::<HashSet<_>>()
-        .len()
-}
-
-fn key_of<'a>(row: &'a [Out], levels: &[u8]) -> Vec<Cell<'a>> {
-    row.iter().zip(levels).map(|(v, l)| cell(v, *l)).collect()
-}
-
-/// Moves the small persons whose class, with the settled persons', now has k members to the settled.
-fn settle<'a>(
-    rows: &'a [Vec<Out>],
-    levels: &[Vec<u8>],
-    small: &mut Vec<usize>,
-    settled: &mut HashMap<Vec<Cell<'a>>, u64>,
-    k: u64,
-) {
-    let keys: Vec<Vec<Cell<'a>>> = small
-        .iter()
-        .map(|&p| key_of(&rows[p], &levels[p]))
-        .collect();
-    let mut counts: HashMap<&[Cell<'a>], u64> = HashMap::new();
-    for key in &keys {
-        *counts.entry(key.as_slice()).or_default() += 1;
+    /// The key with column `col` one level higher.
+    fn key_climbed(&self, p: usize, levels: &Levels, col: usize) -> Key {
+        let mut key = self.key(p, levels);
+        key[col] = self.code(p, col, levels[col] + 1);
+        key
     }
-    let mut still = Vec::new();
-    for (p, key) in small.iter().zip(&keys) {
-        if counts[key.as_slice()] + settled.get(key).copied().unwrap_or(0) >= k {
-            *settled.entry(key.clone()).or_default() += 1;
-        } else {
-            still.push(*p);
+
+    /// Class sizes and each person's class over the persons' levels.
+    fn classes(&self, levels: &[Levels]) -> (Vec<u32>, Vec<u64>) {
+        let mut ids: HashMap<Key, u32> = HashMap::new();
+        let mut sizes = Vec::new();
+        let mut class_of = Vec::with_capacity(levels.len());
+        for (p, lv) in levels.iter().enumerate() {
+            let next = u32::try_from(sizes.len()).unwrap_or(u32::MAX);
+            let id = *ids.entry(self.key(p, lv)).or_insert(next);
+            if id == next {
+                sizes.push(0);
+            }
+            sizes[id as usize] += 1;
+            class_of.push(id);
         }
+        (class_of, sizes)
     }
-    *small = still;
-}
 
-/// Of `movers`, the persons whose class would reach k if all of them climbed column `col` one level
-/// (moving just those gives their classes the same members).
-fn placed_by(
-    rows: &[Vec<Out>],
-    levels: &[Vec<u8>],
-    movers: &[usize],
-    settled: &HashMap<Vec<Cell<'_>>, u64>,
-    col: usize,
-    k: u64,
-) -> Vec<usize> {
-    let keys: Vec<Vec<Cell<'_>>> = movers
-        .iter()
-        .map(|&p| {
-            rows[p]
-                .iter()
-                .zip(&levels[p])
-                .enumerate()
-                .map(|(i, (v, l))| cell(v, if i == col { *l + 1 } else { *l }))
-                .collect()
-        })
-        .collect();
-    let mut counts: HashMap<&[Cell<'_>], u64> = HashMap::new();
-    for key in &keys {
-        *counts.entry(key.as_slice()).or_default() += 1;
+    /// Persons in classes smaller than k when everyone has the same `global` levels.
+    fn violating(&self, n: usize, global: &Levels, k: u64) -> usize {
+        let mut sizes: HashMap<Key, u64> = HashMap::new();
+        for p in 0..n {
+            *sizes.entry(self.key(p, global)).or_default() += 1;
+        }
+        sizes.values().filter(|s| **s < k).sum::<u64>() as usize
     }
-    movers
-        .iter()
-        .zip(&keys)
-        .filter(|(_, key)| counts[key.as_slice()] + settled.get(*key).copied().unwrap_or(0) >= k)
-        .map(|(p, _)| *p)
-        .collect()
+
+    /// Distinct released values of column `i` among `who`.
+    fn distinct(&self, levels: &[Levels], who: impl Iterator<Item = usize>, i: usize) -> usize {
+        who.map(|p| self.code(p, i, levels[p][i]))
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    /// Moves the small persons whose class, with the settled persons', now has k members to the
+    /// settled.
+    fn settle(
+        &self,
+        levels: &[Levels],
+        small: &mut Vec<usize>,
+        settled: &mut HashMap<Key, u64>,
+        k: u64,
+    ) {
+        let keys: Vec<Key> = small.iter().map(|&p| self.key(p, &levels[p])).collect();
+        let mut counts: HashMap<Key, u64> = HashMap::new();
+        for key in &keys {
+            *counts.entry(*key).or_default() += 1;
+        }
+        let mut still = Vec::new();
+        for (p, key) in small.iter().zip(&keys) {
+            if counts[key] + settled.get(key).copied().unwrap_or(0) >= k {
+                *settled.entry(*key).or_default() += 1;
+            } else {
+                still.push(*p);
+            }
+        }
+        *small = still;
+    }
+
+    /// Of `movers`, the persons whose class would reach k if all of them climbed column `col` one
+    /// level (moving just those gives their classes the same members).
+    fn placed_by(
+        &self,
+        levels: &[Levels],
+        movers: &[usize],
+        settled: &HashMap<Key, u64>,
+        col: usize,
+        k: u64,
+    ) -> Vec<usize> {
+        let keys: Vec<Key> = movers
+            .iter()
+            .map(|&p| self.key_climbed(p, &levels[p], col))
+            .collect();
+        let mut counts: HashMap<Key, u64> = HashMap::new();
+        for key in &keys {
+            *counts.entry(*key).or_default() += 1;
+        }
+        movers
+            .iter()
+            .zip(&keys)
+            .filter(|(_, key)| counts[*key] + settled.get(*key).copied().unwrap_or(0) >= k)
+            .map(|(p, _)| *p)
+            .collect()
+    }
 }
 
 /// Runs k-anonymity over `rows` (one quasi-identifier vector per person, at most 16 columns).
 pub fn anonymize(rows: &[Vec<Out>], k: u32, max_suppression_ratio: f64) -> KAnonOutcome {
     let n = rows.len();
-    let n_qi = rows.first().map_or(0, Vec::len).min(16);
+    let n_qi = rows.first().map_or(0, Vec::len).min(MAX_QI);
     let k = u64::from(k);
-    let tops: Vec<u8> = (0..n_qi)
-        .map(|i| rows.iter().map(|r| max_level(&r[i])).max().unwrap_or(1))
-        .collect();
+    let coded = Coded::new(rows, n_qi);
+    let tops = coded.tops.clone();
     let allowed = (max_suppression_ratio * n as f64).floor() as usize;
 
-    // 1. Global generalisation of the ordered columns, never to the withheld level.
-    let violating = |global: &[u8]| {
-        let (class_of, sizes) = classes(rows, &vec![global.to_vec(); n]);
-        class_of.iter().filter(|c| sizes[**c as usize] < k).count()
-    };
-    let everyone: Vec<usize> = (0..n).collect();
-    let mut global = vec![0u8; n_qi];
-    let mut now = violating(&global);
-    // Datafly climbs the ordered column with the most distinct values; the levels kept are the first
-    // that placed the most persons (climbing that placed nobody is undone).
-    let mut best = (now, global.clone());
+    // 1. Global generalisation of the ordered columns, never to the withheld level. Datafly climbs the
+    // ordered column with the most distinct values; the levels kept are the first that placed the most
+    // persons (climbing that placed nobody is undone).
+    let mut global: Levels = [0; MAX_QI];
+    let mut now = coded.violating(n, &global, k);
+    let mut best = (now, global);
     while now > allowed {
-        let levels = vec![global.clone(); n];
+        let levels = vec![global; n];
         let Some(col) = (0..n_qi)
             .filter(|&i| global[i] + 1 < tops[i])
-            .max_by_key(|&i| distinct(rows, &levels, &everyone, i))
+            .max_by_key(|&i| coded.distinct(&levels, 0..n, i))
         else {
             break;
         };
         global[col] += 1;
-        now = violating(&global);
+        now = coded.violating(n, &global, k);
         if now < best.0 {
-            best = (now, global.clone());
+            best = (now, global);
         }
     }
     let global = best.1;
 
     // 2. Local recoding of the persons still in small classes.
-    let mut levels = vec![global.clone(); n];
-    let (class_of, sizes) = classes(rows, &levels);
-    let mut settled: HashMap<Vec<Cell<'_>>, u64> = HashMap::new();
+    let mut levels = vec![global; n];
+    let (class_of, sizes) = coded.classes(&levels);
+    let mut settled: HashMap<Key, u64> = HashMap::new();
     let mut small: Vec<usize> = Vec::new();
     for p in 0..n {
         if sizes[class_of[p] as usize] >= k {
-            *settled.entry(key_of(&rows[p], &levels[p])).or_default() += 1;
+            *settled.entry(coded.key(p, &levels[p])).or_default() += 1;
         } else {
             small.push(p);
         }
@@ -305,40 +354,49 @@ pub fn anonymize(rows: &[Vec<Out>], k: u32, max_suppression_ratio: f64) -> KAnon
         .into_iter()
         .flat_map(|keep| (0..n_qi).rev().map(move |c| (c, keep)))
         .collect();
+    let movers = |small: &[usize], levels: &[Levels], (c, keep): (usize, bool)| -> Vec<usize> {
+        small
+            .iter()
+            .copied()
+            .filter(|&p| levels[p][c] + u8::from(keep) < tops[c])
+            .collect()
+    };
     loop {
-        settle(rows, &levels, &mut small, &mut settled, k);
+        // One round: every step in order moves just the persons it places.
+        let mut placed_any = false;
+        for &(c, keep) in &steps {
+            coded.settle(&levels, &mut small, &mut settled, k);
+            if small.is_empty() {
+                break;
+            }
+            let placed =
+                coded.placed_by(&levels, &movers(&small, &levels, (c, keep)), &settled, c, k);
+            placed_any |= !placed.is_empty();
+            for p in placed {
+                levels[p][c] += 1;
+            }
+        }
+        coded.settle(&levels, &mut small, &mut settled, k);
         if small.is_empty() {
             break;
         }
-        let movers = |levels: &[Vec<u8>], (c, keep): (usize, bool)| -> Vec<usize> {
-            small
-                .iter()
-                .copied()
-                .filter(|&p| levels[p][c] + u8::from(keep) < tops[c])
-                .collect()
-        };
-        // The first step that places anyone moves just the persons it places; if none does, the first
-        // possible step moves every small person it can (so that later steps can merge them).
-        let placing = steps.iter().find_map(|&(c, keep)| {
-            let placed = placed_by(rows, &levels, &movers(&levels, (c, keep)), &settled, c, k);
-            (!placed.is_empty()).then_some((c, placed))
-        });
-        let (col, who) = match placing {
-            Some(step) => step,
-            None => match progress
-                .iter()
-                .map(|&step| (step.0, movers(&levels, step)))
-                .find(|(_, m)| !m.is_empty())
-            {
-                Some(step) => step,
-                None => break,
-            },
+        if placed_any {
+            continue;
+        }
+        // No step placed anyone: the first possible one moves every small person it can, so that
+        // later steps can merge them.
+        let Some((col, who)) = progress
+            .iter()
+            .map(|&step| (step.0, movers(&small, &levels, step)))
+            .find(|(_, m)| !m.is_empty())
+        else {
+            break;
         };
         for p in who {
             levels[p][col] += 1;
         }
     }
-    let (class_of, sizes) = classes(rows, &levels);
+    let (class_of, sizes) = coded.classes(&levels);
 
     // 3. Suppression of whoever is still in a small class.
     let suppressed: Vec<bool> = class_of.iter().map(|c| sizes[*c as usize] < k).collect();
@@ -358,8 +416,8 @@ pub fn anonymize(rows: &[Vec<Out>], k: u32, max_suppression_ratio: f64) -> KAnon
     }
     let released: Vec<u64> = sizes.iter().copied().filter(|&s| s >= k).collect();
     KAnonOutcome {
-        levels: global,
-        person_levels: levels.iter().map(|l| pack(l)).collect(),
+        levels: global[..n_qi].to_vec(),
+        person_levels: levels.iter().map(|l| pack(&l[..n_qi])).collect(),
         recoded,
         withheld,
         suppressed,

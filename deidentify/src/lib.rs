@@ -13,6 +13,7 @@ pub mod baseline;
 pub mod ids;
 pub mod kanon;
 pub mod keys;
+pub(crate) mod names;
 pub mod read;
 pub mod risk;
 pub mod scrub;

@@ -18,11 +18,13 @@
 //!   each column. On event tables that combination is not counted: it would hold one entry per row, and
 //!   the ingest's memory grows with persons, never with rows.
 //!
-//! Values are compared by a 64-bit hash under a key drawn for this run (collisions, which could only merge
-//! two values and so under-count by one, have probability about 2⁻⁶⁴ per pair).
+//! Values are compared by a 64-bit hash under a key drawn for this run (aHash, randomly keyed: collisions,
+//! which could only merge two values and so under-count by one, have probability about 2⁻⁶⁴ per pair).
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use ahash::RandomState;
 
 use policies::Table;
 use serde::Serialize;
@@ -30,6 +32,55 @@ use serde::Serialize;
 use crate::transform::Out;
 
 const MANY: u32 = u32::MAX;
+
+/// A released value as it is compared: borrowed from the row or the array, so measuring allocates
+/// nothing. Within a column the values have one type, so integers of every width share a variant.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Cell<'a> {
+    Null,
+    Str(&'a str),
+    Int(i64),
+    Bits(u64),
+}
+
+impl<'a> Cell<'a> {
+    pub(crate) fn of(v: &'a Out) -> Cell<'a> {
+        match v {
+            Out::Null => Cell::Null,
+            Out::Str(s) => Cell::Str(s),
+            Out::I32(x) | Out::Date(x) => Cell::Int(i64::from(*x)),
+            Out::I64(x) | Out::Ts(x) => Cell::Int(*x),
+            Out::F64(x) => Cell::Bits(x.to_bits()),
+        }
+    }
+
+    /// The cell at row `i` of a written column (the types the transform writes).
+    pub(crate) fn at(array: &'a dyn arrow::array::Array, i: usize) -> Cell<'a> {
+        use arrow::array::{
+            Date32Array, Float64Array, Int32Array, Int64Array, StringArray,
+            TimestampMicrosecondArray,
+        };
+        if array.is_null(i) {
+            return Cell::Null;
+        }
+        let any = array.as_any();
+        if let Some(a) = any.downcast_ref::<StringArray>() {
+            Cell::Str(a.value(i))
+        } else if let Some(a) = any.downcast_ref::<Float64Array>() {
+            Cell::Bits(a.value(i).to_bits())
+        } else if let Some(a) = any.downcast_ref::<Int64Array>() {
+            Cell::Int(a.value(i))
+        } else if let Some(a) = any.downcast_ref::<Int32Array>() {
+            Cell::Int(i64::from(a.value(i)))
+        } else if let Some(a) = any.downcast_ref::<Date32Array>() {
+            Cell::Int(i64::from(a.value(i)))
+        } else if let Some(a) = any.downcast_ref::<TimestampMicrosecondArray>() {
+            Cell::Int(a.value(i))
+        } else {
+            Cell::Null
+        }
+    }
+}
 
 /// Who holds one value of a column, and in how many rows.
 #[derive(Clone, Copy)]
@@ -58,6 +109,9 @@ struct ColumnMeter {
     owner: HashMap<u64, Owner>,
     /// Persons holding any value of the column.
     holders: Vec<u64>,
+    /// Persons holding a value some other person holds too (the holders once singled-out values are
+    /// withheld).
+    shared: Vec<u64>,
     /// Rows holding a value.
     values: u64,
     /// Values withheld because they singled out their person (set when the table is measured again).
@@ -72,6 +126,7 @@ impl ColumnMeter {
             spec,
             owner: HashMap::new(),
             holders: vec![0; words],
+            shared: vec![0; words],
             values: 0,
             withheld: 0,
             with_qi: patients.then(HashMap::new),
@@ -91,9 +146,23 @@ pub struct SingledOut {
 }
 
 /// What withholding a table's singled-out values needs: per limited column, its position in the row,
-/// whether it is compared on its time of day, and the hashes of the values to withhold.
+/// whether it is compared on its time of day, and the hashes of the values to withhold; and how the
+/// table's figures are brought up to date from the rewritten rows.
 pub(crate) struct Withhold {
-    pub columns: Vec<(usize, bool, std::collections::HashSet<u64>)>,
+    pub columns: Vec<(usize, bool, HashSet<u64>)>,
+    /// Measure every rewritten row again (patients: its uniqueness with the quasi-identifiers depends
+    /// on every value).
+    pub measure_again: bool,
+    /// Count the records' classes again (a withheld column is one of the table's quasi-identifiers).
+    pub count_classes: bool,
+    /// The table's own quasi-identifier columns (positions in the row).
+    pub row_qis: Vec<usize>,
+}
+
+fn mark(bits: &mut [u64], person: usize) {
+    if let Some(word) = bits.get_mut(person / 64) {
+        *word |= 1 << (person % 64);
+    }
 }
 
 struct TableMeter {
@@ -262,39 +331,44 @@ impl RiskMeter {
         }
     }
 
-    /// The hash a value is compared by.
-    pub(crate) fn hash_value(&self, v: &Out, time_of_day: bool) -> u64 {
+    /// The hash a value is compared by (a time, by its time of day when `time_of_day`).
+    pub(crate) fn hash_value(&self, v: Cell<'_>, time_of_day: bool) -> u64 {
+        let v = match v {
+            Cell::Int(t) if time_of_day => Cell::Int(t.rem_euclid(DAY_MICROS)),
+            v => v,
+        };
+        self.hasher.hash_one(v)
+    }
+
+    /// The key of a record: its person's class and the table's own quasi-identifiers.
+    pub(crate) fn record_key<'a>(&self, class: u32, qis: impl Iterator<Item = Cell<'a>>) -> u64 {
         let mut h = self.hasher.build_hasher();
-        match v {
-            Out::Ts(t) if time_of_day => t.rem_euclid(DAY_MICROS).hash(&mut h),
-            Out::Date(_) if time_of_day => 0u8.hash(&mut h),
-            v => v.hash(&mut h),
+        class.hash(&mut h);
+        for c in qis {
+            c.hash(&mut h);
         }
         h.finish()
     }
 
     /// Counts one written row of `table` for person `person` (index) in class `class`.
     pub(crate) fn record(&mut self, table: Table, person: usize, class: u32, row: &[Out]) {
-        let mut hashes = Vec::new();
-        if let Some(t) = self.tables.get(&table) {
-            for c in &t.columns {
-                hashes.push(
-                    row.get(c.spec.index)
-                        .filter(|v| !matches!(v, Out::Null))
-                        .map(|v| self.hash_value(v, c.spec.time_of_day)),
-                );
-            }
-        }
-        let key = {
-            let mut h = self.hasher.build_hasher();
-            class.hash(&mut h);
-            if let Some(t) = self.tables.get(&table) {
-                for &i in &t.row_qis {
-                    row.get(i).hash(&mut h);
-                }
-            }
-            h.finish()
+        let Some(t) = self.tables.get(&table) else {
+            return;
         };
+        let key = self.record_key(
+            class,
+            t.row_qis
+                .iter()
+                .map(|&i| row.get(i).map_or(Cell::Null, Cell::of)),
+        );
+        let mut hashes = [None; 64];
+        for (slot, c) in hashes.iter_mut().zip(&t.columns) {
+            *slot = row
+                .get(c.spec.index)
+                .map(Cell::of)
+                .filter(|v| *v != Cell::Null)
+                .map(|v| self.hash_value(v, c.spec.time_of_day));
+        }
         let Some(t) = self.tables.get_mut(&table) else {
             return;
         };
@@ -305,13 +379,15 @@ impl RiskMeter {
         };
         for (c, hash) in t.columns.iter_mut().zip(hashes) {
             let Some(hash) = hash else { continue };
-            if let Some(word) = c.holders.get_mut(person / 64) {
-                *word |= 1 << (person % 64);
-            }
+            mark(&mut c.holders, person);
             c.values += 1;
             let o = c.owner.entry(hash).or_insert(Owner { person: p, rows: 0 });
             if o.person != p {
-                o.person = MANY;
+                if o.person != MANY {
+                    mark(&mut c.shared, o.person as usize);
+                    o.person = MANY;
+                }
+                mark(&mut c.shared, person);
             }
             o.rows = o.rows.saturating_add(1);
             if let Some(w) = &mut c.with_qi {
@@ -343,42 +419,81 @@ impl RiskMeter {
             .collect()
     }
 
-    /// Starts measuring `table` again, for rows whose singled-out values are withheld: returns what to
-    /// withhold, and remembers how many values each column loses.
-    pub(crate) fn restart(&mut self, table: Table) -> Withhold {
+    /// Withholds `table`'s singled-out values from its figures: returns what to withhold in its rows and
+    /// how to bring the rest up to date. The limited columns' figures follow directly (their holders are
+    /// the persons holding a shared value; no value is held by one person); `patients` is measured again
+    /// from its rewritten rows, and an event table's classes are counted again when a withheld column is
+    /// one of its quasi-identifiers.
+    pub(crate) fn withhold(&mut self, table: Table) -> Withhold {
         let words = self.persons.div_ceil(64);
         let Some(t) = self.tables.get_mut(&table) else {
             return Withhold {
                 columns: Vec::new(),
+                measure_again: false,
+                count_classes: false,
+                row_qis: Vec::new(),
             };
         };
+        let measure_again = table == Table::Patients;
         let mut columns = Vec::new();
-        t.records = 0;
-        t.classes.clear();
         for c in &mut t.columns {
-            let singled: std::collections::HashSet<u64> = c
+            if !c.spec.enforced {
+                continue;
+            }
+            let singled: HashSet<u64> = c
                 .owner
                 .iter()
                 .filter(|(_, o)| o.person != MANY)
                 .map(|(h, _)| *h)
                 .collect();
+            if singled.is_empty() {
+                continue;
+            }
             let rows: u64 = c
                 .owner
                 .values()
                 .filter(|o| o.person != MANY)
                 .map(|o| u64::from(o.rows))
                 .sum();
-            let spec = Measured {
-                name: c.spec.name.clone(),
-                ..c.spec
-            };
-            *c = ColumnMeter::new(spec, words, table == Table::Patients);
-            if c.spec.enforced && !singled.is_empty() {
-                c.withheld = rows;
-                columns.push((c.spec.index, c.spec.time_of_day, singled));
+            c.withheld = rows;
+            if !measure_again {
+                c.values -= rows;
+                c.owner.retain(|_, o| o.person == MANY);
+                c.holders = c.shared.clone();
             }
+            columns.push((c.spec.index, c.spec.time_of_day, singled));
         }
-        Withhold { columns }
+        let count_classes = !measure_again && columns.iter().any(|(i, _, _)| t.row_qis.contains(i));
+        if measure_again {
+            t.records = 0;
+            t.classes.clear();
+            for c in &mut t.columns {
+                let withheld = c.withheld;
+                let spec = Measured {
+                    name: std::mem::take(&mut c.spec.name),
+                    ..c.spec
+                };
+                *c = ColumnMeter::new(spec, words, true);
+                c.withheld = withheld;
+            }
+        } else if count_classes {
+            t.records = 0;
+            t.classes.clear();
+        }
+        Withhold {
+            columns,
+            measure_again,
+            count_classes,
+            row_qis: t.row_qis.clone(),
+        }
+    }
+
+    /// Counts one rewritten record's class again (see [`RiskMeter::withhold`]).
+    pub(crate) fn count_record(&mut self, table: Table, key: u64) {
+        if let Some(t) = self.tables.get_mut(&table) {
+            t.records += 1;
+            *t.classes.entry(key).or_default() += 1;
+        }
     }
 
     /// The figures, with every limited column above `max_unique_ratio` named.
@@ -620,17 +735,23 @@ mod tests {
         for (p, row) in &rows {
             m.record(Table::Encounters, *p, 0, row);
         }
-        let w = m.restart(Table::Encounters);
+        let w = m.withhold(Table::Encounters);
         assert_eq!(w.columns.len(), 2, "cost and start; code is not limited");
-        for (p, row) in &rows {
-            let mut row = row.to_vec();
-            for (i, tod, hashes) in &w.columns {
-                if hashes.contains(&m.hash_value(&row[*i], *tod)) {
-                    row[*i] = Out::Null;
-                }
-            }
-            m.record(Table::Encounters, *p, 0, &row);
-        }
+        assert!(
+            !w.measure_again && !w.count_classes,
+            "no quasi-identifier is withheld"
+        );
+        let withheld: Vec<usize> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, row))| {
+                w.columns.iter().any(|(i, tod, hashes)| {
+                    hashes.contains(&m.hash_value(Cell::of(&row[*i]), *tod))
+                })
+            })
+            .map(|(r, _)| r)
+            .collect();
+        assert_eq!(withheld, vec![2], "person 2's 99.0 at 13:00");
         let r = m.finish(0.3);
         let t = &r.tables["encounters"];
         for c in ["cost", "start"] {

@@ -36,13 +36,15 @@ pub enum PhiKind {
     Ip,
     /// Hospital and clinic names.
     Facility,
-    /// Ages over 89.
+    /// Ages that would narrow a released birth year (every age when it is coarsened).
     Age,
+    /// Ages over 89, aggregated into one category (HIPAA Safe Harbor).
+    AgeOver89,
 }
 
 impl PhiKind {
     /// Every kind, in declaration order.
-    pub const ALL: [PhiKind; 11] = [
+    pub const ALL: [PhiKind; 12] = [
         PhiKind::Name,
         PhiKind::Date,
         PhiKind::Phone,
@@ -54,6 +56,7 @@ impl PhiKind {
         PhiKind::Ip,
         PhiKind::Facility,
         PhiKind::Age,
+        PhiKind::AgeOver89,
     ];
 
     /// A one-byte code (its position in [`PhiKind::ALL`]).
@@ -80,13 +83,31 @@ impl PhiKind {
             PhiKind::Ip => "IP",
             PhiKind::Facility => "FACILITY",
             PhiKind::Age => "AGE",
+            PhiKind::AgeOver89 => "AGE 90+",
         }
     }
+}
+
+/// What a person's released birth value lets an age in their text say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgeRule {
+    /// The birth year is released as it is: ages up to 89 add nothing and stay; an age over 89 cannot
+    /// be true of such a person and is withheld (`[AGE]`).
+    #[default]
+    Exact,
+    /// The birth year is released in a band or withheld: any age (with the note's date) would narrow
+    /// it, so every age is withheld (`[AGE]`).
+    Coarse,
+    /// The birth year is top-coded (90 or older): ages over 89 become `[AGE 90+]`, others `[AGE]` (an
+    /// age and the note's year would give the birth year the top code hides).
+    TopCoded,
 }
 
 /// The identifiers one person's structured record holds, ready for matching in their notes.
 #[derive(Default)]
 pub struct KnownIdentifiers {
+    /// What ages in the person's text may say.
+    pub ages: AgeRule,
     /// ASCII-lowercased terms (matched against an ASCII-lowercased copy of the text: same byte offsets).
     terms: Vec<(String, PhiKind)>,
     /// One prepared substring searcher per term, built by `seal` (a person's notes reuse them).
@@ -169,6 +190,31 @@ struct Pattern {
     kind: PhiKind,
     /// Capture group holding the PHI (0: the whole match).
     group: usize,
+    /// A check of the found span in its text (context the regex cannot express).
+    check: Option<fn(&str, usize, usize) -> bool>,
+}
+
+/// A numeric date `d/m/y` or `m/d/y` (one separator throughout) whose parts can be a day and a month,
+/// and that is not part of a longer number or ratio ("0.12/0.015 mg", "v1.2.3").
+fn numeric_date(text: &str, start: usize, end: usize) -> bool {
+    let bytes = text.as_bytes();
+    let before = start.checked_sub(1).map(|i| bytes[i]);
+    let after = bytes.get(end).copied();
+    let after2 = bytes.get(end + 1).copied();
+    if before.is_some_and(|b| b.is_ascii_digit() || b == b'.' || b == b'/' || b == b'-')
+        || after == Some(b'/')
+        || (after == Some(b'.') && after2.is_some_and(|b| b.is_ascii_digit()))
+    {
+        return false;
+    }
+    let parts: Vec<u32> = text[start..end]
+        .split(['/', '.'])
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    match parts[..] {
+        [a, b, _] => (1..=31).contains(&a) && (1..=31).contains(&b) && (a <= 12 || b <= 12),
+        _ => false,
+    }
 }
 
 /// All of [`PATTERNS`] as one set, in the same order.
@@ -185,8 +231,17 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         (r"\b(?:https?://|www\.)[^\s<>()]+".into(), PhiKind::Url, 0),
         (r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b".into(), PhiKind::Email, 0),
         (r"\b(?:\d{1,3}\.){3}\d{1,3}\b".into(), PhiKind::Ip, 0),
+        (
+            // The label (any case) stays; the value after it must look like one: upper-case letters and
+            // digits with a digit among its first five characters ("Patient identifies as" and "NHS
+            // number" alone are words, not labelled values).
+            r"(?i:\b(?:MRN|medical record(?: number| no\.?)?|patient id|hospital number|NHS(?: number| no\.?)?|SSN|social security(?: number)?|insurance(?: id| number| no\.?)?|member id|policy(?: number| no\.?)|account(?: number| no\.?)?|acct|licen[cs]e(?: number| no\.?)?|passport(?: number| no\.?)?|serial(?: number| no\.?)?|VIN))\b\s*(?:(?i:is)\s+|[:#]\s*|(?i:no)\.?\s*)?(\d{3}[ -]\d{3}[ -]\d{4}\b|[A-Z]{0,4}\d[A-Z0-9-]{2,})".into(),
+            PhiKind::Id,
+            1,
+        ),
         (r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?".into(), PhiKind::Date, 0),
-        (r"\b\d{1,2}[/.]\d{1,2}[/.]\d{2,4}\b".into(), PhiKind::Date, 0),
+        (r"\b\d{1,2}/\d{1,2}/(?:\d{4}|\d{2})\b".into(), PhiKind::Date, 0),
+        (r"\b\d{1,2}\.\d{1,2}\.(?:\d{4}|\d{2})\b".into(), PhiKind::Date, 0),
         (format!(r"\b{MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b"), PhiKind::Date, 0),
         (format!(r"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTH}\.?,?\s+\d{{4}}\b"), PhiKind::Date, 0),
         (format!(r"\b{MONTH}\s+\d{{4}}\b"), PhiKind::Date, 0),
@@ -194,15 +249,16 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         (r"\b\d{3}-\d{2}-\d{4}\b".into(), PhiKind::Id, 0),
         (r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)\s?|\b\d{2,4}[\s.-])\d{3,4}[\s.-]\d{4}\b".into(), PhiKind::Phone, 0),
         (r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b".into(), PhiKind::Id, 0),
-        (
-            r"(?i)\b(?:MRN|medical record(?: number| no\.?)?|patient id|hospital number|NHS(?: number| no\.?)?|SSN|social security(?: number)?|insurance(?: id| number| no\.?)?|member id|policy(?: number| no\.?)|account(?: number| no\.?)?|acct|licen[cs]e(?: number| no\.?)?|passport(?: number| no\.?)?|serial(?: number| no\.?)?|VIN)\s*(?:is|:|#|no\.?)?\s*([A-Z0-9][A-Z0-9-]{3,})".into(),
-            PhiKind::Id,
-            1,
-        ),
         (r"\b[A-Z]{1,3}\d{6,}[A-Z]?\b".into(), PhiKind::Id, 0),
         (r"\b\d{7,}\b".into(), PhiKind::Id, 0),
         (r"〒?\b\d{3}-\d{4}\b".into(), PhiKind::Zip, 0),
-        (r"\b\d{5}(?:-\d{4})?\b".into(), PhiKind::Zip, 0),
+        // A five-digit ZIP after a state abbreviation or a label (a bare five-digit number is a count or a
+        // dose far more often).
+        (
+            r"(?:\b[A-Z]{2},?|(?i:\bzip(?: code)?|\bpostal code|\bpostcode)[:#]?)\s+(\d{5}(?:-\d{4})?)\b".into(),
+            PhiKind::Zip,
+            1,
+        ),
         (
             r"\b(?:[A-Z][A-Za-z.'&-]*\s+){1,5}(?:Hospital|Medical Center|Medical Centre|Clinic|Health Center|Health Centre|Infirmary|Health System|Medical Group)\b".into(),
             PhiKind::Facility,
@@ -215,15 +271,18 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         ),
         (r"[一-龥ぁ-んァ-ヶ]{1,6}(?:様|さん|氏)".into(), PhiKind::Name, 0),
         (
-            r"(?i)\b(?:9\d|1[0-2]\d)(?:\s*-?\s*(?:years?|yrs?)[\s-]*old\b|\s*y/?o\b|\s*歳)".into(),
+            r"(?i)\b\d{1,3}(?:\s*-?\s*(?:years?|yrs?)[\s-]*old\b|\s*y/?o\b|\s*-?\s*(?:years?|yrs?)\s+of\s+age\b|\s*歳)".into(),
             PhiKind::Age,
             0,
         ),
-        (r"(?i)\baged?\s+(?:9\d|1[0-2]\d)\b".into(), PhiKind::Age, 0),
+        (r"(?i)\baged?\s+(?:of\s+)?\d{1,3}\b".into(), PhiKind::Age, 0),
     ];
     specs
         .into_iter()
         .map(|(src, kind, group)| Pattern {
+            check: (kind == PhiKind::Date
+                && (src.starts_with(r"\b\d{1,2}/") || src.starts_with(r"\b\d{1,2}\.")))
+            .then_some(numeric_date as fn(&str, usize, usize) -> bool),
             // ASCII word boundaries keep the fast DFA engines usable on text with non-ASCII characters
             // (Unicode `\b` makes them give up on the first such byte). The patterns are constants of this
             // file, checked by the unit tests below.
@@ -262,7 +321,17 @@ pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> 
     for i in PATTERN_SET.matches(text).iter() {
         let p = &PATTERNS[i];
         for m in p.re.find_iter(text) {
-            if p.group == 0 {
+            if p.check
+                .is_some_and(|check| !check(text, m.start(), m.end()))
+            {
+                continue;
+            }
+            if p.kind == PhiKind::Age {
+                match age_span(text, m.start(), m.end(), known.ages) {
+                    Some(kind) => spans.push((m.start(), m.end(), kind)),
+                    None => continue,
+                }
+            } else if p.group == 0 {
                 spans.push((m.start(), m.end(), p.kind));
             } else if let Some(g) =
                 p.re.captures_at(&text[..m.end()], m.start())
@@ -273,6 +342,7 @@ pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> 
             }
         }
     }
+    crate::names::find(text, &mut spans);
     if spans.is_empty() {
         return text.to_owned();
     }
@@ -316,6 +386,20 @@ fn emit(
     *counts.entry(k).or_default() += 1;
 }
 
+/// The placeholder an age mention gets under the person's rule, or `None` when it stays.
+fn age_span(text: &str, start: usize, end: usize, rule: AgeRule) -> Option<PhiKind> {
+    let years: u32 = text[start..end]
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|p| !p.is_empty())?
+        .parse()
+        .ok()?;
+    match (rule, years > 89) {
+        (AgeRule::TopCoded, true) => Some(PhiKind::AgeOver89),
+        (AgeRule::Exact, false) => None,
+        _ => Some(PhiKind::Age),
+    }
+}
+
 fn is_word_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
@@ -355,6 +439,80 @@ mod tests {
         assert!(out.starts_with("Mrs. [NAME] (born [DATE]"), "{out}");
         assert_eq!(counts.get(&PhiKind::Phone), Some(&1));
         assert!(out.contains("seen at [FACILITY]"), "{out}");
+    }
+
+    #[test]
+    fn the_over_cuts_of_the_public_sample_are_gone() {
+        let k = KnownIdentifiers::default();
+        let mut counts = ScrubCounts::new();
+        for text in [
+            " Patient identifies as heterosexual.",
+            "levonorgestrel 0.12/0.015 mg vaginal ring",
+            "ethinyl estradiol 0.035 MG / norethindrone 1 MG oral tablet; 1/2 tablet",
+            "The NHS number is on file; MRN was checked.",
+            "BP 120/80, pulse 72, temperature 36.8, glucose 5.4, version 2.10.1",
+            "Platelets 250000, give 10000 units, HbA1c 48 mmol/mol",
+            "Patient quit smoking at 20 and has 2 children.",
+        ] {
+            assert_eq!(scrub(text, &k, &mut counts), text);
+        }
+        assert!(counts.is_empty(), "{counts:?}");
+    }
+
+    #[test]
+    fn labels_stay_and_only_their_values_go() {
+        let k = KnownIdentifiers::default();
+        let mut counts = ScrubCounts::new();
+        assert_eq!(
+            scrub(
+                "NHS number: 943 476 5919. MRN# A1234567, passport no. X71771363X",
+                &k,
+                &mut counts
+            ),
+            "NHS number: [ID]. MRN# [ID], passport no. [ID]"
+        );
+        assert_eq!(
+            scrub("Springfield MA 01103; zip code 02139.", &k, &mut counts),
+            "Springfield MA [ZIP]; zip code [ZIP]."
+        );
+        assert_eq!(
+            scrub("Seen on 03/04/2021 and 4.5.21.", &k, &mut counts),
+            "Seen on [DATE] and [DATE]."
+        );
+        assert_eq!(
+            scrub("Values 13/14/2021 stay.", &k, &mut counts),
+            "Values 13/14/2021 stay."
+        );
+    }
+
+    #[test]
+    fn ages_follow_what_the_birth_value_releases() {
+        let text = "A 60 year-old woman; her mother died aged 92; 89-year-old at the last visit.";
+        let with = |ages| {
+            let k = KnownIdentifiers {
+                ages,
+                ..KnownIdentifiers::default()
+            };
+            let mut counts = ScrubCounts::new();
+            (scrub(text, &k, &mut counts), counts)
+        };
+        let (exact, _) = with(AgeRule::Exact);
+        assert_eq!(
+            exact,
+            "A 60 year-old woman; her mother died [AGE]; 89-year-old at the last visit."
+        );
+        let (coarse, _) = with(AgeRule::Coarse);
+        assert_eq!(
+            coarse,
+            "A [AGE] woman; her mother died [AGE]; [AGE] at the last visit."
+        );
+        let (top, counts) = with(AgeRule::TopCoded);
+        assert_eq!(
+            top,
+            "A [AGE] woman; her mother died [AGE 90+]; [AGE] at the last visit."
+        );
+        assert_eq!(counts.get(&PhiKind::AgeOver89), Some(&1));
+        assert_eq!(counts.get(&PhiKind::Age), Some(&2));
     }
 
     #[test]

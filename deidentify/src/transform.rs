@@ -25,8 +25,8 @@ use crate::ids::validate_national_id;
 use crate::kanon::{KAnonOutcome, anonymize, climb, latest_day, level_of};
 use crate::keys::Pseudonymizer;
 use crate::read::SourceRecord;
-use crate::risk::{Measured, RiskMeter, RiskReport, SingledOut, Withhold};
-use crate::scrub::{KnownIdentifiers, PhiKind, ScrubCounts, scrub};
+use crate::risk::{Cell, Measured, RiskMeter, RiskReport, SingledOut, Withhold};
+use crate::scrub::{AgeRule, KnownIdentifiers, PhiKind, ScrubCounts, scrub};
 use crate::value::Value;
 
 /// One output value.
@@ -135,6 +135,10 @@ struct Person {
     alias: bool,
     /// The person it is (itself, or the earlier record of an alias).
     canonical: u32,
+    /// What ages in the person's text may say, given how their birth value is released.
+    ages: AgeRule,
+    /// The birth year is top-coded (the person is at least the profile's `top_code_age`).
+    top_coded: bool,
 }
 
 /// Where pass one keeps each person's known identifiers (names, IDs, phone, address, dates) until pass
@@ -564,6 +568,8 @@ impl Deidentifier {
             birth_latest: i32::MIN,
             alias: false,
             canonical: u32::try_from(self.people.len()).unwrap_or(u32::MAX),
+            ages: AgeRule::Coarse,
+            top_coded: false,
         };
         let mut person = person;
         let n_qi = self
@@ -605,6 +611,20 @@ impl Deidentifier {
                 person.birth_latest = self
                     .latest_birth(&v, 0, &c.rule)
                     .map_or(i32::MIN, days_from_date);
+                person.top_coded = match (&c.rule.action, &v, birth) {
+                    (
+                        Action::Generalize(Generalization::Year {
+                            top_code_age: Some(t),
+                        }),
+                        _,
+                        Some(b),
+                    ) => age_at(b, self.reference) >= *t,
+                    (Action::Generalize(Generalization::AgeBand { .. }), Out::Str(band), _) => {
+                        band.ends_with('+')
+                    }
+                    _ => false,
+                };
+                person.ages = age_rule(&v, 0, person.top_coded);
             }
             if let Some(i) = c.qi {
                 qi[i] = v;
@@ -660,8 +680,9 @@ impl Deidentifier {
             p.suppressed = outcome.suppressed[j];
             p.levels = levels;
             p.class = outcome.class_of[j];
-            if birth.is_some() {
+            if let Some((b, _)) = &birth {
                 p.birth_latest = latest.map_or(i32::MIN, days_from_date);
+                p.ages = age_rule(&rows[j][*b], level_of(levels, *b), p.top_coded);
             }
         }
         self.kanon = Some(outcome);
@@ -674,13 +695,14 @@ impl Deidentifier {
         for i in 0..self.people.len() {
             if self.people[i].alias {
                 let c = &self.people[self.people[i].canonical as usize];
-                let (suppressed, levels, class, birth) =
-                    (c.suppressed, c.levels, c.class, c.birth_latest);
+                let (suppressed, levels, class, birth, ages) =
+                    (c.suppressed, c.levels, c.class, c.birth_latest, c.ages);
                 let p = &mut self.people[i];
                 p.suppressed = suppressed;
                 p.levels = levels;
                 p.class = class;
                 p.birth_latest = birth;
+                p.ages = ages;
             }
         }
     }
@@ -763,12 +785,12 @@ impl Deidentifier {
                 .collect();
         }
         if let Some(meter) = self.risk.as_mut() {
-            self.withholding = Some((table, meter.restart(table)));
+            self.withholding = Some((table, meter.withhold(table)));
         }
     }
 
     /// A written batch of the table given to [`Deidentifier::begin_withholding`], with its singled-out
-    /// values withheld (null); its rows are measured again.
+    /// values withheld (null); the table's figures follow its rows.
     pub fn withhold_batch(
         &mut self,
         batch: &RecordBatch,
@@ -784,16 +806,16 @@ impl Deidentifier {
             };
             let mask: arrow::array::BooleanArray = (0..rows)
                 .map(|r| {
-                    let v = out_at(col.as_ref(), r);
-                    Some(
-                        !matches!(v, Out::Null)
-                            && hashes.contains(&meter.hash_value(&v, *time_of_day)),
-                    )
+                    let v = Cell::at(col.as_ref(), r);
+                    Some(v != Cell::Null && hashes.contains(&meter.hash_value(v, *time_of_day)))
                 })
                 .collect();
             columns[i + 1] = arrow::compute::nullif(col.as_ref(), &mask)?;
         }
         let out = RecordBatch::try_new(batch.schema(), columns)?;
+        if !w.measure_again && !w.count_classes {
+            return Ok(out);
+        }
         let ids = out
             .column(0)
             .as_any()
@@ -806,10 +828,22 @@ impl Deidentifier {
                 .ok()
                 .and_then(|()| self.person_index.get(&id).copied());
             let Some(idx) = person else { continue };
-            row.clear();
-            row.extend(out.columns()[1..].iter().map(|c| out_at(c.as_ref(), r)));
             let class = self.people[idx as usize].class;
-            meter.record(*table, idx as usize, class, &row);
+            if w.measure_again {
+                row.clear();
+                row.extend(out.columns()[1..].iter().map(|c| out_at(c.as_ref(), r)));
+                meter.record(*table, idx as usize, class, &row);
+            } else {
+                let key = meter.record_key(
+                    class,
+                    w.row_qis.iter().map(|&i| {
+                        out.columns()
+                            .get(i + 1)
+                            .map_or(Cell::Null, |c| Cell::at(c.as_ref(), r))
+                    }),
+                );
+                meter.count_record(*table, key);
+            }
         }
         Ok(out)
     }
@@ -925,7 +959,9 @@ impl Deidentifier {
                                     )));
                                 }
                             };
-                            self.cached_matcher = Some((idx, decode_known(&record)));
+                            let mut known = decode_known(&record);
+                            known.ages = person.ages;
+                            self.cached_matcher = Some((idx, known));
                         }
                         let known = self.cached_matcher.as_ref().map(|(_, k)| k);
                         Out::Str(scrub(
@@ -1146,6 +1182,15 @@ fn out_at(array: &dyn arrow::array::Array, i: usize) -> Out {
         Out::Ts(a.value(i))
     } else {
         Out::Null
+    }
+}
+
+/// What ages in a person's text may say, given their birth value as released at `level`.
+fn age_rule(birth: &Out, level: u8, top_coded: bool) -> AgeRule {
+    match (top_coded, birth, level) {
+        (true, _, _) => AgeRule::TopCoded,
+        (false, Out::I32(_), 0) | (false, Out::Date(_), 0..=2) => AgeRule::Exact,
+        _ => AgeRule::Coarse,
     }
 }
 
@@ -1595,6 +1640,8 @@ mod tests {
             birth_latest: i32::MIN,
             alias: false,
             canonical: 0,
+            ages: AgeRule::Exact,
+            top_coded: false,
         };
         let end = NaiveDate::MAX.and_hms_opt(23, 0, 0).expect("time");
         for (table, column, value) in [

@@ -1,0 +1,183 @@
+//! Names in free text that the person's own record does not hold (relatives, clinicians named without a
+//! title, signatures), found from public name lists and the context they stand in — no model download.
+//!
+//! The lists (`data/names/`, with their provenance) are the US Census Bureau's 1990 name frequency files
+//! (public domain): 5,163 first names and the 20,000 most frequent surnames, and a list of first names
+//! that are also words (`not-names.txt`: common English words and words of the clinical vocabulary of
+//! the public samples), which never count as a name on their own. A capitalised word is part of a name
+//! when:
+//! - it is a listed first name followed by a capitalised listed first name or surname (`Maria Garcia`);
+//! - it follows a word that introduces a person (`daughter`, `wife`, `signed by`, `seen by`, `Attending:`,
+//!   …), up to three capitalised words (`her son Kenji Watanabe`);
+//! - it precedes a credential (`Ann Lee, MD`, `J. Ortiz RN`);
+//! - it is a listed first name that is not a word, alone (`called Linda`).
+//!
+//! Upper-case words (`NHS`, `MRN`) are never taken: names here are capitalised, not shouted.
+
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use crate::scrub::PhiKind;
+
+fn list(text: &'static str) -> HashSet<&'static str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+static FIRST: LazyLock<HashSet<&'static str>> =
+    LazyLock::new(|| list(include_str!("../data/names/first.txt")));
+static LAST: LazyLock<HashSet<&'static str>> =
+    LazyLock::new(|| list(include_str!("../data/names/last.txt")));
+static NOT_NAMES: LazyLock<HashSet<&'static str>> =
+    LazyLock::new(|| list(include_str!("../data/names/not-names.txt")));
+
+/// A capitalised word (with Synthea's numeric suffix, if any), or an initial (`J.`).
+static WORD: LazyLock<Regex> = LazyLock::new(|| {
+    // A constant of this file, exercised by the unit tests below.
+    #[allow(clippy::expect_used)]
+    Regex::new(r"(?-u:\b)(?:[A-Z][A-Za-z'’-]*[a-z][A-Za-z'’-]*\d*|[A-Z]\.)").expect("word pattern")
+});
+
+/// Words that introduce a person's name: the name follows them.
+static INTRODUCER: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(
+        r"(?i)(?:\b(?:son|daughter|wife|husband|mother|father|brother|sister|partner|spouse|fianc[eé]e?|friend|neighbou?r|caregiver|carer|aunt|uncle|niece|nephew|cousin|grandson|granddaughter|grandmother|grandfather|guardian|stepson|stepdaughter|boyfriend|girlfriend)(?:'s)?(?:,|\s+named|\s+called)?|\b(?:signed|dictated|transcribed|reviewed|seen|examined|referred|discussed with|spoke with|spoke to|called|per)\s+(?:by\s+)?|\b(?:attending|provider|physician|surgeon|nurse|clinician|author|cc|pcp)\s*:)\s*$",
+    )
+    .expect("introducer pattern")
+});
+
+/// A credential after a name.
+static CREDENTIAL: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(r"^,?\s*(?:MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|MBBS|FRCP|CNM|LPN|DDS)\b")
+        .expect("credential pattern")
+});
+
+fn bare(word: &str) -> String {
+    word.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.')
+        .to_ascii_lowercase()
+}
+
+fn is_first(w: &str) -> bool {
+    FIRST.contains(bare(w).as_str())
+}
+
+fn is_last(w: &str) -> bool {
+    LAST.contains(bare(w).as_str())
+}
+
+fn is_word(w: &str) -> bool {
+    NOT_NAMES.contains(bare(w).as_str())
+}
+
+/// Adds a span per name found in `text`.
+pub(crate) fn find(text: &str, spans: &mut Vec<(usize, usize, PhiKind)>) {
+    let words: Vec<(usize, usize)> = WORD.find_iter(text).map(|m| (m.start(), m.end())).collect();
+    // Word i and i + 1 are one name's parts when only a space (or a hyphen-free line break) is between.
+    let joined = |i: usize| {
+        words.get(i + 1).is_some_and(|&(s, _)| {
+            let gap = &text[words[i].1..s];
+            !gap.is_empty() && gap.len() <= 2 && gap.chars().all(|c| c == ' ')
+        })
+    };
+    let word = |i: usize| &text[words[i].0..words[i].1];
+    let mut i = 0;
+    while i < words.len() {
+        let (start, _) = words[i];
+        // How many capitalised words from i on form one run (at most three).
+        let mut run = 1;
+        while run < 3 && joined(i + run - 1) {
+            run += 1;
+        }
+        let mut from = start.saturating_sub(40);
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let introduced = INTRODUCER.is_match(&text[from..start]);
+        let credentialed = (1..=run)
+            .rev()
+            .find(|&n| CREDENTIAL.is_match(&text[words[i + n - 1].1..]));
+        let taken = if introduced || credentialed.is_some() {
+            // Every capitalised word of the run, or up to the credential.
+            credentialed.unwrap_or(run)
+        } else if run >= 2
+            && is_first(word(i))
+            && (is_last(word(i + 1)) || is_first(word(i + 1)))
+            && !(is_word(word(i)) && is_word(word(i + 1)))
+        {
+            let third = run >= 3 && is_last(word(i + 2)) && !is_word(word(i + 2));
+            2 + usize::from(third)
+        } else if is_first(word(i))
+            && !is_word(word(i))
+            && word(i).len() >= 3
+            && !word(i).ends_with('.')
+        {
+            1
+        } else {
+            0
+        };
+        if taken > 0 {
+            spans.push((start, words[i + taken - 1].1, PhiKind::Name));
+            i += taken;
+        } else {
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(text: &str) -> Vec<&str> {
+        let mut spans = Vec::new();
+        find(text, &mut spans);
+        spans.iter().map(|(s, e, _)| &text[*s..*e]).collect()
+    }
+
+    #[test]
+    fn names_outside_the_record_are_found_by_list_and_context() {
+        assert_eq!(
+            names("Seen with her daughter Anna Kowalczyk today."),
+            ["Anna Kowalczyk"]
+        );
+        assert_eq!(
+            names("Maria Garcia called about the results."),
+            ["Maria Garcia"]
+        );
+        assert_eq!(names("Discussed with son, Tomasz."), ["Tomasz"]);
+        assert_eq!(
+            names("Electronically signed by Priya Raman, MD"),
+            ["Priya Raman"]
+        );
+        assert_eq!(names("Plan reviewed with J. Ortiz RN."), ["J. Ortiz"]);
+        assert_eq!(names("Left a message for Linda."), ["Linda"]);
+        assert_eq!(names("Attending: Okonkwo"), ["Okonkwo"]);
+    }
+
+    #[test]
+    fn text_in_any_script_around_a_name_is_safe() {
+        assert_eq!(names("Discharge — 息子 signed by — Anna Lee"), ["Anna Lee"]);
+        assert_eq!(names("——————————————————————— Linda"), ["Linda"]);
+        assert_eq!(names("é".repeat(50).as_str()), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn words_that_are_also_names_and_clinical_terms_stay() {
+        for text in [
+            "May return in June if the rash persists.",
+            "Will follow up. Grace period for the bill.",
+            "Patient identifies as heterosexual. History of Present Illness.",
+            "NHS number and MRN are on file.",
+            "Chief Complaint: Cough. Medications: camila 0.35 mg oral tablet.",
+            "Brown discharge, no fever.",
+        ] {
+            assert!(names(text).is_empty(), "{text}: {:?}", names(text));
+        }
+    }
+}
