@@ -23,7 +23,7 @@ pub mod value;
 pub use keys::{LinkageKey, Pseudonymizer};
 pub use read::{Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discover, read_file};
 pub use risk::{ColumnRisk, RiskReport, SingledOut, TableRisk};
-pub use scrub::{PhiKind, ScrubCounts};
+pub use scrub::{AgeRule, KnownIdentifiers, PhiKind, ScrubCounts, phi_spans, scrub};
 pub use transform::{
     Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, ReleasedColumn, Skip, TableOutput,
 };

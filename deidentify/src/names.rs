@@ -46,7 +46,7 @@ static WORD: LazyLock<Regex> = LazyLock::new(|| {
 static INTRODUCER: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     Regex::new(
-        r"(?i)(?:\b(?:son|daughter|wife|husband|mother|father|brother|sister|partner|spouse|fianc[eé]e?|friend|neighbou?r|caregiver|carer|aunt|uncle|niece|nephew|cousin|grandson|granddaughter|grandmother|grandfather|guardian|stepson|stepdaughter|boyfriend|girlfriend)(?:'s)?(?:,|\s+named|\s+called)?|\b(?:signed|dictated|transcribed|reviewed|seen|examined|referred|discussed with|spoke with|spoke to|called|per)\s+(?:by\s+)?|\b(?:attending|provider|physician|surgeon|nurse|clinician|author|cc|pcp)\s*:)\s*$",
+        r"(?i)(?:\b(?:son|daughter|wife|husband|mother|father|brother|sister|partner|spouse|fianc[eé]e?|friend|neighbou?r|caregiver|carer|aunt|uncle|niece|nephew|cousin|grandson|granddaughter|grandmother|grandfather|guardian|stepson|stepdaughter|boyfriend|girlfriend|surgeon|assistant|physiotherapist|therapist|pharmacist|midwife|consultant|registrar|resident|interpreter)(?:'s)?(?:,|:|\s+named|\s+called)?|\b(?:signed|dictated|transcribed|reviewed|seen|examined|referred|discussed with|spoke with|spoke to|called|per)(?:\s+by)?\s*:?|\b(?:attending|provider|physician|nurse|clinician|author|cc|pcp|gp|patient|name)\s*:)\s*$",
     )
     .expect("introducer pattern")
 });
@@ -54,7 +54,7 @@ static INTRODUCER: LazyLock<Regex> = LazyLock::new(|| {
 /// A credential after a name.
 static CREDENTIAL: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"^,?\s*(?:MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|MBBS|FRCP|CNM|LPN|DDS)\b")
+    Regex::new(r"^,?\s*(?:MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|PharmD|MBBS|MBChB|FRCP|FRCS|CNM|LPN|DDS|OT|PT|SLP)\b")
         .expect("credential pattern")
 });
 
@@ -75,6 +75,14 @@ fn is_word(w: &str) -> bool {
     NOT_NAMES.contains(bare(w).as_str())
 }
 
+/// Titles: a name follows them (the title patterns of `scrub` take it), they are not one.
+fn is_title(w: &str) -> bool {
+    matches!(
+        bare(w).as_str(),
+        "dr" | "mr" | "mrs" | "ms" | "miss" | "mx" | "prof" | "sr" | "sra" | "st"
+    )
+}
+
 /// Adds a span per name found in `text`.
 pub(crate) fn find(text: &str, spans: &mut Vec<(usize, usize, PhiKind)>) {
     let words: Vec<(usize, usize)> = WORD.find_iter(text).map(|m| (m.start(), m.end())).collect();
@@ -88,6 +96,10 @@ pub(crate) fn find(text: &str, spans: &mut Vec<(usize, usize, PhiKind)>) {
     let word = |i: usize| &text[words[i].0..words[i].1];
     let mut i = 0;
     while i < words.len() {
+        if is_title(word(i)) {
+            i += 1;
+            continue;
+        }
         let (start, _) = words[i];
         // How many capitalised words from i on form one run (at most three).
         let mut run = 1;

@@ -235,7 +235,7 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
             // The label (any case) stays; the value after it must look like one: upper-case letters and
             // digits with a digit among its first five characters ("Patient identifies as" and "NHS
             // number" alone are words, not labelled values).
-            r"(?i:\b(?:MRN|medical record(?: number| no\.?)?|patient id|hospital number|NHS(?: number| no\.?)?|SSN|social security(?: number)?|insurance(?: id| number| no\.?)?|member id|policy(?: number| no\.?)|account(?: number| no\.?)?|acct|licen[cs]e(?: number| no\.?)?|passport(?: number| no\.?)?|serial(?: number| no\.?)?|VIN))\b\s*(?:(?i:is)\s+|[:#]\s*|(?i:no)\.?\s*)?(\d{3}[ -]\d{3}[ -]\d{4}\b|[A-Z]{0,4}\d[A-Z0-9-]{2,})".into(),
+            r"(?i:\b(?:MRN|medical record(?: number| no\.?)?|patient id|hospital number|NHS(?: number| no\.?)?|SSN|social security(?: number)?|insurance(?: id| number| no\.?)?|member id|policy(?: number| no\.?)|account(?: number| no\.?)?|acct|licen[cs]e(?: number| no\.?)?|passport(?: number| no\.?)?|serial(?: number| no\.?)?|VIN))(?:\b|\.)\s*(?:(?i:is)\s+|[:#]\s*|(?i:no)\.?\s*)?(\d{3}[ -]\d{3}[ -]\d{4}\b|[A-Z]{0,4}-?\d[A-Z0-9-]{2,})".into(),
             PhiKind::Id,
             1,
         ),
@@ -252,6 +252,12 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         (r"\b[A-Z]{1,3}\d{6,}[A-Z]?\b".into(), PhiKind::Id, 0),
         (r"\b\d{7,}\b".into(), PhiKind::Id, 0),
         (r"〒?\b\d{3}-\d{4}\b".into(), PhiKind::Zip, 0),
+        // A street address: a house number, one to three capitalised words and a street type.
+        (
+            r"\b\d{1,5}[A-Za-z]?\s+(?:[A-Z][A-Za-z'-]+\s+){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Lane|Ln|Drive|Dr|Boulevard|Blvd|Court|Ct|Way|Place|Pl|Terrace|Close|Crescent|Square|Sq|Parkway|Pkwy|Highway|Hwy)\b\.?".into(),
+            PhiKind::Address,
+            0,
+        ),
         // A five-digit ZIP after a state abbreviation or a label (a bare five-digit number is a count or a
         // dose far more often).
         (
@@ -260,7 +266,7 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
             1,
         ),
         (
-            r"\b(?:[A-Z][A-Za-z.'&-]*\s+){1,5}(?:Hospital|Medical Center|Medical Centre|Clinic|Health Center|Health Centre|Infirmary|Health System|Medical Group)\b".into(),
+            r"\b(?:[A-Z][a-z][A-Za-z.'&-]*\s+){1,5}(?:Hospital|Medical Center|Medical Centre|Clinic|Health Center|Health Centre|Infirmary|Health System|Medical Group)\b".into(),
             PhiKind::Facility,
             0,
         ),
@@ -299,6 +305,22 @@ pub type ScrubCounts = BTreeMap<PhiKind, u64>;
 
 /// Scrubs one text. `known` may be empty (no structured record for the person).
 pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> String {
+    let spans = phi_spans(text, known);
+    if spans.is_empty() {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut pos = 0;
+    for (s, e, k) in spans {
+        emit(text, &mut out, &mut pos, s, e, k, counts);
+    }
+    out.push_str(&text[pos..]);
+    out
+}
+
+/// The spans [`scrub`] replaces, merged where they overlap (each with the kind of its earliest, longest
+/// part), in text order.
+pub fn phi_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, PhiKind)> {
     let mut spans: Vec<(usize, usize, PhiKind)> = Vec::new();
     if !known.finders.is_empty() {
         // A person has a few dozen known strings and a few short notes: SIMD substring search over a
@@ -343,30 +365,16 @@ pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> 
         }
     }
     crate::names::find(text, &mut spans);
-    if spans.is_empty() {
-        return text.to_owned();
-    }
     // Earliest start first; at equal starts, the longest span (and the known-identifier kind) wins.
     spans.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-    let mut out = String::with_capacity(text.len());
-    let mut pos = 0;
-    let mut current: Option<(usize, usize, PhiKind)> = None;
+    let mut merged: Vec<(usize, usize, PhiKind)> = Vec::with_capacity(spans.len());
     for (s, e, k) in spans {
-        match &mut current {
+        match merged.last_mut() {
             Some(c) if s < c.1 => c.1 = c.1.max(e),
-            _ => {
-                if let Some((cs, ce, ck)) = current.take() {
-                    emit(text, &mut out, &mut pos, cs, ce, ck, counts);
-                }
-                current = Some((s, e, k));
-            }
+            _ => merged.push((s, e, k)),
         }
     }
-    if let Some((cs, ce, ck)) = current {
-        emit(text, &mut out, &mut pos, cs, ce, ck, counts);
-    }
-    out.push_str(&text[pos..]);
-    out
+    merged
 }
 
 fn emit(
