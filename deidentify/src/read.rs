@@ -27,6 +27,9 @@ pub struct Origin {
     pub file: Arc<str>,
     /// Line (CSV, NDJSON) or entry number (Bundle).
     pub line: u64,
+    /// About where the record is in its file, in bytes (0 within a Bundle, which is read whole): for
+    /// progress.
+    pub byte: u64,
 }
 
 impl std::fmt::Display for Origin {
@@ -274,6 +277,7 @@ pub fn read_file(
             let mut reader = BufReader::with_capacity(1 << 20, f);
             let mut line = String::new();
             let mut n = 0u64;
+            let mut byte = 0u64;
             loop {
                 line.clear();
                 let read =
@@ -282,12 +286,14 @@ pub fn read_file(
                     break;
                 }
                 n += 1;
+                byte += read as u64;
                 if line.trim().is_empty() {
                     continue;
                 }
                 let origin = Origin {
                     file: origin_file.clone(),
                     line: n,
+                    byte,
                 };
                 match serde_json::from_str::<Json>(&line) {
                     Ok(res) => resource(&res, origin, pass, unmodelled, sink)?,
@@ -309,6 +315,7 @@ pub fn read_file(
             let origin = Origin {
                 file: origin_file.clone(),
                 line: 1,
+                byte: 0,
             };
             let doc: Json = match serde_json::from_str(&text) {
                 Ok(d) => d,
@@ -337,6 +344,7 @@ pub fn read_file(
                     let origin = Origin {
                         file: origin_file.clone(),
                         line: i as u64 + 1,
+                        byte: 0,
                     };
                     match entry.get("resource") {
                         Some(r) => resource(r, origin, pass, unmodelled, sink)?,
@@ -421,9 +429,11 @@ fn read_csv(
     let mut rec = csv::ByteRecord::new();
     loop {
         let line = rdr.position().line() + 1;
+        let byte = rdr.position().byte();
         let origin = || Origin {
             file: origin_file.clone(),
             line,
+            byte,
         };
         match rdr.read_byte_record(&mut rec) {
             Ok(false) => break,

@@ -1517,6 +1517,7 @@ mod tests {
             origin: Origin {
                 file: "test".into(),
                 line: 1,
+                byte: 0,
             },
         }
     }

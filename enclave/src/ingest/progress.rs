@@ -1,16 +1,67 @@
-//! Ingest progress on stderr: a bar on a terminal, plain lines otherwise, nothing when not wanted.
+//! Ingest progress on stderr, over the bytes of the input each pass reads: on a terminal a bar with the
+//! share done, bytes, rows, an integer rows/s and the time left; otherwise a plain line at most every
+//! 5 s; nothing when not wanted.
 
+use std::cell::RefCell;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, HumanCount, HumanDuration, ProgressBar, ProgressStyle};
 
-/// Progress on stderr: an indicatif bar on a terminal, plain lines (at most every 5 s) otherwise.
+/// Where a pass is.
+pub(super) struct PassState {
+    name: String,
+    total: u64,
+    bytes: u64,
+    rows: u64,
+    started: Instant,
+    shown: Instant,
+}
+
+impl PassState {
+    fn new(name: &str, total: u64) -> PassState {
+        let now = Instant::now();
+        PassState {
+            name: name.to_owned(),
+            total,
+            bytes: 0,
+            rows: 0,
+            started: now,
+            shown: now,
+        }
+    }
+
+    fn rate(&self) -> u64 {
+        (self.rows as f64 / self.started.elapsed().as_secs_f64().max(1e-3)) as u64
+    }
+
+    /// The time left at the pace so far (`None` before anything is read).
+    fn eta(&self) -> Option<Duration> {
+        let done = self.bytes.min(self.total);
+        (done > 0).then(|| {
+            let per_byte = self.started.elapsed().as_secs_f64() / done as f64;
+            Duration::from_secs_f64(per_byte * (self.total - done) as f64)
+        })
+    }
+
+    fn line(&self) -> String {
+        let percent = 100 * self.bytes.min(self.total) / self.total.max(1);
+        format!(
+            "{}: {percent} % of {}, {} rows, {} rows/s, {} left",
+            self.name,
+            HumanBytes(self.total),
+            HumanCount(self.rows),
+            HumanCount(self.rate()),
+            self.eta()
+                .map_or_else(|| "time".to_owned(), |d| HumanDuration(d).to_string())
+        )
+    }
+}
+
+/// Progress on stderr.
 pub(super) enum Progress {
-    Bar(ProgressBar),
-    Lines {
-        phase: std::cell::RefCell<(String, u64, Instant, Instant)>,
-    },
+    Bar(ProgressBar, RefCell<PassState>),
+    Lines(RefCell<PassState>),
     Off,
 }
 
@@ -19,56 +70,109 @@ impl Progress {
         if !wanted {
             return Progress::Off;
         }
+        let pass = RefCell::new(PassState::new("", 0));
         if !std::io::stderr().is_terminal() {
-            let now = Instant::now();
-            return Progress::Lines {
-                phase: std::cell::RefCell::new((String::new(), 0, now, now)),
-            };
+            return Progress::Lines(pass);
         }
-        let pb = ProgressBar::new_spinner();
-        if let Ok(style) =
-            ProgressStyle::with_template("{spinner} {msg}: {human_pos} rows, {per_sec}, {elapsed}")
-        {
-            pb.set_style(style);
+        let pb = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix} [{bar:28}] {percent:>3}% {binary_bytes}/{binary_total_bytes} · {msg} · {eta} left",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
         }
-        pb.enable_steady_tick(Duration::from_millis(120));
-        Progress::Bar(pb)
+        pb.enable_steady_tick(Duration::from_millis(200));
+        Progress::Bar(pb, pass)
     }
 
-    pub(super) fn phase(&self, name: &str) {
+    /// A new pass that reads `total_bytes` of input.
+    pub(super) fn phase(&self, name: &str, total_bytes: u64) {
         match self {
-            Progress::Bar(pb) => {
-                pb.set_position(0);
-                pb.set_message(name.to_owned());
+            Progress::Bar(pb, pass) => {
+                *pass.borrow_mut() = PassState::new(name, total_bytes);
+                pb.reset();
+                pb.set_length(total_bytes);
+                pb.set_prefix(name.to_owned());
+                pb.set_message("0 rows");
             }
-            Progress::Lines { phase } => {
-                let now = Instant::now();
-                *phase.borrow_mut() = (name.to_owned(), 0, now, now);
-                eprintln!("{name}");
+            Progress::Lines(pass) => {
+                *pass.borrow_mut() = PassState::new(name, total_bytes);
+                eprintln!("{name}: {} to read", HumanBytes(total_bytes));
             }
             Progress::Off => {}
         }
     }
 
-    pub(super) fn tick(&self, rows: u64) {
+    /// `rows` more rows read; the pass is at `bytes` of its input.
+    pub(super) fn tick(&self, bytes: u64, rows: u64) {
+        let (Progress::Bar(_, pass) | Progress::Lines(pass)) = self else {
+            return;
+        };
+        let mut p = pass.borrow_mut();
+        p.rows += rows;
+        p.bytes = p.bytes.max(bytes);
+        let every = match self {
+            Progress::Bar(..) => Duration::from_millis(250),
+            _ => Duration::from_secs(5),
+        };
+        if p.shown.elapsed() < every {
+            return;
+        }
+        p.shown = Instant::now();
         match self {
-            Progress::Bar(pb) => pb.inc(rows),
-            Progress::Lines { phase } => {
-                let mut p = phase.borrow_mut();
-                p.1 += rows;
-                if p.3.elapsed() >= Duration::from_secs(5) {
-                    p.3 = Instant::now();
-                    let rate = p.1 as f64 / p.2.elapsed().as_secs_f64().max(1e-9);
-                    eprintln!("{}: {} rows, {rate:.0} rows/s", p.0, p.1);
-                }
+            Progress::Bar(pb, _) => {
+                pb.set_position(p.bytes.min(p.total));
+                pb.set_message(format!(
+                    "{} rows · {} rows/s",
+                    HumanCount(p.rows),
+                    HumanCount(p.rate())
+                ));
             }
-            Progress::Off => {}
+            _ => eprintln!("{}", p.line()),
         }
     }
 
     pub(super) fn finish(&self) {
-        if let Progress::Bar(pb) = self {
-            pb.finish_and_clear();
+        match self {
+            Progress::Bar(pb, _) => pb.finish_and_clear(),
+            Progress::Lines(pass) => {
+                let p = pass.borrow();
+                eprintln!(
+                    "{}: done, {} rows, {} rows/s",
+                    p.name,
+                    HumanCount(p.rows),
+                    HumanCount(p.rate())
+                );
+            }
+            Progress::Off => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_say_share_rows_integer_rate_and_time_left() {
+        let mut p = PassState::new("pass 2/2: de-identifying", 2 * 1024 * 1024 * 1024);
+        p.bytes = 512 * 1024 * 1024;
+        p.rows = 1_234_567;
+        let line = p.line();
+        assert!(
+            line.starts_with("pass 2/2: de-identifying: 25 % of 2.00 GiB, 1,234,567 rows, "),
+            "{line}"
+        );
+        let rate = line.split(", ").nth(2).expect("rate");
+        assert!(
+            rate.ends_with(" rows/s") && !rate.contains('.'),
+            "an integer rate: {rate}"
+        );
+        assert!(line.ends_with(" left"), "{line}");
+        let empty = PassState::new("x", 0);
+        assert!(
+            empty.line().starts_with("x: 0 % of 0 B"),
+            "{}",
+            empty.line()
+        );
     }
 }
