@@ -3,7 +3,7 @@
 //! It reads provider exports (CSV with built-in Synthea or file-given mappings, FHIR R4 Bundle JSON and
 //! bulk NDJSON) as canonical records ([`read`]), and transforms them under a validated
 //! [`policies::Profile`] ([`transform`]): keyed pseudonyms and per-person date shifts ([`keys`]),
-//! national-ID check digits ([`ids`]), generalisation and coarsening, free-text scrubbing ([`scrub`]) and
+//! national-ID check digits ([`ids`]), generalisation and coarsening, free-text scrubbing ([`mod@scrub`]) and
 //! k-anonymity ([`kanon`]), and measures the re-identification risk of what it releases ([`risk`]). What comes out is Arrow record batches with no direct identifier left; writing them
 //! (encrypted) and cataloguing them is the `enclave` crate's job. It writes nothing itself: the persons'
 //! known identifiers, kept between the two passes, go to a [`KnownStore`] the caller provides (in memory
@@ -25,7 +25,8 @@ pub use read::{Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discov
 pub use risk::{ColumnRisk, RiskReport, SingledOut, TableRisk};
 pub use scrub::{AgeRule, KnownIdentifiers, PhiKind, ScrubCounts, phi_spans, scrub};
 pub use transform::{
-    Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, ReleasedColumn, Skip, TableOutput,
+    Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, REVIEW_PER_KIND, ReleasedColumn,
+    ReviewItem, Skip, TableOutput,
 };
 
 /// Errors that stop a whole run (a bad row is never one of these: it is quarantined).

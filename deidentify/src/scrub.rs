@@ -194,6 +194,14 @@ struct Pattern {
     check: Option<fn(&str, usize, usize) -> bool>,
 }
 
+/// A labelled ID's value holds a digit (the match runs from the label; the value is its last word).
+fn labelled_value(text: &str, start: usize, end: usize) -> bool {
+    text[start..end]
+        .rsplit([' ', ':', '#', '.'])
+        .next()
+        .is_some_and(|v| v.bytes().any(|b| b.is_ascii_digit()))
+}
+
 /// A numeric date `d/m/y` or `m/d/y` (one separator throughout) whose parts can be a day and a month,
 /// and that is not part of a longer number or ratio ("0.12/0.015 mg", "v1.2.3").
 fn numeric_date(text: &str, start: usize, end: usize) -> bool {
@@ -201,7 +209,7 @@ fn numeric_date(text: &str, start: usize, end: usize) -> bool {
     let before = start.checked_sub(1).map(|i| bytes[i]);
     let after = bytes.get(end).copied();
     let after2 = bytes.get(end + 1).copied();
-    if before.is_some_and(|b| b.is_ascii_digit() || b == b'.' || b == b'/' || b == b'-')
+    if before.is_some_and(|b| b.is_ascii_digit() || b == b'.' || b == b'/')
         || after == Some(b'/')
         || (after == Some(b'.') && after2.is_some_and(|b| b.is_ascii_digit()))
     {
@@ -226,16 +234,16 @@ static PATTERN_SET: LazyLock<regex::RegexSet> = LazyLock::new(|| {
 });
 
 static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
+    const STATES: &str = "Alabama|Alaska|Arizona|Arkansas|California|Colorado|Connecticut|Delaware|Florida|Georgia|Hawaii|Idaho|Illinois|Indiana|Iowa|Kansas|Kentucky|Louisiana|Maine|Maryland|Massachusetts|Michigan|Minnesota|Mississippi|Missouri|Montana|Nebraska|Nevada|New Hampshire|New Jersey|New Mexico|New York|North Carolina|North Dakota|Ohio|Oklahoma|Oregon|Pennsylvania|Rhode Island|South Carolina|South Dakota|Tennessee|Texas|Utah|Vermont|Virginia|Washington|West Virginia|Wisconsin|Wyoming";
     const MONTH: &str = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)";
     let specs: Vec<(String, PhiKind, usize)> = vec![
         (r"\b(?:https?://|www\.)[^\s<>()]+".into(), PhiKind::Url, 0),
         (r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b".into(), PhiKind::Email, 0),
         (r"\b(?:\d{1,3}\.){3}\d{1,3}\b".into(), PhiKind::Ip, 0),
         (
-            // The label (any case) stays; the value after it must look like one: upper-case letters and
-            // digits with a digit among its first five characters ("Patient identifies as" and "NHS
-            // number" alone are words, not labelled values).
-            r"(?i:\b(?:MRN|medical record(?: number| no\.?)?|patient id|hospital number|NHS(?: number| no\.?)?|SSN|social security(?: number)?|insurance(?: id| number| no\.?)?|member id|policy(?: number| no\.?)|account(?: number| no\.?)?|acct|licen[cs]e(?: number| no\.?)?|passport(?: number| no\.?)?|serial(?: number| no\.?)?|VIN))(?:\b|\.)\s*(?:(?i:is)\s+|[:#]\s*|(?i:no)\.?\s*)?(\d{3}[ -]\d{3}[ -]\d{4}\b|[A-Z]{0,4}-?\d[A-Z0-9-]{2,})".into(),
+            // The label (any case) stays; the value after it must hold a digit (checked below): "Patient
+            // identifies as" and "NHS number" alone are words, not labelled values.
+            r"(?i:\b(?:MRN|medical record(?: number| no\.?)?|patient id|hospital number|NHS(?: number| no\.?)?|SSN|social security(?: number)?|insurance(?: id| number| no\.?)?|member id|policy(?: number| no\.?)|account(?: number| no\.?)?|acct|licen[cs]e(?: number| no\.?)?|passport(?: number| no\.?)?|serial(?: number| no\.?)?|VIN))\.?\s*(?:(?i:is)\s+|[:#]\s*|(?i:no)\.?\s*)?(\d{3}[ -]\d{3}[ -]\d{4}\b|(?i:[A-Z0-9][A-Z0-9-]{3,}))".into(),
             PhiKind::Id,
             1,
         ),
@@ -261,12 +269,13 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         // A five-digit ZIP after a state abbreviation or a label (a bare five-digit number is a count or a
         // dose far more often).
         (
-            r"(?:\b[A-Z]{2},?|(?i:\bzip(?: code)?|\bpostal code|\bpostcode)[:#]?)\s+(\d{5}(?:-\d{4})?)\b".into(),
+            format!(r"(?:\b[A-Z]{{2}},?\s+|\b(?:{STATES}),?\s+|(?i:\bzip(?: code)?|\bpostal code|\bpostcode)\s*[:#]?\s*)(\d{{5}}(?:-\d{{4}})?)\b"),
             PhiKind::Zip,
             1,
         ),
+        (r"\b\d{5}-\d{4}\b".into(), PhiKind::Zip, 0),
         (
-            r"\b(?:[A-Z][a-z][A-Za-z.'&-]*\s+){1,5}(?:Hospital|Medical Center|Medical Centre|Clinic|Health Center|Health Centre|Infirmary|Health System|Medical Group)\b".into(),
+            r"\b(?:(?:[A-Z](?:[a-z]|'[A-Z])[A-Za-z.'&-]*|[A-Z]{2,5})\s+){1,5}(?:Hospital|Medical Center|Medical Centre|Clinic|Health Center|Health Centre|Infirmary|Health System|Medical Group)\b".into(),
             PhiKind::Facility,
             0,
         ),
@@ -286,9 +295,15 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
     specs
         .into_iter()
         .map(|(src, kind, group)| Pattern {
-            check: (kind == PhiKind::Date
-                && (src.starts_with(r"\b\d{1,2}/") || src.starts_with(r"\b\d{1,2}\.")))
-            .then_some(numeric_date as fn(&str, usize, usize) -> bool),
+            check: if kind == PhiKind::Date
+                && (src.starts_with(r"\b\d{1,2}/") || src.starts_with(r"\b\d{1,2}\."))
+            {
+                Some(numeric_date as fn(&str, usize, usize) -> bool)
+            } else if kind == PhiKind::Id && group == 1 {
+                Some(labelled_value as fn(&str, usize, usize) -> bool)
+            } else {
+                None
+            },
             // ASCII word boundaries keep the fast DFA engines usable on text with non-ASCII characters
             // (Unicode `\b` makes them give up on the first such byte). The patterns are constants of this
             // file, checked by the unit tests below.
@@ -305,13 +320,17 @@ pub type ScrubCounts = BTreeMap<PhiKind, u64>;
 
 /// Scrubs one text. `known` may be empty (no structured record for the person).
 pub fn scrub(text: &str, known: &KnownIdentifiers, counts: &mut ScrubCounts) -> String {
-    let spans = phi_spans(text, known);
+    render(text, &phi_spans(text, known), counts)
+}
+
+/// `text` with each of `spans` (from [`phi_spans`]) replaced by its placeholder, counted.
+pub fn render(text: &str, spans: &[(usize, usize, PhiKind)], counts: &mut ScrubCounts) -> String {
     if spans.is_empty() {
         return text.to_owned();
     }
     let mut out = String::with_capacity(text.len());
     let mut pos = 0;
-    for (s, e, k) in spans {
+    for &(s, e, k) in spans {
         emit(text, &mut out, &mut pos, s, e, k, counts);
     }
     out.push_str(&text[pos..]);

@@ -29,6 +29,82 @@ use crate::risk::{Cell, Measured, RiskMeter, RiskReport, SingledOut, Withhold};
 use crate::scrub::{AgeRule, KnownIdentifiers, PhiKind, ScrubCounts, scrub};
 use crate::value::Value;
 
+/// Scrubbed spans kept per placeholder type for the provider's review.
+pub const REVIEW_PER_KIND: usize = 25;
+
+/// One scrubbed span in its context (original text: for an encrypted file only).
+pub struct ReviewItem {
+    /// Table of the text.
+    pub table: Table,
+    /// The placeholder put there.
+    pub kind: PhiKind,
+    /// The text it replaced.
+    pub found: String,
+    /// Up to 40 bytes before it.
+    pub before: String,
+    /// Up to 40 bytes after it.
+    pub after: String,
+}
+
+/// A reservoir sample per placeholder type (Vitter's algorithm R), so the review sees the whole run.
+#[derive(Default)]
+struct ReviewSampler {
+    items: Vec<ReviewItem>,
+    seen: BTreeMap<PhiKind, u64>,
+    state: u64,
+}
+
+impl ReviewSampler {
+    fn next(&mut self) -> u64 {
+        if self.state == 0 {
+            use std::hash::BuildHasher;
+            self.state = std::hash::RandomState::new().hash_one(0u8) | 1;
+        }
+        // xorshift64*: the sample's choice needs no cryptographic strength.
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn offer(&mut self, table: Table, text: &str, spans: &[(usize, usize, PhiKind)]) {
+        for &(s, e, kind) in spans {
+            let n = {
+                let seen = self.seen.entry(kind).or_default();
+                *seen += 1;
+                *seen
+            };
+            let slot = if n as usize <= REVIEW_PER_KIND {
+                None
+            } else {
+                let j = self.next() % n;
+                if j as usize >= REVIEW_PER_KIND {
+                    continue;
+                }
+                Some(j as usize)
+            };
+            let from = text.floor_char_boundary(s.saturating_sub(40));
+            let to = text.ceil_char_boundary((e + 40).min(text.len()));
+            let item = ReviewItem {
+                table,
+                kind,
+                found: text[s..e].to_owned(),
+                before: text[from..s].to_owned(),
+                after: text[e..to].to_owned(),
+            };
+            match slot {
+                None => self.items.push(item),
+                Some(j) => {
+                    // The j-th kept item of this kind is replaced.
+                    if let Some(old) = self.items.iter_mut().filter(|i| i.kind == kind).nth(j) {
+                        *old = item;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One output value.
 #[derive(Debug, Clone)]
 pub enum Out {
@@ -285,6 +361,8 @@ pub struct Deidentifier {
     birth_shifted: bool,
     /// Patients rows written per k-anonymity class (the check that what was written is what was counted).
     written_classes: HashMap<u32, u64>,
+    /// A sample of scrubbed spans in their context, for the provider's review.
+    review: ReviewSampler,
     /// The risk figures, from the end of pass one.
     risk: Option<RiskMeter>,
     /// The table whose singled-out values are being withheld, and which.
@@ -377,6 +455,7 @@ impl Deidentifier {
             withheld_events: BTreeMap::new(),
             birth_shifted,
             written_classes: HashMap::new(),
+            review: ReviewSampler::default(),
             risk: None,
             withholding: None,
             person_index: HashMap::new(),
@@ -874,6 +953,13 @@ impl Deidentifier {
         &self.out_of_domain
     }
 
+    /// The sample of scrubbed spans in their context (up to [`REVIEW_PER_KIND`] per placeholder type,
+    /// drawn uniformly from all of a run's), for the provider to review: it holds the original text
+    /// around each placeholder, so it goes only to an encrypted file.
+    pub fn review_sample(&self) -> &[ReviewItem] {
+        &self.review.items
+    }
+
     /// The smallest k-anonymity class among the patients rows written (`None` before any): at least the
     /// profile's k, or something released a row k-anonymity did not count.
     pub fn smallest_written_class(&self) -> Option<u64> {
@@ -964,11 +1050,12 @@ impl Deidentifier {
                             self.cached_matcher = Some((idx, known));
                         }
                         let known = self.cached_matcher.as_ref().map(|(_, k)| k);
-                        Out::Str(scrub(
+                        let spans = crate::scrub::phi_spans(
                             text,
                             known.unwrap_or(&KnownIdentifiers::default()),
-                            &mut counts,
-                        ))
+                        );
+                        self.review.offer(table, text, &spans);
+                        Out::Str(crate::scrub::render(text, &spans, &mut counts))
                     }
                 }
             } else {
@@ -1189,7 +1276,8 @@ fn out_at(array: &dyn arrow::array::Array, i: usize) -> Out {
 fn age_rule(birth: &Out, level: u8, top_coded: bool) -> AgeRule {
     match (top_coded, birth, level) {
         (true, _, _) => AgeRule::TopCoded,
-        (false, Out::I32(_), 0) | (false, Out::Date(_), 0..=2) => AgeRule::Exact,
+        // Only a birth value released as it is: an age and a note's date would narrow a band.
+        (false, Out::I32(_) | Out::Date(_), 0) => AgeRule::Exact,
         _ => AgeRule::Coarse,
     }
 }
@@ -1660,6 +1748,31 @@ mod tests {
                 "{table}.{column}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn ages_stay_only_beside_a_birth_value_released_as_it_is() {
+        let day = days_from_date(date(1955, 6, 1));
+        assert_eq!(age_rule(&Out::I32(1955), 0, false), AgeRule::Exact);
+        assert_eq!(age_rule(&Out::Date(day), 0, false), AgeRule::Exact);
+        for level in 1..=4 {
+            assert_eq!(
+                age_rule(&Out::I32(1955), level, false),
+                AgeRule::Coarse,
+                "year level {level}"
+            );
+            assert_eq!(
+                age_rule(&Out::Date(day), level, false),
+                AgeRule::Coarse,
+                "date level {level}"
+            );
+        }
+        assert_eq!(
+            age_rule(&Out::Null, 0, false),
+            AgeRule::Coarse,
+            "a withheld birth value"
+        );
+        assert_eq!(age_rule(&Out::I32(1936), 0, true), AgeRule::TopCoded);
     }
 
     #[test]

@@ -95,7 +95,11 @@ fn demo_export_is_deidentified_encrypted_catalogued_and_readable_only_with_the_k
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
         .collect();
-    assert_eq!(parquet.len(), 16, "7 tables + quarantine, two datasets");
+    assert_eq!(
+        parquet.len(),
+        18,
+        "7 tables, quarantine and review sample, two datasets"
+    );
     for p in &parquet {
         let bytes = std::fs::read(p).expect("read");
         assert_eq!(
@@ -165,6 +169,7 @@ fn demo_export_is_deidentified_encrypted_catalogued_and_readable_only_with_the_k
     }
 
     scrubbing_recall(&opened, &m);
+    review_sample_shows_what_was_scrubbed(&s, &m, &hipaa);
     let others = ["gender", "race", "ethnicity", "zip3", "marital", "state"];
     let qis = |birth: &'static str, death: &'static str| {
         let mut all = vec![birth, death];
@@ -264,6 +269,39 @@ fn scrubbing_recall(opened: &Opened, m: &serde_json::Value) {
         "enough notes were checked ({checked_notes}, {planted})"
     );
     assert!(recall >= 0.99, "scrubbing recall {recall:.4} < 0.99");
+}
+
+/// The provider's review sample: at most 25 spans per placeholder type, each the original text in its
+/// context (planted PHI among them), readable only through the keystore.
+fn review_sample_shows_what_was_scrubbed(
+    s: &Scratch,
+    m: &serde_json::Value,
+    report: &serde_json::Value,
+) {
+    let out = s.enclave("data", &["catalog", "review", "cohort"]);
+    let mut per_kind: HashMap<String, usize> = HashMap::new();
+    for line in out.lines() {
+        let kind = line
+            .strip_prefix('[')
+            .and_then(|l| l.split_once(']'))
+            .map(|(k, _)| k.to_owned())
+            .expect("a [PLACEHOLDER] line");
+        *per_kind.entry(kind).or_default() += 1;
+    }
+    assert!(per_kind.len() >= 5, "{per_kind:?}");
+    assert!(per_kind.values().all(|n| *n <= 25), "{per_kind:?}");
+    for (kind, n) in &per_kind {
+        assert_eq!(
+            report["review_sample"][kind].as_u64(),
+            Some(*n as u64),
+            "the report counts the sample"
+        );
+    }
+    let planted: Vec<String> = planted_needles(m, true);
+    assert!(
+        planted.iter().any(|p| out.contains(p.as_str())),
+        "the sample shows the original text of what was scrubbed"
+    );
 }
 
 /// k-anonymity recomputed from the decrypted patients table.

@@ -201,6 +201,15 @@ enum CatalogCommand {
         #[arg(long)]
         json: bool,
     },
+    /// For the provider, on the host: the sample of free-text spans the ingest scrubbed, in their
+    /// original context (decrypted from the version's review file; it holds identifying text)
+    Review {
+        /// Dataset name.
+        name: String,
+        /// Version (default: latest).
+        #[arg(long)]
+        version: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -630,6 +639,49 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
                     );
                 }
             }
+        }
+        CatalogCommand::Review { name, version } => {
+            let v = catalog
+                .version(&name, version.as_deref())
+                .with_context(|| format!("catalog review {name}"))?;
+            let path = dir
+                .root()
+                .join(&v.version.storage_path)
+                .join(enclave::ingest::REVIEW_FILE);
+            let key = dir.keystore()?.get(&v.version.key_id)?;
+            let mut shown = 0;
+            for batch in enclave::storage::read_encrypted(&path, &key)
+                .with_context(|| format!("{name}@{} has no review file", v.version.version))?
+            {
+                let batch = batch?;
+                let col = |i: usize| {
+                    batch
+                        .column(i)
+                        .as_any()
+                        .downcast_ref::<arrow::array::StringArray>()
+                        .cloned()
+                };
+                let (Some(table), Some(kind), Some(found), Some(before), Some(after)) =
+                    (col(0), col(1), col(2), col(3), col(4))
+                else {
+                    anyhow::bail!("the review file of {name} is not in the expected layout");
+                };
+                for r in 0..batch.num_rows() {
+                    println!(
+                        "[{}] {}: …{}⟦{}⟧{}…",
+                        kind.value(r),
+                        table.value(r),
+                        before.value(r).replace('\n', " "),
+                        found.value(r),
+                        after.value(r).replace('\n', " ")
+                    );
+                    shown += 1;
+                }
+            }
+            eprintln!(
+                "{shown} scrubbed spans of {name}@{} (a sample per placeholder type)",
+                v.version.version
+            );
         }
         CatalogCommand::Show {
             name,

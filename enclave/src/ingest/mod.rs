@@ -205,6 +205,7 @@ pub fn ingest(
     );
     progress.finish();
     let (mut sinks, quarantine_reasons, unrecognised) = result?;
+    let review_sample = write_review(&deid, &staging.0, &key_id, &data_key)?;
 
     // Values no other person holds are withheld from the value and time columns, unless a column has
     // so many that its coarsening is too fine: then the run fails below, naming it.
@@ -299,6 +300,7 @@ pub fn ingest(
                     .collect(),
             }),
         withheld_event_times: deid.withheld_events().clone(),
+        review_sample,
         risk: deid.risk_report(),
         out_of_domain: deid.out_of_domain().clone(),
         scrubbed: deid
@@ -581,6 +583,47 @@ fn write_version(
     }
     Ok((out, reasons, orphan_quarantined))
 }
+
+/// Writes the sample of scrubbed spans in their context (original text) to the version's encrypted
+/// `review.parquet`, for the provider to check what scrubbing took; returns the items per placeholder.
+fn write_review(
+    deid: &Deidentifier,
+    staging: &Path,
+    key_id: &str,
+    key: &Secret,
+) -> Result<BTreeMap<String, u64>> {
+    let schema = Arc::new(Schema::new(
+        ["table", "placeholder", "found", "before", "after"]
+            .map(|n| Field::new(n, DataType::Utf8, false))
+            .to_vec(),
+    ));
+    let sample = deid.review_sample();
+    let column = |f: &dyn Fn(&deidentify::ReviewItem) -> &str| {
+        Arc::new(sample.iter().map(|i| Some(f(i))).collect::<StringArray>())
+            as Arc<dyn arrow::array::Array>
+    };
+    let batch = arrow::record_batch::RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            column(&|i| i.table.name()),
+            column(&|i| i.kind.label()),
+            column(&|i| &i.found),
+            column(&|i| &i.before),
+            column(&|i| &i.after),
+        ],
+    )?;
+    let mut writer = EncryptedWriter::create(&staging.join(REVIEW_FILE), schema, key_id, key)?;
+    writer.write(&batch)?;
+    writer.finish()?;
+    let mut counts = BTreeMap::new();
+    for i in sample {
+        *counts.entry(i.kind.label().to_owned()).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+/// The version's file of scrubbed spans in their context.
+pub const REVIEW_FILE: &str = "review.parquet";
 
 /// Where each file starts in a pass's bytes, and the pass's total.
 fn byte_bases(files: &[&SourceFile]) -> (Vec<u64>, u64) {

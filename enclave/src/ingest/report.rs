@@ -116,6 +116,10 @@ pub struct IngestReport {
     pub k_anonymity: Option<KAnonReport>,
     /// Free-text placeholders inserted, per kind.
     pub scrubbed: BTreeMap<String, u64>,
+    /// Scrubbed spans kept in their context for the provider's review (the version's encrypted
+    /// `review.parquet`, read with `enclave catalog review`), per kind.
+    #[serde(default)]
+    pub review_sample: BTreeMap<String, u64>,
     /// Values outside a column's declared domain, per `table.column`: mapped to its `other` key, or
     /// their rows quarantined.
     pub out_of_domain: BTreeMap<String, deidentify::OutOfDomain>,
@@ -209,6 +213,12 @@ impl IngestReport {
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect();
             s += &format!("free text: placeholders inserted: {}\n", parts.join(", "));
+            let sampled: u64 = self.review_sample.values().sum();
+            s += &format!(
+                "  a sample of {sampled} in their context (up to {} per type) is in the encrypted review file: enclave catalog review {}\n",
+                deidentify::REVIEW_PER_KIND,
+                self.dataset
+            );
         }
         for (column, n) in &self.out_of_domain {
             s += &format!(
