@@ -217,6 +217,26 @@ struct Person {
     top_coded: bool,
 }
 
+impl Person {
+    /// A person as pass one registers them: released, unranked, with no birth limit yet.
+    fn new(person_id: [u8; 16], shift_days: i64, known: u32, canonical: u32) -> Person {
+        Person {
+            person_id,
+            shift_days,
+            known,
+            suppressed: false,
+            duplicate: false,
+            levels: 0,
+            class: 0,
+            birth_latest: i32::MIN,
+            alias: false,
+            canonical,
+            ages: AgeRule::Coarse,
+            top_coded: false,
+        }
+    }
+}
+
 /// Where pass one keeps each person's known identifiers (names, IDs, phone, address, dates) until pass
 /// two scrubs that person's notes. [`MemoryKnownStore`] keeps them in memory; the enclave's ingest passes
 /// an encrypted spill file, so that memory does not grow with them.
@@ -636,20 +656,12 @@ impl Deidentifier {
             .shift_days(&person_id, self.profile.date_shift_days);
         let mut id = [0u8; 16];
         hex::decode_to_slice(&person_id, &mut id).map_err(|_| "pseudonym is not 16 bytes")?;
-        let person = Person {
-            person_id: id,
+        let person = Person::new(
+            id,
             shift_days,
             known,
-            suppressed: false,
-            duplicate: false,
-            levels: 0,
-            class: 0,
-            birth_latest: i32::MIN,
-            alias: false,
-            canonical: u32::try_from(self.people.len()).unwrap_or(u32::MAX),
-            ages: AgeRule::Coarse,
-            top_coded: false,
-        };
+            u32::try_from(self.people.len()).unwrap_or(u32::MAX),
+        );
         let mut person = person;
         let n_qi = self
             .profile
@@ -1718,20 +1730,7 @@ mod tests {
     #[test]
     fn a_date_shifted_out_of_range_is_refused_not_a_panic() {
         let d = deidentifier("jp-pseudonymized-medical");
-        let person = Person {
-            person_id: [0; 16],
-            shift_days: 10,
-            known: 0,
-            suppressed: false,
-            duplicate: false,
-            levels: 0,
-            class: 0,
-            birth_latest: i32::MIN,
-            alias: false,
-            canonical: 0,
-            ages: AgeRule::Exact,
-            top_coded: false,
-        };
+        let person = Person::new([0; 16], 10, 0, 0);
         let end = NaiveDate::MAX.and_hms_opt(23, 0, 0).expect("time");
         for (table, column, value) in [
             (Table::Encounters, "start", Value::Timestamp(end)),

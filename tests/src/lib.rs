@@ -472,6 +472,40 @@ impl Opened {
     }
 }
 
+/// The rows of a generated export's CSV table, as column → value.
+pub fn source_csv(export: &Path, table: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let mut r =
+        csv::Reader::from_path(export.join("csv").join(format!("{table}.csv"))).expect("csv");
+    let headers = r.headers().expect("headers").clone();
+    r.records()
+        .map(|rec| {
+            headers
+                .iter()
+                .zip(rec.expect("record").iter())
+                .map(|(h, v)| (h.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .collect()
+}
+
+/// The person_id each source patient of a generated export must get: the keyed hash of its validated
+/// national ID.
+#[cfg(feature = "danger-test-hooks")]
+pub fn expected_person_ids(
+    opened: &Opened,
+    export: &Path,
+) -> std::collections::HashMap<String, String> {
+    let p = opened.pseudonymizer();
+    source_csv(export, "patients")
+        .into_iter()
+        .map(|r| {
+            let (norm, _) =
+                deidentify::ids::validate_national_id(&r["SSN"]).expect("valid demo national ID");
+            (r["Id"].clone(), p.person_from_national_id(&norm))
+        })
+        .collect()
+}
+
 /// Record batches as rows of optional strings.
 pub fn to_rows(batches: &[arrow::record_batch::RecordBatch]) -> Vec<Vec<Option<String>>> {
     let mut rows = Vec::new();

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use enclave_e2e::{Opened, Scratch, enclave_command};
+use enclave_e2e::{Opened, Scratch, enclave_command, expected_person_ids, source_csv};
 use policies::{Action, Profile, Table};
 
 const K: u64 = 5;
@@ -47,21 +47,6 @@ fn ingest(
 
 fn number(v: &Option<String>) -> f64 {
     v.as_deref().expect("a value").parse().expect("a number")
-}
-
-fn source_rows(export: &Path, table: &str) -> Vec<HashMap<String, String>> {
-    let mut r =
-        csv::Reader::from_path(export.join("csv").join(format!("{table}.csv"))).expect("csv");
-    let headers = r.headers().expect("headers").clone();
-    r.records()
-        .map(|rec| {
-            headers
-                .iter()
-                .zip(rec.expect("record").iter())
-                .map(|(h, v)| (h.to_owned(), v.to_owned()))
-                .collect()
-        })
-        .collect()
 }
 
 /// k over every quasi-identifier the profile lists, recomputed from the decrypted patients table.
@@ -157,14 +142,7 @@ fn linkage(
     profile: &Profile,
     attacks: &[(Table, &str, &str)],
 ) -> Vec<(String, usize, usize, f64)> {
-    let pseudonyms = opened.pseudonymizer();
-    let person_of: HashMap<String, String> = source_rows(export, "patients")
-        .into_iter()
-        .map(|r| {
-            let (norm, _) = deidentify::ids::validate_national_id(&r["SSN"]).expect("valid");
-            (r["Id"].clone(), pseudonyms.person_from_national_id(&norm))
-        })
-        .collect();
+    let person_of = expected_person_ids(opened, export);
     let mut out = Vec::new();
     for (table, column, source_column) in attacks {
         let Some(Action::Coarsen(c)) = profile.rule(*table, column).map(|r| &r.action) else {
@@ -177,7 +155,7 @@ fn linkage(
         };
         let mut source: HashMap<u64, HashSet<String>> = HashMap::new();
         let mut exact: HashMap<u64, HashSet<String>> = HashMap::new();
-        for r in source_rows(export, table.name()) {
+        for r in source_csv(export, table.name()) {
             let Ok(v) = r[*source_column].parse::<f64>() else {
                 continue;
             };

@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use chrono::NaiveDateTime;
-use enclave_e2e::{Opened, Scratch, enclave_output, manifest, scan_bytes, shared_data, to_rows};
+use enclave_e2e::{
+    Opened, Scratch, enclave_output, expected_person_ids, manifest, scan_bytes, shared_data,
+    source_csv, to_rows,
+};
 
 /// Identifiers from the manifest, long enough that a chance match in ciphertext is impossible in practice.
 /// `with_notes` adds the PHI planted in notes; without it, bare birth dates are left out too (in decrypted,
@@ -318,34 +321,6 @@ fn k_anonymity_holds(opened: &Opened, dataset: &str, qis: &[&str], k: u64) {
         .expect("number");
     println!("{dataset}: smallest class over ({q}) has {smallest} persons");
     assert!(smallest >= k, "{dataset}: a class of {smallest} < k = {k}");
-}
-
-fn source_csv(export: &Path, table: &str) -> Vec<HashMap<String, String>> {
-    let mut r =
-        csv::Reader::from_path(export.join("csv").join(format!("{table}.csv"))).expect("csv");
-    let headers = r.headers().expect("headers").clone();
-    r.records()
-        .map(|rec| {
-            headers
-                .iter()
-                .zip(rec.expect("record").iter())
-                .map(|(h, v)| (h.to_owned(), v.to_owned()))
-                .collect()
-        })
-        .collect()
-}
-
-/// The person_id each source patient must get: the keyed hash of its validated national ID.
-fn expected_person_ids(opened: &Opened, export: &Path) -> HashMap<String, String> {
-    let p = opened.pseudonymizer();
-    source_csv(export, "patients")
-        .into_iter()
-        .map(|r| {
-            let (norm, _) =
-                deidentify::ids::validate_national_id(&r["SSN"]).expect("valid demo national ID");
-            (r["Id"].clone(), p.person_from_national_id(&norm))
-        })
-        .collect()
 }
 
 /// The same national ID at two providers (CSV at H1, FHIR at H2) becomes the same person_id.
