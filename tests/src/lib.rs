@@ -107,8 +107,29 @@ impl Scratch {
         profile: &str,
         extra: &[&str],
     ) -> serde_json::Value {
+        let out = self.ingest_output(data, provider, dataset, input, profile, extra);
+        assert!(
+            out.status.success(),
+            "ingest of {dataset} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("report JSON")
+    }
+
+    /// Runs `enclave ingest … --json` and returns its output, whatever its exit status.
+    pub fn ingest_output(
+        &self,
+        data: &str,
+        provider: &str,
+        dataset: &str,
+        input: &Path,
+        profile: &str,
+        extra: &[&str],
+    ) -> Output {
         let input = input.to_str().expect("utf-8 path");
         let mut args = vec![
+            "--data-dir",
+            data,
             "ingest",
             "--provider",
             provider,
@@ -121,7 +142,7 @@ impl Scratch {
             "--json",
         ];
         args.extend_from_slice(extra);
-        serde_json::from_str(&self.enclave(data, &args)).expect("report JSON")
+        enclave_output(self.path(), &args)
     }
 }
 

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use enclave_e2e::{Opened, Scratch, enclave_command, expected_person_ids, source_csv};
+use enclave_e2e::{Opened, Scratch, expected_person_ids, source_csv};
 use policies::{Action, Profile, Table};
 
 const K: u64 = 5;
@@ -19,25 +19,7 @@ fn ingest(
     input: &Path,
     profile: &str,
 ) -> Result<serde_json::Value, String> {
-    let out = enclave_command(
-        s.path(),
-        &[
-            "--data-dir",
-            "data",
-            "ingest",
-            "--provider",
-            "H1",
-            "--dataset",
-            dataset,
-            "--input",
-            input.to_str().expect("utf-8"),
-            "--profile",
-            profile,
-            "--json",
-        ],
-    )
-    .output()
-    .expect("run enclave");
+    let out = s.ingest_output("data", "H1", dataset, input, profile, &[]);
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).expect("report JSON"))
     } else {

@@ -526,23 +526,13 @@ fn injected_errors_are_quarantined_with_a_reason_and_every_row_is_accounted_for(
     }
 
     // Over the limit the run fails and publishes nothing.
-    let out = enclave_output(
-        s.path(),
-        &[
-            "--data-dir",
-            "data",
-            "ingest",
-            "--provider",
-            "H1",
-            "--dataset",
-            "bad-strict",
-            "--input",
-            "export/csv",
-            "--profile",
-            "hipaa-safe-harbor",
-            "--max-quarantine-ratio",
-            "0.01",
-        ],
+    let out = s.ingest_output(
+        "data",
+        "H1",
+        "bad-strict",
+        &s.path().join("export/csv"),
+        "hipaa-safe-harbor",
+        &["--max-quarantine-ratio", "0.01"],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
