@@ -26,6 +26,32 @@ struct Note {
     known: KnownIdentifiers,
 }
 
+impl Note {
+    /// A labelled note scrubbed as for a person with these record names and birth date, whose birth
+    /// year is released in a band (every age is protected).
+    fn new(
+        text: String,
+        labels: Vec<(usize, usize, String)>,
+        names: &[String],
+        birth: Option<NaiveDate>,
+    ) -> Note {
+        let mut known = KnownIdentifiers::default();
+        known.ages = AgeRule::Coarse;
+        for name in names {
+            known.add(name, PhiKind::Name);
+        }
+        if let Some(b) = birth {
+            known.add_date(b);
+        }
+        known.seal();
+        Note {
+            text,
+            labels,
+            known,
+        }
+    }
+}
+
 fn data(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/data")
@@ -57,14 +83,7 @@ fn hand_notes() -> Vec<Note> {
                 last = all.end();
             }
             text.push_str(&n[last..]);
-            let mut known = KnownIdentifiers::default();
-            known.ages = AgeRule::Coarse;
-            known.seal();
-            Note {
-                text,
-                labels,
-                known,
-            }
+            Note::new(text, labels, &[], None)
         })
         .collect()
 }
@@ -124,20 +143,7 @@ fn fhir_notes() -> Vec<Note> {
                     labels.push((m.start(), m.end(), "NAME".into()));
                 }
             }
-            let mut known = KnownIdentifiers::default();
-            known.ages = AgeRule::Coarse;
-            for name in &names {
-                known.add(name, PhiKind::Name);
-            }
-            if let Some(b) = birth {
-                known.add_date(b);
-            }
-            known.seal();
-            Note {
-                text,
-                labels,
-                known,
-            }
+            Note::new(text, labels, &names, birth)
         })
         .collect()
 }

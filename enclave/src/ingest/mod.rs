@@ -7,6 +7,8 @@
 //! 4. Files are fsynced, the staging directory is renamed into place, and the version is published in one
 //!    catalog transaction. A run that dies before that leaves nothing visible; re-running works.
 //!
+//! The scrubbed spans' review sample goes to the encrypted `review.parquet` (`REVIEW_FILE`).
+//!
 //! Beside it: `report` (the figures the provider reads), `quarantine` (rows held back, with why),
 //! `spill` (identifiers between the passes, under a key only this process has), `progress` (stderr: each
 //! pass's share of the input's bytes, rows/s and time left).
