@@ -24,7 +24,7 @@
 //! combination is shared by at least k persons. The outcome gives each person's levels, so the transform
 //! releases exactly what was counted.
 
-use std::collections::{HashMap, HashSet};
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 
 use chrono::{Datelike, NaiveDate};
 

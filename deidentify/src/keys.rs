@@ -28,6 +28,7 @@ impl hkdf::KeyType for HmacLen {
 }
 
 /// The derived keys the pipeline uses.
+#[derive(Clone)]
 pub struct Pseudonymizer {
     person: hmac::Key,
     token: hmac::Key,

@@ -21,12 +21,15 @@ pub mod transform;
 pub mod value;
 
 pub use keys::{LinkageKey, Pseudonymizer};
-pub use read::{Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discover, read_file};
+pub use read::{
+    Ahead, Discovery, Item, Pass, Rejected, SourceFile, SourceRecord, discover, read_file,
+    read_file_ahead,
+};
 pub use risk::{ColumnRisk, RiskReport, SingledOut, TableRisk};
 pub use scrub::{AgeRule, KnownIdentifiers, PhiKind, ScrubCounts, phi_spans, scrub};
 pub use transform::{
-    Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, REVIEW_PER_KIND, ReleasedColumn,
-    ReviewItem, Skip, TableOutput,
+    Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, Prescan, REVIEW_PER_KIND,
+    ReleasedColumn, ReviewItem, Skip, TableOutput,
 };
 
 /// Errors that stop a whole run (a bad row is never one of these: it is quarantined).

@@ -2,7 +2,8 @@
 //!
 //! [`discover`] walks the input path and decides what each file is (CSV by its header, FHIR by
 //! `resourceType`); [`read_file`] streams one file as canonical records through a callback, one at a time,
-//! so memory stays bounded whatever the export's size. A record that cannot be parsed is handed on as a
+//! so memory stays bounded whatever the export's size; [`read_file_ahead`] does the same with the parsing
+//! and per-record preparation on threads of their own. A record that cannot be parsed is handed on as a
 //! [`Rejected`] item with its origin and reason — nothing is dropped silently.
 
 use std::collections::BTreeMap;
@@ -46,6 +47,18 @@ pub struct SourceRecord {
     pub values: Vec<Option<Value>>,
     /// Where it came from.
     pub origin: Origin,
+    /// Work done on it ahead of the transform, on another thread (see [`read_file_ahead`]).
+    pub ahead: Ahead,
+}
+
+/// What a preparing thread found for a record ahead of the transform, by column index; the transform
+/// works out anything not here itself.
+#[derive(Debug, Clone, Default)]
+pub struct Ahead {
+    /// The pattern spans of its scrubbed text values.
+    pub patterns: Vec<(usize, Box<[crate::scrub::Span]>)>,
+    /// The pseudonyms of its pseudonymized values.
+    pub tokens: Vec<(usize, String)>,
 }
 
 impl SourceRecord {
@@ -252,6 +265,107 @@ pub enum Pass {
 
 /// Counts of FHIR resources outside the model, by type.
 pub type Unmodelled = BTreeMap<String, u64>;
+
+/// Items a reading thread hands over at once, and batches in flight at most.
+const AHEAD_BATCH: usize = 256;
+const AHEAD_BATCHES: usize = 8;
+
+type Senders = Vec<std::sync::mpsc::SyncSender<Vec<Item>>>;
+type Receivers = Vec<std::sync::mpsc::Receiver<Vec<Item>>>;
+
+/// `n` bounded channels of batches.
+fn channels(n: usize) -> (Senders, Receivers) {
+    (0..n)
+        .map(|_| std::sync::mpsc::sync_channel(AHEAD_BATCHES))
+        .unzip()
+}
+
+/// [`read_file`] with the parsing on one thread and the preparing of records on others, one per entry
+/// of `preparers` (batches go to them in turn): rows reach `sink` in the same order, a few batches
+/// ahead at most (memory stays bounded). When `sink` fails, reading stops and its error is the answer.
+pub fn read_file_ahead(
+    file: &SourceFile,
+    pass: Pass,
+    unmodelled: &mut Unmodelled,
+    preparers: &mut [&mut (dyn FnMut(&mut SourceRecord) + Send)],
+    sink: &mut dyn FnMut(Item) -> Result<()>,
+) -> Result<()> {
+    let lanes = preparers.len().max(1);
+    let (to_prepare, parsed) = channels(lanes);
+    let (to_sink, prepared) = channels(lanes);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let mut found = Unmodelled::new();
+            let mut batch = Vec::with_capacity(AHEAD_BATCH);
+            let mut lane = 0;
+            let read = read_file(file, pass, &mut found, &mut |item| {
+                batch.push(item);
+                if batch.len() == AHEAD_BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(AHEAD_BATCH));
+                    // A receiver is gone only when the sink failed: stop quietly, its error wins.
+                    to_prepare[lane]
+                        .send(full)
+                        .map_err(|_| Error::Sink("the consumer stopped".into()))?;
+                    lane = (lane + 1) % lanes;
+                }
+                Ok(())
+            });
+            if read.is_ok() && !batch.is_empty() {
+                let _ = to_prepare[lane].send(batch);
+            }
+            read.map(|()| found)
+        });
+        let mut lanes_in = parsed.into_iter().zip(to_sink);
+        for prepare in preparers.iter_mut() {
+            let Some((parsed, to_sink)) = lanes_in.next() else {
+                break;
+            };
+            scope.spawn(move || {
+                for mut batch in parsed {
+                    for item in &mut batch {
+                        if let Item::Record(rec) = item {
+                            prepare(rec);
+                        }
+                    }
+                    if to_sink.send(batch).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        // Without preparers the one lane passes batches on as they are.
+        for (parsed, to_sink) in lanes_in {
+            scope.spawn(move || {
+                for batch in parsed {
+                    if to_sink.send(batch).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        // Batches went to the lanes in turn, so they come back in turn: the first lane found closed
+        // is the end of the file.
+        let mut consumed = Ok(());
+        for lane in (0..lanes).cycle() {
+            let Ok(batch) = prepared[lane].recv() else {
+                break;
+            };
+            consumed = batch.into_iter().try_for_each(&mut *sink);
+            if consumed.is_err() {
+                break;
+            }
+        }
+        drop(prepared);
+        let read = reader
+            .join()
+            .map_err(|_| Error::Sink("the reading thread panicked".into()))?;
+        consumed?;
+        for (k, n) in read? {
+            *unmodelled.entry(k).or_default() += n;
+        }
+        Ok(())
+    })
+}
 
 /// Streams one file's rows into `sink`.
 pub fn read_file(
@@ -506,6 +620,7 @@ fn read_csv(
         match failure {
             Some(reason) => sink(reject(reason))?,
             None => sink(Item::Record(derive(SourceRecord {
+                ahead: Ahead::default(),
                 table,
                 values,
                 origin: origin(),
@@ -583,6 +698,7 @@ fn resource(
         Ok(()) => {
             for values in rows {
                 sink(Item::Record(derive(SourceRecord {
+                    ahead: Ahead::default(),
                     table,
                     values,
                     origin: origin.clone(),
@@ -957,4 +1073,90 @@ fn patient(r: &Json, b: &mut RowBuilder) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A patients CSV of `n` rows, every seventh with a birth date that does not parse.
+    fn export(n: usize) -> (tempfile::TempDir, SourceFile) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut csv = String::from(
+            "Id,BIRTHDATE,DEATHDATE,SSN,DRIVERS,PASSPORT,PREFIX,FIRST,LAST,SUFFIX,MAIDEN,MARITAL,RACE,\
+             ETHNICITY,GENDER,BIRTHPLACE,ADDRESS,CITY,STATE,COUNTY,ZIP,LAT,LON,HEALTHCARE_EXPENSES,\
+             HEALTHCARE_COVERAGE\n",
+        );
+        for i in 0..n {
+            let birth = if i % 7 == 3 {
+                "not a date"
+            } else {
+                "1970-01-02"
+            };
+            csv.push_str(&format!(
+                "p{i},{birth},,,,,,Ann,Lee,,,M,white,nonhispanic,F,,1 Main St,Town,Massachusetts,\
+                 Middlesex,02155,42.1,-71.1,100.5,10.0\n"
+            ));
+        }
+        std::fs::write(dir.path().join("patients.csv"), csv).expect("write");
+        let found = discover(dir.path(), &CsvMapping::synthea()).expect("discover");
+        let file = found.files.into_iter().next().expect("one file");
+        (dir, file)
+    }
+
+    fn line(item: &Item) -> (bool, u64) {
+        match item {
+            Item::Record(r) => (true, r.origin.line),
+            Item::Rejected(r) => (false, r.origin.line),
+        }
+    }
+
+    #[test]
+    fn reading_ahead_hands_on_what_reading_does_in_order() {
+        let (_dir, file) = export(AHEAD_BATCH * AHEAD_BATCHES * 3 + 17);
+        let mut direct = Vec::new();
+        read_file(&file, Pass::All, &mut Unmodelled::new(), &mut |i| {
+            direct.push(line(&i));
+            Ok(())
+        })
+        .expect("read");
+        let mut ahead = Vec::new();
+        let (mut one, mut two) = (|_: &mut SourceRecord| {}, |_: &mut SourceRecord| {});
+        read_file_ahead(
+            &file,
+            Pass::All,
+            &mut Unmodelled::new(),
+            &mut [&mut one, &mut two],
+            &mut |i| {
+                ahead.push(line(&i));
+                Ok(())
+            },
+        )
+        .expect("read ahead");
+        assert_eq!(direct.len(), AHEAD_BATCH * AHEAD_BATCHES * 3 + 17);
+        assert!(direct.iter().any(|(ok, _)| !ok), "bad rows are handed on");
+        assert_eq!(ahead, direct);
+    }
+
+    #[test]
+    fn a_failing_sink_stops_reading_and_its_error_is_the_answer() {
+        let (_dir, file) = export(AHEAD_BATCH * AHEAD_BATCHES * 4);
+        let mut seen = 0;
+        let err = read_file_ahead(
+            &file,
+            Pass::All,
+            &mut Unmodelled::new(),
+            &mut [],
+            &mut |_| {
+                seen += 1;
+                if seen == 1000 {
+                    return Err(Error::Sink("disk full".into()));
+                }
+                Ok(())
+            },
+        )
+        .expect_err("fails");
+        assert_eq!(err.to_string(), "disk full");
+        assert_eq!(seen, 1000, "nothing is handed on after the failure");
+    }
 }

@@ -21,10 +21,10 @@
 //! Values are compared by a 64-bit hash under a key drawn for this run (aHash, randomly keyed: collisions,
 //! which could only merge two values and so under-count by one, have probability about 2⁻⁶⁴ per pair).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 
-use ahash::RandomState;
+use ahash::{AHashMap as HashMap, AHashSet as HashSet, RandomState};
 
 use policies::Table;
 use serde::Serialize;

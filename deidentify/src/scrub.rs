@@ -315,6 +315,9 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         .collect()
 });
 
+/// A span of text (byte offsets) and what it is.
+pub type Span = (usize, usize, PhiKind);
+
 /// Replacement counts per kind.
 pub type ScrubCounts = BTreeMap<PhiKind, u64>;
 
@@ -340,6 +343,29 @@ pub fn render(text: &str, spans: &[(usize, usize, PhiKind)], counts: &mut ScrubC
 /// The spans [`scrub`] replaces, merged where they overlap (each with the kind of its earliest, longest
 /// part), in text order.
 pub fn phi_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, PhiKind)> {
+    with_patterns(text, known, &pattern_spans(text))
+}
+
+/// A text's spans from its pattern spans (from [`pattern_spans`], found beforehand: on the reading
+/// thread, or in a [`PatternCache`]) and the person's own identifiers and age rule.
+pub fn with_patterns(
+    text: &str,
+    known: &KnownIdentifiers,
+    patterns: &[(usize, usize, PhiKind)],
+) -> Vec<(usize, usize, PhiKind)> {
+    let mut spans = known_spans(text, known);
+    spans.extend(patterns.iter().filter_map(|&(s, e, kind)| {
+        if kind == PhiKind::Age {
+            age_span(text, s, e, known.ages).map(|k| (s, e, k))
+        } else {
+            Some((s, e, kind))
+        }
+    }));
+    merge(spans)
+}
+
+/// The spans of the person's own identifiers in `text`.
+fn known_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, PhiKind)> {
     let mut spans: Vec<(usize, usize, PhiKind)> = Vec::new();
     if !known.finders.is_empty() {
         // A person has a few dozen known strings and a few short notes: SIMD substring search over a
@@ -358,6 +384,13 @@ pub fn phi_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, Phi
             }
         }
     }
+    spans
+}
+
+/// The spans the patterns and name lists find in `text`, the same for every person (ages as `Age`
+/// whatever they say: [`with_patterns`] applies the person's age rule), in no particular order.
+pub fn pattern_spans(text: &str) -> Vec<(usize, usize, PhiKind)> {
+    let mut spans: Vec<(usize, usize, PhiKind)> = Vec::new();
     // One pass over the text says which patterns occur at all; only those are searched for positions.
     for i in PATTERN_SET.matches(text).iter() {
         let p = &PATTERNS[i];
@@ -367,12 +400,7 @@ pub fn phi_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, Phi
             {
                 continue;
             }
-            if p.kind == PhiKind::Age {
-                match age_span(text, m.start(), m.end(), known.ages) {
-                    Some(kind) => spans.push((m.start(), m.end(), kind)),
-                    None => continue,
-                }
-            } else if p.group == 0 {
+            if p.group == 0 {
                 spans.push((m.start(), m.end(), p.kind));
             } else if let Some(g) =
                 p.re.captures_at(&text[..m.end()], m.start())
@@ -384,7 +412,12 @@ pub fn phi_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, Phi
         }
     }
     crate::names::find(text, &mut spans);
-    // Earliest start first; at equal starts, the longest span (and the known-identifier kind) wins.
+    spans
+}
+
+/// Earliest start first; at equal starts, the longest span (and the known-identifier kind) wins; overlaps
+/// merge into one span.
+fn merge(mut spans: Vec<(usize, usize, PhiKind)>) -> Vec<(usize, usize, PhiKind)> {
     spans.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     let mut merged: Vec<(usize, usize, PhiKind)> = Vec::with_capacity(spans.len());
     for (s, e, k) in spans {
@@ -394,6 +427,47 @@ pub fn phi_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, Phi
         }
     }
     merged
+}
+
+/// Short texts recur (coded answers, descriptions, templated sentences): their pattern spans are kept,
+/// so the regular expressions run once per distinct text rather than once per row. Bounded: texts longer
+/// than [`PatternCache::MAX_TEXT`] are not kept, and the cache starts afresh when it holds
+/// [`PatternCache::MAX_ENTRIES`]. It lives in memory only, beside the rows being scrubbed.
+#[derive(Default)]
+pub struct PatternCache {
+    spans: ahash::AHashMap<Box<str>, Box<[Span]>>,
+}
+
+impl PatternCache {
+    /// Longest text kept, in bytes.
+    pub const MAX_TEXT: usize = 160;
+    /// Texts kept at most.
+    pub const MAX_ENTRIES: usize = 32 * 1024;
+
+    /// [`pattern_spans`], from the cache when the text was seen before.
+    pub fn pattern_spans(&mut self, text: &str) -> Box<[Span]> {
+        if text.len() > Self::MAX_TEXT {
+            return pattern_spans(text).into_boxed_slice();
+        }
+        if let Some(found) = self.spans.get(text) {
+            return found.clone();
+        }
+        let found = pattern_spans(text).into_boxed_slice();
+        if self.spans.len() >= Self::MAX_ENTRIES {
+            self.spans.clear();
+        }
+        self.spans.insert(Box::from(text), found.clone());
+        found
+    }
+
+    /// What [`phi_spans`] gives, with the pattern part from the cache.
+    pub fn phi_spans(
+        &mut self,
+        text: &str,
+        known: &KnownIdentifiers,
+    ) -> Vec<(usize, usize, PhiKind)> {
+        with_patterns(text, known, &self.pattern_spans(text))
+    }
 }
 
 fn emit(
@@ -547,5 +621,53 @@ mod tests {
         let k = KnownIdentifiers::default();
         let text = "Hemoglobin 13.2 g/dL, HbA1c 6.1 %. Continue metformin 500 mg twice daily.";
         assert_eq!(scrub(text, &k, &mut ScrubCounts::new()), text);
+    }
+
+    #[test]
+    fn the_pattern_cache_answers_as_the_patterns_do_for_every_person() {
+        let mut alice = KnownIdentifiers::default();
+        alice.add("Zork12", PhiKind::Name);
+        alice.seal();
+        let mut bob = KnownIdentifiers::default();
+        bob.add("Quux34", PhiKind::Name);
+        bob.ages = AgeRule::TopCoded;
+        bob.seal();
+        let texts = [
+            "Never smoker",
+            "Zork12 and Quux34 seen 2023-01-27, 93 years old",
+            "Quux34: 45 y/o, MRN 1234567",
+            "",
+            "0.12/0.015 mg",
+        ];
+        let mut cache = PatternCache::default();
+        for round in 0..3 {
+            for text in texts {
+                for person in [&alice, &bob, &KnownIdentifiers::default()] {
+                    assert_eq!(
+                        cache.phi_spans(text, person),
+                        phi_spans(text, person),
+                        "round {round}: {text}"
+                    );
+                }
+            }
+        }
+        // The same text, the same patterns, but the person's own name is found from their record.
+        let text = "Zork12 and Quux34 seen 2023-01-27, 93 years old";
+        let as_bob = render(text, &cache.phi_spans(text, &bob), &mut ScrubCounts::new());
+        assert_eq!(as_bob, "Zork12 and [NAME] seen [DATE], [AGE 90+]");
+        let as_alice = render(
+            text,
+            &cache.phi_spans(text, &alice),
+            &mut ScrubCounts::new(),
+        );
+        assert_eq!(as_alice, "[NAME] and Quux34 seen [DATE], [AGE]");
+        // Long texts are not kept; a full cache starts afresh.
+        let long = "Seen 2023-01-27. ".repeat(20);
+        assert_eq!(cache.phi_spans(&long, &alice), phi_spans(&long, &alice));
+        for i in 0..PatternCache::MAX_ENTRIES + 10 {
+            let t = format!("dose {i} mg");
+            assert_eq!(cache.phi_spans(&t, &alice), phi_spans(&t, &alice));
+        }
+        assert!(cache.spans.len() <= PatternCache::MAX_ENTRIES);
     }
 }

@@ -6,7 +6,9 @@
 //! [`Deidentifier::transform`] maps every row of every table through the profile into a [`TableOutput`],
 //! or says why it was quarantined or suppressed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use ahash::AHashMap as HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -26,7 +28,7 @@ use crate::kanon::{KAnonOutcome, anonymize, climb, latest_day, level_of};
 use crate::keys::Pseudonymizer;
 use crate::read::SourceRecord;
 use crate::risk::{Cell, Measured, RiskMeter, RiskReport, SingledOut, Withhold};
-use crate::scrub::{AgeRule, KnownIdentifiers, PhiKind, ScrubCounts, scrub};
+use crate::scrub::{AgeRule, KnownIdentifiers, PatternCache, PhiKind, ScrubCounts, scrub};
 use crate::value::Value;
 
 /// Scrubbed spans kept per placeholder type for the provider's review.
@@ -343,6 +345,70 @@ pub struct OutOfDomain {
     pub quarantined: u64,
 }
 
+/// What the reading thread does ahead of the transform: the pattern spans of the text columns the profile
+/// scrubs (the same for every person), so the transform has only the person's own identifiers and age
+/// rule to add ([`Deidentifier::prescan`]).
+pub struct Prescan {
+    scrubbed: BTreeMap<Table, Vec<usize>>,
+    pseudonymized: BTreeMap<Table, Vec<(usize, &'static str)>>,
+    cache: PatternCache,
+    keys: Pseudonymizer,
+    provider: String,
+    last_token: HashMap<&'static str, (String, String)>,
+}
+
+impl Prescan {
+    /// Finds the pattern spans of the record's scrubbed text values and the pseudonyms of its
+    /// pseudonymized values.
+    pub fn apply(&mut self, rec: &mut SourceRecord) {
+        if let Some(columns) = self.scrubbed.get(&rec.table) {
+            for &i in columns {
+                if let Some(text) = rec
+                    .values
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .and_then(Value::as_text)
+                {
+                    rec.ahead.patterns.push((i, self.cache.pattern_spans(text)));
+                }
+            }
+        }
+        if let Some(columns) = self.pseudonymized.get(&rec.table) {
+            for &(i, column) in columns {
+                if let Some(v) = rec.values.get(i).and_then(Option::as_ref) {
+                    let token = cached_token(
+                        &mut self.last_token,
+                        &self.keys,
+                        &self.provider,
+                        column,
+                        &text_of(v),
+                    );
+                    rec.ahead.tokens.push((i, token));
+                }
+            }
+        }
+    }
+}
+
+/// The pseudonym of `value` in `column`, from `last` when the column's previous value was the same (rows
+/// of one encounter come together).
+fn cached_token(
+    last: &mut HashMap<&'static str, (String, String)>,
+    keys: &Pseudonymizer,
+    provider: &str,
+    column: &'static str,
+    value: &str,
+) -> String {
+    if let Some((v, t)) = last.get(column)
+        && v == value
+    {
+        return t.clone();
+    }
+    let t = keys.token(column, provider, value);
+    last.insert(column, (value.to_owned(), t.clone()));
+    t
+}
+
 /// The de-identifying transform for one ingest run.
 pub struct Deidentifier {
     profile: Profile,
@@ -364,6 +430,8 @@ pub struct Deidentifier {
     kanon: Option<KAnonOutcome>,
     scrub_counts: ScrubCounts,
     cached_matcher: Option<(usize, KnownIdentifiers)>,
+    /// Pattern spans of recurring short texts.
+    pattern_cache: PatternCache,
     /// The last value and token per pseudonymized column: rows of one encounter come together.
     last_token: std::cell::RefCell<HashMap<&'static str, (String, String)>>,
     national_id_linked: u64,
@@ -467,6 +535,7 @@ impl Deidentifier {
             kanon: None,
             scrub_counts: ScrubCounts::new(),
             cached_matcher: None,
+            pattern_cache: PatternCache::default(),
             last_token: std::cell::RefCell::new(HashMap::new()),
             national_id_linked: 0,
             row_buf: Vec::new(),
@@ -486,6 +555,32 @@ impl Deidentifier {
     fn shifted(&self, rule: &ColumnRule) -> bool {
         self.profile.date_shift_days > 0
             && matches!(rule.action, Action::DateShift | Action::TruncateTime(_))
+    }
+
+    /// The scrubbing work a reading thread can do ahead, for this profile.
+    pub fn prescan(&self) -> Prescan {
+        let mut scrubbed: BTreeMap<Table, Vec<usize>> = BTreeMap::new();
+        let mut pseudonymized: BTreeMap<Table, Vec<(usize, &'static str)>> = BTreeMap::new();
+        for (t, (_, cols)) in &self.outputs {
+            for c in &cols[1..] {
+                match c.rule.action {
+                    Action::Scrub => scrubbed.entry(*t).or_default().push(c.source),
+                    Action::Pseudonymize => pseudonymized
+                        .entry(*t)
+                        .or_default()
+                        .push((c.source, c.rule.column)),
+                    _ => {}
+                }
+            }
+        }
+        Prescan {
+            scrubbed,
+            pseudonymized,
+            cache: PatternCache::default(),
+            keys: self.keys.clone(),
+            provider: self.provider.clone(),
+            last_token: HashMap::new(),
+        }
     }
 
     /// The profile in force.
@@ -1061,15 +1156,21 @@ impl Deidentifier {
                             known.ages = person.ages;
                             self.cached_matcher = Some((idx, known));
                         }
-                        let known = self.cached_matcher.as_ref().map(|(_, k)| k);
-                        let spans = crate::scrub::phi_spans(
-                            text,
-                            known.unwrap_or(&KnownIdentifiers::default()),
-                        );
+                        let none = KnownIdentifiers::default();
+                        let known = self.cached_matcher.as_ref().map_or(&none, |(_, k)| k);
+                        let spans = match rec.ahead.patterns.iter().find(|(i, _)| *i == c.source) {
+                            Some((_, found)) => crate::scrub::with_patterns(text, known, found),
+                            None => self.pattern_cache.phi_spans(text, known),
+                        };
                         self.review.offer(table, text, &spans);
                         Out::Str(crate::scrub::render(text, &spans, &mut counts))
                     }
                 }
+            } else if let Some((_, token)) = (c.rule.action == Action::Pseudonymize)
+                .then(|| rec.ahead.tokens.iter().find(|(i, _)| *i == c.source))
+                .flatten()
+            {
+                Out::Str(token.clone())
             } else {
                 match self.apply(&c.rule, v, person, &mut counts) {
                     Ok(o) => o,
@@ -1141,15 +1242,13 @@ impl Deidentifier {
     }
 
     fn token(&self, column: &'static str, value: &str) -> String {
-        let mut cache = self.last_token.borrow_mut();
-        if let Some((v, t)) = cache.get(column)
-            && v == value
-        {
-            return t.clone();
-        }
-        let t = self.keys.token(column, &self.provider, value);
-        cache.insert(column, (value.to_owned(), t.clone()));
-        t
+        cached_token(
+            &mut self.last_token.borrow_mut(),
+            &self.keys,
+            &self.provider,
+            column,
+            value,
+        )
     }
 
     fn apply(
@@ -1614,6 +1713,7 @@ mod tests {
         SourceRecord {
             table,
             values: row,
+            ahead: crate::read::Ahead::default(),
             origin: Origin {
                 file: "test".into(),
                 line: 1,
@@ -1725,6 +1825,60 @@ mod tests {
         let (out, quarantined) = released(&mut d, &rows);
         assert_eq!((out.len(), quarantined), (5, 1));
         assert_eq!(d.smallest_written_class(), Some(5));
+    }
+
+    #[test]
+    fn work_done_ahead_gives_the_rows_the_transform_gives_alone() {
+        let notes = || {
+            (0..6).flat_map(|i| {
+                [0, 1].map(|j| {
+                    record(
+                        Table::Notes,
+                        &[
+                            ("note_id", Value::Text(format!("n{i}-{j}"))),
+                            ("patient_id", Value::Text(format!("p{i}"))),
+                            ("encounter_id", Value::Text(format!("e{i}"))),
+                            (
+                                "date",
+                                Value::Timestamp(date(2023, 1, 27).and_hms_opt(9, j, 0).expect("t")),
+                            ),
+                            (
+                                "text",
+                                Value::Text(format!(
+                                    "Seen 2023-01-27 with her son Ken. Call 555-810-72{i}{j}. Aged 9{i}."
+                                )),
+                            ),
+                        ],
+                    )
+                })
+            })
+        };
+        let patients: Vec<SourceRecord> = (0..6)
+            .map(|i| patient(&format!("p{i}"), None, "F", date(1930, 1, 1)))
+            .collect();
+        let run = |ahead: bool| {
+            let mut d = deidentifier("hipaa-safe-harbor");
+            for r in &patients {
+                d.add_patient(r);
+            }
+            d.finish_patients();
+            let mut prescan = d.prescan();
+            let mut out = TableOutput::new(d.schema(Table::Notes));
+            for mut r in notes() {
+                if ahead {
+                    prescan.apply(&mut r);
+                    assert!(!r.ahead.patterns.is_empty() && !r.ahead.tokens.is_empty());
+                }
+                d.transform(&r, &mut out).expect("released");
+            }
+            (out.take_batch().expect("batch"), d.scrub_counts().clone())
+        };
+        let (alone, alone_counts) = run(false);
+        let (ahead, ahead_counts) = run(true);
+        assert_eq!(alone.num_rows(), 12);
+        assert_eq!(alone, ahead);
+        assert_eq!(alone_counts, ahead_counts);
+        assert_eq!(alone_counts.get(&PhiKind::AgeOver89), Some(&12));
     }
 
     #[test]

@@ -95,6 +95,10 @@ impl fmt::Display for Coarsening {
 /// 0.3, not 0.30000000000000004).
 fn on_step(v: f64, step: f64) -> f64 {
     let r = (v / step).round() * step;
+    if step.fract() == 0.0 {
+        // A whole step has no decimals: the multiple is exact already.
+        return r;
+    }
     let text = step.to_string();
     let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
     if decimals == 0 || decimals > 17 {
@@ -108,8 +112,44 @@ fn significant(v: f64, digits: u32) -> f64 {
     if v == 0.0 || !v.is_finite() {
         return v;
     }
+    if let Some(r) = significant_by_arithmetic(v, digits) {
+        return r;
+    }
     let precision = digits.saturating_sub(1) as usize;
     format!("{v:.precision$e}").parse().unwrap_or(v)
+}
+
+/// Powers of ten a double holds exactly.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// [`significant`] without formatting, where arithmetic gives the same double: the value scaled to
+/// `digits` integer digits is rounded to the integer `m`, and `m` divided (or multiplied) by an exact
+/// power of ten is, by IEEE rounding, the nearest double to the decimal — what parsing the formatted
+/// text gives. `None` (the formatting path decides) where the scaled value lies too close to a half or
+/// to a decade's edge for the inexact scaling to be trusted, or out of the exact range.
+fn significant_by_arithmetic(v: f64, digits: u32) -> Option<f64> {
+    if !(1..=15).contains(&digits) {
+        return None;
+    }
+    let a = v.abs();
+    if !(1e-15..1e15).contains(&a) {
+        return None;
+    }
+    let e = a.log10().floor() as i32;
+    let k = digits as i32 - 1 - e;
+    let scale = *POW10.get(k.unsigned_abs() as usize)?;
+    let x = if k >= 0 { a * scale } else { a / scale };
+    let (low, high) = (POW10[digits as usize - 1], POW10[digits as usize]);
+    let margin = 1e-9;
+    if x < low * (1.0 + margin) || x > high * (1.0 - margin) || (x.fract() - 0.5).abs() < margin {
+        return None;
+    }
+    let m = x.round();
+    let r = if k >= 0 { m / scale } else { m * scale };
+    Some(r.copysign(v))
 }
 
 /// How finely a time is released, coarsest first.
@@ -248,5 +288,53 @@ mod tests {
             "before 1970 too"
         );
         assert!(TimeGrain::Year < TimeGrain::Day && TimeGrain::Hour < TimeGrain::Second);
+    }
+
+    #[test]
+    fn significant_digits_by_arithmetic_equal_the_formatted_decimal() {
+        let by_text = |v: f64, digits: u32| -> f64 {
+            let precision = digits as usize - 1;
+            format!("{v:.precision$e}").parse().expect("parses")
+        };
+        // Halves and decade edges (the formatting path decides them), then values over 40 decades.
+        let mut values = vec![
+            0.15,
+            0.25,
+            1.5,
+            2.5e-3,
+            0.045,
+            0.001,
+            1000.0,
+            999.95,
+            99.95,
+            1e-15,
+            9.999_999_999e14,
+            0.3,
+            123_456.5,
+            1e15,
+            1e-16,
+            5e-324,
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mantissa = (x >> 11) as f64 / (1u64 << 53) as f64;
+            let exponent = (x % 40) as i32 - 20;
+            values.push(mantissa * 10f64.powi(exponent));
+        }
+        for v in values {
+            for digits in 1..=6 {
+                for v in [v, -v] {
+                    let expected = if v == 0.0 { v } else { by_text(v, digits) };
+                    assert_eq!(
+                        significant(v, digits).to_bits(),
+                        expected.to_bits(),
+                        "{v} to {digits} digits"
+                    );
+                }
+            }
+        }
     }
 }

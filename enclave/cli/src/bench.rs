@@ -99,6 +99,7 @@ fn run_phase(name: &str, input: &Path, out: &Path) -> Result<PhaseFigures> {
 pub fn ingest_bench(
     patients: usize,
     work_dir: Option<PathBuf>,
+    runs: usize,
     today: chrono::NaiveDate,
 ) -> Result<()> {
     let tmp;
@@ -139,10 +140,24 @@ pub fn ingest_bench(
         let input = export.join("csv");
         let plain_out = work.join(format!("plain-{n}"));
         let data = work.join(format!("data-{n}"));
-        let _ = std::fs::remove_dir_all(&plain_out);
-        let _ = std::fs::remove_dir_all(&data);
-        let plain = run_phase("plain", &input, &plain_out)?;
-        let real = run_phase("ingest", &input, &data)?;
+        let mut best: [Option<PhaseFigures>; 2] = [None, None];
+        for _ in 0..runs.max(1) {
+            for (slot, phase) in best.iter_mut().zip(["plain", "ingest"]) {
+                let _ = std::fs::remove_dir_all(&plain_out);
+                let _ = std::fs::remove_dir_all(&data);
+                let figures = run_phase(
+                    phase,
+                    &input,
+                    if phase == "plain" { &plain_out } else { &data },
+                )?;
+                if slot.as_ref().is_none_or(|b| figures.seconds < b.seconds) {
+                    *slot = Some(figures);
+                }
+            }
+        }
+        let [Some(plain), Some(real)] = best else {
+            return Err(Error::Internal("no run of the benchmark finished".into()));
+        };
         let (pr, ir) = (
             plain.rows as f64 / plain.seconds,
             real.rows as f64 / real.seconds,
@@ -162,7 +177,8 @@ pub fn ingest_bench(
         let _ = std::fs::remove_dir_all(&data);
     }
     println!(
-        "\nratio = ingest rows/s ÷ plain rows/s (target ≥ 50 %); MiB = peak RSS of that phase; plain = the same readers\n\
+        "\nratio = ingest rows/s ÷ plain rows/s (target ≥ 50 %), each the fastest of {runs} runs; MiB = peak RSS of that\n\
+         phase; plain = the same readers\n\
          encoding every row as read into Parquet (Snappy) written to a sink: nothing is stored"
     );
     println!(

@@ -12,6 +12,11 @@ use enclave::ingest::{IngestOptions, ingest};
 use enclave_cli::demo::{DemoFormat, DemoOptions};
 use notebooks_gateway::auth::{Accounts, Role};
 
+/// mimalloc: the ingest's threads hand rows to one another, and glibc's allocator serialises on the
+/// frees of memory another thread allocated (DataFusion's own CLI uses mimalloc for the same reasons).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "enclave",
@@ -325,6 +330,10 @@ enum BenchCommand {
         /// Work directory (default: a temporary one).
         #[arg(long)]
         work_dir: Option<PathBuf>,
+        /// Runs of each phase at each size; the fastest counts (other load on the machine only ever
+        /// slows a run down).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
     /// The DP engine against plain DataFusion on the same rows, and against SmartNoise SQL.
     Dp {
@@ -591,9 +600,11 @@ fn run(cli: Cli) -> Result<()> {
             BenchCommand::Gateway { work_dir } => {
                 enclave_cli::bench_gateway::gateway_bench(work_dir)?
             }
-            BenchCommand::Ingest { patients, work_dir } => {
-                enclave_cli::bench::ingest_bench(patients, work_dir, demo_today())?
-            }
+            BenchCommand::Ingest {
+                patients,
+                work_dir,
+                runs,
+            } => enclave_cli::bench::ingest_bench(patients, work_dir, runs, demo_today())?,
             BenchCommand::Dp {
                 patients,
                 work_dir,

@@ -11,14 +11,15 @@
 //!
 //! Beside it: `report` (the figures the provider reads), `quarantine` (rows held back, with why),
 //! `spill` (identifiers between the passes, under a key only this process has), `progress` (stderr: each
-//! pass's share of the input's bytes, rows/s and time left).
+//! pass's share of the input's bytes, rows/s and time left), `writer` (the thread that encodes and
+//! encrypts while this one de-identifies).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, StringArray};
+use arrow::array::StringArray;
 use arrow::datatypes::{DataType, Field, Schema};
 use catalog::{CatalogStore, ColumnEntry, Coverage, NewVersion, Provenance, TableEntry};
 use deidentify::{
@@ -30,12 +31,14 @@ mod progress;
 mod quarantine;
 mod report;
 mod spill;
+mod writer;
 
 pub use report::{ColumnAction, IngestReport, KAnonReport, PersonCounts, RowCounts, peak_rss_kib};
 
 use progress::Progress;
 use quarantine::Quarantine;
 use spill::KnownSpill;
+use writer::{Span, TableWriters};
 
 use crate::datadir::DataDir;
 use crate::keys::{Keystore, Secret};
@@ -99,9 +102,7 @@ impl IngestOptions {
 
 struct TableSink {
     output: TableOutput,
-    writer: EncryptedWriter,
     counts: RowCounts,
-    span: (Option<String>, Option<String>),
 }
 
 /// The staging directory of one run: removed when the run ends, whatever way it ends (after a publish it
@@ -179,10 +180,11 @@ pub fn ingest(
     let (bases, total) = byte_bases(&first);
     progress.phase("pass 1/2: patients", total);
     for (file, base) in first.into_iter().zip(bases) {
-        deidentify::read_file(
+        deidentify::read_file_ahead(
             file,
             Pass::PatientsOnly,
             &mut BTreeMap::new(),
+            &mut [],
             &mut |item| {
                 if let Item::Record(rec) = item {
                     progress.tick(base + rec.origin.byte, 1);
@@ -462,9 +464,6 @@ pub fn ingest(
     Ok(report)
 }
 
-/// The earliest and latest event of a table, as text.
-type Span = (Option<String>, Option<String>);
-
 type Sinks = BTreeMap<Table, (RowCounts, Span)>;
 
 fn write_version(
@@ -477,24 +476,28 @@ fn write_version(
     unmodelled: &mut BTreeMap<String, u64>,
 ) -> Result<(Sinks, BTreeMap<String, u64>, u64)> {
     let mut sinks = BTreeMap::new();
+    let mut writers = BTreeMap::new();
     for t in Table::ALL {
         let schema = deid.schema(t);
-        let writer = EncryptedWriter::create(
-            &staging.join(format!("{}.parquet", t.name())),
-            schema.clone(),
-            key_id,
-            key,
-        )?;
+        writers.insert(
+            t,
+            EncryptedWriter::create(
+                &staging.join(format!("{}.parquet", t.name())),
+                schema.clone(),
+                key_id,
+                key,
+            )?,
+        );
         sinks.insert(
             t,
             TableSink {
                 output: TableOutput::new(schema),
-                writer,
                 counts: RowCounts::default(),
-                span: (None, None),
             },
         );
     }
+    // Encoding and encryption run on the second core while this thread reads and de-identifies.
+    let mut writers = TableWriters::start(writers)?;
     let qschema = Arc::new(Schema::new(
         ["table", "origin", "reason", "raw"]
             .map(|n| Field::new(n, DataType::Utf8, false))
@@ -515,9 +518,16 @@ fn write_version(
     let (bases, total) = byte_bases(&files.iter().collect::<Vec<_>>());
     progress.phase("pass 2/2: de-identifying", total);
     let mut seen = 0u64;
+    // One thread parses; two find the scrubbed texts' pattern spans and the pseudonyms (notes are
+    // mostly pattern matching); this one transforms; another encodes and encrypts.
+    let (mut first, mut second) = (deid.prescan(), deid.prescan());
+    let mut first = |rec: &mut deidentify::SourceRecord| first.apply(rec);
+    let mut second = |rec: &mut deidentify::SourceRecord| second.apply(rec);
     for (file, base) in files.iter().zip(bases) {
         tracing::info!(file = %file.path().display(), "reading");
-        deidentify::read_file(file, Pass::All, unmodelled, &mut |item| {
+        let preparers: &mut [&mut (dyn FnMut(&mut deidentify::SourceRecord) + Send)] =
+            &mut [&mut first, &mut second];
+        deidentify::read_file_ahead(file, Pass::All, unmodelled, preparers, &mut |item| {
             seen += 1;
             if seen.is_multiple_of(1024) {
                 let at = match &item {
@@ -536,7 +546,8 @@ fn write_version(
                         Ok(()) => {
                             sink.counts.written += 1;
                             if sink.output.len() >= BATCH_ROWS {
-                                flush(sink).map_err(|e| deidentify::Error::Sink(e.to_string()))?;
+                                flush(rec.table, sink, &mut writers)
+                                    .map_err(|e| deidentify::Error::Sink(e.to_string()))?;
                             }
                         }
                         Err(Skip::Suppressed) => sink.counts.suppressed += 1,
@@ -577,12 +588,14 @@ fn write_version(
     }
     quarantine.flush()?;
     quarantine.writer.finish()?;
-    let mut out = BTreeMap::new();
-    for (t, mut sink) in sinks {
-        flush(&mut sink)?;
-        sink.writer.finish()?;
-        out.insert(t, (sink.counts, sink.span));
+    for (t, sink) in &mut sinks {
+        flush(*t, sink, &mut writers)?;
     }
+    let mut spans = writers.finish()?;
+    let out = sinks
+        .into_iter()
+        .map(|(t, sink)| (t, (sink.counts, spans.remove(&t).unwrap_or_default())))
+        .collect();
     Ok((out, reasons, orphan_quarantined))
 }
 
@@ -641,34 +654,11 @@ fn byte_bases(files: &[&SourceFile]) -> (Vec<u64>, u64) {
     (bases, total)
 }
 
-fn flush(sink: &mut TableSink) -> Result<()> {
+fn flush(table: Table, sink: &mut TableSink, writers: &mut TableWriters) -> Result<()> {
     if sink.output.is_empty() {
         return Ok(());
     }
-    let batch = sink.output.take_batch()?;
-    widen_span(&mut sink.span, &batch)?;
-    sink.writer.write(&batch)
-}
-
-/// Coverage: the earliest and latest event of the table's first temporal (or year) column.
-fn widen_span(span: &mut Span, batch: &arrow::record_batch::RecordBatch) -> Result<()> {
-    if let Some((i, _)) = batch.schema().fields().iter().enumerate().find(|(_, f)| {
-        matches!(f.data_type(), DataType::Timestamp(..) | DataType::Date32)
-            || (f.data_type() == &DataType::Int32 && f.name() != "birth_year")
-    }) {
-        let text = arrow::compute::cast(batch.column(i), &DataType::Utf8)?;
-        if let Some(s) = text.as_any().downcast_ref::<StringArray>() {
-            for v in s.iter().flatten() {
-                if span.0.as_deref().is_none_or(|m| v < m) {
-                    span.0 = Some(v.to_owned());
-                }
-                if span.1.as_deref().is_none_or(|m| v > m) {
-                    span.1 = Some(v.to_owned());
-                }
-            }
-        }
-    }
-    Ok(())
+    writers.write(table, sink.output.take_batch()?)
 }
 
 /// Rewrites a staged table with its singled-out values withheld (through the transform, which measures
@@ -683,14 +673,25 @@ fn withhold_singled_out(
     let path = staging.join(format!("{}.parquet", table.name()));
     let rewritten = staging.join(format!("{}.parquet.withheld", table.name()));
     deid.begin_withholding(table);
-    let mut span = (None, None);
-    let mut writer = EncryptedWriter::create(&rewritten, deid.schema(table), key_id, key)?;
-    for batch in crate::storage::read_encrypted(&path, key)? {
-        let batch = deid.withhold_batch(&batch?)?;
-        widen_span(&mut span, &batch)?;
-        writer.write(&batch)?;
-    }
-    writer.finish()?;
+    let writer = EncryptedWriter::create(&rewritten, deid.schema(table), key_id, key)?;
+    let mut writers = TableWriters::start(BTreeMap::from([(table, writer)]))?;
+    // Decoding on one thread, withholding on this one, encoding on the writer's.
+    let batches = crate::storage::read_encrypted(&path, key)?;
+    std::thread::scope(|scope| -> Result<()> {
+        let (to_withhold, decoded) = std::sync::mpsc::sync_channel(2);
+        scope.spawn(move || {
+            for batch in batches {
+                if to_withhold.send(batch).is_err() {
+                    break;
+                }
+            }
+        });
+        for batch in decoded {
+            writers.write(table, deid.withhold_batch(&batch?)?)?;
+        }
+        Ok(())
+    })?;
+    let span = writers.finish()?.remove(&table).unwrap_or_default();
     std::fs::rename(&rewritten, &path).map_err(|e| Error::io(&path, e))?;
     Ok(span)
 }
