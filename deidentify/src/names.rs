@@ -131,20 +131,17 @@ fn introduces(window: &str) -> bool {
     let start = tail
         .char_indices()
         .rev()
-        .take_while(|(_, c)| c.is_alphabetic() || *c == '\'')
+        .take_while(|(_, c)| !c.is_whitespace() && !c.is_ascii_punctuation() || *c == '\'')
         .last()
         .map_or(tail.len(), |(i, _)| i);
     let last = &tail[start..];
-    let last = last
-        .strip_suffix("'s")
-        .or_else(|| last.strip_suffix("'S"))
-        .unwrap_or(last);
-    let listed = if last.is_ascii() {
-        INTRODUCER_ENDS.iter().any(|w| last.eq_ignore_ascii_case(w))
-    } else {
-        INTRODUCER_ENDS.contains(&last.to_lowercase().as_str())
-    };
-    listed && INTRODUCER.is_match(window)
+    // An apostrophe (`son's`, or a word boundary before `'son`) or a letter outside ASCII (which
+    // case-insensitive matching may fold into one: `ſ` is an `s`) goes to the pattern itself.
+    if !last.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return INTRODUCER.is_match(window);
+    }
+    // Letters and digits only: a listed word, or (with a digit in it) nothing the pattern ends on.
+    INTRODUCER_ENDS.iter().any(|w| last.eq_ignore_ascii_case(w)) && INTRODUCER.is_match(window)
 }
 
 /// A credential after a name.
@@ -324,7 +321,9 @@ mod tests {
         let phrases = "Seen with her son Ken. His daughter's: Ann. Wife, Lee. Husband named Bo. FIANCÉE Jo. \
             Fiancee called Al. neighbour: Sam. Signed by: Ray. Dictated by Tom. Discussed with Eve. Spoke to \
             Max. Per Liz. Attending : Ng. PCP: Ito. cc: Orr. Name: Ada. Patient: Oz. Carer Pat. \
-            Grandmother's Meg. The interpreter, Ali. Reviewed  Bob. seen by : Guy.";
+            Grandmother's Meg. The interpreter, Ali. Reviewed  Bob. seen by : Guy. the 'son Ike. w/ \
+            pt'son Ona. from 'friend, Uma. o'per Ivy. ſon Eli. daughter'ſ Ada. \u{212A}en per: Zed. \
+            2son Kai. son ,Lu. son,:Mo.";
         let mut checked = 0;
         for text in [corpus, phrases] {
             for (start, _) in text.char_indices() {

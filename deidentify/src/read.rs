@@ -310,7 +310,8 @@ pub fn read_file_ahead(
                 }
                 Ok(())
             });
-            if read.is_ok() && !batch.is_empty() {
+            // The rows read before an error are handed on too, as `read_file` would have.
+            if !batch.is_empty() {
                 let _ = to_prepare[lane].send(batch);
             }
             read.map(|()| found)

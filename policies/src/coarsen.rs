@@ -325,7 +325,7 @@ mod tests {
             values.push(mantissa * 10f64.powi(exponent));
         }
         for v in values {
-            for digits in 1..=6 {
+            for digits in (1..=6).chain(13..=15) {
                 for v in [v, -v] {
                     let expected = if v == 0.0 { v } else { by_text(v, digits) };
                     assert_eq!(

@@ -2,13 +2,15 @@
 //! reading thread de-identifies the next rows.
 //!
 //! Batches travel over a bounded channel (a few batches at most in flight, so memory stays flat); the
-//! thread owns one [`EncryptedWriter`] per table and widens each table's coverage span as batches pass.
+//! thread owns one [`EncryptedWriter`] per table and keeps each table's earliest and latest event as
+//! batches pass (as numbers, formatted once at the end).
 //! The first error stops the thread; the reading thread sees it at its next send or at [`finish`].
 //!
 //! [`finish`]: TableWriters::finish
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
@@ -32,33 +34,46 @@ type Written = BTreeMap<Table, Span>;
 pub(super) struct TableWriters {
     to_thread: Option<SyncSender<(Table, RecordBatch)>>,
     thread: Option<JoinHandle<Result<Written>>>,
+    /// Set when the run is dropped without [`TableWriters::finish`].
+    abandoned: Arc<AtomicBool>,
 }
 
 impl TableWriters {
     /// Starts the thread with these writers.
     pub(super) fn start(writers: BTreeMap<Table, EncryptedWriter>) -> Result<TableWriters> {
         let (to_thread, batches) = sync_channel::<(Table, RecordBatch)>(IN_FLIGHT);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let stop = abandoned.clone();
         let thread = std::thread::Builder::new()
             .name("ingest-writer".into())
             .spawn(move || {
                 let mut writers = writers;
-                let mut spans: Written = writers.keys().map(|t| (*t, (None, None))).collect();
+                let mut extremes: BTreeMap<Table, Extremes> =
+                    writers.keys().map(|t| (*t, Extremes::default())).collect();
                 for (table, batch) in batches {
                     let writer = writers
                         .get_mut(&table)
                         .ok_or_else(|| Error::Internal(format!("no writer for {table}")))?;
-                    widen_span(spans.entry(table).or_default(), &batch)?;
+                    extremes.entry(table).or_default().widen(&batch)?;
                     writer.write(&batch)?;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    // The run is abandoned: its files go with the staging directory, unfinished.
+                    return Err(Error::Internal("the ingest stopped".into()));
                 }
                 for (_, w) in writers {
                     w.finish()?;
                 }
-                Ok(spans)
+                extremes
+                    .into_iter()
+                    .map(|(t, e)| Ok((t, e.span()?)))
+                    .collect()
             })
             .map_err(|e| Error::Io("writer thread".into(), e))?;
         Ok(TableWriters {
             to_thread: Some(to_thread),
             thread: Some(thread),
+            abandoned,
         })
     }
 
@@ -97,51 +112,63 @@ impl TableWriters {
 
 impl Drop for TableWriters {
     fn drop(&mut self) {
-        // An abandoned run still waits for the thread, so its files are closed before staging goes.
+        // An abandoned run still waits for the thread, so its files are closed before staging goes,
+        // but does not write their footers or sync them.
         if self.thread.is_some() {
+            self.abandoned.store(true, Ordering::Relaxed);
             let _ = self.join();
         }
     }
 }
 
-/// Coverage: the earliest and latest event of the batch's first temporal (or year) column, compared as
-/// numbers and only the two extremes formatted.
-fn widen_span(span: &mut Span, batch: &RecordBatch) -> Result<()> {
-    let schema = batch.schema();
-    let Some((i, field)) = schema.fields().iter().enumerate().find(|(_, f)| {
-        matches!(f.data_type(), DataType::Timestamp(..) | DataType::Date32)
-            || (f.data_type() == &DataType::Int32 && f.name() != "birth_year")
-    }) else {
-        return Ok(());
-    };
-    let data_type = field.data_type().clone();
-    let numbers = arrow::compute::cast(batch.column(i), &DataType::Int64)?;
-    let Some(numbers) = numbers.as_any().downcast_ref::<Int64Array>() else {
-        return Ok(());
-    };
-    let (Some(lo), Some(hi)) = (arrow::compute::min(numbers), arrow::compute::max(numbers)) else {
-        return Ok(());
-    };
-    let extremes: Arc<dyn Array> = Arc::new(Int64Array::from(vec![lo, hi]));
-    // Dates and years are 32-bit underneath: through that width to their own type.
-    let physical = match data_type {
-        DataType::Date32 | DataType::Int32 => DataType::Int32,
-        _ => DataType::Int64,
-    };
-    let typed = arrow::compute::cast(&arrow::compute::cast(&extremes, &physical)?, &data_type)?;
-    let text = arrow::compute::cast(&typed, &DataType::Utf8)?;
-    let Some(text) = text.as_any().downcast_ref::<arrow::array::StringArray>() else {
-        return Ok(());
-    };
-    for v in text.iter().flatten() {
-        if span.0.as_deref().is_none_or(|m| v < m) {
-            span.0 = Some(v.to_owned());
-        }
-        if span.1.as_deref().is_none_or(|m| v > m) {
-            span.1 = Some(v.to_owned());
-        }
+/// The earliest and latest event seen so far, as numbers in the column's own unit, and its type.
+#[derive(Default)]
+struct Extremes(Option<(i64, i64, DataType)>);
+
+impl Extremes {
+    /// Widens by the batch's first temporal (or year) column, compared as numbers.
+    fn widen(&mut self, batch: &RecordBatch) -> Result<()> {
+        let schema = batch.schema();
+        let Some((i, field)) = schema.fields().iter().enumerate().find(|(_, f)| {
+            matches!(f.data_type(), DataType::Timestamp(..) | DataType::Date32)
+                || (f.data_type() == &DataType::Int32 && f.name() != "birth_year")
+        }) else {
+            return Ok(());
+        };
+        let numbers = arrow::compute::cast(batch.column(i), &DataType::Int64)?;
+        let Some(numbers) = numbers.as_any().downcast_ref::<Int64Array>() else {
+            return Ok(());
+        };
+        let (Some(lo), Some(hi)) = (arrow::compute::min(numbers), arrow::compute::max(numbers))
+        else {
+            return Ok(());
+        };
+        self.0 = Some(match self.0.take() {
+            Some((l, h, t)) => (l.min(lo), h.max(hi), t),
+            None => (lo, hi, field.data_type().clone()),
+        });
+        Ok(())
     }
-    Ok(())
+
+    /// The two extremes as the column's values in text.
+    fn span(&self) -> Result<Span> {
+        let Some((lo, hi, data_type)) = &self.0 else {
+            return Ok((None, None));
+        };
+        let extremes: Arc<dyn Array> = Arc::new(Int64Array::from(vec![*lo, *hi]));
+        // Dates and years are 32-bit underneath: through that width to their own type.
+        let physical = match data_type {
+            DataType::Date32 | DataType::Int32 => DataType::Int32,
+            _ => DataType::Int64,
+        };
+        let typed = arrow::compute::cast(&arrow::compute::cast(&extremes, &physical)?, data_type)?;
+        let text = arrow::compute::cast(&typed, &DataType::Utf8)?;
+        let Some(text) = text.as_any().downcast_ref::<arrow::array::StringArray>() else {
+            return Ok((None, None));
+        };
+        let at = |i: usize| (!text.is_null(i)).then(|| text.value(i).to_owned());
+        Ok((at(0), at(1)))
+    }
 }
 
 #[cfg(test)]
@@ -158,46 +185,57 @@ mod tests {
         .expect("batch")
     }
 
+    fn span_of(batches: &[RecordBatch]) -> Span {
+        let mut e = Extremes::default();
+        for b in batches {
+            e.widen(b).expect("widen");
+        }
+        e.span().expect("span")
+    }
+
     #[test]
     fn spans_compare_times_as_times_and_skip_nulls() {
-        let mut span = (None, None);
         let ts = TimestampMicrosecondArray::from(vec![
             Some(1_600_000_000_000_000),
             None,
             Some(-86_400_000_000),
             Some(1_700_000_000_000_000),
         ]);
-        widen_span(
-            &mut span,
-            &one(
-                DataType::Timestamp(TimeUnit::Microsecond, None),
-                "start",
-                Arc::new(ts),
-            ),
-        )
-        .expect("span");
-        assert_eq!(span.0.as_deref(), Some("1969-12-31T00:00:00"));
-        assert_eq!(span.1.as_deref(), Some("2023-11-14T22:13:20"));
-        let dates = Date32Array::from(vec![Some(-3650), Some(20_000)]);
-        widen_span(&mut span, &one(DataType::Date32, "date", Arc::new(dates))).expect("span");
-        assert_eq!(span.0.as_deref(), Some("1960-01-04"));
-        assert_eq!(span.1.as_deref(), Some("2024-10-04"));
+        let ts_type = DataType::Timestamp(TimeUnit::Microsecond, None);
+        assert_eq!(
+            span_of(&[one(ts_type, "start", Arc::new(ts))]),
+            (
+                Some("1969-12-31T00:00:00".into()),
+                Some("2023-11-14T22:13:20".into())
+            )
+        );
+        let dates = Date32Array::from(vec![Some(-3650), None, Some(20_000)]);
+        assert_eq!(
+            span_of(&[one(DataType::Date32, "date", Arc::new(dates))]),
+            (Some("1960-01-04".into()), Some("2024-10-04".into()))
+        );
+    }
+
+    #[test]
+    fn spans_over_batches_compare_numbers_not_text() {
+        // As text "1999" < "900" and "2023" < "900": the span must still be 900 to 2023.
+        let years = |v: Vec<i32>| one(DataType::Int32, "year", Arc::new(Int32Array::from(v)));
+        assert_eq!(
+            span_of(&[years(vec![900, 2023]), years(vec![1999])]),
+            (Some("900".into()), Some("2023".into()))
+        );
     }
 
     #[test]
     fn all_null_or_yearless_batches_leave_the_span() {
-        let mut span = (None, None);
         let nulls = Int32Array::from(vec![None, None]);
-        widen_span(&mut span, &one(DataType::Int32, "year", Arc::new(nulls))).expect("span");
         let births = Int32Array::from(vec![Some(1900)]);
-        widen_span(
-            &mut span,
-            &one(DataType::Int32, "birth_year", Arc::new(births)),
-        )
-        .expect("span");
-        assert_eq!(span, (None, None));
-        let years = Int32Array::from(vec![Some(2001), Some(1999)]);
-        widen_span(&mut span, &one(DataType::Int32, "year", Arc::new(years))).expect("span");
-        assert_eq!(span, (Some("1999".into()), Some("2001".into())));
+        assert_eq!(
+            span_of(&[
+                one(DataType::Int32, "year", Arc::new(nulls)),
+                one(DataType::Int32, "birth_year", Arc::new(births)),
+            ]),
+            (None, None)
+        );
     }
 }
