@@ -1,5 +1,10 @@
-//! The tamper-evident audit log: append-only records, each carrying the SHA-256 of the previous one, with
-//! Ed25519-signed checkpoints.
+//! The tamper-evident audit log: append-only records, each carrying the SHA-256 of the previous one, and
+//! each signed as the chain's head (Ed25519) when it is appended.
+//!
+//! A signed head ([`SignedHead`]: record number, chain hash, signature) is the receipt of the answer or
+//! refusal that record is about, and the board keeps the latest one outside the enclave as a witness
+//! (`enclave audit head --export`): [`verify_head`] then detects a log cut short after it, even by someone
+//! who also deleted the signatures and lowered the budgets to match.
 //!
 //! A record says who asked, from where, when, on which dataset version, the SQL, the plan's hash, the
 //! privacy cost, and the outcome (released, or refused with the rule). Records are appended only inside the
@@ -13,9 +18,6 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 
 use crate::{Error, Result};
-
-/// A checkpoint is signed after every this many records.
-pub const CHECKPOINT_EVERY: i64 = 32;
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -183,6 +185,53 @@ pub struct Record {
     pub prev_hash: String,
     /// Hash of this record.
     pub hash: String,
+    /// The Ed25519 signature of the chain's head at this record (hex; empty for records appended before
+    /// every record was signed).
+    pub signature: String,
+}
+
+impl Record {
+    /// The record's receipt: the chain's head it made, signed (none for an unsigned old record).
+    pub fn receipt(&self) -> Option<SignedHead> {
+        (!self.signature.is_empty()).then(|| SignedHead {
+            seq: self.seq,
+            hash: self.hash.clone(),
+            signature: self.signature.clone(),
+        })
+    }
+}
+
+/// The chain's head at a record, signed by the enclave's audit key: a receipt for that record, and a
+/// witness of the log's length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SignedHead {
+    /// The record's number.
+    pub seq: i64,
+    /// The chain's hash at that record.
+    pub hash: String,
+    /// Ed25519 over `rwd-enclave audit checkpoint v1\n{seq}\n{hash}` (hex).
+    pub signature: String,
+}
+
+impl SignedHead {
+    /// Reads a receipt or witness (JSON, as `enclave audit head` writes it; other fields are ignored).
+    pub fn from_json(text: &str) -> Result<SignedHead> {
+        serde_json::from_str(text).map_err(|e| {
+            Error::Config(format!(
+                "not a signed audit head (JSON with seq, hash and signature): {e}"
+            ))
+        })
+    }
+
+    /// True when the signature is the key's over this record number and hash.
+    pub fn signed_by(&self, public_key_hex: &str) -> bool {
+        let (Ok(pk), Ok(sig)) = (hex::decode(public_key_hex), hex::decode(&self.signature)) else {
+            return false;
+        };
+        UnparsedPublicKey::new(&ED25519, pk)
+            .verify(&checkpoint_message(self.seq, &self.hash), &sig)
+            .is_ok()
+    }
 }
 
 impl Record {
@@ -225,7 +274,7 @@ fn checkpoint_message(seq: i64, hash: &str) -> Vec<u8> {
     format!("rwd-enclave audit checkpoint v1\n{seq}\n{hash}").into_bytes()
 }
 
-/// Appends a record inside the caller's transaction; signs a checkpoint when one is due.
+/// Appends a record inside the caller's transaction and signs the chain's head at it.
 pub(crate) fn append(
     tx: &Transaction<'_>,
     signer: &Ed25519KeyPair,
@@ -253,6 +302,7 @@ pub(crate) fn append(
         rule: rule.to_owned(),
         prev_hash,
         hash: String::new(),
+        signature: String::new(),
     };
     rec.hash = rec.compute_hash();
     tx.execute(
@@ -265,19 +315,97 @@ pub(crate) fn append(
             rec.prev_hash, rec.hash, rec.draft.via.peer, rec.draft.via.session, rec.draft.via.decision
         ],
     )?;
-    if seq % CHECKPOINT_EVERY == 0 {
-        sign_checkpoint(tx, signer, seq, &rec.hash)?;
-    }
+    rec.signature = sign_checkpoint(tx, signer, seq, &rec.hash)?;
     Ok(rec)
 }
 
-fn sign_checkpoint(conn: &Connection, signer: &Ed25519KeyPair, seq: i64, hash: &str) -> Result<()> {
-    let sig = signer.sign(&checkpoint_message(seq, hash));
+/// Signs the head at `seq` and stores the signature; returns it (hex).
+fn sign_checkpoint(
+    conn: &Connection,
+    signer: &Ed25519KeyPair,
+    seq: i64,
+    hash: &str,
+) -> Result<String> {
+    let sig = hex::encode(signer.sign(&checkpoint_message(seq, hash)).as_ref());
     conn.execute(
         "INSERT OR REPLACE INTO audit_checkpoints (seq, hash, signature, at) VALUES (?1, ?2, ?3, ?4)",
-        params![seq, hash, hex::encode(sig.as_ref()), chrono::Utc::now().to_rfc3339()],
+        params![seq, hash, sig, chrono::Utc::now().to_rfc3339()],
     )?;
-    Ok(())
+    Ok(sig)
+}
+
+/// The latest signed head (signing one first if the latest record has none, as in logs written before
+/// every record was signed), or `None` for an empty log.
+pub(crate) fn latest_head(
+    conn: &Connection,
+    signer: &Ed25519KeyPair,
+) -> Result<Option<SignedHead>> {
+    let Some(seq) = checkpoint_now(conn, signer)? else {
+        return Ok(None);
+    };
+    Ok(conn
+        .query_row(
+            "SELECT seq, hash, signature FROM audit_checkpoints WHERE seq = ?1",
+            [seq],
+            |r| {
+                Ok(SignedHead {
+                    seq: r.get(0)?,
+                    hash: r.get(1)?,
+                    signature: r.get(2)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// Checks a signed head (a witness the board kept, or a receipt a researcher holds) against the log: the
+/// signature must be the audit key's, and the log must hold that record with that hash. A log that ends
+/// before it was cut short: the error names the missing records.
+pub fn verify_head(conn: &Connection, public_key_hex: &str, head: &SignedHead) -> Result<()> {
+    let broken = |seq: i64, why: String| Error::AuditBroken { seq, why };
+    if !head.signed_by(public_key_hex) {
+        return Err(broken(
+            head.seq,
+            "the signed head's signature is not the enclave's audit key's (forged or altered)"
+                .into(),
+        ));
+    }
+    let last: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit_log", [], |r| {
+        r.get(0)
+    })?;
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT hash FROM audit_log WHERE seq = ?1",
+            [head.seq],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match stored {
+        Some(h) if h == head.hash => Ok(()),
+        Some(_) => Err(broken(
+            head.seq,
+            "it differs from the signed head (the log was rewritten after it was signed)".into(),
+        )),
+        None if head.seq > last => {
+            let missing = if head.seq == last + 1 {
+                format!("record {} is missing", head.seq)
+            } else {
+                format!("records {} to {} are missing", last + 1, head.seq)
+            };
+            Err(broken(
+                last + 1,
+                format!(
+                    "{missing}: the log ends at record {last}, but the enclave signed its head at \
+                     record {} (truncated)",
+                    head.seq
+                ),
+            ))
+        }
+        None => Err(broken(
+            head.seq,
+            "the signed head names it but it is gone (deleted)".into(),
+        )),
+    }
 }
 
 /// Signs a checkpoint over the latest record now (`enclave audit checkpoint`, and before a verify).
@@ -341,16 +469,18 @@ fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         rule: r.get(12)?,
         prev_hash: r.get(13)?,
         hash: r.get(14)?,
+        signature: r.get(18)?,
     })
 }
 
-const SELECT_RECORD: &str =
-    "SELECT seq, at, principal, origin, dataset, version, sql, plan_hash, cost_epsilon, cost_delta,
-    cost_rho, outcome, rule, prev_hash, hash, peer, session, decision FROM audit_log";
+const SELECT_RECORD: &str = "SELECT l.seq, l.at, l.principal, l.origin, l.dataset, l.version, l.sql,
+    l.plan_hash, l.cost_epsilon, l.cost_delta, l.cost_rho, l.outcome, l.rule, l.prev_hash, l.hash, l.peer,
+    l.session, l.decision, COALESCE(c.signature, '')
+    FROM audit_log l LEFT JOIN audit_checkpoints c ON c.seq = l.seq AND c.hash = l.hash";
 
 /// The last `n` records, oldest first.
 pub fn tail(conn: &Connection, n: usize) -> Result<Vec<Record>> {
-    let mut stmt = conn.prepare(&format!("{SELECT_RECORD} ORDER BY seq DESC LIMIT ?1"))?;
+    let mut stmt = conn.prepare(&format!("{SELECT_RECORD} ORDER BY l.seq DESC LIMIT ?1"))?;
     let mut out = stmt
         .query_map([n as i64], read_record)?
         .collect::<Result<Vec<_>, _>>()?;
@@ -388,7 +518,7 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
         .map_err(|_| Error::Config("audit public key is not hex".into()))?;
     let public_key = UnparsedPublicKey::new(&ED25519, pk_bytes);
 
-    let mut stmt = conn.prepare(&format!("{SELECT_RECORD} ORDER BY seq"))?;
+    let mut stmt = conn.prepare(&format!("{SELECT_RECORD} ORDER BY l.seq"))?;
     let mut rows = stmt.query([])?;
     let (mut expected_seq, mut prev) = (1i64, GENESIS.to_owned());
     let mut hashes = std::collections::HashMap::new();

@@ -420,6 +420,16 @@ impl Ledger {
     pub fn verify(&self, public_key_hex: &str) -> Result<audit::Verified> {
         audit::verify(&self.conn(), public_key_hex)
     }
+
+    /// The latest signed head of the audit log (none while it is empty): what the board keeps outside.
+    pub fn head(&self) -> Result<Option<audit::SignedHead>> {
+        audit::latest_head(&self.conn(), &self.signer)
+    }
+
+    /// Checks a witness or receipt against the log ([`audit::verify_head`]).
+    pub fn verify_head(&self, public_key_hex: &str, head: &audit::SignedHead) -> Result<()> {
+        audit::verify_head(&self.conn(), public_key_hex, head)
+    }
 }
 
 /// A cost in pico-units: ε, δ, ρ.
@@ -824,6 +834,76 @@ mod tests {
             match ledger.verify(&ledger.public_key_hex()) {
                 Err(Error::AuditBroken { seq: s, .. }) => assert_eq!(s, seq, "{what}"),
                 other => panic!("{what}: expected a broken chain, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_record_is_signed_and_its_receipt_holds_until_the_log_is_changed_under_it() {
+        let (_d, db, key) = setup();
+        let ks = Keystore::open(&db, &key).expect("ks");
+        let ledger = Ledger::open(&db, &ks).expect("ledger");
+        let pk = ledger.public_key_hex();
+        ledger
+            .set_budget("test", "alice", "cohort", 10.0, 0.0, None)
+            .expect("set");
+        let receipts: Vec<audit::SignedHead> = (0..6)
+            .map(|i| {
+                let charged = ledger
+                    .charge(&draft("alice", &format!("q{i}")), epsilon(0.1))
+                    .expect("charge");
+                charged.record.receipt().expect("signed as appended")
+            })
+            .collect();
+        let refused = ledger
+            .refuse(&draft("bob", "q"), "access", "no grant")
+            .expect("refuse");
+        assert!(refused.receipt().expect("signed").signed_by(&pk));
+        let head = ledger.head().expect("head").expect("some");
+        assert_eq!(head.seq, 8);
+        assert_eq!(
+            ledger.tail(1).expect("tail")[0].receipt(),
+            Some(head.clone())
+        );
+        for r in receipts.iter().chain([&head]) {
+            ledger.verify_head(&pk, r).expect("holds");
+        }
+        // Another key's signature, or the right signature over another record, is not a receipt.
+        let mut forged = receipts[2].clone();
+        forged.seq = 2;
+        let other = Ed25519KeyPair::from_seed_unchecked(&[9; 32]).expect("key");
+        let foreign = audit::SignedHead {
+            signature: hex::encode(
+                other
+                    .sign(
+                        format!(
+                            "rwd-enclave audit checkpoint v1\n{}\n{}",
+                            head.seq, head.hash
+                        )
+                        .as_bytes(),
+                    )
+                    .as_ref(),
+            ),
+            ..head.clone()
+        };
+        for bad in [forged, foreign] {
+            match ledger.verify_head(&pk, &bad) {
+                Err(Error::AuditBroken { why, .. }) => {
+                    assert!(why.contains("not the enclave's"), "{why}")
+                }
+                other => panic!("a forged head verified: {other:?}"),
+            }
+        }
+        // A record deleted from the middle, or rewritten, fails its receipt.
+        tamper(&db, "DELETE FROM audit_log WHERE seq = 3");
+        tamper(&db, "UPDATE audit_log SET hash = 'x' WHERE seq = 5");
+        for (r, why) in [(&receipts[1], "gone"), (&receipts[3], "rewritten")] {
+            match ledger.verify_head(&pk, r) {
+                Err(Error::AuditBroken { seq, why: w }) => {
+                    assert_eq!(seq, r.seq);
+                    assert!(w.contains(why), "{w}");
+                }
+                other => panic!("a receipt of a changed record verified: {other:?}"),
             }
         }
     }

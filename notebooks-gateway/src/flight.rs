@@ -10,7 +10,8 @@
 //!   and an audit record.
 //! - **Answers** are the DP columns plus, for each noisy column `c`, `c_ci_low` and `c_ci_high` (95 %);
 //!   the schema's metadata has `enclave.noise` (scales and methods), `enclave.cost`, `enclave.budget`,
-//!   `enclave.truncation` and `enclave.audit_seq` (JSON), and each noisy field `enclave.noise_scale`.
+//!   `enclave.truncation`, `enclave.audit_seq` and `enclave.receipt` (JSON), and each noisy field
+//!   `enclave.noise_scale`.
 //! - **Catalog**: one catalog, `enclave`; its schemas are the datasets the caller may query now (Cedar),
 //!   their tables with column types; never row counts.
 //! - **Datasets**: a query names its dataset as its tables' schema (`FROM "demo-cohort".encounters`), or
@@ -181,6 +182,7 @@ pub fn answer_batch(answer: &enclave::dp::DpAnswer) -> Result<RecordBatch, Gatew
         ("enclave.budget", json(&full["budget"])),
         ("enclave.truncation", json(&full["truncation"])),
         ("enclave.audit_seq", answer.audit_seq.to_string()),
+        ("enclave.receipt", json(&full["receipt"])),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

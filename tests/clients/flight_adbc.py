@@ -62,6 +62,8 @@ assert abs(cost["epsilon"] - 0.1) < 1e-9, cost
 assert budget["spent_epsilon"] > 0, budget
 assert json.loads(meta["enclave.noise"])[0]["column"] == "n"
 assert int(meta["enclave.audit_seq"]) > 0
+receipt = json.loads(meta["enclave.receipt"])
+assert receipt["seq"] == int(meta["enclave.audit_seq"]) and len(receipt["signature"]) == 128, receipt
 frame = table.to_pandas()
 assert isinstance(frame, pd.DataFrame) and len(frame) == 4, frame
 assert (frame["n_ci_low"] <= frame["n_ci_high"]).all()

@@ -202,3 +202,99 @@ fn a_closed_output_pipe_is_not_a_panic() {
     let verify = s.enclave("enclave-data", &["audit", "verify"]);
     assert!(verify.contains("audit log verifies: 2 records"), "{verify}");
 }
+
+/// Someone with write access to the database deletes the last records (and their signatures) and lowers
+/// the budget's spent amount to match: the log alone still verifies, but not against the signed head the
+/// board keeps outside the enclave, and the researcher's receipt for a deleted query no longer verifies.
+#[test]
+fn a_log_cut_short_is_caught_by_the_boards_witness_and_the_researchers_receipt() {
+    let s = Scratch::new();
+    s.enclave("enclave-data", &["demo", "--patients", "60"]);
+    s.enclave(
+        "enclave-data",
+        &["budget", "set", "alice", "demo-cohort", "--epsilon", "5.0"],
+    );
+    let q = "SELECT COUNT(*) AS n FROM patients";
+    let mut receipts = Vec::new();
+    for _ in 0..2 {
+        let answer: serde_json::Value = serde_json::from_str(&enclave(
+            s.path(),
+            &sql("alice", &["--epsilon", "0.5", "--json", q]),
+        ))
+        .expect("json");
+        let receipt = answer["receipt"].clone();
+        assert_eq!(receipt["seq"], answer["audit_seq"], "{answer}");
+        assert_eq!(receipt["signature"].as_str().map(str::len), Some(128));
+        let path = s.path().join(format!("receipt-{}.json", receipt["seq"]));
+        std::fs::write(&path, receipt.to_string()).expect("write receipt");
+        receipts.push(path);
+    }
+    let witness = s.path().join("board-witness.json");
+    let exported = s.enclave(
+        "enclave-data",
+        &["audit", "head", "--export", witness.to_str().expect("utf8")],
+    );
+    assert!(exported.contains("signed head of record 3"), "{exported}");
+    let arg = |p: &Path| p.to_str().expect("utf8").to_owned();
+    let (w, r2, r3) = (arg(&witness), arg(&receipts[0]), arg(&receipts[1]));
+    let ok = s.enclave(
+        "enclave-data",
+        &[
+            "audit",
+            "verify",
+            "--witness",
+            &w,
+            "--receipt",
+            &r2,
+            "--receipt",
+            &r3,
+        ],
+    );
+    assert!(
+        ok.contains("audit log verifies: 3 records")
+            && ok.contains("holds the board's witness (record 3)")
+            && ok.contains("holds receipt of record 2"),
+        "{ok}"
+    );
+
+    // The cut: the two queries' records and signatures go, and the budget "was never spent".
+    rusqlite::Connection::open(s.path().join("enclave-data/enclave.db"))
+        .expect("open")
+        .execute_batch(
+            "DELETE FROM audit_log WHERE seq >= 2; DELETE FROM audit_checkpoints WHERE seq >= 2;
+             UPDATE budgets SET spent_epsilon = 0 WHERE principal = 'alice';",
+        )
+        .expect("tamper");
+    let alone = s.enclave("enclave-data", &["audit", "verify"]);
+    assert!(
+        alone.contains("audit log verifies: 1 records"),
+        "the log alone cannot tell: {alone}"
+    );
+    let failing = |args: &[&str]| {
+        let mut all = vec!["--data-dir", "enclave-data", "audit", "verify"];
+        all.extend_from_slice(args);
+        let out = enclave_output(s.path(), &all);
+        assert!(!out.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = failing(&["--witness", &w]);
+    assert!(
+        err.contains("audit log broken at record 2")
+            && err.contains("records 2 to 3 are missing: the log ends at record 1"),
+        "{err}"
+    );
+    let err = failing(&["--receipt", &r2]);
+    assert!(
+        err.contains("record 2 is missing: the log ends at record 1"),
+        "{err}"
+    );
+
+    // A receipt whose hash or number was altered is not the enclave's.
+    let mut forged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&receipts[0]).expect("read")).expect("json");
+    forged["seq"] = 1.into();
+    let forged_path = s.path().join("forged.json");
+    std::fs::write(&forged_path, forged.to_string()).expect("write");
+    let err = failing(&["--receipt", &arg(&forged_path)]);
+    assert!(err.contains("not the enclave's audit key's"), "{err}");
+}

@@ -149,6 +149,12 @@ fn the_http_api_answers_refuses_and_records_every_request() {
     assert!((body["cost"]["epsilon"].as_f64().expect("cost") - 0.2).abs() < 1e-9);
     assert!((body["budget"]["spent_epsilon"].as_f64().expect("spent") - 0.2).abs() < 1e-9);
     assert!(body["audit_seq"].as_i64().is_some());
+    assert_eq!(body["receipt"]["seq"], body["audit_seq"], "{body}");
+    assert_eq!(
+        body["receipt"]["signature"].as_str().map(str::len),
+        Some(128),
+        "a signed receipt: {body}"
+    );
 
     // Refused as written: row-level, unknown dataset; neither costs anything.
     let (status, body) = query(addr, &alice, "SELECT * FROM patients", 0.1);

@@ -205,6 +205,7 @@ fn postgres_clients_are_answered_refused_and_recorded() {
         "cost: ε 0.100000",
         "budget left",
         "audit record #",
+        "receipt: {\"seq\":",
     ] {
         assert!(answer.contains(shown), "{shown} missing from:\n{answer}");
     }

@@ -295,11 +295,26 @@ enum BudgetCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the hash chain, the checkpoint signatures and the budget totals; name the first bad record.
+    /// Recompute the hash chain, the signatures and the budget totals; name the first bad record.
     Verify {
         /// The audit public key (hex) to verify against (default: the one exported at init).
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// A signed head the board kept outside the enclave (`audit head --export`): the log must
+        /// still reach it unchanged (detects a log cut short after it).
+        #[arg(long)]
+        witness: Option<PathBuf>,
+        /// A receipt a researcher got with an answer (JSON with seq, hash, signature; repeatable): its
+        /// record must be in the log unchanged.
+        #[arg(long)]
+        receipt: Vec<PathBuf>,
+    },
+    /// The latest signed head of the log (record number, chain hash, signature), as JSON with the
+    /// public key; the board keeps it outside the enclave as a witness of the log's length.
+    Head {
+        /// Write it to this file (created or replaced) instead of printing it.
+        #[arg(long)]
+        export: Option<PathBuf>,
     },
     /// The latest records.
     Tail {
@@ -310,7 +325,8 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Sign a checkpoint over the latest record now.
+    /// Sign the latest record's head now (records are signed as they are appended; this signs the last
+    /// record of a log written before they were).
     Checkpoint,
 }
 
@@ -1110,19 +1126,64 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
     let keystore = dir.keystore()?;
     let ledger = dir.ledger(&keystore)?;
     match command {
-        AuditCommand::Verify { public_key } => {
+        AuditCommand::Verify {
+            public_key,
+            witness,
+            receipt,
+        } => {
             let path = public_key.unwrap_or_else(|| dir.audit_public_key_path());
             let pk = std::fs::read_to_string(&path)
                 .with_context(|| format!("read the audit public key {}", path.display()))?;
+            let read_head = |what: &str, p: &PathBuf| -> Result<enclave::audit::SignedHead> {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("read the {what} {}", p.display()))?;
+                Ok(enclave::audit::SignedHead::from_json(&text)?)
+            };
+            let mut checked = Vec::new();
+            if let Some(w) = &witness {
+                let head = read_head("witness", w)?;
+                ledger.verify_head(pk.trim(), &head)?;
+                checked.push(format!("the board's witness (record {})", head.seq));
+            }
+            for r in &receipt {
+                let head = read_head("receipt", r)?;
+                ledger.verify_head(pk.trim(), &head)?;
+                checked.push(format!("receipt of record {}", head.seq));
+            }
             let v = ledger.verify(pk.trim())?;
             println!(
-                "audit log verifies: {} records, {} signed checkpoints{}",
+                "audit log verifies: {} records, {} signed heads{}",
                 v.records,
                 v.checkpoints,
                 v.last_checkpoint
                     .map(|s| format!(" (last at record {s})"))
                     .unwrap_or_default()
             );
+            for c in checked {
+                println!("  and holds {c}");
+            }
+        }
+        AuditCommand::Head { export } => {
+            let head = ledger
+                .head()?
+                .context("the audit log is empty: there is no head to sign yet")?;
+            let mut json = serde_json::to_value(&head)?;
+            json["public_key"] = ledger.public_key_hex().into();
+            let text = serde_json::to_string_pretty(&json)? + "\n";
+            match export {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("write {}", path.display()))?;
+                    println!(
+                        "signed head of record {} written to {}: keep it outside the enclave, and check \
+                         the log against it with `enclave audit verify --witness {}`",
+                        head.seq,
+                        path.display(),
+                        path.display()
+                    );
+                }
+                None => print!("{text}"),
+            }
         }
         AuditCommand::Tail { n, json } => {
             for r in ledger.tail(n)? {

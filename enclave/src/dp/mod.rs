@@ -127,6 +127,9 @@ pub struct DpAnswer {
     pub budget: Budget,
     /// The audit record's sequence number.
     pub audit_seq: i64,
+    /// The receipt: the audit chain's head at that record, signed by the enclave (proof that the query
+    /// is on the record, checked with `enclave audit verify --receipt`).
+    pub receipt: Option<crate::audit::SignedHead>,
     /// On zCDP datasets: the (ε, δ) the query's ρ implies, at the grant's δ.
     pub epsilon_delta_equivalent: Option<(f64, f64)>,
     /// What bounding left out, when some person may have had more rows than the bound.
@@ -149,7 +152,7 @@ impl DpAnswer {
     }
 
     /// What a reader needs beside the rows, one line each: every noisy column's scale and interval
-    /// method, what bounding left out, the cost and the budget left, and the audit record (`enclave sql`
+    /// method, what bounding left out, the cost and the budget left, the audit record and its receipt (`enclave sql`
     /// prints them under the table; the Postgres listener sends them as a NOTICE).
     pub fn summary_lines(&self) -> Vec<String> {
         let mut lines = Vec::new();
@@ -187,11 +190,18 @@ impl DpAnswer {
             ));
         }
         lines.push(format!("audit record #{}", self.audit_seq));
+        if let Some(r) = &self.receipt {
+            lines.push(format!(
+                "receipt: {}",
+                serde_json::to_string(r).unwrap_or_default()
+            ));
+        }
         lines
     }
 
     /// The answer as JSON (`enclave sql --json` and the HTTP API): columns, rows, each column's noise
-    /// and intervals, the cost and its split, the budget after it, truncation and the audit record.
+    /// and intervals, the cost and its split, the budget after it, truncation, the audit record and its
+    /// signed receipt.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "columns": self.batch.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>(),
@@ -205,6 +215,7 @@ impl DpAnswer {
             "epsilon_delta_equivalent": self.epsilon_delta_equivalent,
             "truncation": self.truncation,
             "audit_seq": self.audit_seq,
+            "receipt": self.receipt,
         })
     }
 }
@@ -682,6 +693,7 @@ impl DpEngine {
             }),
             budget: charged.budget,
             audit_seq: charged.record.seq,
+            receipt: charged.record.receipt(),
             truncation,
         })
     }
