@@ -334,28 +334,29 @@ fn sign_checkpoint(
     Ok(sig)
 }
 
-/// The latest signed head (signing one first if the latest record has none, as in logs written before
-/// every record was signed), or `None` for an empty log.
-pub(crate) fn latest_head(
-    conn: &Connection,
-    signer: &Ed25519KeyPair,
-) -> Result<Option<SignedHead>> {
-    let Some(seq) = checkpoint_now(conn, signer)? else {
-        return Ok(None);
-    };
-    Ok(conn
-        .query_row(
-            "SELECT seq, hash, signature FROM audit_checkpoints WHERE seq = ?1",
-            [seq],
-            |r| {
-                Ok(SignedHead {
-                    seq: r.get(0)?,
-                    hash: r.get(1)?,
-                    signature: r.get(2)?,
-                })
-            },
-        )
-        .optional()?)
+/// The newest record's signed head, as stored (nothing is signed here: a head signed now would bless
+/// whatever the database holds), or `None` for an empty log. A newest record without its signature is
+/// an error: records were changed or added after the last one the enclave signed.
+pub(crate) fn latest_head(conn: &Connection) -> Result<Option<SignedHead>> {
+    let mut stmt = conn.prepare(&format!("{SELECT_RECORD} ORDER BY l.seq DESC LIMIT 1"))?;
+    let last = stmt.query_row([], read_record).optional()?;
+    match last {
+        None => Ok(None),
+        Some(rec) => rec
+            .receipt()
+            .map(Some)
+            .ok_or_else(|| unsigned_newest(rec.seq)),
+    }
+}
+
+fn unsigned_newest(seq: i64) -> Error {
+    Error::AuditBroken {
+        seq,
+        why:
+            "the newest record carries no signature: records were changed or added after the last \
+              one the enclave signed"
+                .into(),
+    }
 }
 
 /// Checks a signed head (a witness the board kept, or a receipt a researcher holds) against the log: the
@@ -373,14 +374,13 @@ pub fn verify_head(conn: &Connection, public_key_hex: &str, head: &SignedHead) -
     let last: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit_log", [], |r| {
         r.get(0)
     })?;
-    let stored: Option<String> = conn
-        .query_row(
-            "SELECT hash FROM audit_log WHERE seq = ?1",
-            [head.seq],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let mut stmt = conn.prepare(&format!("{SELECT_RECORD} WHERE l.seq = ?1"))?;
+    let stored = stmt
+        .query_row([head.seq], read_record)
+        .optional()?
+        .map(|rec| rec.compute_hash());
     match stored {
+        // The record's contents still hash to the signed value.
         Some(h) if h == head.hash => Ok(()),
         Some(_) => Err(broken(
             head.seq,
@@ -405,24 +405,6 @@ pub fn verify_head(conn: &Connection, public_key_hex: &str, head: &SignedHead) -
             head.seq,
             "the signed head names it but it is gone (deleted)".into(),
         )),
-    }
-}
-
-/// Signs a checkpoint over the latest record now (`enclave audit checkpoint`, and before a verify).
-pub(crate) fn checkpoint_now(conn: &Connection, signer: &Ed25519KeyPair) -> Result<Option<i64>> {
-    let last: Option<(i64, String)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    match last {
-        Some((seq, hash)) => {
-            sign_checkpoint(conn, signer, seq, &hash)?;
-            Ok(Some(seq))
-        }
-        None => Ok(None),
     }
 }
 
@@ -521,6 +503,7 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
     let mut stmt = conn.prepare(&format!("{SELECT_RECORD} ORDER BY l.seq"))?;
     let mut rows = stmt.query([])?;
     let (mut expected_seq, mut prev) = (1i64, GENESIS.to_owned());
+    let mut newest_signed = false;
     let mut hashes = std::collections::HashMap::new();
     let mut released: std::collections::HashMap<(String, String), [i64; 3]> =
         std::collections::HashMap::new();
@@ -569,10 +552,16 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
             ));
         }
         hashes.insert(rec.seq, rec.hash.clone());
+        newest_signed = !rec.signature.is_empty();
         prev = rec.hash;
         expected_seq += 1;
     }
     let records = expected_seq - 1;
+    // Each signature is checked below; the newest record must have one, or a rewritten or added tail
+    // (with the signatures after its start deleted) would pass.
+    if records > 0 && !newest_signed {
+        return Err(unsigned_newest(records));
+    }
 
     let mut checkpoints = 0;
     let mut last_checkpoint = None;

@@ -411,11 +411,6 @@ impl Ledger {
         audit::tail(&self.conn(), n)
     }
 
-    /// Signs a checkpoint over the latest record.
-    pub fn checkpoint(&self) -> Result<Option<i64>> {
-        audit::checkpoint_now(&self.conn(), &self.signer)
-    }
-
     /// Verifies the audit log against `public_key_hex` (the key exported at init).
     pub fn verify(&self, public_key_hex: &str) -> Result<audit::Verified> {
         audit::verify(&self.conn(), public_key_hex)
@@ -423,7 +418,7 @@ impl Ledger {
 
     /// The latest signed head of the audit log (none while it is empty): what the board keeps outside.
     pub fn head(&self) -> Result<Option<audit::SignedHead>> {
-        audit::latest_head(&self.conn(), &self.signer)
+        audit::latest_head(&self.conn())
     }
 
     /// Checks a witness or receipt against the log ([`audit::verify_head`]).
@@ -896,7 +891,7 @@ mod tests {
         }
         // A record deleted from the middle, or rewritten, fails its receipt.
         tamper(&db, "DELETE FROM audit_log WHERE seq = 3");
-        tamper(&db, "UPDATE audit_log SET hash = 'x' WHERE seq = 5");
+        tamper(&db, "UPDATE audit_log SET sql = 'SELECT 0' WHERE seq = 5");
         for (r, why) in [(&receipts[1], "gone"), (&receipts[3], "rewritten")] {
             match ledger.verify_head(&pk, r) {
                 Err(Error::AuditBroken { seq, why: w }) => {
@@ -905,6 +900,53 @@ mod tests {
                 }
                 other => panic!("a receipt of a changed record verified: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_tail_rewritten_with_its_chain_recomputed_and_its_signatures_deleted_fails() {
+        let (_d, db, key) = setup();
+        let ks = Keystore::open(&db, &key).expect("ks");
+        let ledger = Ledger::open(&db, &ks).expect("ledger");
+        let pk = ledger.public_key_hex();
+        ledger
+            .set_budget("test", "alice", "cohort", 10.0, 0.0, None)
+            .expect("set");
+        for i in 0..3 {
+            ledger
+                .charge(&draft("alice", &format!("q{i}")), epsilon(0.5))
+                .expect("charge");
+        }
+        let witness = ledger.tail(2).expect("tail")[0].receipt().expect("signed");
+        assert_eq!(witness.seq, 3);
+        // The newest record made free, its hash recomputed, its signature gone, the budget to match.
+        let mut newest = ledger.tail(1).expect("tail").remove(0);
+        newest.cost_epsilon = 0;
+        newest.hash = newest.compute_hash();
+        tamper(
+            &db,
+            &format!(
+                "UPDATE audit_log SET cost_epsilon = 0, hash = '{}' WHERE seq = 4;
+                 DELETE FROM audit_checkpoints WHERE seq = 4;
+                 UPDATE budgets SET spent_epsilon = 1000000000000 WHERE principal = 'alice';",
+                newest.hash
+            ),
+        );
+        ledger
+            .verify_head(&pk, &witness)
+            .expect("the witness's record is untouched");
+        match ledger.verify(&pk) {
+            Err(Error::AuditBroken { seq: 4, why }) => {
+                assert!(why.contains("no signature"), "{why}")
+            }
+            other => panic!("a rewritten tail verified: {other:?}"),
+        }
+        assert!(ledger.head().is_err(), "no head is handed out for it");
+        // A record's contents changed with its stored hash kept: its receipt fails.
+        tamper(&db, "UPDATE audit_log SET sql = 'SELECT 2' WHERE seq = 3");
+        match ledger.verify_head(&pk, &witness) {
+            Err(Error::AuditBroken { seq: 3, why }) => assert!(why.contains("rewritten"), "{why}"),
+            other => panic!("an edited record's receipt verified: {other:?}"),
         }
     }
 

@@ -283,6 +283,27 @@ fn a_log_cut_short_is_caught_by_the_boards_witness_and_the_researchers_receipt()
             && err.contains("records 2 to 3 are missing: the log ends at record 1"),
         "{err}"
     );
+    // Nor is the cut log blessed by a fresh witness: the new head is handed out only after the old one.
+    let next = s.path().join("next-witness.json");
+    let refused = enclave_output(
+        s.path(),
+        &[
+            "--data-dir",
+            "enclave-data",
+            "audit",
+            "head",
+            "--previous",
+            &w,
+            "--export",
+            next.to_str().expect("utf8"),
+        ],
+    );
+    assert!(!refused.status.success() && !next.exists());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("records 2 to 3 are missing"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     let err = failing(&["--receipt", &r2]);
     assert!(
         err.contains("record 2 is missing: the log ends at record 1"),

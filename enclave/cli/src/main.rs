@@ -315,6 +315,10 @@ enum AuditCommand {
         /// Write it to this file (created or replaced) instead of printing it.
         #[arg(long)]
         export: Option<PathBuf>,
+        /// The board's previous witness: the log must still hold it (and verify) before a new head is
+        /// given out, so a log cut short is never blessed by a fresh witness.
+        #[arg(long)]
+        previous: Option<PathBuf>,
     },
     /// The latest records.
     Tail {
@@ -325,9 +329,6 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Sign the latest record's head now (records are signed as they are appended; this signs the last
-    /// record of a log written before they were).
-    Checkpoint,
 }
 
 #[derive(Subcommand)]
@@ -1163,10 +1164,20 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                 println!("  and holds {c}");
             }
         }
-        AuditCommand::Head { export } => {
+        AuditCommand::Head { export, previous } => {
+            // Only a log that verifies (and still holds the previous witness) gets its head handed out.
+            let path = dir.audit_public_key_path();
+            let pk = std::fs::read_to_string(&path)
+                .with_context(|| format!("read the audit public key {}", path.display()))?;
+            if let Some(p) = &previous {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("read the previous witness {}", p.display()))?;
+                ledger.verify_head(pk.trim(), &enclave::audit::SignedHead::from_json(&text)?)?;
+            }
+            ledger.verify(pk.trim())?;
             let head = ledger
                 .head()?
-                .context("the audit log is empty: there is no head to sign yet")?;
+                .context("the audit log is empty: there is no head to hand out yet")?;
             let mut json = serde_json::to_value(&head)?;
             json["public_key"] = ledger.public_key_hex().into();
             let text = serde_json::to_string_pretty(&json)? + "\n";
@@ -1224,10 +1235,6 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                 }
             }
         }
-        AuditCommand::Checkpoint => match ledger.checkpoint()? {
-            Some(seq) => println!("signed a checkpoint at record {seq}"),
-            None => println!("the audit log is empty"),
-        },
     }
     Ok(())
 }
