@@ -833,15 +833,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_record_is_signed_and_its_receipt_holds_until_the_log_is_changed_under_it() {
-        let (_d, db, key) = setup();
+    /// A fresh ledger in which alice has `epsilon` on `cohort`.
+    fn alice_with_budget(epsilon: f64) -> (tempfile::TempDir, std::path::PathBuf, Ledger) {
+        let (d, db, key) = setup();
         let ks = Keystore::open(&db, &key).expect("ks");
         let ledger = Ledger::open(&db, &ks).expect("ledger");
-        let pk = ledger.public_key_hex();
         ledger
-            .set_budget("test", "alice", "cohort", 10.0, 0.0, None)
+            .set_budget("test", "alice", "cohort", epsilon, 0.0, None)
             .expect("set");
+        (d, db, ledger)
+    }
+
+    #[test]
+    fn every_record_is_signed_and_its_receipt_holds_until_the_log_is_changed_under_it() {
+        let (_d, db, ledger) = alice_with_budget(10.0);
+        let pk = ledger.public_key_hex();
         let receipts: Vec<audit::SignedHead> = (0..6)
             .map(|i| {
                 let charged = ledger
@@ -905,13 +911,8 @@ mod tests {
 
     #[test]
     fn a_tail_rewritten_with_its_chain_recomputed_and_its_signatures_deleted_fails() {
-        let (_d, db, key) = setup();
-        let ks = Keystore::open(&db, &key).expect("ks");
-        let ledger = Ledger::open(&db, &ks).expect("ledger");
+        let (_d, db, ledger) = alice_with_budget(10.0);
         let pk = ledger.public_key_hex();
-        ledger
-            .set_budget("test", "alice", "cohort", 10.0, 0.0, None)
-            .expect("set");
         for i in 0..3 {
             ledger
                 .charge(&draft("alice", &format!("q{i}")), epsilon(0.5))
