@@ -324,7 +324,7 @@ impl Ledger {
             }
         };
         if let Some((rule, message)) = refusal {
-            audit::append(
+            let record = audit::append(
                 &tx,
                 &self.signer,
                 draft,
@@ -333,7 +333,11 @@ impl Ledger {
                 &format!("{rule}: {message}"),
             )?;
             tx.commit()?;
-            return Err(Error::Refused { rule, message });
+            return Err(Error::Refused {
+                rule,
+                message,
+                receipt: record.receipt().map(Box::new),
+            });
         }
         add_spent(&tx, draft, units)?;
         let record = audit::append(&tx, &self.signer, draft, units, "released", "")?;
@@ -678,7 +682,14 @@ mod tests {
             Err(Error::Refused {
                 rule: Rule::Access,
                 message,
-            }) => assert!(message.contains("ended"), "{message}"),
+                receipt,
+            }) => {
+                assert!(message.contains("ended"), "{message}");
+                let receipt = receipt.expect("the refusal is on the record");
+                ledger
+                    .verify_head(&ledger.public_key_hex(), &receipt)
+                    .expect("its receipt holds");
+            }
             other => panic!("expected an access refusal, got {other:?}"),
         }
         let tail = ledger.tail(4).expect("tail");

@@ -113,6 +113,8 @@ pub enum Error {
         rule: dp::Rule,
         /// What the user needs to know.
         message: String,
+        /// The signed head of the refusal's audit record, once it is recorded (its receipt).
+        receipt: Option<Box<audit::SignedHead>>,
     },
     /// The audit log does not verify.
     #[error("audit log broken at record {seq}: {why}")]

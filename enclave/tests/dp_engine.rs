@@ -1080,7 +1080,11 @@ fn an_answer_over_the_row_limit_is_refused_and_charged() {
         Err(enclave::Error::Refused {
             rule: enclave::dp::Rule::Execution,
             message,
-        }) => assert!(message.contains("more than 3 rows"), "{message}"),
+            receipt,
+        }) => {
+            assert!(message.contains("more than 3 rows"), "{message}");
+            assert!(receipt.is_some(), "a charged failure has its receipt");
+        }
         other => panic!("expected the row limit, got {other:?}"),
     }
     assert_charged_and_named(&engine, "rows", "more than 3 rows");
@@ -1125,6 +1129,7 @@ fn a_query_past_the_memory_limit_is_stopped_charged_and_named() {
         Err(enclave::Error::Refused {
             rule: enclave::dp::Rule::Execution,
             message,
+            ..
         }) => assert!(message.contains("more memory than the limit"), "{message}"),
         other => panic!("expected the memory limit, got {other:?}"),
     }

@@ -91,14 +91,23 @@ pub struct FlightSql {
 
 fn status(e: GatewayError) -> Status {
     let message = e.to_string();
-    match e.kind() {
+    let mut status = match e.kind() {
         ErrorKind::Unauthenticated => Status::unauthenticated(message),
         ErrorKind::Forbidden => Status::permission_denied(message),
         ErrorKind::NotFound => Status::not_found(message),
         ErrorKind::Invalid => Status::invalid_argument(message),
         ErrorKind::Busy => Status::resource_exhausted(message),
         ErrorKind::Internal => Status::internal(message),
+    };
+    // A recorded refusal's receipt travels in the status's metadata (JSON: hex and digits only).
+    if let Some(value) = e
+        .receipt()
+        .and_then(|r| serde_json::to_string(r).ok())
+        .and_then(|json| json.parse::<tonic::metadata::MetadataValue<_>>().ok())
+    {
+        status.metadata_mut().insert("enclave-receipt", value);
     }
+    status
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {

@@ -60,7 +60,7 @@ impl IntoResponse for AppError {
             _ => status,
         };
         let body = serde_json::json!({
-            "error": {"rule": self.0.rule(), "message": self.0.to_string()}
+            "error": {"rule": self.0.rule(), "message": self.0.to_string(), "receipt": self.0.receipt()}
         });
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -223,6 +223,7 @@ async fn not_found() -> AppError {
     AppError(GatewayError::Refused {
         rule: "route".into(),
         message: "no such endpoint (see /api/v1/openapi.json)".into(),
+        receipt: None,
     })
 }
 

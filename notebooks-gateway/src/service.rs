@@ -118,6 +118,8 @@ pub enum GatewayError {
         rule: String,
         /// What to do about it.
         message: String,
+        /// The signed head of the refusal's audit record (its receipt), where the engine recorded it.
+        receipt: Option<Box<enclave::audit::SignedHead>>,
     },
     /// The request itself is malformed (before anything was decided).
     #[error("bad request (rule 'request'): {0}")]
@@ -147,6 +149,14 @@ pub enum ErrorKind {
 }
 
 impl GatewayError {
+    /// The receipt of a refusal the audit log holds (none for other errors, or where it was not kept).
+    pub fn receipt(&self) -> Option<&enclave::audit::SignedHead> {
+        match self {
+            GatewayError::Refused { receipt, .. } => receipt.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The error's class, for status codes.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -192,9 +202,14 @@ impl From<AuthError> for GatewayError {
 impl From<enclave::Error> for GatewayError {
     fn from(e: enclave::Error) -> Self {
         match e {
-            enclave::Error::Refused { rule, message } => GatewayError::Refused {
+            enclave::Error::Refused {
+                rule,
+                message,
+                receipt,
+            } => GatewayError::Refused {
                 rule: rule.name().to_owned(),
                 message,
+                receipt,
             },
             other => internal(other),
         }
@@ -210,6 +225,7 @@ fn refused(rule: &str, message: impl Into<String>) -> GatewayError {
     GatewayError::Refused {
         rule: rule.to_owned(),
         message: message.into(),
+        receipt: None,
     }
 }
 
@@ -656,12 +672,17 @@ impl Gateway {
             .await
         {
             Ok(prepared) => Ok((request, prepared)),
-            Err(enclave::Error::Refused { rule, message }) => {
+            Err(enclave::Error::Refused { rule, message, .. }) => {
                 // The engine records nothing for a prepare; a refusal is still a request on record.
                 let draft =
                     Draft::query(&caller.user, &options.via, &request.dataset, &request.sql);
-                self.engine.ledger().refuse(&draft, rule.name(), &message)?;
-                Err(enclave::Error::Refused { rule, message }.into())
+                let record = self.engine.ledger().refuse(&draft, rule.name(), &message)?;
+                Err(enclave::Error::Refused {
+                    rule,
+                    message,
+                    receipt: record.receipt().map(Box::new),
+                }
+                .into())
             }
             Err(e) => Err(e.into()),
         }
@@ -698,6 +719,7 @@ mod tests {
         let e = GatewayError::from(enclave::Error::Refused {
             rule: enclave::dp::Rule::RowLevel,
             message: "m".into(),
+            receipt: None,
         });
         assert_eq!((e.rule(), e.kind()), ("row-level", ErrorKind::Invalid));
         let e = GatewayError::from(enclave::Error::Internal("secret detail".into()));

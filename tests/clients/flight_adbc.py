@@ -31,8 +31,16 @@ def refused(fn, *needles):
     except Exception as e:  # ADBC raises its own DatabaseError subclasses
         text = str(e)
         assert all(n in text for n in needles), f"expected {needles} in: {text}"
-        return text
+        return e
     raise AssertionError(f"expected a refusal naming {needles}")
+
+
+def receipt_of(error):
+    """The signed receipt a recorded refusal carries in its gRPC metadata (ADBC's error details)."""
+    for key, value in getattr(error, "details", None) or []:
+        if key in ("enclave-receipt", b"enclave-receipt"):
+            return json.loads(value)
+    raise AssertionError(f"no receipt in the refusal's details: {getattr(error, 'details', None)}")
 
 
 def run(conn, sql):
@@ -94,8 +102,10 @@ assert "person_id" in schema.names, schema
 print(f"ok: the catalog lists demo-cohort's tables {sorted(tables)}")
 
 # Refusals: row-level, no grant, an ended grant, budget exhaustion.
-refused(lambda: run(alice, 'SELECT * FROM "demo-cohort".patients'), "row-level")
-print("ok: a row-level query is refused")
+row_level = refused(lambda: run(alice, 'SELECT * FROM "demo-cohort".patients'), "row-level")
+receipt = receipt_of(row_level)
+assert receipt["seq"] > 0 and len(receipt["signature"]) == 128, receipt
+print("ok: a row-level query is refused, with its signed receipt")
 with connect("bob", f"{token('bob')}:{totp('bob')}") as bob:
     refused(lambda: run(bob, QUERY), "access")
     objects = bob.adbc_get_objects(depth="db_schemas").read_all().to_pylist()

@@ -159,6 +159,16 @@ fn the_http_api_answers_refuses_and_records_every_request() {
     // Refused as written: row-level, unknown dataset; neither costs anything.
     let (status, body) = query(addr, &alice, "SELECT * FROM patients", 0.1);
     assert_eq!((status, rule(&body)), (422, "row-level"), "{body}");
+    let receipt = &body["error"]["receipt"];
+    assert!(
+        receipt["seq"].as_i64().is_some_and(|s| s > 1),
+        "a refusal carries its receipt: {body}"
+    );
+    assert_eq!(
+        receipt["signature"].as_str().map(str::len),
+        Some(128),
+        "{body}"
+    );
     let (status, body) = post_query(
         addr,
         &alice,

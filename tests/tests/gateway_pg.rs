@@ -227,8 +227,9 @@ fn postgres_clients_are_answered_refused_and_recorded() {
             "SELECT COUNT(*) AS n FROM patients",
         ],
     ));
-    // Refusals: row-level, another dataset's schema, two queries in one message, a write.
-    refused(
+    // Refusals: row-level, another dataset's schema, two queries in one message, a write. The engine's
+    // refusal carries its signed receipt in the error's DETAIL.
+    let row_level = refused(
         &psql(
             addr,
             "pat",
@@ -237,6 +238,10 @@ fn postgres_clients_are_answered_refused_and_recorded() {
             &["SELECT * FROM patients"],
         ),
         "row-level",
+    );
+    assert!(
+        row_level.contains("DETAIL:  receipt: {\"seq\":"),
+        "{row_level}"
     );
     refused(
         &psql(

@@ -255,8 +255,13 @@ fn generated_queries_are_answered_or_refused_by_rule_never_failed() {
                     let n = a.batch.num_rows();
                     prop_assert!(a.noise.iter().all(|c| c.intervals.len() == n), "{sql}");
                 }
-                Err(enclave::Error::Refused { rule, message }) => {
+                Err(enclave::Error::Refused {
+                    rule,
+                    message,
+                    receipt,
+                }) => {
                     prop_assert!(rule != Rule::Execution, "failed while running: {sql}");
+                    prop_assert!(receipt.is_some(), "a refusal without its receipt: {sql}");
                     prop_assert!(
                         !message.contains("DataFusion") && !message.contains("Arrow"),
                         "engine text reached the user: {message}"

@@ -360,9 +360,13 @@ impl DpEngine {
             Ok(a) => Ok(a),
             // The ledger recorded this outcome in its own transaction.
             Err(Failure::Recorded(e)) => Err(e),
-            Err(Failure::Unrecorded(Error::Refused { rule, message })) => {
-                self.ledger.refuse(&draft, rule.name(), &message)?;
-                Err(Error::Refused { rule, message })
+            Err(Failure::Unrecorded(Error::Refused { rule, message, .. })) => {
+                let record = self.ledger.refuse(&draft, rule.name(), &message)?;
+                Err(Error::Refused {
+                    rule,
+                    message,
+                    receipt: record.receipt().map(Box::new),
+                })
             }
             Err(Failure::Unrecorded(e)) => {
                 // Before execution: a bug of the engine's, not the query's; nothing ran, nothing is
@@ -651,12 +655,14 @@ impl DpEngine {
                     }
                     Stopped::Limit(m) => m,
                 };
-                self.ledger
+                let record = self
+                    .ledger
                     .charge_failure(draft, planned, &message)
                     .map_err(Failure::Recorded)?;
                 return Err(Failure::Recorded(Error::Refused {
                     rule: Rule::Execution,
                     message,
+                    receipt: record.receipt().map(Box::new),
                 }));
             }
         };
@@ -1015,6 +1021,7 @@ impl Failure {
         Failure::Unrecorded(Error::Refused {
             rule,
             message: message.into(),
+            receipt: None,
         })
     }
 }

@@ -826,6 +826,7 @@ impl DpPlan {
             .map_err(|_| Error::Refused {
                 rule: Rule::PostProcessing,
                 message: "HAVING, ORDER BY, LIMIT or the SELECT list do not plan over the noisy aggregates".into(),
+                receipt: None,
             })?
             .data;
         let n_user = out.schema().fields().len().saturating_sub(2 * n_aggs);

@@ -97,5 +97,6 @@ pub(crate) fn refuse<T>(rule: Rule, message: impl Into<String>) -> crate::Result
     Err(crate::Error::Refused {
         rule,
         message: message.into(),
+        receipt: None,
     })
 }

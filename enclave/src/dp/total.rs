@@ -182,6 +182,7 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
         e.get_type(schema).map_err(|_| Error::Refused {
             rule: Rule::Type,
             message: "the query does not type-check against the dataset's columns".into(),
+            receipt: None,
         })
     };
     Ok(match e {
@@ -216,6 +217,7 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
             let zero = ScalarValue::new_zero(&t).map_err(|_| Error::Refused {
                 rule: Rule::Type,
                 message: format!("division by a value of type {t} is not accepted"),
+                receipt: None,
             })?;
             let guarded = Expr::BinaryExpr(BinaryExpr::new(
                 left.clone(),

@@ -202,11 +202,13 @@ fn pg_error(e: &GatewayError, fatal: bool) -> PgWireError {
         },
     };
     let severity = if fatal { "FATAL" } else { "ERROR" };
-    PgWireError::UserError(Box::new(ErrorInfo::new(
-        severity.to_owned(),
-        code.to_owned(),
-        e.to_string(),
-    )))
+    let mut info = ErrorInfo::new(severity.to_owned(), code.to_owned(), e.to_string());
+    // A recorded refusal's receipt travels in the error's DETAIL field.
+    info.detail = e
+        .receipt()
+        .and_then(|r| serde_json::to_string(r).ok())
+        .map(|json| format!("receipt: {json}"));
+    PgWireError::UserError(Box::new(info))
 }
 
 fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
@@ -529,6 +531,7 @@ impl PgHandler {
                         &GatewayError::Refused {
                             rule: "concurrency".into(),
                             message: "the enclave is answering as many catalog queries as it may at once; try again shortly".into(),
+                            receipt: None,
                         },
                         false,
                     )
