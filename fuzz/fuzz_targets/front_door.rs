@@ -76,11 +76,16 @@ fuzz_target!(|data: &[u8]| {
         .block_on(s.engine.answer("fuzz", "demo", sql, &options))
     {
         Ok(_) => {}
-        Err(enclave::Error::Refused { rule, message }) => {
+        Err(enclave::Error::Refused {
+            rule,
+            message,
+            receipt,
+        }) => {
             assert!(
                 !matches!(rule, enclave::dp::Rule::Execution),
                 "prepared, then failed while running: {sql:?}: {message}"
             );
+            assert!(receipt.is_some(), "a refusal without its receipt: {sql:?}");
         }
         Err(e) => panic!("prepared, then failed: {sql:?}: {e}"),
     }
