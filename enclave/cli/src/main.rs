@@ -1123,6 +1123,21 @@ fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
     Ok(())
 }
 
+/// The audit public key (hex) from `path`, or the one exported at init.
+fn audit_public_key(dir: &DataDir, path: Option<PathBuf>) -> Result<String> {
+    let path = path.unwrap_or_else(|| dir.audit_public_key_path());
+    let pk = std::fs::read_to_string(&path)
+        .with_context(|| format!("read the audit public key {}", path.display()))?;
+    Ok(pk.trim().to_owned())
+}
+
+/// A signed head (a witness or a receipt) from its JSON file.
+fn read_head(what: &str, path: &PathBuf) -> Result<enclave::audit::SignedHead> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read the {what} {}", path.display()))?;
+    Ok(enclave::audit::SignedHead::from_json(&text)?)
+}
+
 fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
     let keystore = dir.keystore()?;
     let ledger = dir.ledger(&keystore)?;
@@ -1132,14 +1147,7 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
             witness,
             receipt,
         } => {
-            let path = public_key.unwrap_or_else(|| dir.audit_public_key_path());
-            let pk = std::fs::read_to_string(&path)
-                .with_context(|| format!("read the audit public key {}", path.display()))?;
-            let read_head = |what: &str, p: &PathBuf| -> Result<enclave::audit::SignedHead> {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("read the {what} {}", p.display()))?;
-                Ok(enclave::audit::SignedHead::from_json(&text)?)
-            };
+            let pk = audit_public_key(dir, public_key)?;
             let mut checked = Vec::new();
             if let Some(w) = &witness {
                 let head = read_head("witness", w)?;
@@ -1166,13 +1174,9 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
         }
         AuditCommand::Head { export, previous } => {
             // Only a log that verifies (and still holds the previous witness) gets its head handed out.
-            let path = dir.audit_public_key_path();
-            let pk = std::fs::read_to_string(&path)
-                .with_context(|| format!("read the audit public key {}", path.display()))?;
+            let pk = audit_public_key(dir, None)?;
             if let Some(p) = &previous {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("read the previous witness {}", p.display()))?;
-                ledger.verify_head(pk.trim(), &enclave::audit::SignedHead::from_json(&text)?)?;
+                ledger.verify_head(pk.trim(), &read_head("previous witness", p)?)?;
             }
             ledger.verify(pk.trim())?;
             let head = ledger
