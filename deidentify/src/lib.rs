@@ -1,7 +1,8 @@
 //! De-identification: the only crate that sees identifiable rows.
 //!
 //! It reads provider exports (CSV with built-in Synthea or file-given mappings, FHIR R4 Bundle JSON and
-//! bulk NDJSON) as canonical records ([`read`]), and transforms them under a validated
+//! bulk NDJSON) as canonical records ([`read`]; [`read_file_ahead`] parses, and finds scrub patterns and
+//! pseudonyms with a [`Prescan`], on threads of their own), and transforms them under a validated
 //! [`policies::Profile`] ([`transform`]): keyed pseudonyms and per-person date shifts ([`keys`]),
 //! national-ID check digits ([`ids`]), generalisation and coarsening, free-text scrubbing ([`mod@scrub`]) and
 //! k-anonymity ([`kanon`]), and measures the re-identification risk of what it releases ([`risk`]). What comes out is Arrow record batches with no direct identifier left; writing them

@@ -9,8 +9,8 @@
 //! A record says who asked, from where, when, on which dataset version, the SQL, the plan's hash, the
 //! privacy cost, and the outcome (released, or refused with the rule). Records are appended only inside the
 //! ledger's transaction ([`crate::ledger`]), so a charge and its record commit together. [`verify`]
-//! recomputes the chain and every checkpoint signature, cross-checks the budgets' spent totals against the
-//! released records, and names the first record that does not fit.
+//! recomputes the chain and every signature (the newest record must carry one), cross-checks the budgets'
+//! spent totals against the released records, and names the first record that does not fit.
 
 use ring::digest::{SHA256, digest};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
