@@ -84,15 +84,30 @@ pub enum Event {
     SignedIn,
     /// A sign-in was refused (which rule: wrong credentials, replayed code, rate limit, disabled).
     SignInRefused,
+    /// A researcher filed an access request.
+    AccessRequested,
+    /// A board member approved an access request (one approval; the grant follows once enough agree).
+    AccessApproved,
+    /// A board member rejected an access request.
+    AccessRejected,
+    /// A board member revoked a grant.
+    GrantRevoked,
+    /// A board member set how many approvals a dataset's requests need.
+    ApprovalsRequired,
 }
 
 impl Event {
     /// Every event.
-    pub const ALL: [Event; 4] = [
+    pub const ALL: [Event; 9] = [
         Event::UserAdded,
         Event::UserDisabled,
         Event::SignedIn,
         Event::SignInRefused,
+        Event::AccessRequested,
+        Event::AccessApproved,
+        Event::AccessRejected,
+        Event::GrantRevoked,
+        Event::ApprovalsRequired,
     ];
 
     /// The record's `outcome` for this event.
@@ -102,6 +117,11 @@ impl Event {
             Event::UserDisabled => "user-disabled",
             Event::SignedIn => "signed-in",
             Event::SignInRefused => "sign-in-refused",
+            Event::AccessRequested => "access-requested",
+            Event::AccessApproved => "access-approved",
+            Event::AccessRejected => "access-rejected",
+            Event::GrantRevoked => "grant-revoked",
+            Event::ApprovalsRequired => "approvals-required",
         }
     }
 }

@@ -107,8 +107,11 @@ impl Ledger {
         let conn = catalog::open_database(db)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(audit::SCHEMA)?;
+        conn.execute_batch(crate::access::SCHEMA)?;
         // Databases made before these columns existed gain them (empty: no expiry, no peer).
         add_column_if_missing(&conn, "budgets", "expires_at", "TEXT")?;
+        // The access grant a budget comes from (none: set by hand with `budget set`).
+        add_column_if_missing(&conn, "budgets", "grant_id", "INTEGER")?;
         for column in ["peer", "session", "decision"] {
             add_column_if_missing(&conn, "audit_log", column, "TEXT NOT NULL DEFAULT ''")?;
         }
@@ -132,10 +135,6 @@ impl Ledger {
             conn: Mutex::new(conn),
             signer,
         })
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The audit public key (hex), for verification outside the enclave.
@@ -184,47 +183,26 @@ impl Ledger {
         let r = rho.map(to_units).transpose()?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let before = read_budget(&tx, principal, dataset)?;
-        let expires = expires_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-        tx.execute(
-            "INSERT INTO budgets (principal, dataset, epsilon, delta, rho, updated_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (principal, dataset) DO UPDATE SET epsilon = ?3, delta = ?4, rho = ?5, updated_at = ?6,
-             expires_at = ?7",
-            params![principal, dataset, e, d, r, chrono::Utc::now().to_rfc3339(), expires],
-        )?;
-        let amounts = |b: Option<(f64, f64, Option<f64>, Option<String>)>| match b {
-            None => "none".to_owned(),
-            Some((e, d, r, x)) => format!(
-                "ε {e}, δ {d}, ρ {}{}",
-                r.map_or("none".to_owned(), |r| r.to_string()),
-                x.map_or(String::new(), |x| format!(", until {x}"))
-            ),
-        };
-        let draft = Draft {
-            principal: principal.to_owned(),
-            via: audit::Via::local(&format!("grant by {by}")),
-            dataset: dataset.to_owned(),
-            sql: format!(
-                "budget set: {} → {}",
-                amounts(before.map(|b| (b.epsilon, b.delta, b.rho, b.expires_at))),
-                amounts(Some((epsilon, delta, rho, expires)))
-            ),
-            ..Draft::default()
-        };
-        // A grant record carries the new totals in its amount fields (ρ −1: no ρ budget).
-        audit::append(
+        let budget = grant_in(
             &tx,
             &self.signer,
-            &draft,
+            &audit::Via::local(&format!("grant by {by}")),
+            principal,
+            dataset,
             [e, d, r.unwrap_or(-1)],
-            "granted",
-            "",
+            expires_at,
+            None,
         )?;
-        let budget = read_budget(&tx, principal, dataset)?
-            .ok_or_else(|| Error::Internal("budget vanished after upsert".into()))?;
         tx.commit()?;
         Ok(budget)
+    }
+
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn signer(&self) -> &Ed25519KeyPair {
+        &self.signer
     }
 
     /// One budget.
@@ -440,6 +418,69 @@ fn cost_units(cost: Cost) -> Result<[i64; 3]> {
     ])
 }
 
+/// Sets `principal`'s totals on `dataset` to `units` (ε, δ, ρ in pico-units; ρ −1: no ρ budget) and its
+/// end, owned by access grant `grant` (none: set by hand), inside the caller's transaction, and appends the
+/// `granted` record that says so (its amount fields carry the new totals, which `audit verify` checks every
+/// budget against). What is spent stays spent.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn grant_in(
+    tx: &rusqlite::Transaction<'_>,
+    signer: &Ed25519KeyPair,
+    via: &audit::Via,
+    principal: &str,
+    dataset: &str,
+    units: [i64; 3],
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    grant: Option<i64>,
+) -> Result<Budget> {
+    let before = read_budget(tx, principal, dataset)?;
+    let expires = expires_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let rho = (units[2] >= 0).then_some(units[2]);
+    tx.execute(
+        "INSERT INTO budgets (principal, dataset, epsilon, delta, rho, updated_at, expires_at, grant_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (principal, dataset) DO UPDATE SET epsilon = ?3, delta = ?4, rho = ?5, updated_at = ?6,
+         expires_at = ?7, grant_id = ?8",
+        params![
+            principal,
+            dataset,
+            units[0],
+            units[1],
+            rho,
+            chrono::Utc::now().to_rfc3339(),
+            expires,
+            grant
+        ],
+    )?;
+    let amounts = |b: Option<(f64, f64, Option<f64>, Option<String>)>| match b {
+        None => "none".to_owned(),
+        Some((e, d, r, x)) => format!(
+            "ε {e}, δ {d}, ρ {}{}",
+            r.map_or("none".to_owned(), |r| r.to_string()),
+            x.map_or(String::new(), |x| format!(", until {x}"))
+        ),
+    };
+    let draft = Draft {
+        principal: principal.to_owned(),
+        via: via.clone(),
+        dataset: dataset.to_owned(),
+        sql: format!(
+            "budget set: {} → {}",
+            amounts(before.map(|b| (b.epsilon, b.delta, b.rho, b.expires_at))),
+            amounts(Some((
+                from_units(units[0]),
+                from_units(units[1]),
+                rho.map(from_units),
+                expires
+            )))
+        ),
+        ..Draft::default()
+    };
+    audit::append(tx, signer, &draft, units, "granted", "")?;
+    read_budget(tx, principal, dataset)?
+        .ok_or_else(|| Error::Internal("budget vanished after upsert".into()))
+}
+
 /// Adds `units` (ε, δ, ρ) to what the draft's principal has spent on its dataset.
 fn add_spent(tx: &Connection, draft: &Draft, units: [i64; 3]) -> Result<()> {
     tx.execute(
@@ -450,16 +491,20 @@ fn add_spent(tx: &Connection, draft: &Draft, units: [i64; 3]) -> Result<()> {
     Ok(())
 }
 
-struct RawBudget {
-    epsilon: i64,
-    delta: i64,
-    rho: Option<i64>,
-    spent_epsilon: i64,
-    spent_delta: i64,
-    spent_rho: i64,
+pub(crate) struct RawBudget {
+    pub(crate) epsilon: i64,
+    pub(crate) delta: i64,
+    pub(crate) rho: Option<i64>,
+    pub(crate) spent_epsilon: i64,
+    pub(crate) spent_delta: i64,
+    pub(crate) spent_rho: i64,
 }
 
-fn raw_budget(conn: &Connection, principal: &str, dataset: &str) -> Result<Option<RawBudget>> {
+pub(crate) fn raw_budget(
+    conn: &Connection,
+    principal: &str,
+    dataset: &str,
+) -> Result<Option<RawBudget>> {
     Ok(conn.query_row(
         "SELECT epsilon, delta, rho, spent_epsilon, spent_delta, spent_rho FROM budgets WHERE principal = ?1 AND dataset = ?2",
         params![principal, dataset],
@@ -504,7 +549,7 @@ fn budget_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Budget> {
     })
 }
 
-fn read_budget(
+pub(crate) fn read_budget(
     conn: &Connection,
     principal: &str,
     dataset: &str,

@@ -20,6 +20,7 @@
 //! tests to inspect what ingest wrote) compile only with the `danger-test-hooks` feature, which only the
 //! tests enable. Besides `answer`, only `baseline` reads rows, and only of datasets a benchmark made.
 
+pub mod access;
 pub mod audit;
 #[cfg(feature = "bench")]
 pub mod baseline;
@@ -115,6 +116,14 @@ pub enum Error {
         message: String,
         /// The signed head of the refusal's audit record, once it is recorded (its receipt).
         receipt: Option<Box<audit::SignedHead>>,
+    },
+    /// A step of the access workflow was refused; `rule` names the rule (`four-eyes`, `access-state`, …).
+    #[error("refused by rule '{rule}': {message}")]
+    Access {
+        /// The rule.
+        rule: access::Rule,
+        /// What the user needs to know.
+        message: String,
     },
     /// The audit log does not verify.
     #[error("audit log broken at record {seq}: {why}")]

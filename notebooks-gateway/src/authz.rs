@@ -56,6 +56,8 @@ pub enum PolicyError {
 pub enum Action {
     /// Ask a DP query.
     Query,
+    /// File an access request naming a dataset.
+    RequestAccess,
     /// Approve, reject or revoke access; set budgets.
     ManageGrants,
     /// Read the audit log.
@@ -68,6 +70,7 @@ impl Action {
     fn name(self) -> &'static str {
         match self {
             Action::Query => "query",
+            Action::RequestAccess => "request_access",
             Action::ManageGrants => "manage_grants",
             Action::ReadAudit => "read_audit",
             Action::Ingest => "ingest",

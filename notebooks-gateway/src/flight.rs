@@ -95,6 +95,7 @@ fn status(e: GatewayError) -> Status {
         ErrorKind::Unauthenticated => Status::unauthenticated(message),
         ErrorKind::Forbidden => Status::permission_denied(message),
         ErrorKind::NotFound => Status::not_found(message),
+        ErrorKind::Conflict => Status::failed_precondition(message),
         ErrorKind::Invalid => Status::invalid_argument(message),
         ErrorKind::Busy => Status::resource_exhausted(message),
         ErrorKind::Internal => Status::internal(message),

@@ -1,4 +1,5 @@
-//! The HTTP JSON listener (axum on hyper): sessions, queries, datasets, budgets and the OpenAPI document.
+//! The HTTP JSON listener (axum on hyper): sessions, queries, datasets, budgets, access requests and grants,
+//! and the OpenAPI document.
 //!
 //! | route | body | answer |
 //! | --- | --- | --- |
@@ -20,7 +21,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Extension, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -51,6 +53,7 @@ impl IntoResponse for AppError {
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -215,6 +218,175 @@ async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> ApiR
     Ok(json(&gateway.budgets(&caller)?))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessRequestBody {
+    project: String,
+    purpose: String,
+    datasets: Vec<String>,
+    epsilon: f64,
+    delta: Option<f64>,
+    days: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproveBody {
+    epsilon: Option<f64>,
+    days: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalsBody {
+    approvals: u32,
+}
+
+/// The path segment, or our own refusal (never axum's rejection text).
+fn path_text(p: Result<Path<String>, PathRejection>) -> Result<String, AppError> {
+    p.map(|Path(t)| t).map_err(|_| {
+        AppError(GatewayError::BadRequest(
+            "the path is not valid percent-encoded UTF-8".into(),
+        ))
+    })
+}
+
+/// A request or grant number from the path: digits only (axum's own rejection text never reaches a user).
+fn number(text: &str) -> Result<i64, AppError> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0 && text.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| {
+            AppError(GatewayError::BadRequest(
+                "the number in the path is not a positive integer".into(),
+            ))
+        })
+}
+
+/// Runs a step that writes to SQLite (fsync) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, GatewayError> + Send + 'static,
+) -> Result<T, AppError> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| AppError(GatewayError::Internal))??)
+}
+
+async fn request_access(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(addr): Extension<PeerAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    let b: AccessRequestBody = json_body(&gateway, &headers, body).await?;
+    let new = enclave::access::NewRequest {
+        project: b.project,
+        purpose: b.purpose,
+        datasets: b.datasets,
+        epsilon: b.epsilon,
+        delta: b.delta,
+        days: b.days,
+    };
+    let request = blocking(move || gateway.request_access(&caller, &peer(addr), &new)).await?;
+    Ok((StatusCode::CREATED, axum::Json(request)).into_response())
+}
+
+async fn access_requests(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    Ok(json(&gateway.access_requests(&caller)?))
+}
+
+async fn access_request(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(addr): Extension<PeerAddr>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    let id = number(&path_text(id)?)?;
+    let request = blocking(move || gateway.access_request(&caller, &peer(addr), id)).await?;
+    Ok(json(&request))
+}
+
+async fn approve(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(addr): Extension<PeerAddr>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    let id = number(&path_text(id)?)?;
+    let b: ApproveBody = json_body(&gateway, &headers, body).await?;
+    let decision =
+        blocking(move || gateway.approve_access(&caller, &peer(addr), id, b.epsilon, b.days))
+            .await?;
+    Ok(json(&serde_json::json!({
+        "grant_id": decision.grant.as_ref().map(|g| g.id),
+        "request": decision.request,
+        "grant": decision.grant,
+    })))
+}
+
+async fn reject(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(addr): Extension<PeerAddr>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    let id = number(&path_text(id)?)?;
+    let b: ReasonBody = json_body(&gateway, &headers, body).await?;
+    let request =
+        blocking(move || gateway.reject_access(&caller, &peer(addr), id, &b.reason)).await?;
+    Ok(json(&request))
+}
+
+async fn grants(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    Ok(json(&gateway.grants(&caller)?))
+}
+
+async fn revoke(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(addr): Extension<PeerAddr>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    let id = number(&path_text(id)?)?;
+    let b: ReasonBody = json_body(&gateway, &headers, body).await?;
+    let grant = blocking(move || gateway.revoke_grant(&caller, &peer(addr), id, &b.reason)).await?;
+    Ok(json(&grant))
+}
+
+async fn approvals_required(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(addr): Extension<PeerAddr>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = bearer(&gateway, &headers)?;
+    let b: ApprovalsBody = json_body(&gateway, &headers, body).await?;
+    let name = path_text(name)?;
+    let dataset = name.clone();
+    blocking(move || gateway.set_approvals_required(&caller, &peer(addr), &dataset, b.approvals))
+        .await?;
+    Ok(json(
+        &serde_json::json!({"dataset": name, "approvals": b.approvals}),
+    ))
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
@@ -234,6 +406,19 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/api/v1/query", post(query))
         .route("/api/v1/datasets", get(datasets))
         .route("/api/v1/budget", get(budget))
+        .route(
+            "/api/v1/access-requests",
+            get(access_requests).post(request_access),
+        )
+        .route("/api/v1/access-requests/{id}", get(access_request))
+        .route("/api/v1/access-requests/{id}/approve", post(approve))
+        .route("/api/v1/access-requests/{id}/reject", post(reject))
+        .route("/api/v1/grants", get(grants))
+        .route("/api/v1/grants/{id}/revoke", post(revoke))
+        .route(
+            "/api/v1/datasets/{name}/approvals-required",
+            post(approvals_required),
+        )
         .route("/api/v1/openapi.json", get(openapi))
         .fallback(not_found)
         .with_state(gateway)
@@ -302,6 +487,13 @@ mod tests {
             "/api/v1/query",
             "/api/v1/datasets",
             "/api/v1/budget",
+            "/api/v1/access-requests",
+            "/api/v1/access-requests/{id}",
+            "/api/v1/access-requests/{id}/approve",
+            "/api/v1/access-requests/{id}/reject",
+            "/api/v1/grants",
+            "/api/v1/grants/{id}/revoke",
+            "/api/v1/datasets/{name}/approvals-required",
             "/api/v1/openapi.json",
         ] {
             assert!(paths.contains_key(route), "{route} is documented");

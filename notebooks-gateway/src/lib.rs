@@ -5,6 +5,7 @@
 //!   records of each.
 //! - `authz`: Cedar policies (schema and defaults in `policies/cedar/`) that decide every request and
 //!   name the deciding policies.
+//! - `access`: access requests and grants as the gateway serves them (Cedar decides each step).
 //! - `service`: what every protocol does (sign in, datasets, budgets, queries under Cedar and the
 //!   limits), protocol-independent.
 //! - `tls`: the listeners' TLS (rustls): certificate and key from PEM files, a self-signed local pair.
@@ -18,6 +19,7 @@
 //! `enclave-cli` links this crate for `enclave serve`, `enclave users`, `enclave login` and
 //! `enclave policies check`.
 
+pub mod access;
 pub mod auth;
 pub mod authz;
 pub mod conn;

@@ -142,6 +142,8 @@ pub enum ErrorKind {
     NotFound,
     /// The query or request is refused as written.
     Invalid,
+    /// The request conflicts with the current state (a request already decided, a grant already revoked).
+    Conflict,
     /// A rate or concurrency limit: try again later.
     Busy,
     /// The enclave failed.
@@ -165,8 +167,9 @@ impl GatewayError {
             GatewayError::Auth(AuthError::Account(_)) => ErrorKind::Invalid,
             GatewayError::Auth(_) => ErrorKind::Unauthenticated,
             GatewayError::Refused { rule, .. } => match rule.as_str() {
-                "access" | "budget" | "ticket" | "statement" => ErrorKind::Forbidden,
-                "catalog" => ErrorKind::NotFound,
+                "access" | "budget" | "ticket" | "statement" | "four-eyes" => ErrorKind::Forbidden,
+                "catalog" | "access-unknown" => ErrorKind::NotFound,
+                "access-state" => ErrorKind::Conflict,
                 "concurrency" => ErrorKind::Busy,
                 _ => ErrorKind::Invalid,
             },
@@ -211,21 +214,39 @@ impl From<enclave::Error> for GatewayError {
                 message,
                 receipt,
             },
+            enclave::Error::Access { rule, message } => GatewayError::Refused {
+                rule: rule.name().to_owned(),
+                message,
+                receipt: None,
+            },
             other => internal(other),
         }
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> GatewayError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> GatewayError {
     tracing::error!(error = %e, "gateway request failed inside the enclave");
     GatewayError::Internal
 }
 
-fn refused(rule: &str, message: impl Into<String>) -> GatewayError {
+pub(crate) fn refused(rule: &str, message: impl Into<String>) -> GatewayError {
     GatewayError::Refused {
         rule: rule.to_owned(),
         message: message.into(),
         receipt: None,
+    }
+}
+
+/// A refusal whose audit record is `record`: it carries the record's signed head as its receipt.
+pub(crate) fn refused_with(
+    rule: &str,
+    message: impl Into<String>,
+    record: &enclave::audit::Record,
+) -> GatewayError {
+    GatewayError::Refused {
+        rule: rule.to_owned(),
+        message: message.into(),
+        receipt: record.receipt().map(Box::new),
     }
 }
 
@@ -385,6 +406,16 @@ impl Gateway {
         self.limits
     }
 
+    /// The ledger (budgets, grants, the audit log).
+    pub(crate) fn ledger(&self) -> &enclave::ledger::Ledger {
+        self.engine.ledger()
+    }
+
+    /// The catalog.
+    pub(crate) fn catalog(&self) -> &SqliteCatalog {
+        &self.catalog
+    }
+
     /// The policies (so a listener can force a re-read, e.g. on SIGHUP).
     pub fn policies(&self) -> &Policies {
         &self.policies
@@ -437,7 +468,7 @@ impl Gateway {
         }
     }
 
-    fn via(caller: &Caller, peer: &Peer, decision: String) -> Via {
+    pub(crate) fn via(caller: &Caller, peer: &Peer, decision: String) -> Via {
         Via {
             origin: peer.protocol.name().to_owned(),
             peer: peer.addr.to_string(),
@@ -536,7 +567,7 @@ impl Gateway {
             what,
         );
         match self.engine.ledger().refuse(&draft, rule, message) {
-            Ok(_) => refused(rule, message),
+            Ok(record) => refused_with(rule, message, &record),
             Err(e) => e.into(),
         }
     }
@@ -557,8 +588,8 @@ impl Gateway {
             );
             let via = Self::via(caller, peer, decision);
             let draft = Draft::query(&caller.user, &via, &request.dataset, &request.sql);
-            self.engine.ledger().refuse(&draft, "access", &message)?;
-            Err(refused("access", message))
+            let record = self.engine.ledger().refuse(&draft, "access", &message)?;
+            Err(refused_with("access", message, &record))
         };
         let version = match self.catalog.version(&request.dataset, None) {
             Ok(v) => v,
@@ -600,10 +631,11 @@ impl Gateway {
         if let Some(message) = message {
             drop(r);
             let draft = Draft::query(&caller.user, via, &request.dataset, &request.sql);
-            self.engine
+            let record = self
+                .engine
                 .ledger()
                 .refuse(&draft, "concurrency", &message)?;
-            return Err(refused("concurrency", message));
+            return Err(refused_with("concurrency", message, &record));
         }
         r.total += 1;
         *r.per_user.entry(caller.user.clone()).or_insert(0) += 1;

@@ -79,6 +79,15 @@ impl Scratch {
         enclave(self.path(), &all)
     }
 
+    /// Runs `enclave --data-dir <data> args…`, which must fail; returns its stderr.
+    pub fn enclave_fails(&self, data: &str, args: &[&str]) -> String {
+        let mut all = vec!["--data-dir", data];
+        all.extend_from_slice(args);
+        let out = enclave_output(self.path(), &all);
+        assert!(!out.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Writes a demo CSV export of `patients` patients to `export/csv` and initialises data directory
     /// `data`.
     pub fn demo_csv(&self, patients: &str) {

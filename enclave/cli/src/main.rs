@@ -114,6 +114,12 @@ enum Command {
         #[command(subcommand)]
         command: BudgetCommand,
     },
+    /// Access requests and grants: researchers ask, board members approve (four-eyes where a dataset
+    /// requires it), reject or revoke; an approval sets the researcher's budgets.
+    Access {
+        #[command(subcommand)]
+        command: enclave_cli::access::AccessCommand,
+    },
     /// Gateway accounts: an API token and a TOTP secret each (two factors).
     Users {
         #[command(subcommand)]
@@ -533,6 +539,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Budget { command } => budget_command(&dir, command)?,
         Command::Users { command } => users_command(&dir, command)?,
+        Command::Access { command } => enclave_cli::access::run(&dir, command)?,
         Command::Policies {
             command: PoliciesCommand::Check { dir: policy_dir },
         } => {

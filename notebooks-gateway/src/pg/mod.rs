@@ -196,6 +196,7 @@ fn pg_error(e: &GatewayError, fatal: bool) -> PgWireError {
             ErrorKind::Unauthenticated => "28P01",
             ErrorKind::Forbidden => "42501",
             ErrorKind::NotFound => "42P01",
+            ErrorKind::Conflict => "55000",
             ErrorKind::Invalid => "42000",
             ErrorKind::Busy => "53400",
             ErrorKind::Internal => "XX000",

@@ -1,0 +1,232 @@
+//! The access workflow as the gateway serves it: Cedar decides who may take each step — a researcher
+//! files requests (`request_access` on every dataset named), a board member approves, rejects and
+//! revokes (`manage_grants` on every dataset of the request or grant) — and each step runs as the
+//! signed-in caller, with the protocol, peer, session and decision in its audit record. A denied step
+//! is recorded (rule `access`) and its refusal carries the record's receipt. The workflow's own rules
+//! (four-eyes, terms, states) are `enclave::access`'s.
+//!
+//! Lists show a caller what is theirs (their requests and grants) and, to a board member, whatever Cedar
+//! lets them manage.
+
+use std::time::SystemTime;
+
+use catalog::CatalogStore;
+use enclave::access::{Decision, Grant, NewRequest, Request};
+use enclave::audit::Draft;
+
+use crate::auth::Caller;
+use crate::authz::{Action, DatasetRef};
+use crate::service::{Gateway, GatewayError, Peer, internal, refused_with};
+
+impl Gateway {
+    /// Cedar's decision on `caller` taking `action` on every one of `datasets`: allowed only if each is;
+    /// the summary names the deciding policies (of the first denial, else of the last dataset). A dataset
+    /// the catalog does not have is decided with no provider (the workflow then refuses it by name).
+    fn decide_each(
+        &self,
+        caller: &Caller,
+        action: Action,
+        datasets: &[String],
+    ) -> Result<(bool, String), GatewayError> {
+        let policies = self.policies().current();
+        let mut summary = String::from("allow []");
+        for name in datasets {
+            let provider = match self.catalog().version(name, None) {
+                Ok(v) => v.version.provenance.provider,
+                Err(catalog::Error::UnknownDataset(_)) => String::new(),
+                Err(e) => return Err(internal(e)),
+            };
+            let verdict = policies
+                .decide(
+                    caller,
+                    None,
+                    action,
+                    DatasetRef {
+                        name,
+                        provider: &provider,
+                    },
+                    None,
+                    SystemTime::now(),
+                )
+                .map_err(internal)?;
+            summary = verdict.summary();
+            if !verdict.allowed {
+                return Ok((false, summary));
+            }
+        }
+        Ok((true, summary))
+    }
+
+    /// Decides `action` for `caller`, recording a denial (rule `access`) with what was attempted.
+    fn authorize_step(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        action: Action,
+        datasets: &[String],
+        what: &str,
+    ) -> Result<enclave::audit::Via, GatewayError> {
+        let (allowed, decision) = self.decide_each(caller, action, datasets)?;
+        let via = Self::via(caller, peer, decision);
+        if allowed {
+            return Ok(via);
+        }
+        let message = format!("{} may not {what}", caller.user);
+        let draft = Draft::query(&caller.user, &via, &datasets.join(", "), what);
+        let record = self.ledger().refuse(&draft, "access", &message)?;
+        Err(refused_with("access", message, &record))
+    }
+
+    /// Files the caller's access request.
+    pub fn request_access(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        new: &NewRequest,
+    ) -> Result<Request, GatewayError> {
+        let via = self.authorize_step(
+            caller,
+            peer,
+            Action::RequestAccess,
+            &new.datasets,
+            "request access",
+        )?;
+        Ok(self
+            .ledger()
+            .request_access(self.catalog(), &caller.user, &via, new)?)
+    }
+
+    /// Whether `caller` may manage grants on every one of `datasets` (no record: for lists).
+    fn manages(&self, caller: &Caller, datasets: &[String]) -> Result<bool, GatewayError> {
+        Ok(self.decide_each(caller, Action::ManageGrants, datasets)?.0)
+    }
+
+    /// The caller's own requests, and those whose datasets they may manage; newest first.
+    pub fn access_requests(&self, caller: &Caller) -> Result<Vec<Request>, GatewayError> {
+        let mut out = Vec::new();
+        for r in self.ledger().access_requests(None, None)? {
+            if r.researcher == caller.user || self.manages(caller, &r.datasets)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One request, if the caller filed it or may manage its datasets (else refused, recorded).
+    pub fn access_request(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        id: i64,
+    ) -> Result<Request, GatewayError> {
+        let r = self.ledger().access_request(id)?;
+        if r.researcher != caller.user {
+            self.authorize_step(
+                caller,
+                peer,
+                Action::ManageGrants,
+                &r.datasets,
+                &format!("read access request {id}"),
+            )?;
+        }
+        Ok(r)
+    }
+
+    /// The caller's approval of request `id` (at most the ε and days asked).
+    pub fn approve_access(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        id: i64,
+        epsilon: Option<f64>,
+        days: Option<u32>,
+    ) -> Result<Decision, GatewayError> {
+        let r = self.ledger().access_request(id)?;
+        let via = self.authorize_step(
+            caller,
+            peer,
+            Action::ManageGrants,
+            &r.datasets,
+            &format!("approve access request {id}"),
+        )?;
+        Ok(self
+            .ledger()
+            .approve_access(self.catalog(), &caller.user, &via, id, epsilon, days)?)
+    }
+
+    /// The caller's rejection of request `id`.
+    pub fn reject_access(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        id: i64,
+        reason: &str,
+    ) -> Result<Request, GatewayError> {
+        let r = self.ledger().access_request(id)?;
+        let via = self.authorize_step(
+            caller,
+            peer,
+            Action::ManageGrants,
+            &r.datasets,
+            &format!("reject access request {id}"),
+        )?;
+        Ok(self
+            .ledger()
+            .reject_access(&caller.user, &via, id, reason)?)
+    }
+
+    /// The caller's revocation of grant `id`.
+    pub fn revoke_grant(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        id: i64,
+        reason: &str,
+    ) -> Result<Grant, GatewayError> {
+        let g = self.ledger().grant(id)?;
+        let via = self.authorize_step(
+            caller,
+            peer,
+            Action::ManageGrants,
+            &g.datasets,
+            &format!("revoke grant {id}"),
+        )?;
+        Ok(self.ledger().revoke_grant(&caller.user, &via, id, reason)?)
+    }
+
+    /// The caller's own grants, and those whose datasets they may manage; newest first.
+    pub fn grants(&self, caller: &Caller) -> Result<Vec<Grant>, GatewayError> {
+        let mut out = Vec::new();
+        for g in self.ledger().grants(None)? {
+            if g.researcher == caller.user || self.manages(caller, &g.datasets)? {
+                out.push(g);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets how many board members must approve requests for `dataset` (1, or 2 for four-eyes).
+    pub fn set_approvals_required(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        dataset: &str,
+        approvals: u32,
+    ) -> Result<(), GatewayError> {
+        let datasets = [dataset.to_owned()];
+        let via = self.authorize_step(
+            caller,
+            peer,
+            Action::ManageGrants,
+            &datasets,
+            &format!("set the approvals {dataset} requires"),
+        )?;
+        Ok(self.ledger().set_approvals_required(
+            self.catalog(),
+            &caller.user,
+            &via,
+            dataset,
+            approvals,
+        )?)
+    }
+}
