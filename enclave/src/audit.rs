@@ -84,6 +84,8 @@ pub enum Event {
     SignedIn,
     /// A sign-in was refused (which rule: wrong credentials, replayed code, rate limit, disabled).
     SignInRefused,
+    /// A session was ended by its user (signing out).
+    SignedOut,
     /// A researcher filed an access request.
     AccessRequested,
     /// A board member approved an access request (one approval; the grant follows once enough agree).
@@ -98,11 +100,12 @@ pub enum Event {
 
 impl Event {
     /// Every event.
-    pub const ALL: [Event; 9] = [
+    pub const ALL: [Event; 10] = [
         Event::UserAdded,
         Event::UserDisabled,
         Event::SignedIn,
         Event::SignInRefused,
+        Event::SignedOut,
         Event::AccessRequested,
         Event::AccessApproved,
         Event::AccessRejected,
@@ -117,6 +120,7 @@ impl Event {
             Event::UserDisabled => "user-disabled",
             Event::SignedIn => "signed-in",
             Event::SignInRefused => "sign-in-refused",
+            Event::SignedOut => "signed-out",
             Event::AccessRequested => "access-requested",
             Event::AccessApproved => "access-approved",
             Event::AccessRejected => "access-rejected",
@@ -479,6 +483,58 @@ const SELECT_RECORD: &str = "SELECT l.seq, l.at, l.principal, l.origin, l.datase
     l.plan_hash, l.cost_epsilon, l.cost_delta, l.cost_rho, l.outcome, l.rule, l.prev_hash, l.hash, l.peer,
     l.session, l.decision, COALESCE(c.signature, '')
     FROM audit_log l LEFT JOIN audit_checkpoints c ON c.seq = l.seq AND c.hash = l.hash";
+
+/// What the audit viewer filters on; every field optional, all given ones must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// The record's principal, exactly.
+    pub user: Option<String>,
+    /// A dataset the record names (records of multi-dataset steps name several, comma-separated).
+    pub dataset: Option<String>,
+    /// The outcome, exactly (`released`, `refused`, `granted`, an event name).
+    pub outcome: Option<String>,
+    /// Records at or after this time (RFC 3339, compared as stored: UTC).
+    pub since: Option<String>,
+    /// Records before this time.
+    pub until: Option<String>,
+    /// Records numbered below this (for the next page).
+    pub before: Option<i64>,
+}
+
+/// Up to `limit` records matching `filter`, newest first.
+pub fn search(conn: &Connection, filter: &Filter, limit: usize) -> Result<Vec<Record>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "{SELECT_RECORD} WHERE (?1 IS NULL OR l.principal = ?1)
+           AND (?2 IS NULL OR l.dataset = ?2 OR (', ' || l.dataset || ', ') LIKE ('%, ' || ?3 || ', %') ESCAPE '\\')
+           AND (?4 IS NULL OR l.outcome = ?4)
+           AND (?5 IS NULL OR l.at >= ?5) AND (?6 IS NULL OR l.at < ?6)
+           AND (?7 IS NULL OR l.seq < ?7)
+         ORDER BY l.seq DESC LIMIT ?8"
+    ))?;
+    // The dataset is matched as a list item with LIKE's wildcards escaped: a name is never a pattern.
+    let escaped = filter.dataset.as_deref().map(|d| {
+        d.replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    });
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let out = stmt
+        .query_map(
+            rusqlite::params![
+                filter.user,
+                filter.dataset,
+                escaped,
+                filter.outcome,
+                filter.since,
+                filter.until,
+                filter.before,
+                limit
+            ],
+            read_record,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(out)
+}
 
 /// The last `n` records, oldest first.
 pub fn tail(conn: &Connection, n: usize) -> Result<Vec<Record>> {

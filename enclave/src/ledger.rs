@@ -393,6 +393,11 @@ impl Ledger {
         audit::tail(&self.conn(), n)
     }
 
+    /// Up to `limit` audit records matching `filter`, newest first ([`audit::search`]).
+    pub fn search(&self, filter: &audit::Filter, limit: usize) -> Result<Vec<Record>> {
+        audit::search(&self.conn(), filter, limit)
+    }
+
     /// Verifies the audit log against `public_key_hex` (the key exported at init).
     pub fn verify(&self, public_key_hex: &str) -> Result<audit::Verified> {
         audit::verify(&self.conn(), public_key_hex)
@@ -898,6 +903,73 @@ mod tests {
             .set_budget("test", "alice", "cohort", epsilon, 0.0, None)
             .expect("set");
         (d, db, ledger)
+    }
+
+    #[test]
+    fn the_audit_search_filters_exactly_and_pages_back() {
+        let (_d, _db, ledger) = alice_with_budget(10.0);
+        for i in 0..3 {
+            ledger
+                .charge(&draft("alice", &format!("q{i}")), epsilon(0.1))
+                .expect("charge");
+        }
+        let on = |principal: &str, dataset: &str| Draft {
+            dataset: dataset.into(),
+            ..draft(principal, "step")
+        };
+        for (who, dataset) in [("bob", "x_y, other"), ("bob", "xzy"), ("carol", "a%b")] {
+            ledger
+                .refuse(&on(who, dataset), "access", "no")
+                .expect("refuse");
+        }
+        let find = |f: audit::Filter| -> Vec<i64> {
+            ledger
+                .search(&f, 100)
+                .expect("search")
+                .iter()
+                .map(|r| r.seq)
+                .collect()
+        };
+        let dataset = |d: &str| audit::Filter {
+            dataset: Some(d.into()),
+            ..Default::default()
+        };
+        // Record 1 is the grant; 2–4 alice's queries; 5–7 the refusals. Newest first.
+        assert_eq!(find(audit::Filter::default()), [7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(find(dataset("x_y")), [5], "a list item, `_` not a wildcard");
+        assert_eq!(find(dataset("other")), [5]);
+        assert_eq!(find(dataset("a%b")), [7]);
+        assert!(find(dataset("x%")).is_empty(), "`%` is not a wildcard");
+        assert!(find(dataset("x_y, ot")).is_empty());
+        assert_eq!(find(dataset("cohort")), [4, 3, 2, 1]);
+        let f = audit::Filter {
+            user: Some("alice".into()),
+            outcome: Some("released".into()),
+            ..Default::default()
+        };
+        assert_eq!(find(f.clone()), [4, 3, 2]);
+        assert_eq!(
+            find(audit::Filter {
+                before: Some(3),
+                ..f.clone()
+            }),
+            [2]
+        );
+        let future = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+        assert!(
+            find(audit::Filter {
+                since: Some(future.clone()),
+                ..Default::default()
+            })
+            .is_empty()
+        );
+        assert_eq!(
+            find(audit::Filter {
+                until: Some(future),
+                ..f
+            }),
+            [4, 3, 2]
+        );
     }
 
     #[test]

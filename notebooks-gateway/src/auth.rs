@@ -223,6 +223,11 @@ pub struct Accounts {
 /// The keystore entry of the key TOTP secrets are encrypted under.
 const TOTP_KEY_ID: &str = "gateway-totp";
 
+/// `N` random bytes from the system's generator.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], AuthError> {
+    random()
+}
+
 fn random<const N: usize>() -> Result<[u8; N], AuthError> {
     let mut b = [0u8; N];
     SystemRandom::new()
@@ -448,6 +453,24 @@ impl Accounts {
                 Ok(())
             },
         )?;
+        Ok(())
+    }
+
+    /// Ends the session behind `secret` (signing out), recorded; an unknown or ended session is refused.
+    pub fn sign_out(&self, secret: &str, via: &Via) -> Result<(), AuthError> {
+        let caller = self.session(secret, SystemTime::now())?;
+        let via = Via {
+            session: caller.session_id.clone(),
+            ..via.clone()
+        };
+        self.ledger
+            .record_event(&draft(&caller.user, &via), Event::SignedOut, "", |tx| {
+                tx.execute(
+                    "DELETE FROM gateway_sessions WHERE token_hash = ?1",
+                    [sha256(secret.as_bytes())],
+                )?;
+                Ok(())
+            })?;
         Ok(())
     }
 

@@ -64,6 +64,8 @@ pub enum Action {
     ReadAudit,
     /// Ingest a dataset version.
     Ingest,
+    /// The board's pages and APIs that span datasets (request queue, audit log, users).
+    Administer,
 }
 
 impl Action {
@@ -74,6 +76,7 @@ impl Action {
             Action::ManageGrants => "manage_grants",
             Action::ReadAudit => "read_audit",
             Action::Ingest => "ingest",
+            Action::Administer => "administer",
         }
     }
 }
@@ -207,10 +210,47 @@ impl PolicyStore {
         grant: Option<GrantState>,
         now: SystemTime,
     ) -> Result<Verdict, PolicyError> {
-        let DatasetRef {
-            name: dataset,
-            provider,
-        } = dataset;
+        let entity = serde_json::json!({
+            "uid": {"type": "Enclave::Dataset", "id": dataset.name},
+            "attrs": {"provider": dataset.provider}, "parents": [],
+        });
+        let resource = uid("Enclave::Dataset", dataset.name)?;
+        self.decide_on(
+            caller,
+            caller_provider,
+            action,
+            (resource, entity),
+            grant,
+            now,
+        )
+    }
+
+    /// Decides whether `caller` may do `action` (`Administer`) on the enclave itself: the board's
+    /// pages and APIs that span datasets. Any evaluation error denies.
+    pub fn decide_platform(&self, caller: &Caller, action: Action) -> Result<Verdict, PolicyError> {
+        let entity = serde_json::json!({
+            "uid": {"type": "Enclave::Platform", "id": "enclave"}, "attrs": {}, "parents": [],
+        });
+        let resource = uid("Enclave::Platform", "enclave")?;
+        self.decide_on(
+            caller,
+            None,
+            action,
+            (resource, entity),
+            None,
+            SystemTime::now(),
+        )
+    }
+
+    fn decide_on(
+        &self,
+        caller: &Caller,
+        caller_provider: Option<&str>,
+        action: Action,
+        (resource, resource_entity): (EntityUid, serde_json::Value),
+        grant: Option<GrantState>,
+        now: SystemTime,
+    ) -> Result<Verdict, PolicyError> {
         let role = caller.role.name();
         let mut user_attrs = serde_json::Map::new();
         if let Some(p) = caller_provider {
@@ -220,8 +260,7 @@ impl PolicyStore {
             {"uid": {"type": "Enclave::Role", "id": role}, "attrs": {}, "parents": []},
             {"uid": {"type": "Enclave::User", "id": caller.user}, "attrs": user_attrs,
              "parents": [{"type": "Enclave::Role", "id": role}]},
-            {"uid": {"type": "Enclave::Dataset", "id": dataset}, "attrs": {"provider": provider},
-             "parents": []},
+            resource_entity,
         ]);
         let entities = Entities::from_json_value(entities, Some(&self.schema))
             .map_err(|e| PolicyError::Invalid(e.to_string()))?;
@@ -243,7 +282,7 @@ impl PolicyStore {
         let request = Request::new(
             uid("Enclave::User", &caller.user)?,
             action_uid,
-            uid("Enclave::Dataset", dataset)?,
+            resource,
             context,
             Some(&self.schema),
         )

@@ -47,9 +47,13 @@ impl From<GatewayError> for AppError {
     }
 }
 
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let status = match self.0.kind() {
+impl AppError {
+    /// The HTTP status of `error`.
+    pub(crate) fn status_of(error: &GatewayError) -> StatusCode {
+        if let GatewayError::BadRequest(_) = error {
+            return StatusCode::BAD_REQUEST;
+        }
+        match error.kind() {
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
@@ -57,11 +61,13 @@ impl IntoResponse for AppError {
             ErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let status = match &self.0 {
-            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            _ => status,
-        };
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = AppError::status_of(&self.0);
         let body = serde_json::json!({
             "error": {"rule": self.0.rule(), "message": self.0.to_string(), "receipt": self.0.receipt()}
         });
@@ -97,7 +103,7 @@ struct QueryBody {
 
 /// The client's address, put on each connection's requests by the accept loop.
 #[derive(Debug, Clone, Copy)]
-struct PeerAddr(SocketAddr);
+pub(crate) struct PeerAddr(pub(crate) SocketAddr);
 
 fn peer(addr: PeerAddr) -> Peer {
     Peer {
@@ -399,8 +405,9 @@ async fn not_found() -> AppError {
     })
 }
 
-/// The API's routes over `gateway`.
-pub fn router(gateway: Arc<Gateway>) -> Router {
+/// The API's routes over `gateway`, and the web UI's (`crate::web`).
+pub fn router(gateway: Arc<Gateway>, endpoints: crate::web::Endpoints) -> Router {
+    let ui = crate::web::router(Arc::clone(&gateway), endpoints);
     Router::new()
         .route("/api/v1/session", post(session))
         .route("/api/v1/query", post(query))
@@ -420,8 +427,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             post(approvals_required),
         )
         .route("/api/v1/openapi.json", get(openapi))
-        .fallback(not_found)
         .with_state(gateway)
+        .merge(ui)
+        .fallback(not_found)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -429,10 +437,11 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     gateway: Arc<Gateway>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    endpoints: crate::web::Endpoints,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let read_timeout = gateway.limits().read_timeout;
-    let router = router(gateway);
+    let router = router(gateway, endpoints);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     while let Some((stream, addr, permit)) =

@@ -11,6 +11,7 @@
 //! - `tls`: the listeners' TLS (rustls): certificate and key from PEM files, a self-signed local pair.
 //! - `conn`: accepted connections with a cap, a first-bytes deadline and an idle limit.
 //! - `http`: the HTTP JSON listener.
+//! - `web`: the web UI on the HTTP listener (server-rendered pages: datasets, requests, grants, audit).
 //! - `flight`: the Arrow Flight SQL listener (opaque single-use tickets, prepared statements, catalog).
 //! - `pg`: the Postgres wire listener (simple and extended protocols; its `catalog` answers psql's,
 //!   psycopg's and DBeaver's catalog queries from metadata; its `frames` cut oversized and stalled
@@ -28,3 +29,4 @@ pub mod http;
 pub mod pg;
 pub mod service;
 pub mod tls;
+pub mod web;

@@ -167,7 +167,9 @@ impl GatewayError {
             GatewayError::Auth(AuthError::Account(_)) => ErrorKind::Invalid,
             GatewayError::Auth(_) => ErrorKind::Unauthenticated,
             GatewayError::Refused { rule, .. } => match rule.as_str() {
-                "access" | "budget" | "ticket" | "statement" | "four-eyes" => ErrorKind::Forbidden,
+                "access" | "budget" | "ticket" | "statement" | "four-eyes" | "csrf" => {
+                    ErrorKind::Forbidden
+                }
                 "catalog" | "access-unknown" => ErrorKind::NotFound,
                 "access-state" => ErrorKind::Conflict,
                 "concurrency" => ErrorKind::Busy,
@@ -175,6 +177,15 @@ impl GatewayError {
             },
             GatewayError::BadRequest(_) => ErrorKind::Invalid,
             GatewayError::Internal => ErrorKind::Internal,
+        }
+    }
+
+    /// What to tell the user, without the rule's name (for pages that show the rule apart).
+    pub fn message(&self) -> String {
+        match self {
+            GatewayError::Refused { message, .. } => message.clone(),
+            GatewayError::BadRequest(m) => m.clone(),
+            other => other.to_string(),
         }
     }
 
@@ -372,6 +383,7 @@ pub struct Gateway {
     catalog: SqliteCatalog,
     limits: Limits,
     running: Arc<Mutex<Running>>,
+    audit_key: std::path::PathBuf,
 }
 
 impl Gateway {
@@ -398,6 +410,7 @@ impl Gateway {
             catalog: dir.catalog()?,
             limits,
             running: Arc::new(Mutex::new(Running::default())),
+            audit_key: dir.audit_public_key_path(),
         })
     }
 
@@ -409,6 +422,11 @@ impl Gateway {
     /// The ledger (budgets, grants, the audit log).
     pub(crate) fn ledger(&self) -> &enclave::ledger::Ledger {
         self.engine.ledger()
+    }
+
+    /// The audit public key exported at `enclave init` (what verification checks against).
+    pub(crate) fn audit_key_path(&self) -> &std::path::Path {
+        &self.audit_key
     }
 
     /// The catalog.
@@ -437,6 +455,16 @@ impl Gateway {
             peer.protocol.name(),
             SystemTime::now(),
         )?)
+    }
+
+    /// Ends the session behind `secret` (recorded with the peer).
+    pub fn sign_out(&self, secret: &str, peer: &Peer) -> Result<(), GatewayError> {
+        let via = Via {
+            origin: peer.protocol.name().to_owned(),
+            peer: peer.addr.to_string(),
+            ..Via::default()
+        };
+        Ok(self.accounts.sign_out(secret, &via)?)
     }
 
     /// The caller a session secret belongs to.

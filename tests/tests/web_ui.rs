@@ -1,0 +1,291 @@
+//! The web UI through the real `enclave serve`, as a browser without JavaScript would use it (raw HTTP
+//! with cookies and form posts): two-factor sign-in behind a double-submit nonce, a session cookie that is
+//! HttpOnly and SameSite=Strict, the strict Content-Security-Policy on every page; a researcher files a
+//! request, the board approves it from the queue, the researcher's start page shows the budget; a form
+//! posted without the CSRF token is refused (403, recorded); a researcher cannot reach the board's pages
+//! (403, recorded); a dataset named `<script>alert(1)</script>` with HTML in its provenance and column
+//! names, and a request whose project is HTML, render escaped; a researcher's card shows no exact count;
+//! the audit page's verify button reports the chain intact; signing out ends the session.
+
+use std::net::SocketAddr;
+
+use enclave_e2e::{Scratch, Server, code_now, parse_response, raw_exchange};
+
+/// One request: status, `Set-Cookie` values, body.
+fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    cookies: &str,
+    form: Option<&[(&str, &str)]>,
+) -> (u16, Vec<String>, String, String) {
+    let body = form.map_or(String::new(), |pairs| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs {
+            s.append_pair(k, v);
+        }
+        s.finish()
+    });
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: enclave\r\nConnection: close\r\n");
+    if !cookies.is_empty() {
+        req.push_str(&format!("Cookie: {cookies}\r\n"));
+    }
+    if form.is_some() {
+        req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    let raw = raw_exchange(addr, req.as_bytes());
+    let head =
+        String::from_utf8_lossy(&raw[..raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0)])
+            .into_owned();
+    let set_cookies = head
+        .lines()
+        .filter_map(|l| l.strip_prefix("set-cookie: "))
+        .map(str::to_owned)
+        .collect();
+    let (status, body) = parse_response(&raw);
+    (
+        status,
+        set_cookies,
+        head,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+fn get(addr: SocketAddr, path: &str, cookies: &str) -> (u16, String) {
+    let (status, _, _, body) = exchange(addr, "GET", path, cookies, None);
+    (status, body)
+}
+
+fn post(addr: SocketAddr, path: &str, cookies: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let (status, _, _, body) = exchange(addr, "POST", path, cookies, Some(form));
+    (status, body)
+}
+
+/// The value of `name="<field>" value="…"` in a page.
+fn field(page: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = page
+        .find(&marker)
+        .unwrap_or_else(|| panic!("{name} in {page}"))
+        + marker.len();
+    page[start..].split('"').next().expect("value").to_owned()
+}
+
+/// Signs in through the form; returns the session cookie and the page's CSRF token.
+fn sign_in(addr: SocketAddr, user: &str, token: &str, totp: &str) -> (String, String) {
+    let (status, cookies, head, page) = exchange(addr, "GET", "/ui/sign-in", "", None);
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    let nonce_cookie = cookies
+        .iter()
+        .find(|c| c.starts_with("enclave_signin="))
+        .expect("nonce cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
+    let nonce = field(&page, "nonce");
+    // Without the nonce cookie (a form posted from another site): refused.
+    let (status, _) = post(
+        addr,
+        "/ui/sign-in",
+        "",
+        &[
+            ("nonce", &nonce),
+            ("user", user),
+            ("token", token),
+            ("totp", &code_now(totp)),
+        ],
+    );
+    assert_eq!(status, 403);
+    let (status, cookies, _, _) = exchange(
+        addr,
+        "POST",
+        "/ui/sign-in",
+        &nonce_cookie,
+        Some(&[
+            ("nonce", &nonce),
+            ("user", user),
+            ("token", token),
+            ("totp", &code_now(totp)),
+        ]),
+    );
+    assert_eq!(status, 303, "{cookies:?}");
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("enclave_session="))
+        .expect("session cookie");
+    assert!(
+        session.contains("HttpOnly") && session.contains("SameSite=Strict"),
+        "{session}"
+    );
+    let session = session.split(';').next().expect("pair").to_owned();
+    let (status, home) = get(addr, "/ui/", &session);
+    assert_eq!(status, 200, "{home}");
+    (session.clone(), field(&home, "csrf"))
+}
+
+#[test]
+fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
+    let s = Scratch::new();
+    s.enclave("data", &["demo", "--patients", "60"]);
+    // A dataset whose name, provenance and column are HTML, published to the catalog directly (ingest
+    // itself refuses such a name): the UI must escape whatever the catalog holds.
+    let hostile = "<script>alert(1)</script>";
+    let catalog = catalog::SqliteCatalog::open(&s.path().join("data/enclave.db")).expect("catalog");
+    let version: catalog::NewVersion = serde_json::from_value(serde_json::json!({
+        "dataset": hostile, "version": "1", "storage_path": "datasets/x/1", "key_id": "dk",
+        "provenance": {"provider": "<img src=x onerror=alert(2)>", "source_system": "test",
+            "extracted_at": "2026-11-25T00:00:00Z", "legal_basis": "<b>bold</b>",
+            "consent_scope": "\"><svg onload=alert(3)>", "profile": "hipaa-safe-harbor"},
+        "coverage": {"persons": 4321, "time_start": "2001", "time_end": "2020"},
+        "max_contributions": 10, "accounting": "basic",
+        "tables": [{"name": "patients", "file": "patients.parquet", "rows": 98765,
+            "columns": [{"name": "<i>col</i>", "data_type": "Utf8", "role": "value", "action": "keep",
+                "lower": null, "upper": null, "domain": ["<a href=javascript:alert(4)>x</a>"]}]}],
+        "report": {"note": "<script>alert(5)</script>"}
+    }))
+    .expect("version");
+    catalog::CatalogStore::publish(&catalog, &version).expect("publish");
+    let (alice_token, alice_totp) = s.add_user("data", "alice", "researcher");
+    let (bob_token, bob_totp) = s.add_user("data", "bob", "board");
+    let server = Server::start(s.path(), "data", &[]);
+    let addr = server.http;
+
+    // Not signed in: every page sends to the sign-in form.
+    let (status, _, head, _) = exchange(addr, "GET", "/ui/requests", "", None);
+    assert_eq!(status, 303);
+    assert!(head.contains("location: /ui/sign-in"), "{head}");
+
+    let (alice, alice_csrf) = sign_in(addr, "alice", &alice_token, &alice_totp);
+    let (bob, bob_csrf) = sign_in(addr, "bob", &bob_token, &bob_totp);
+
+    // The researcher files a request whose project is HTML.
+    let request = [
+        ("csrf", alice_csrf.as_str()),
+        ("project", "<script>alert(6)</script>"),
+        ("purpose", "Mortality by age band"),
+        ("datasets", "demo-cohort"),
+        ("epsilon", "1"),
+        ("days", "30"),
+    ];
+    let (status, page) = post(addr, "/ui/requests", &alice, &request);
+    assert_eq!(status, 303, "{page}");
+    // Without the CSRF token, or with another session's: refused, recorded.
+    let (status, page) = post(addr, "/ui/requests", &alice, &request[1..]);
+    assert_eq!(status, 403, "{page}");
+    assert!(page.contains("csrf"), "{page}");
+    let mut forged = request;
+    forged[0].1 = &bob_csrf;
+    let (status, _) = post(addr, "/ui/requests", &alice, &forged);
+    assert_eq!(status, 403);
+    // The researcher cannot reach the board's pages.
+    for path in ["/ui/audit", "/ui/audit?user=bob"] {
+        let (status, page) = get(addr, path, &alice);
+        assert_eq!(status, 403, "{path}: {page}");
+    }
+    let (status, _) = post(addr, "/ui/audit/verify", &alice, &[("csrf", &alice_csrf)]);
+    assert_eq!(status, 403);
+    let (status, _) = post(
+        addr,
+        "/ui/requests/1/approve",
+        &alice,
+        &[("csrf", &alice_csrf), ("epsilon", "1"), ("days", "30")],
+    );
+    assert_eq!(status, 403, "a researcher's approval is refused by Cedar");
+
+    // The board's queue shows the request escaped, with its forms; approval with smaller terms.
+    let (status, queue) = get(addr, "/ui/requests", &bob);
+    assert_eq!(status, 200);
+    assert!(
+        queue.contains("&lt;script&gt;alert(6)&lt;/script&gt;"),
+        "{queue}"
+    );
+    assert!(!queue.contains("<script>"), "{queue}");
+    assert!(queue.contains("/ui/requests/1/approve"), "{queue}");
+    let (status, page) = post(
+        addr,
+        "/ui/requests/1/approve",
+        &bob,
+        &[("csrf", &bob_csrf), ("epsilon", "0.5"), ("days", "10")],
+    );
+    assert_eq!(status, 303, "{page}");
+    let (_, home) = get(addr, "/ui/", &alice);
+    assert!(
+        home.contains("demo-cohort") && home.contains("0.5"),
+        "{home}"
+    );
+    assert!(
+        home.contains("adbc_driver_flightsql"),
+        "connection snippets: {home}"
+    );
+
+    // Every page of the hostile dataset escapes it.
+    for (who, cookie) in [("alice", &alice), ("bob", &bob)] {
+        for path in [
+            "/ui/datasets".to_owned(),
+            "/ui/datasets?q=%3Cscript".to_owned(),
+            format!(
+                "/ui/datasets/{}",
+                form_urlencoded::byte_serialize(hostile.as_bytes()).collect::<String>()
+            ),
+        ] {
+            let (status, page) = get(addr, &path, cookie);
+            assert_eq!(status, 200, "{who} {path}: {page}");
+            assert!(
+                page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+                "{who} {path}: {page}"
+            );
+            for raw in [
+                "<script",
+                "<img",
+                "<svg",
+                "<b>",
+                "<i>",
+                "<a href=javascript",
+            ] {
+                assert!(!page.contains(raw), "{who} {path} holds {raw}: {page}");
+            }
+        }
+    }
+    // A researcher's card shows no exact count; the board's shows the ingest report.
+    let card = |cookie: &str| get(addr, "/ui/datasets/demo-cohort", cookie).1;
+    let truth = catalog::CatalogStore::version(&catalog, "demo-cohort", None).expect("version");
+    let researcher_card = card(&alice);
+    let board_card = card(&bob);
+    for exact in [
+        format!("<dd>{}</dd>", truth.version.coverage.persons),
+        format!("Rows written: {}", truth.version.tables[0].rows),
+    ] {
+        assert!(
+            !researcher_card.contains(&exact),
+            "{exact} shown to a researcher"
+        );
+        assert!(board_card.contains(&exact), "{exact} shown to the board");
+    }
+    assert!(!researcher_card.contains("Ingest report"));
+
+    // The verify button.
+    let (status, page) = post(addr, "/ui/audit/verify", &bob, &[("csrf", &bob_csrf)]);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("the audit log verifies"), "{page}");
+    let (status, page) = get(addr, "/ui/audit?user=alice&outcome=refused", &bob);
+    assert_eq!(status, 200);
+    for refusal in ["csrf", "read the audit log", "approve access request 1"] {
+        assert!(page.contains(refusal), "{refusal} recorded: {page}");
+    }
+    let (status, page) = get(addr, "/ui/audit?since=yesterday", &bob);
+    assert_eq!(status, 400, "{page}");
+    // Signing out ends the session itself, not just the cookie.
+    let (status, _) = post(addr, "/ui/sign-out", &alice, &[("csrf", &alice_csrf)]);
+    assert_eq!(status, 303);
+    let (status, _) = get(addr, "/ui/", &alice);
+    assert_eq!(status, 303, "the old cookie no longer signs in");
+    drop(server);
+    let verified = s.enclave("data", &["audit", "verify"]);
+    assert!(verified.contains("audit log verifies"), "{verified}");
+}
