@@ -11,7 +11,8 @@
 //! Every step writes its rows and its audit record in one transaction (`access-requested`,
 //! `access-approved` per approval, `access-rejected`, `grant-revoked`, `approvals-required`, and a
 //! `granted` record per budget it sets), so no decision goes unrecorded and `audit verify` checks each
-//! budget against the grants that set it. Who may take which step is decided by the caller (Cedar in the
+//! budget's totals against the last `granted` record that set them (the grant's end is in that record's
+//! text, not yet checked by `verify`). Who may take which step is decided by the caller (Cedar in the
 //! gateway, the accounts' roles on the host); this module enforces what holds whoever asks: nobody
 //! approves their own request, one member counts once, terms never exceed the request, a decided request
 //! stays decided.
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS access_requests (
     decided_at TEXT,
     decided_by TEXT,
     reason TEXT,
-    grant_id INTEGER
+    grant_id INTEGER,
+    approvals_at_filing INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS access_approvals (
     request_id INTEGER NOT NULL REFERENCES access_requests(id),
@@ -265,6 +267,15 @@ fn text(field: &str, value: &str, max: usize, multiline: bool) -> Result<String>
             format!("the {field} contains control characters"),
         );
     }
+    // Direction overrides and invisible characters would make the text read differently than it is.
+    if value.chars().any(|c| {
+        matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+    }) {
+        return refuse(
+            Rule::Request,
+            format!("the {field} contains invisible or direction-changing characters"),
+        );
+    }
     Ok(value.to_owned())
 }
 
@@ -301,7 +312,8 @@ fn check_days(days: u32) -> Result<()> {
 /// held in ρ.
 pub fn rho_for(epsilon: f64, delta: f64) -> f64 {
     let l = (1.0 / delta).ln();
-    ((l + epsilon).sqrt() - l.sqrt()).powi(2)
+    // (√(L+ε) − √L)², written without subtracting two close roots: ε² / (√(L+ε) + √L)².
+    (epsilon / ((l + epsilon).sqrt() + l.sqrt())).powi(2)
 }
 
 fn json_list(items: &[String]) -> String {
@@ -326,7 +338,7 @@ fn event_draft(by: &str, via: &Via, datasets: &[String], what: String) -> Draft 
 
 const SELECT_REQUEST: &str =
     "SELECT id, researcher, project, purpose, datasets, epsilon, delta, days, status,
-    created_at, decided_at, decided_by, reason, grant_id FROM access_requests";
+    created_at, decided_at, decided_by, reason, grant_id, approvals_at_filing FROM access_requests";
 
 fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Request> {
     Ok(Request {
@@ -345,11 +357,12 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Request> {
         reason: r.get(12)?,
         grant_id: r.get(13)?,
         approvals: Vec::new(),
-        approvals_required: 1,
+        approvals_required: r.get(14)?,
     })
 }
 
-/// Fills a request's approvals and how many it needs.
+/// Fills a request's approvals and how many it needs: the most its datasets required when it was filed
+/// or require now (lowering a dataset's rule never lowers what a request filed under it needs).
 fn complete(conn: &Connection, mut request: Request) -> Result<Request> {
     let mut stmt = conn.prepare_cached(
         "SELECT member, epsilon, days, at FROM access_approvals WHERE request_id = ?1 ORDER BY at, member",
@@ -364,7 +377,9 @@ fn complete(conn: &Connection, mut request: Request) -> Result<Request> {
             })
         })?
         .collect::<Result<_, _>>()?;
-    request.approvals_required = required(conn, &request.datasets)?;
+    request.approvals_required = request
+        .approvals_required
+        .max(required(conn, &request.datasets)?);
     Ok(request)
 }
 
@@ -483,17 +498,24 @@ impl Ledger {
             }
             datasets.push(d);
         }
-        accountings(catalog, &datasets)?;
+        let zcdp = accountings(catalog, &datasets)?.into_iter().any(|(_, z)| z);
         let epsilon = epsilon_units(new.epsilon)?;
         let delta = delta_units(new.delta.unwrap_or(DEFAULT_DELTA))?;
+        if zcdp && delta == 0 {
+            return refuse(
+                Rule::Request,
+                "a zCDP dataset's grant is held in ρ with an (ε, δ) equivalent: ask a δ above 0",
+            );
+        }
         check_days(new.days)?;
 
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let needed = required(&tx, &datasets)?;
         tx.execute(
-            "INSERT INTO access_requests (researcher, project, purpose, datasets, epsilon, delta, days, status, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)",
-            params![researcher, project, purpose, json_list(&datasets), epsilon, delta, new.days, now_text()],
+            "INSERT INTO access_requests (researcher, project, purpose, datasets, epsilon, delta, days, status, created_at,
+             approvals_at_filing) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
+            params![researcher, project, purpose, json_list(&datasets), epsilon, delta, new.days, now_text(), needed],
         )?;
         let id = tx.last_insert_rowid();
         let draft = event_draft(
@@ -663,16 +685,26 @@ impl Ledger {
                  WHERE id = ?1",
                 params![id, text_time(granted_at), members.join(", "), grant_id],
             )?;
-            let grant_via = Via {
-                origin: format!("grant {grant_id} (access request {id})"),
-                ..via.clone()
-            };
+            // The researcher's `granted` records name the grant, not the approvers' addresses and
+            // sessions (those are in the `access-approved` records, which only the board reads).
+            let grant_via = Via::local(&format!(
+                "grant {grant_id} (access request {id}, approved by {})",
+                members.join(", ")
+            ));
             for (dataset, zcdp) in &accounting {
                 // The grant's ε is what is left to spend from now: spent stays spent.
                 let spent = crate::ledger::raw_budget(&tx, &request.researcher, dataset)?
                     .map_or([0, 0, 0], |b| [b.spent_epsilon, b.spent_delta, b.spent_rho]);
+                if *zcdp && delta == 0 {
+                    return refuse(
+                        Rule::Terms,
+                        format!(
+                            "dataset '{dataset}' is accounted in zCDP, whose ε equivalent needs a δ above 0: the request asked δ = 0"
+                        ),
+                    );
+                }
                 let rho = if *zcdp {
-                    to_units(rho_for(from_units(e), from_units(delta).max(1e-12)))?
+                    to_units(rho_for(from_units(e), from_units(delta)))?
                 } else {
                     -1
                 };
@@ -784,10 +816,7 @@ impl Ledger {
             Event::GrantRevoked.name(),
             &format!("grant {id}"),
         )?;
-        let revoke_via = Via {
-            origin: format!("grant {id} revoked by {by}"),
-            ..via.clone()
-        };
+        let revoke_via = Via::local(&format!("grant {id} revoked by {by}"));
         for dataset in &grant.datasets {
             let owned: Option<(i64, i64, Option<i64>)> = tx
                 .query_row(
@@ -1016,6 +1045,32 @@ mod tests {
             outcomes(&f),
             ["access-requested", "access-approved", "granted", "granted"]
         );
+        // The researcher's grant records name the grant and the approvers, not their sessions.
+        let busy = Via {
+            origin: "http".into(),
+            peer: "10.0.0.9:4711".into(),
+            session: "s-1".into(),
+            decision: "allow [board]".into(),
+        };
+        let r2 = f
+            .ledger
+            .request_access(&f.catalog, "alice", &via(), &ask(&["cohort"], 1.0, 30))
+            .expect("request");
+        f.ledger
+            .approve_access(&f.catalog, "carol", &busy, r2.id, None, None)
+            .expect("approve");
+        let records = f.ledger.tail(2).expect("tail");
+        assert_eq!(
+            records[0].draft.via.peer, "10.0.0.9:4711",
+            "the approval keeps its peer"
+        );
+        assert_eq!(records[1].outcome, "granted");
+        assert!(records[1].draft.via.peer.is_empty() && records[1].draft.via.session.is_empty());
+        assert!(
+            records[1].draft.via.origin.contains("approved by carol"),
+            "{:?}",
+            records[1].draft.via
+        );
         f.ledger
             .verify(&f.ledger.public_key_hex())
             .expect("the log verifies");
@@ -1114,6 +1169,22 @@ mod tests {
             .approve_access(&f.catalog, "bob", &via(), r.id, None, None)
             .expect_err("twice");
         assert_eq!(rule_of(twice), Rule::FourEyes);
+        // Lowering the dataset's rule does not lower what a request filed under it needs.
+        f.ledger
+            .set_approvals_required(&f.catalog, "bob", &via(), "icu", 1)
+            .expect("lower");
+        assert_eq!(
+            f.ledger
+                .access_request(r.id)
+                .expect("read")
+                .approvals_required,
+            2
+        );
+        let still = f
+            .ledger
+            .approve_access(&f.catalog, "bob", &via(), r.id, None, None)
+            .expect_err("still two");
+        assert_eq!(rule_of(still), Rule::FourEyes);
         let second = f
             .ledger
             .approve_access(&f.catalog, "carol", &via(), r.id, Some(1.8), Some(20))

@@ -108,6 +108,18 @@ impl Ledger {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(audit::SCHEMA)?;
         conn.execute_batch(crate::access::SCHEMA)?;
+        add_column_if_missing(
+            &conn,
+            "access_requests",
+            "approvals_at_filing",
+            "INTEGER NOT NULL DEFAULT 1",
+        )?;
+        // The audit viewer's filters (user, outcome, time) read the newest records first.
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS audit_log_principal ON audit_log (principal, seq);
+             CREATE INDEX IF NOT EXISTS audit_log_outcome ON audit_log (outcome, seq);
+             CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);",
+        )?;
         // Databases made before these columns existed gain them (empty: no expiry, no peer).
         add_column_if_missing(&conn, "budgets", "expires_at", "TEXT")?;
         // The access grant a budget comes from (none: set by hand with `budget set`).

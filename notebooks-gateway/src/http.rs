@@ -7,11 +7,20 @@
 //! | `POST /api/v1/query` | `{"dataset","sql","epsilon"?,"delta"?}` | the JSON of `enclave sql --json` |
 //! | `GET /api/v1/datasets` | | the datasets the caller may query (columns, never row counts) |
 //! | `GET /api/v1/budget` | | the caller's budgets |
+//! | `POST /api/v1/access-requests` | `{"project","purpose","datasets","epsilon","delta"?,"days"}` | the request |
+//! | `GET /api/v1/access-requests[/{id}]` | | the caller's requests, or those they may decide |
+//! | `POST /api/v1/access-requests/{id}/approve` | `{"epsilon"?,"days"?}` | `{"grant_id","request","grant"}` |
+//! | `POST /api/v1/access-requests/{id}/reject` | `{"reason"}` | the request |
+//! | `GET /api/v1/grants` | | the caller's grants, or those they may manage |
+//! | `POST /api/v1/grants/{id}/revoke` | `{"reason"}` | the grant |
+//! | `POST /api/v1/datasets/{name}/approvals-required` | `{"approvals"}` | the setting |
 //! | `GET /api/v1/openapi.json` | | the OpenAPI 3.1 document of these routes |
 //!
-//! Every route but the session and the document takes `Authorization: Bearer <session>`. Errors are
-//! one [`AppError`], `{"error": {"rule", "message"}}` with a status from the error's class; request
-//! bodies are parsed here (not by axum's extractors) so a malformed one gets our message, not a parser's.
+//! Every API route but the session and the document takes `Authorization: Bearer <session>`. Errors
+//! are one [`AppError`], `{"error": {"rule", "message", "receipt"}}` with a status from the error's
+//! class; request bodies are parsed here (not by axum's extractors) so a malformed one gets our message,
+//! not a parser's. The same listener serves the web UI under `/ui/` (`crate::web`: cookie sessions and
+//! HTML pages).
 //!
 //! The accept loop is ours: each connection has a header-read timeout (a slow-loris client is cut), a
 //! body-read timeout, a size limit, and the server holds at most a fixed number of connections.

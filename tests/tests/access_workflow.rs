@@ -5,10 +5,15 @@
 //! query; a rejected request stays rejected; malformed bodies and paths get our own errors; the host
 //! commands refuse names without the step's role; every step is in the audit log, which verifies.
 
-use enclave_e2e::{Scratch, Server, code_now, http};
+use enclave_e2e::{Scratch, Server, code_at, code_now, http};
 use serde_json::{Value, json};
 
 const QUERY: &str = "SELECT COUNT(*) AS n FROM patients";
+
+/// A time in the next TOTP window (the server accepts one step ahead; this window's code may be spent).
+fn next_window() -> std::time::SystemTime {
+    std::time::SystemTime::now() + std::time::Duration::from_secs(30)
+}
 
 fn rule(body: &Value) -> &str {
     body["error"]["rule"].as_str().unwrap_or("")
@@ -266,59 +271,65 @@ fn requests_become_grants_that_queries_run_under_until_they_are_revoked() {
     drop(server);
 
     // On the host: names without the step's role are refused; the lists match.
-    let refused = s.enclave_fails(
-        "data",
-        &["access", "approve", &third.to_string(), "--by", "alice"],
+    let host = |args: &[&str], token: &str, code: &str| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--token", token, "--totp", code]);
+        all.iter().map(|a| a.to_string()).collect::<Vec<String>>()
+    };
+    let third_id = third.to_string();
+    let args = host(
+        &["access", "approve", &third_id, "--by", "alice"],
+        &alice_token,
+        "000000",
     );
+    let refused = s.enclave_fails("data", &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         refused.contains("not an enabled board account"),
         "{refused}"
     );
-    let refused = s.enclave_fails(
-        "data",
-        &[
-            "access",
-            "request",
-            "--as",
-            "bob",
-            "--project",
-            "p",
-            "--purpose",
-            "q",
-            "--dataset",
-            "demo-cohort",
-            "--epsilon",
-            "1",
-            "--days",
-            "1",
-        ],
-    );
+    let request = [
+        "access",
+        "request",
+        "--project",
+        "Host",
+        "--purpose",
+        "q",
+        "--dataset",
+        "demo-cohort",
+        "--epsilon",
+        "0.3",
+        "--days",
+        "7",
+        "--as",
+    ];
+    let mut as_bob = request.to_vec();
+    as_bob.push("bob");
+    let args = host(&as_bob, &bob_token, "000000");
+    let refused = s.enclave_fails("data", &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         refused.contains("not an enabled researcher account"),
         "{refused}"
     );
+    // A board member's name is not enough: the step needs their factors.
+    let code = code_at(&bob_totp, next_window());
+    let args = host(
+        &[
+            "access", "reject", &third_id, "--by", "bob", "--reason", "x",
+        ],
+        "not-bobs-token",
+        &code,
+    );
+    let refused = s.enclave_fails("data", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(refused.contains("credentials"), "{refused}");
     let listed: Value =
         serde_json::from_str(&s.enclave("data", &["access", "list", "--json"])).expect("json");
     assert_eq!(listed, all);
-    let out = s.enclave(
-        "data",
-        &[
-            "access",
-            "request",
-            "--as",
-            "alice",
-            "--project",
-            "Host",
-            "--purpose",
-            "q",
-            "--dataset",
-            "demo-cohort",
-            "--epsilon",
-            "0.3",
-            "--days",
-            "7",
-        ],
-    );
+    // The next window's code: this window's was spent signing in over HTTP.
+    let code = code_at(&alice_totp, next_window());
+    let mut as_alice = request.to_vec();
+    as_alice.push("alice");
+    let args = host(&as_alice, &alice_token, &code);
+    let out = s.enclave("data", &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(out.contains("[pending]"), "{out}");
 
     // Every step is recorded, and the log verifies.

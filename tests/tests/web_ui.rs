@@ -178,7 +178,7 @@ fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
     // Without the CSRF token, or with another session's: refused, recorded.
     let (status, page) = post(addr, "/ui/requests", &alice, &request[1..]);
     assert_eq!(status, 403, "{page}");
-    assert!(page.contains("csrf"), "{page}");
+    assert!(page.contains("<code>csrf</code>"), "{page}");
     let mut forged = request;
     forged[0].1 = &bob_csrf;
     let (status, _) = post(addr, "/ui/requests", &alice, &forged);
@@ -216,8 +216,8 @@ fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
     assert_eq!(status, 303, "{page}");
     let (_, home) = get(addr, "/ui/", &alice);
     assert!(
-        home.contains("demo-cohort") && home.contains("0.5"),
-        "{home}"
+        home.contains("<td>demo-cohort</td><td class=\"num\">0.5</td>"),
+        "the budget row: {home}"
     );
     assert!(
         home.contains("adbc_driver_flightsql"),
@@ -268,6 +268,40 @@ fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
         assert!(board_card.contains(&exact), "{exact} shown to the board");
     }
     assert!(!researcher_card.contains("Ingest report"));
+    // Nor does the hostile dataset's card show its figures to a researcher (4,321 persons, 98,765 rows).
+    let hostile_path = format!(
+        "/ui/datasets/{}",
+        form_urlencoded::byte_serialize(hostile.as_bytes()).collect::<String>()
+    );
+    let (_, page) = get(addr, &hostile_path, &alice);
+    assert!(!page.contains("4321") && !page.contains("98765"), "{page}");
+    let (_, page) = get(addr, &hostile_path, &bob);
+    assert!(page.contains("4321") && page.contains("98765"), "{page}");
+    // Every state-changing form of the board refuses a post without the token.
+    for path in [
+        "/ui/requests/1/reject",
+        "/ui/grants/1/revoke",
+        "/ui/audit/verify",
+        "/ui/sign-out",
+    ] {
+        let (status, page) = post(addr, path, &bob, &[("reason", "x")]);
+        assert_eq!(status, 403, "{path}: {page}");
+    }
+    // Every page carries the policy.
+    for path in [
+        "/ui/",
+        "/ui/datasets",
+        "/ui/requests",
+        "/ui/grants",
+        "/ui/audit",
+    ] {
+        let (_, _, head, _) = exchange(addr, "GET", path, &bob, None);
+        assert!(
+            head.contains("content-security-policy: default-src 'none'")
+                && head.contains("x-frame-options: DENY"),
+            "{path}: {head}"
+        );
+    }
 
     // The verify button.
     let (status, page) = post(addr, "/ui/audit/verify", &bob, &[("csrf", &bob_csrf)]);
@@ -275,7 +309,11 @@ fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
     assert!(page.contains("the audit log verifies"), "{page}");
     let (status, page) = get(addr, "/ui/audit?user=alice&outcome=refused", &bob);
     assert_eq!(status, 200);
-    for refusal in ["csrf", "read the audit log", "approve access request 1"] {
+    for refusal in [
+        "web form: request access",
+        "read the audit log",
+        "approve access request 1",
+    ] {
         assert!(page.contains(refusal), "{refusal} recorded: {page}");
     }
     let (status, page) = get(addr, "/ui/audit?since=yesterday", &bob);

@@ -1,14 +1,26 @@
 //! `enclave access`: access requests and grants from the enclave host, the same workflow the gateway
-//! serves (`enclave::access`). The names given must be enabled accounts with the step's role — a
-//! researcher files, board members approve, reject, revoke and set four-eyes — so that an approval on the
-//! host counts a board member as the web UI and the API do.
+//! serves (`enclave::access`). Each step is taken as an account with the step's role — a researcher
+//! files, board members approve, reject, revoke and set four-eyes — signed in with that account's two
+//! factors (API token from `ENCLAVE_TOKEN` or `--token`, and `--totp`), so that four-eyes on the host
+//! needs two members' factors as it does in the web UI and the API; naming an account is not enough.
 
 use anyhow::{Result, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use enclave::DataDir;
 use enclave::access::{Grant, NewRequest, Request};
 use enclave::audit::Via;
 use notebooks_gateway::auth::Accounts;
+
+/// The acting account's two factors.
+#[derive(Args)]
+pub struct Factors {
+    /// The account's API token (read from ENCLAVE_TOKEN when not given, so it stays out of the history).
+    #[arg(long, env = "ENCLAVE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The current 6-digit code of the account's authenticator.
+    #[arg(long)]
+    totp: String,
+}
 
 /// The `enclave access` subcommands.
 #[derive(Subcommand)]
@@ -39,6 +51,9 @@ pub enum AccessCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// The acting account's two factors.
+        #[command(flatten)]
+        factors: Factors,
     },
     /// Access requests, newest first.
     List {
@@ -68,6 +83,9 @@ pub enum AccessCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// The acting account's two factors.
+        #[command(flatten)]
+        factors: Factors,
     },
     /// Reject a request with a reason (as a board member).
     Reject {
@@ -79,6 +97,9 @@ pub enum AccessCommand {
         /// The rejecting board member (default: the login name).
         #[arg(long, env = "USER", default_value = "unknown")]
         by: String,
+        /// The acting account's two factors.
+        #[command(flatten)]
+        factors: Factors,
     },
     /// Revoke a grant (as a board member): its budgets end now with nothing left to spend.
     Revoke {
@@ -90,6 +111,9 @@ pub enum AccessCommand {
         /// The revoking board member (default: the login name).
         #[arg(long, env = "USER", default_value = "unknown")]
         by: String,
+        /// The acting account's two factors.
+        #[command(flatten)]
+        factors: Factors,
     },
     /// Grants, newest first.
     Grants {
@@ -109,11 +133,15 @@ pub enum AccessCommand {
         /// The board member who sets it (default: the login name).
         #[arg(long, env = "USER", default_value = "unknown")]
         by: String,
+        /// The acting account's two factors.
+        #[command(flatten)]
+        factors: Factors,
     },
 }
 
-/// Fails unless `name` is an enabled account with `role`.
-fn require_role(accounts: &Accounts, name: &str, role: &str) -> Result<()> {
+/// Fails unless `name` is an enabled account with `role` that signs in with `factors` (the sign-in is
+/// recorded like any other).
+fn act_as(accounts: &Accounts, name: &str, role: &str, factors: &Factors) -> Result<()> {
     let ok = accounts
         .list()?
         .iter()
@@ -123,6 +151,14 @@ fn require_role(accounts: &Accounts, name: &str, role: &str) -> Result<()> {
             "'{name}' is not an enabled {role} account (see `enclave users list`; pass --by or --as)"
         );
     }
+    accounts.sign_in(
+        name,
+        &factors.token,
+        factors.totp.trim(),
+        "local",
+        "cli",
+        std::time::SystemTime::now(),
+    )?;
     Ok(())
 }
 
@@ -202,8 +238,9 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
             delta,
             days,
             json,
+            factors,
         } => {
-            require_role(&accounts, &researcher, "researcher")?;
+            act_as(&accounts, &researcher, "researcher", &factors)?;
             let new = NewRequest {
                 project,
                 purpose,
@@ -239,8 +276,9 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
             epsilon,
             days,
             json,
+            factors,
         } => {
-            require_role(&accounts, &by, "board")?;
+            act_as(&accounts, &by, "board", &factors)?;
             let d = ledger.approve_access(&catalog, &by, &via("approve"), id, epsilon, days)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
@@ -255,12 +293,22 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
                 }
             }
         }
-        AccessCommand::Reject { id, reason, by } => {
-            require_role(&accounts, &by, "board")?;
+        AccessCommand::Reject {
+            id,
+            reason,
+            by,
+            factors,
+        } => {
+            act_as(&accounts, &by, "board", &factors)?;
             print_request(&ledger.reject_access(&by, &via("reject"), id, &reason)?);
         }
-        AccessCommand::Revoke { grant, reason, by } => {
-            require_role(&accounts, &by, "board")?;
+        AccessCommand::Revoke {
+            grant,
+            reason,
+            by,
+            factors,
+        } => {
+            act_as(&accounts, &by, "board", &factors)?;
             print_grant(&ledger.revoke_grant(&by, &via("revoke"), grant, &reason)?);
         }
         AccessCommand::Grants { researcher, json } => {
@@ -277,8 +325,9 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
             dataset,
             approvals,
             by,
+            factors,
         } => {
-            require_role(&accounts, &by, "board")?;
+            act_as(&accounts, &by, "board", &factors)?;
             ledger.set_approvals_required(
                 &catalog,
                 &by,

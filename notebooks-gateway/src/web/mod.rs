@@ -759,12 +759,13 @@ fn audit_filter(q: &Form) -> Result<enclave::audit::Filter, GatewayError> {
             .filter(|v| !v.is_empty())
             .map(str::to_owned)
     };
-    let time = |name: &str| -> Result<Option<String>, GatewayError> {
+    // A date (UTC) or an RFC 3339 time; `until` a date means through that day.
+    let time = |name: &str, day_after: bool| -> Result<Option<String>, GatewayError> {
         field(name)
             .map(|v| {
-                // A date (the day's start, UTC) or an RFC 3339 time, stored form: UTC.
                 chrono::NaiveDate::parse_from_str(&v, "%Y-%m-%d")
                     .ok()
+                    .and_then(|d| if day_after { d.succ_opt() } else { Some(d) })
                     .and_then(|d| d.and_hms_opt(0, 0, 0))
                     .map(|t| t.and_utc())
                     .or_else(|| {
@@ -786,8 +787,8 @@ fn audit_filter(q: &Form) -> Result<enclave::audit::Filter, GatewayError> {
         user: field("user"),
         dataset: field("dataset"),
         outcome: field("outcome"),
-        since: time("since")?,
-        until: time("until")?,
+        since: time("since", false)?,
+        until: time("until", true)?,
         before: field("before")
             .map(|v| {
                 v.parse::<i64>()

@@ -207,9 +207,11 @@ curl -s $BASE/api/v1/query -H \"Authorization: Bearer $SESSION\" -H 'Content-Typ
     )
 }
 
-/// A path segment, percent-encoded.
+/// A path segment, percent-encoded (a space as `%20`: in a path, `+` is a plus).
 fn urlencode(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+    form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// The dataset list with its search box.
@@ -389,8 +391,8 @@ pub(super) fn requests(
                 h2 { "New request" }
                 form method="post" action="/ui/requests" {
                     (csrf_field(csrf))
-                    label { "Project" input type="text" name="project" maxlength="200" required; }
-                    label { "Purpose" textarea name="purpose" rows="4" maxlength="4000" required {} }
+                    label { "Project" input type="text" name="project" maxlength=(enclave::access::MAX_PROJECT) required; }
+                    label { "Purpose" textarea name="purpose" rows="4" maxlength=(enclave::access::MAX_TEXT) required {} }
                     fieldset {
                         legend { "Datasets" }
                         @for d in datasets {
@@ -398,7 +400,7 @@ pub(super) fn requests(
                         }
                     }
                     label { "ε per dataset" input type="number" name="epsilon" step="any" min="0" value="1"; }
-                    label { "Days" input type="number" name="days" min="1" max="3650" value="90"; }
+                    label { "Days" input type="number" name="days" min="1" max=(enclave::access::MAX_DAYS) value="90"; }
                     button type="submit" { "Submit request" }
                 }
             }
