@@ -8,6 +8,7 @@
 //! Lists show a caller what is theirs (their requests and grants) and, to a board member, whatever Cedar
 //! lets them manage.
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use catalog::CatalogStore;
@@ -71,10 +72,57 @@ impl Gateway {
         if allowed {
             return Ok(via);
         }
+        Err(self.refuse_step(caller, &via, datasets, what))
+    }
+
+    /// Records that `caller` may not take the step `what`, and returns the refusal with its receipt.
+    fn refuse_step(
+        &self,
+        caller: &Caller,
+        via: &enclave::audit::Via,
+        datasets: &[String],
+        what: &str,
+    ) -> GatewayError {
         let message = format!("{} may not {what}", caller.user);
-        let draft = Draft::query(&caller.user, &via, &datasets.join(", "), what);
-        let record = self.ledger().refuse(&draft, "access", &message)?;
-        Err(refused_with("access", message, &record))
+        let draft = Draft::query(&caller.user, via, &datasets.join(", "), what);
+        match self.ledger().refuse(&draft, "access", &message) {
+            Ok(record) => refused_with("access", message, &record),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Looks up what a step is about: an unknown request or grant is "not found" only to a caller who
+    /// administers the enclave; anyone else gets the same recorded refusal as for one they may not touch,
+    /// so numbers cannot be probed.
+    fn lookup<T>(
+        &self,
+        caller: &Caller,
+        peer: &Peer,
+        what: &str,
+        found: Result<T, enclave::Error>,
+    ) -> Result<T, GatewayError> {
+        match found {
+            Err(enclave::Error::Access {
+                rule: enclave::access::Rule::Unknown,
+                message,
+            }) => {
+                let verdict = self
+                    .policies()
+                    .current()
+                    .decide_platform(caller, Action::Administer)
+                    .map_err(internal)?;
+                if verdict.allowed {
+                    return Err(enclave::Error::Access {
+                        rule: enclave::access::Rule::Unknown,
+                        message,
+                    }
+                    .into());
+                }
+                let via = Self::via(caller, peer, verdict.summary());
+                Err(self.refuse_step(caller, &via, &[], what))
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Files the caller's access request.
@@ -96,16 +144,38 @@ impl Gateway {
             .request_access(self.catalog(), &caller.user, &via, new)?)
     }
 
-    /// Whether `caller` may manage grants on every one of `datasets` (no record: for lists).
-    fn manages(&self, caller: &Caller, datasets: &[String]) -> Result<bool, GatewayError> {
-        Ok(self.decide_each(caller, Action::ManageGrants, datasets)?.0)
+    /// Whether `caller` may manage grants on every one of `datasets` (no record: for lists). Cedar is
+    /// asked once per dataset and the answers kept in `memo`, so a list of thousands of requests over a
+    /// few datasets costs a few decisions.
+    fn manages(
+        &self,
+        caller: &Caller,
+        datasets: &[String],
+        memo: &mut HashMap<String, bool>,
+    ) -> Result<bool, GatewayError> {
+        for d in datasets {
+            let allowed = match memo.get(d) {
+                Some(a) => *a,
+                None => {
+                    let a = self
+                        .decide_each(caller, Action::ManageGrants, std::slice::from_ref(d))?
+                        .0;
+                    memo.insert(d.clone(), a);
+                    a
+                }
+            };
+            if !allowed {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The caller's own requests, and those whose datasets they may manage; newest first.
     pub fn access_requests(&self, caller: &Caller) -> Result<Vec<Request>, GatewayError> {
-        let mut out = Vec::new();
+        let (mut out, mut memo) = (Vec::new(), HashMap::new());
         for r in self.ledger().access_requests(None, None)? {
-            if r.researcher == caller.user || self.manages(caller, &r.datasets)? {
+            if r.researcher == caller.user || self.manages(caller, &r.datasets, &mut memo)? {
                 out.push(r);
             }
         }
@@ -119,7 +189,8 @@ impl Gateway {
         peer: &Peer,
         id: i64,
     ) -> Result<Request, GatewayError> {
-        let r = self.ledger().access_request(id)?;
+        let what = format!("read access request {id}");
+        let r = self.lookup(caller, peer, &what, self.ledger().access_request(id))?;
         if r.researcher != caller.user {
             self.authorize_step(
                 caller,
@@ -141,14 +212,9 @@ impl Gateway {
         epsilon: Option<f64>,
         days: Option<u32>,
     ) -> Result<Decision, GatewayError> {
-        let r = self.ledger().access_request(id)?;
-        let via = self.authorize_step(
-            caller,
-            peer,
-            Action::ManageGrants,
-            &r.datasets,
-            &format!("approve access request {id}"),
-        )?;
+        let what = format!("approve access request {id}");
+        let r = self.lookup(caller, peer, &what, self.ledger().access_request(id))?;
+        let via = self.authorize_step(caller, peer, Action::ManageGrants, &r.datasets, &what)?;
         Ok(self
             .ledger()
             .approve_access(self.catalog(), &caller.user, &via, id, epsilon, days)?)
@@ -162,14 +228,9 @@ impl Gateway {
         id: i64,
         reason: &str,
     ) -> Result<Request, GatewayError> {
-        let r = self.ledger().access_request(id)?;
-        let via = self.authorize_step(
-            caller,
-            peer,
-            Action::ManageGrants,
-            &r.datasets,
-            &format!("reject access request {id}"),
-        )?;
+        let what = format!("reject access request {id}");
+        let r = self.lookup(caller, peer, &what, self.ledger().access_request(id))?;
+        let via = self.authorize_step(caller, peer, Action::ManageGrants, &r.datasets, &what)?;
         Ok(self
             .ledger()
             .reject_access(&caller.user, &via, id, reason)?)
@@ -183,22 +244,17 @@ impl Gateway {
         id: i64,
         reason: &str,
     ) -> Result<Grant, GatewayError> {
-        let g = self.ledger().grant(id)?;
-        let via = self.authorize_step(
-            caller,
-            peer,
-            Action::ManageGrants,
-            &g.datasets,
-            &format!("revoke grant {id}"),
-        )?;
+        let what = format!("revoke grant {id}");
+        let g = self.lookup(caller, peer, &what, self.ledger().grant(id))?;
+        let via = self.authorize_step(caller, peer, Action::ManageGrants, &g.datasets, &what)?;
         Ok(self.ledger().revoke_grant(&caller.user, &via, id, reason)?)
     }
 
     /// The caller's own grants, and those whose datasets they may manage; newest first.
     pub fn grants(&self, caller: &Caller) -> Result<Vec<Grant>, GatewayError> {
-        let mut out = Vec::new();
+        let (mut out, mut memo) = (Vec::new(), HashMap::new());
         for g in self.ledger().grants(None)? {
-            if g.researcher == caller.user || self.manages(caller, &g.datasets)? {
+            if g.researcher == caller.user || self.manages(caller, &g.datasets, &mut memo)? {
                 out.push(g);
             }
         }

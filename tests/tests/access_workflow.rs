@@ -98,6 +98,14 @@ fn requests_become_grants_that_queries_run_under_until_they_are_revoked() {
         json!({"approvals": 1}),
     );
     assert_eq!((status, rule(&body)), (403, "access"), "{body}");
+    // An unknown number looks the same to her as one she may not touch: no probing.
+    let (status, body) = post(
+        addr,
+        &alice,
+        "/api/v1/access-requests/99999/approve",
+        json!({}),
+    );
+    assert_eq!((status, rule(&body)), (403, "access"), "{body}");
     // Nor may a board member file a request.
     let (status, body) = post(
         addr,

@@ -155,7 +155,7 @@ pub(super) fn home(caller: &Caller, csrf: &str, v: &Home<'_>) -> Markup {
         }
         section {
             h2 { "Your grants" }
-            (grant_table(&v.grants, false, csrf))
+            (grant_table(&v.grants.iter().filter(|g| g.researcher == caller.user).cloned().collect::<Vec<_>>(), false, csrf))
         }
         section {
             h2 { "Datasets you may query now" }
@@ -375,6 +375,9 @@ fn request_rows(list: &[Request], board: bool, me: &str, csrf: &str) -> Markup {
     }
 }
 
+/// The most recent decided requests the requests page lists.
+const DECIDED_SHOWN: usize = 100;
+
 /// Access requests: the researcher's form and their requests; the board's queue.
 pub(super) fn requests(
     caller: &Caller,
@@ -383,8 +386,10 @@ pub(super) fn requests(
     datasets: &[VersionEntry],
     board: bool,
 ) -> Markup {
-    let (pending, decided): (Vec<Request>, Vec<Request>) =
+    let (pending, mut decided): (Vec<Request>, Vec<Request>) =
         list.iter().cloned().partition(|r| r.status == "pending");
+    let older = decided.len().saturating_sub(DECIDED_SHOWN);
+    decided.truncate(DECIDED_SHOWN);
     let body = html! {
         @if !board {
             section.card {
@@ -412,6 +417,7 @@ pub(super) fn requests(
         section {
             h2 { "Decided" }
             @if decided.is_empty() { p { "None." } } @else { (request_rows(&decided, false, &caller.user, csrf)) }
+            @if older > 0 { p.hint { (older) " older decided request(s) are not shown (the audit log has every step)." } }
         }
     };
     layout("Access requests", Some((caller, csrf)), body)
