@@ -195,23 +195,7 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
         println!("generating 20,000 patients with ~100,000 encounters …");
         crate::bench::accuracy_export(&export)?;
     }
-    // A fresh data directory each run, so the budgets and the audit log are this run's alone (one this
-    // benchmark made, marked so, is removed; anything else there is refused).
-    let dir = DataDir::new(work.join("data"));
-    let mark = work.join("data.bench-gateway");
-    if dir.root().exists() {
-        if !mark.exists() {
-            return Err(Error::Config(format!(
-                "{} exists and was not made by this benchmark: choose another --work-dir",
-                dir.root().display()
-            )));
-        }
-        std::fs::remove_dir_all(dir.root()).map_err(|e| Error::io(dir.root(), e))?;
-    }
-    std::fs::write(&mark, "made by enclave bench gateway\n").map_err(|e| Error::io(&mark, e))?;
-    dir.init()?;
-    notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let dir = fresh_data_dir(&work, "gateway")?;
     println!("ingesting …");
     let report = ingest(
         &dir,
@@ -420,8 +404,32 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// A fresh, initialised data directory `<work>/data` with the default policies, so the budgets and the
+/// audit log are this run's alone: one that `enclave bench <bench>` made (marked so) is removed; anything
+/// else there is refused.
+pub(crate) fn fresh_data_dir(work: &std::path::Path, bench: &str) -> Result<DataDir> {
+    let dir = DataDir::new(work.join("data"));
+    let mark = work.join(format!("data.bench-{bench}"));
+    if dir.root().exists() {
+        if !mark.exists() {
+            return Err(Error::Config(format!(
+                "{} exists and was not made by this benchmark: choose another --work-dir",
+                dir.root().display()
+            )));
+        }
+        std::fs::remove_dir_all(dir.root()).map_err(|e| Error::io(dir.root(), e))?;
+    }
+    std::fs::create_dir_all(work).map_err(|e| Error::io(work, e))?;
+    std::fs::write(&mark, format!("made by enclave bench {bench}\n"))
+        .map_err(|e| Error::io(&mark, e))?;
+    dir.init()?;
+    notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(dir)
+}
+
 /// Opens a session for a new user with their token and current TOTP code.
-fn sign_in(
+pub(crate) fn sign_in(
     gateway: &Gateway,
     name: &str,
     added: &notebooks_gateway::auth::NewUser,

@@ -6,12 +6,12 @@
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use catalog::CatalogStore;
 use enclave::audit::{Draft, Via};
 use enclave::ledger::Cost;
-use enclave::{DataDir, Error, Result};
+use enclave::{Error, Result};
 use notebooks_gateway::auth::{Accounts, Role};
 use notebooks_gateway::service::{Gateway, Limits, Peer, Protocol};
 
@@ -51,17 +51,6 @@ fn version() -> Result<catalog::NewVersion> {
         "max_contributions": 10, "accounting": "basic", "tables": tables,
         "report": {"note": "synthetic catalog entry for the UI benchmark"}
     }))?)
-}
-
-fn totp_now(secret_base32: &str) -> Result<String> {
-    let secret = data_encoding::BASE32_NOPAD
-        .decode(secret_base32.as_bytes())
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let step = notebooks_gateway::auth::totp_step(SystemTime::now());
-    Ok(format!(
-        "{:06}",
-        notebooks_gateway::auth::totp_code(&secret, step)
-    ))
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: status and body.
@@ -116,22 +105,7 @@ fn csrf_of(page: &str) -> String {
 /// Runs the benchmark in `work_dir` (a fresh data directory each run) with `records` audit records.
 pub fn ui_bench(work_dir: Option<PathBuf>, records: usize) -> Result<()> {
     let work = work_dir.unwrap_or_else(|| std::env::temp_dir().join("enclave-bench-ui"));
-    let dir = DataDir::new(work.join("data"));
-    let mark = work.join("data.bench-ui");
-    if dir.root().exists() {
-        if !mark.exists() {
-            return Err(Error::Config(format!(
-                "{} exists and was not made by this benchmark: choose another --work-dir",
-                dir.root().display()
-            )));
-        }
-        std::fs::remove_dir_all(dir.root()).map_err(|e| Error::io(dir.root(), e))?;
-    }
-    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    std::fs::write(&mark, "made by enclave bench ui\n").map_err(|e| Error::io(&mark, e))?;
-    dir.init()?;
-    notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let dir = crate::bench_gateway::fresh_data_dir(&work, "ui")?;
     let catalog = dir.catalog()?;
     catalog.publish(&version()?)?;
 
@@ -216,14 +190,9 @@ pub fn ui_bench(work_dir: Option<PathBuf>, records: usize) -> Result<()> {
         protocol: Protocol::Http,
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
     };
-    let session = |name: &str, added: &notebooks_gateway::auth::NewUser| -> Result<String> {
-        Ok(gateway
-            .sign_in(name, &added.token, &totp_now(&added.totp_secret)?, &peer)
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .session)
-    };
-    let board_session = session("board-1", &board)?;
-    let researcher_session = session("researcher-1", &researcher)?;
+    let sign_in = crate::bench_gateway::sign_in;
+    let board_session = sign_in(&gateway, "board-1", &board, &peer)?;
+    let researcher_session = sign_in(&gateway, "researcher-1", &researcher, &peer)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
