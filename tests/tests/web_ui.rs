@@ -316,6 +316,15 @@ fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
     ] {
         assert!(page.contains(refusal), "{refusal} recorded: {page}");
     }
+    // The signed head, for the board to keep outside: the same witness `audit verify --witness` takes.
+    let (status, _, head, witness) = exchange(addr, "GET", "/ui/audit/head", &bob, None);
+    assert_eq!(status, 200, "{witness}");
+    assert!(head.contains("attachment"), "{head}");
+    let parsed: serde_json::Value = serde_json::from_str(&witness).expect("json");
+    assert!(parsed["seq"].as_i64().is_some_and(|n| n > 0) && parsed["signature"].is_string());
+    std::fs::write(s.path().join("witness.json"), &witness).expect("write");
+    let (status, _) = get(addr, "/ui/audit/head", &alice);
+    assert_eq!(status, 403);
     let (status, page) = get(addr, "/ui/audit?since=yesterday", &bob);
     assert_eq!(status, 400, "{page}");
     // Signing out ends the session itself, not just the cookie.
@@ -324,6 +333,15 @@ fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
     let (status, _) = get(addr, "/ui/", &alice);
     assert_eq!(status, 303, "the old cookie no longer signs in");
     drop(server);
-    let verified = s.enclave("data", &["audit", "verify"]);
+    let witness = s.path().join("witness.json");
+    let verified = s.enclave(
+        "data",
+        &[
+            "audit",
+            "verify",
+            "--witness",
+            witness.to_str().expect("utf-8"),
+        ],
+    );
     assert!(verified.contains("audit log verifies"), "{verified}");
 }

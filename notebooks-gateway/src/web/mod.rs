@@ -88,6 +88,7 @@ pub fn router(gateway: Arc<Gateway>, endpoints: Endpoints) -> Router {
         .route("/ui/grants/{id}/revoke", post(revoke))
         .route("/ui/audit", get(audit))
         .route("/ui/audit/verify", post(verify))
+        .route("/ui/audit/head", get(head))
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(ui)
 }
@@ -443,6 +444,18 @@ fn audit_verify(gateway: &Gateway) -> Result<String, String> {
     }
 }
 
+/// The signed head of a log that verifies, as `enclave audit head` writes it (with the public key): the
+/// board's witness to keep outside the enclave. A log that does not verify gets no head.
+fn audit_head(gateway: &Gateway) -> Result<String, GatewayError> {
+    audit_verify(gateway).map_err(|why| crate::service::refused("audit", why))?;
+    let head = gateway.ledger().head()?.ok_or_else(|| {
+        crate::service::refused("audit", "the audit log is empty: there is no head yet")
+    })?;
+    let mut json = serde_json::to_value(&head).map_err(crate::service::internal)?;
+    json["public_key"] = gateway.ledger().public_key_hex().into();
+    Ok(serde_json::to_string_pretty(&json).map_err(crate::service::internal)? + "\n")
+}
+
 async fn stylesheet() -> Response {
     (
         [
@@ -749,6 +762,30 @@ async fn revoke(
     })
     .await?;
     Ok(see_other("/ui/grants"))
+}
+
+async fn head(
+    State(ui): State<Ui>,
+    Extension(addr): Extension<ClientAddr>,
+    headers: HeaderMap,
+) -> PageResult {
+    let Some(signed) = signed_in(&ui, &headers) else {
+        return Ok(to_sign_in());
+    };
+    require_board(&ui, &signed, addr, "download the audit log's signed head").await?;
+    let gateway = Arc::clone(&ui.gateway);
+    let text = blocking(&signed.caller, move || audit_head(&gateway)).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"audit-head.json\"",
+            ),
+        ],
+        text,
+    )
+        .into_response())
 }
 
 /// The audit viewer's filter from the query string (empty fields ignored).

@@ -528,6 +528,12 @@ pub(super) fn audit(
             (csrf_field(csrf))
             button type="submit" { "Verify chain" }
         }
+        p.hint {
+            a href="/ui/audit/head" download="audit-head.json" { "Download the signed head" }
+            " (a log that verifies only): keep it outside the enclave; "
+            code { "enclave audit verify --witness audit-head.json" }
+            " then catches a log cut short."
+        }
         form.search method="get" action="/ui/audit" {
             label { "User" input type="text" name="user" value=(field("user")); }
             label { "Dataset" input type="text" name="dataset" value=(field("dataset")); }
