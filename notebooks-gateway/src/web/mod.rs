@@ -9,9 +9,11 @@
 //! - **Output**: every value is escaped by maud; the only unescaped markup is this crate's own constants.
 //!   Every response carries a strict Content-Security-Policy (no scripts, styles only from `/ui/static/`,
 //!   no framing, forms only to this origin), `nosniff`, `no-referrer` and `no-store`.
-//! - **Authorization**: Cedar, as for the API — pages about one dataset or request ask about its datasets,
-//!   the board's pages that span datasets (`administer` on the platform) ask about the enclave; a denial is
-//!   a 403 page and an audit record.
+//! - **Authorization**: Cedar, as for the API — each step on a request or grant asks about its datasets
+//!   (`request_access`, `manage_grants`), the board's pages that span datasets (`administer` on the
+//!   platform) ask about the enclave; a denial is a 403 page and an audit record. Dataset cards are
+//!   catalog metadata shown to every signed-in user (researchers find datasets before they ask); their
+//!   exact counts and the ingest report are shown only to whoever administers the enclave.
 
 mod pages;
 
