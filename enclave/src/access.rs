@@ -862,8 +862,8 @@ impl Ledger {
         read_grant(&self.conn(), id)
     }
 
-    /// Sets how many board members must approve a request for `dataset` (1, or 2 for four-eyes). Requests
-    /// already pending count approvals against the new number.
+    /// Sets how many board members must approve a request for `dataset` (1, or 2 for four-eyes). A pending
+    /// request needs the larger of what its datasets required when it was filed and what they require now.
     pub fn set_approvals_required(
         &self,
         catalog: &dyn catalog::CatalogStore,
@@ -989,6 +989,30 @@ mod tests {
             sql: "SELECT COUNT(*) FROM patients".into(),
             plan_hash: "p".into(),
         }
+    }
+
+    /// Files alice's request for `datasets` and has bob approve it as asked: the grant.
+    fn granted(f: &Fixture, datasets: &[&str], epsilon: f64) -> Grant {
+        let r = f
+            .ledger
+            .request_access(&f.catalog, "alice", &via(), &ask(datasets, epsilon, 30))
+            .expect("request");
+        f.ledger
+            .approve_access(&f.catalog, "bob", &via(), r.id, None, None)
+            .expect("approve")
+            .grant
+            .expect("grant")
+    }
+
+    /// Charges alice's query on `dataset` at `epsilon`.
+    fn spend(f: &Fixture, dataset: &str, epsilon: f64) -> Result<crate::ledger::Charged> {
+        f.ledger.charge(
+            &query("alice", dataset),
+            Cost {
+                epsilon,
+                ..Cost::default()
+            },
+        )
     }
 
     fn outcomes(f: &Fixture) -> Vec<String> {
@@ -1258,25 +1282,8 @@ mod tests {
     #[test]
     fn a_revoked_grant_leaves_nothing_to_spend_and_refuses_the_next_query() {
         let f = fixture();
-        let r = f
-            .ledger
-            .request_access(&f.catalog, "alice", &via(), &ask(&["cohort"], 1.0, 30))
-            .expect("request");
-        let grant = f
-            .ledger
-            .approve_access(&f.catalog, "bob", &via(), r.id, None, None)
-            .expect("approve")
-            .grant
-            .expect("grant");
-        f.ledger
-            .charge(
-                &query("alice", "cohort"),
-                Cost {
-                    epsilon: 0.25,
-                    ..Cost::default()
-                },
-            )
-            .expect("a query under the grant");
+        let grant = granted(&f, &["cohort"], 1.0);
+        spend(&f, "cohort", 0.25).expect("a query under the grant");
         let revoked = f
             .ledger
             .revoke_grant("bob", &via(), grant.id, "the project ended early")
@@ -1294,16 +1301,7 @@ mod tests {
             "spent stays, nothing left"
         );
         assert!(b.expired(chrono::Utc::now() + chrono::Duration::seconds(1)));
-        let refused = f
-            .ledger
-            .charge(
-                &query("alice", "cohort"),
-                Cost {
-                    epsilon: 0.01,
-                    ..Cost::default()
-                },
-            )
-            .expect_err("revoked");
+        let refused = spend(&f, "cohort", 0.01).expect_err("revoked");
         assert!(matches!(refused, Error::Refused { .. }), "{refused}");
         let again = f
             .ledger
@@ -1328,35 +1326,9 @@ mod tests {
     #[test]
     fn a_new_grant_adds_to_what_is_spent_and_supersedes_the_old_one() {
         let f = fixture();
-        let first = f
-            .ledger
-            .request_access(&f.catalog, "alice", &via(), &ask(&["cohort"], 1.0, 30))
-            .expect("request");
-        let old = f
-            .ledger
-            .approve_access(&f.catalog, "bob", &via(), first.id, None, None)
-            .expect("approve")
-            .grant
-            .expect("grant");
-        f.ledger
-            .charge(
-                &query("alice", "cohort"),
-                Cost {
-                    epsilon: 0.75,
-                    ..Cost::default()
-                },
-            )
-            .expect("spend");
-        let second = f
-            .ledger
-            .request_access(&f.catalog, "alice", &via(), &ask(&["cohort"], 2.0, 30))
-            .expect("request");
-        let new = f
-            .ledger
-            .approve_access(&f.catalog, "bob", &via(), second.id, None, None)
-            .expect("approve")
-            .grant
-            .expect("grant");
+        let old = granted(&f, &["cohort"], 1.0);
+        spend(&f, "cohort", 0.75).expect("spend");
+        let new = granted(&f, &["cohort"], 2.0);
         let b = f
             .ledger
             .budget("alice", "cohort")
