@@ -264,23 +264,19 @@ struct ApprovalsBody {
 }
 
 /// The path segment, or our own refusal (never axum's rejection text).
-fn path_text(p: Result<Path<String>, PathRejection>) -> Result<String, AppError> {
-    p.map(|Path(t)| t).map_err(|_| {
-        AppError(GatewayError::BadRequest(
-            "the path is not valid percent-encoded UTF-8".into(),
-        ))
-    })
+pub(crate) fn path_text(p: Result<Path<String>, PathRejection>) -> Result<String, GatewayError> {
+    p.map(|Path(t)| t)
+        .map_err(|_| GatewayError::BadRequest("the path is not valid percent-encoded UTF-8".into()))
 }
 
 /// A request or grant number from the path: digits only (axum's own rejection text never reaches a user).
-fn number(text: &str) -> Result<i64, AppError> {
+pub(crate) fn path_number(p: Result<Path<String>, PathRejection>) -> Result<i64, GatewayError> {
+    let text = path_text(p)?;
     text.parse::<i64>()
         .ok()
         .filter(|n| *n > 0 && text.bytes().all(|b| b.is_ascii_digit()))
         .ok_or_else(|| {
-            AppError(GatewayError::BadRequest(
-                "the number in the path is not a positive integer".into(),
-            ))
+            GatewayError::BadRequest("the number in the path is not a positive integer".into())
         })
 }
 
@@ -325,7 +321,7 @@ async fn access_request(
     headers: HeaderMap,
 ) -> ApiResult {
     let caller = bearer(&gateway, &headers)?;
-    let id = number(&path_text(id)?)?;
+    let id = path_number(id)?;
     let request = blocking(move || gateway.access_request(&caller, &peer(addr), id)).await?;
     Ok(json(&request))
 }
@@ -338,7 +334,7 @@ async fn approve(
     body: Body,
 ) -> ApiResult {
     let caller = bearer(&gateway, &headers)?;
-    let id = number(&path_text(id)?)?;
+    let id = path_number(id)?;
     let b: ApproveBody = json_body(&gateway, &headers, body).await?;
     let decision =
         blocking(move || gateway.approve_access(&caller, &peer(addr), id, b.epsilon, b.days))
@@ -358,7 +354,7 @@ async fn reject(
     body: Body,
 ) -> ApiResult {
     let caller = bearer(&gateway, &headers)?;
-    let id = number(&path_text(id)?)?;
+    let id = path_number(id)?;
     let b: ReasonBody = json_body(&gateway, &headers, body).await?;
     let request =
         blocking(move || gateway.reject_access(&caller, &peer(addr), id, &b.reason)).await?;
@@ -378,7 +374,7 @@ async fn revoke(
     body: Body,
 ) -> ApiResult {
     let caller = bearer(&gateway, &headers)?;
-    let id = number(&path_text(id)?)?;
+    let id = path_number(id)?;
     let b: ReasonBody = json_body(&gateway, &headers, body).await?;
     let grant = blocking(move || gateway.revoke_grant(&caller, &peer(addr), id, &b.reason)).await?;
     Ok(json(&grant))

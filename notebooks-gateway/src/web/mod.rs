@@ -66,7 +66,7 @@ pub struct Ui {
     endpoints: Arc<Endpoints>,
 }
 
-use crate::http::PeerAddr as ClientAddr;
+use crate::http::{PeerAddr as ClientAddr, path_number, path_text};
 
 /// The UI's routes (merged into the HTTP listener's router).
 pub fn router(gateway: Arc<Gateway>, endpoints: Endpoints) -> Router {
@@ -321,19 +321,6 @@ async fn blocking<T: Send + 'static>(
         .await
         .unwrap_or(Err(GatewayError::Internal))
         .map_err(|e| PageError::new(e, Some(caller)))
-}
-
-fn path_text(p: Result<Path<String>, PathRejection>) -> Result<String, GatewayError> {
-    p.map(|Path(t)| t)
-        .map_err(|_| bad("the path is not valid percent-encoded UTF-8"))
-}
-
-fn path_number(p: Result<Path<String>, PathRejection>) -> Result<i64, GatewayError> {
-    let text = path_text(p)?;
-    text.parse::<i64>()
-        .ok()
-        .filter(|n| *n > 0 && text.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or_else(|| bad("the number in the path is not a positive integer"))
 }
 
 /// A query string's pairs.
