@@ -245,6 +245,12 @@ fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// Whether `c` is invisible or changes the direction of text around it (zero-width characters, bidi
+/// overrides and isolates, the byte-order mark): text with one reads differently than it is.
+pub fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
 /// Checks free text: not blank, at most `max` characters, no control characters but newlines and tabs
 /// (where `multiline`).
 fn text(field: &str, value: &str, max: usize, multiline: bool) -> Result<String> {
@@ -268,9 +274,7 @@ fn text(field: &str, value: &str, max: usize, multiline: bool) -> Result<String>
         );
     }
     // Direction overrides and invisible characters would make the text read differently than it is.
-    if value.chars().any(|c| {
-        matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
-    }) {
+    if value.chars().any(is_invisible) {
         return refuse(
             Rule::Request,
             format!("the {field} contains invisible or direction-changing characters"),

@@ -96,11 +96,15 @@ pub enum Event {
     GrantRevoked,
     /// A board member set how many approvals a dataset's requests need.
     ApprovalsRequired,
+    /// A user registered a passkey.
+    PasskeyAdded,
+    /// A user removed one of their passkeys.
+    PasskeyRemoved,
 }
 
 impl Event {
     /// Every event.
-    pub const ALL: [Event; 10] = [
+    pub const ALL: [Event; 12] = [
         Event::UserAdded,
         Event::UserDisabled,
         Event::SignedIn,
@@ -111,6 +115,8 @@ impl Event {
         Event::AccessRejected,
         Event::GrantRevoked,
         Event::ApprovalsRequired,
+        Event::PasskeyAdded,
+        Event::PasskeyRemoved,
     ];
 
     /// The record's `outcome` for this event.
@@ -126,6 +132,8 @@ impl Event {
             Event::AccessRejected => "access-rejected",
             Event::GrantRevoked => "grant-revoked",
             Event::ApprovalsRequired => "approvals-required",
+            Event::PasskeyAdded => "passkey-added",
+            Event::PasskeyRemoved => "passkey-removed",
         }
     }
 }

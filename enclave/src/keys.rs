@@ -66,7 +66,7 @@ impl MasterKey {
     }
 
     fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(self.key.as_ref().into())
+        Aes256Gcm::new(&(*self.key).into())
     }
 
     /// Wraps a secret: `1 || nonce || AES-256-GCM(secret, aad = key_id)`.
@@ -78,7 +78,7 @@ impl MasterKey {
         let ct = self
             .cipher()
             .encrypt(
-                Nonce::from_slice(&nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: secret,
                     aad: key_id.as_bytes(),
@@ -102,7 +102,9 @@ impl MasterKey {
         let pt = Zeroizing::new(
             self.cipher()
                 .decrypt(
-                    Nonce::from_slice(&wrapped[1..13]),
+                    &Nonce::try_from(&wrapped[1..13]).map_err(|_| {
+                        Error::Key(format!("wrapped key '{key_id}' has an unknown format"))
+                    })?,
                     Payload {
                         msg: &wrapped[13..],
                         aad: key_id.as_bytes(),

@@ -14,7 +14,11 @@
 //! - TOTP secrets must be kept to check codes: they are stored AES-256-GCM-encrypted under a key in the
 //!   keystore (wrapped by the master key), bound to the account name.
 
-use std::sync::Mutex;
+mod passkeys;
+
+pub use passkeys::{CEREMONY_LIFETIME, MAX_PASSKEYS, PasskeyInfo};
+
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -87,6 +91,9 @@ pub enum AuthError {
     /// A name or role that cannot be used.
     #[error("refused (rule 'account'): {0}")]
     Account(String),
+    /// A passkey ceremony that cannot go on (expired, unknown, not verified, or no passkey).
+    #[error("passkey refused (rule 'passkey'): {0}")]
+    Passkey(String),
     /// The enclave's storage or audit log failed.
     #[error(transparent)]
     Enclave(#[from] enclave::Error),
@@ -218,6 +225,7 @@ pub struct Accounts {
     ledger: Ledger,
     session_lifetime: Duration,
     totp_cipher: aes_gcm::Aes256Gcm,
+    passkeys: OnceLock<passkeys::Ceremonies>,
 }
 
 /// The keystore entry of the key TOTP secrets are encrypted under.
@@ -308,6 +316,7 @@ impl Accounts {
     pub fn open(dir: &enclave::DataDir, session_lifetime: Duration) -> Result<Accounts, AuthError> {
         let conn = catalog::open_database(&dir.db())?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(passkeys::SCHEMA)?;
         let keystore = dir.keystore()?;
         let key = match keystore.get(TOTP_KEY_ID) {
             Ok(k) => k,
@@ -323,7 +332,8 @@ impl Accounts {
             conn: Mutex::new(conn),
             ledger: dir.ledger(&keystore)?,
             session_lifetime: session_lifetime.min(MAX_SESSION),
-            totp_cipher: aes_gcm::Aes256Gcm::new(key.as_ref().into()),
+            totp_cipher: aes_gcm::Aes256Gcm::new(&(*key).into()),
+            passkeys: OnceLock::new(),
         })
     }
 
@@ -516,6 +526,21 @@ impl Accounts {
         if moved == 0 {
             return self.refuse(user, &origin, attempt, Failure::Replay);
         }
+        self.open_session(user, role, origin, attempt, at, "token and code")
+    }
+
+    /// Opens a session for `user` after every factor was right (`how`: which), recorded with the
+    /// attempt settled.
+    fn open_session(
+        &self,
+        user: &str,
+        role: Role,
+        origin: Via,
+        attempt: i64,
+        at: i64,
+        how: &str,
+    ) -> Result<NewSession, AuthError> {
+        let peer = origin.peer.clone();
         let secret: [u8; 32] = random()?;
         let id: [u8; 8] = random()?;
         let session = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
@@ -530,7 +555,7 @@ impl Accounts {
         self.ledger.record_event(
             &draft(user, &via),
             Event::SignedIn,
-            &format!("session {id} ({})", role.name()),
+            &format!("session {id} ({}) by {how}", role.name()),
             |tx| {
                 tx.execute(
                     "INSERT INTO gateway_sessions (token_hash, id, user, peer, created_at, expires_at)

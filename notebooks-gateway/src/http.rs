@@ -122,7 +122,7 @@ fn peer(addr: PeerAddr) -> Peer {
 }
 
 /// Reads and parses a JSON body within the size limit and the read timeout.
-async fn json_body<T: serde::de::DeserializeOwned>(
+pub(crate) async fn json_body<T: serde::de::DeserializeOwned>(
     gateway: &Gateway,
     headers: &HeaderMap,
     body: Body,

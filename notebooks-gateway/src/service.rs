@@ -164,13 +164,13 @@ impl GatewayError {
         match self {
             GatewayError::Auth(AuthError::RateLimited) => ErrorKind::Busy,
             GatewayError::Auth(AuthError::Enclave(_)) => ErrorKind::Internal,
-            GatewayError::Auth(AuthError::Account(_)) => ErrorKind::Invalid,
+            GatewayError::Auth(AuthError::Account(_) | AuthError::Passkey(_)) => ErrorKind::Invalid,
             GatewayError::Auth(_) => ErrorKind::Unauthenticated,
             GatewayError::Refused { rule, .. } => match rule.as_str() {
                 "access" | "budget" | "ticket" | "statement" | "four-eyes" | "csrf" => {
                     ErrorKind::Forbidden
                 }
-                "catalog" | "access-unknown" => ErrorKind::NotFound,
+                "catalog" | "access-unknown" | "route" => ErrorKind::NotFound,
                 "access-state" => ErrorKind::Conflict,
                 "concurrency" => ErrorKind::Busy,
                 _ => ErrorKind::Invalid,
@@ -197,6 +197,7 @@ impl GatewayError {
             GatewayError::Auth(AuthError::RateLimited) => "rate-limit",
             GatewayError::Auth(AuthError::Session) => "session",
             GatewayError::Auth(AuthError::Account(_)) => "account",
+            GatewayError::Auth(AuthError::Passkey(_)) => "passkey",
             GatewayError::Auth(_) | GatewayError::Internal => "internal",
             GatewayError::Refused { rule, .. } => rule,
             GatewayError::BadRequest(_) => "request",
@@ -465,6 +466,11 @@ impl Gateway {
             ..Via::default()
         };
         Ok(self.accounts.sign_out(secret, &via)?)
+    }
+
+    /// The accounts, sessions and passkeys.
+    pub fn accounts(&self) -> &Accounts {
+        &self.accounts
     }
 
     /// The caller a session secret belongs to.

@@ -306,7 +306,7 @@ fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
     // The verify button.
     let (status, page) = post(addr, "/ui/audit/verify", &bob, &[("csrf", &bob_csrf)]);
     assert_eq!(status, 200, "{page}");
-    assert!(page.contains("the audit log verifies"), "{page}");
+    assert!(page.contains("the chain is intact"), "{page}");
     let (status, page) = get(addr, "/ui/audit?user=alice&outcome=refused", &bob);
     assert_eq!(status, 200);
     for refusal in [
@@ -344,4 +344,158 @@ fn the_web_ui_signs_in_files_approves_escapes_and_refuses_what_it_must() {
         ],
     );
     assert!(verified.contains("audit log verifies"), "{verified}");
+}
+
+/// A JSON post with extra headers: status and body.
+fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    cookies: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: enclave\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    );
+    if !cookies.is_empty() {
+        req.push_str(&format!("Cookie: {cookies}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    let (status, body) = parse_response(&raw_exchange(addr, req.as_bytes()));
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn rule_of(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
+    v["error"]["rule"].as_str().unwrap_or("").to_owned()
+}
+
+/// The passkey calls the script makes are guarded like forms: registering needs the session and its
+/// CSRF token, a sign-in the sign-in page's nonce; a name without a passkey gets the one refusal; the
+/// script is served from this origin under a policy that allows no other.
+#[test]
+fn passkey_ceremonies_need_the_session_csrf_token_or_the_sign_in_nonce() {
+    let s = Scratch::new();
+    s.enclave("data", &["demo", "--patients", "20"]);
+    let (token, totp) = s.add_user("data", "carol", "board");
+    let server = Server::start(s.path(), "data", &[]);
+    let addr = server.http;
+
+    let (status, cookies, head, page) = exchange(addr, "GET", "/ui/sign-in", "", None);
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("script-src 'self'; connect-src 'self'"),
+        "{head}"
+    );
+    assert!(
+        page.contains(r#"<script src="/ui/static/passkey.js" defer>"#),
+        "{page}"
+    );
+    assert!(!page.contains("<script>"), "no inline script: {page}");
+    let (status, _, head, script) = exchange(addr, "GET", "/ui/static/passkey.js", "", None);
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/javascript"), "{head}");
+    assert!(script.contains("navigator.credentials.get"), "{script}");
+    let (status, _, head, _) = exchange(addr, "GET", "/favicon.ico", "", None);
+    assert_eq!(status, 404, "{head}");
+
+    // Sign-in: without the nonce (another site), with a wrong one, then with the page's own.
+    let nonce_cookie = cookies
+        .iter()
+        .find(|c| c.starts_with("enclave_signin="))
+        .expect("nonce cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
+    let nonce = nonce_cookie
+        .trim_start_matches("enclave_signin=")
+        .to_owned();
+    let start = r#"{"user":"carol"}"#;
+    let (status, body) = post_json(addr, "/ui/passkey/sign-in/start", "", &[], start);
+    assert_eq!((status, rule_of(&body)), (403, "csrf".into()), "{body}");
+    let (status, body) = post_json(
+        addr,
+        "/ui/passkey/sign-in/start",
+        &nonce_cookie,
+        &[("X-Sign-In-Nonce", "00")],
+        start,
+    );
+    assert_eq!((status, rule_of(&body)), (403, "csrf".into()), "{body}");
+    let with_nonce = [("X-Sign-In-Nonce", nonce.as_str())];
+    let mut refusals = Vec::new();
+    for user in ["carol", "nobody", "<script>"] {
+        let (status, body) = post_json(
+            addr,
+            "/ui/passkey/sign-in/start",
+            &nonce_cookie,
+            &with_nonce,
+            &serde_json::json!({ "user": user }).to_string(),
+        );
+        assert_eq!((status, rule_of(&body)), (422, "passkey".into()), "{body}");
+        refusals.push(body);
+    }
+    assert!(refusals.iter().all(|r| r == &refusals[0]), "{refusals:?}");
+    let (status, body) = post_json(
+        addr,
+        "/ui/passkey/sign-in/finish",
+        &nonce_cookie,
+        &with_nonce,
+        r#"{"ceremony":"x","credential":{"id":"AA","rawId":"AA","type":"public-key","response":{"authenticatorData":"AA","clientDataJSON":"e30","signature":"AA"}}}"#,
+    );
+    assert_eq!((status, rule_of(&body)), (422, "passkey".into()), "{body}");
+    let (status, body) = post_json(
+        addr,
+        "/ui/passkey/sign-in/start",
+        &nonce_cookie,
+        &with_nonce,
+        "{",
+    );
+    assert_eq!((status, rule_of(&body)), (400, "request".into()), "{body}");
+
+    // Registration: no session, a session without the CSRF header, then with it.
+    let (session, csrf) = sign_in(addr, "carol", &token, &totp);
+    let (status, body) = post_json(addr, "/ui/passkeys/register/start", "", &[], "{}");
+    assert_eq!((status, rule_of(&body)), (401, "session".into()), "{body}");
+    let (status, body) = post_json(addr, "/ui/passkeys/register/start", &session, &[], "{}");
+    assert_eq!((status, rule_of(&body)), (403, "csrf".into()), "{body}");
+    let (status, body) = post_json(
+        addr,
+        "/ui/passkeys/register/start",
+        &session,
+        &[("X-CSRF-Token", &csrf)],
+        "{}",
+    );
+    assert_eq!(status, 200, "{body}");
+    let started: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(started["options"]["publicKey"]["rp"]["id"], "localhost");
+    let ceremony = started["ceremony"].as_str().expect("ceremony");
+    let (status, body) = post_json(
+        addr,
+        "/ui/passkeys/register/finish",
+        &session,
+        &[("X-CSRF-Token", &csrf)],
+        &serde_json::json!({
+            "ceremony": ceremony, "label": "forged",
+            "credential": {"id": "AA", "rawId": "AA", "type": "public-key",
+                "response": {"attestationObject": "oA", "clientDataJSON": "e30"}}
+        })
+        .to_string(),
+    );
+    assert_eq!((status, rule_of(&body)), (422, "passkey".into()), "{body}");
+    let (status, page) = get(addr, "/ui/account", &session);
+    assert_eq!(status, 200);
+    assert!(page.contains("No passkey yet"), "{page}");
+    // The refused CSRF attempt is on the record.
+    let records = s.audit_records("data", 30);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["outcome"] == "refused"
+                && r["rule"].as_str().is_some_and(|x| x.contains("csrf"))),
+        "{records:?}"
+    );
 }

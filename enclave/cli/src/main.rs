@@ -920,6 +920,10 @@ struct ServeArgs {
     /// TLS private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The address users open the web UI at (`https://HOST[:PORT]/`); passkeys are bound to its host.
+    /// Default: `http(s)://localhost:<http port>/`.
+    #[arg(long)]
+    public_url: Option<String>,
     /// Allow listening on a non-loopback address without TLS (sessions and tokens then cross the network
     /// in the clear: only behind a TLS-terminating proxy on the same host).
     #[arg(long)]
@@ -1009,6 +1013,16 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
             flight: bound(&flight),
             pg: bound(&pg),
         };
+        if let Some(addr) = endpoints.http {
+            let url = args.public_url.clone().unwrap_or_else(|| {
+                format!(
+                    "{}://localhost:{}/",
+                    if endpoints.tls { "https" } else { "http" },
+                    addr.port()
+                )
+            });
+            gateway.accounts().enable_passkeys(&url)?;
+        }
         if let Some(listener) = http {
             // Tests and scripts read the bound address (port 0 picks a free one) from this line.
             println!("listening: http on {}{scheme}", listener.local_addr()?);

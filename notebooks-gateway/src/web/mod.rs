@@ -7,8 +7,11 @@
 //! - **CSRF**: every state-changing form carries a token derived from the session secret (HMAC-SHA-256),
 //!   checked in constant time; a post without it is refused (rule `csrf`) and recorded.
 //! - **Output**: every value is escaped by maud; the only unescaped markup is this crate's own constants.
-//!   Every response carries a strict Content-Security-Policy (no scripts, styles only from `/ui/static/`,
-//!   no framing, forms only to this origin), `nosniff`, `no-referrer` and `no-store`.
+//!   Every response carries a strict Content-Security-Policy (scripts, styles and fetches only from this
+//!   origin — the one script is `/ui/static/passkey.js` — no inline code, no framing, forms only to this
+//!   origin), `nosniff`, `no-referrer` and `no-store`.
+//! - **Passkeys** (`passkeys`): the account page registers them; the sign-in page offers them beside
+//!   the token-and-code form. They are the only part that needs JavaScript.
 //! - **Authorization**: Cedar, as for the API — each step on a request or grant asks about its datasets
 //!   (`request_access`, `manage_grants`), the board's pages that span datasets (`administer` on the
 //!   platform) ask about the enclave; a denial is a 403 page and an audit record. Dataset cards are
@@ -16,6 +19,7 @@
 //!   exact counts and the ingest report are shown only to whoever administers the enclave.
 
 mod pages;
+mod passkeys;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,8 +46,8 @@ const SIGNIN_COOKIE: &str = "enclave_signin";
 /// The stylesheet, compiled in.
 const STYLESHEET: &str = include_str!("app.css");
 /// What every UI response may load and do.
-const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
-                   frame-ancestors 'none'; base-uri 'none'";
+const CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; \
+                   img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// Where the UI runs: whether its listener has TLS (cookies are then `Secure`) and the listeners a
 /// researcher connects to (for the connection snippets).
@@ -81,6 +85,20 @@ pub fn router(gateway: Arc<Gateway>, endpoints: Endpoints) -> Router {
         .route("/ui/static/app.css", get(stylesheet))
         .route("/ui/sign-in", get(sign_in_form).post(sign_in))
         .route("/ui/sign-out", post(sign_out))
+        .route("/ui/static/passkey.js", get(passkeys::script))
+        .route("/ui/static/icon.svg", get(icon))
+        .route("/ui/account", get(passkeys::account))
+        .route("/ui/account/passkeys/{id}/remove", post(passkeys::remove))
+        .route(
+            "/ui/passkeys/register/start",
+            post(passkeys::register_start),
+        )
+        .route(
+            "/ui/passkeys/register/finish",
+            post(passkeys::register_finish),
+        )
+        .route("/ui/passkey/sign-in/start", post(passkeys::sign_in_start))
+        .route("/ui/passkey/sign-in/finish", post(passkeys::sign_in_finish))
         .route("/ui/datasets", get(datasets))
         .route("/ui/datasets/{name}", get(dataset))
         .route("/ui/requests", get(requests).post(file_request))
@@ -420,7 +438,7 @@ fn audit_verify(gateway: &Gateway) -> Result<String, String> {
         .map_err(|_| "the audit public key exported at init cannot be read".to_owned())?;
     match gateway.ledger().verify(key.trim()) {
         Ok(v) => Ok(format!(
-            "the audit log verifies: {} records, every one signed, budgets match their grants and queries",
+            "the chain is intact: the audit log verifies, {} records, every one signed, budgets match their grants and queries",
             v.records
         )),
         Err(enclave::Error::AuditBroken { seq, why }) => {
@@ -452,6 +470,22 @@ async fn stylesheet() -> Response {
             (header::CACHE_CONTROL, "public, max-age=3600"),
         ],
         STYLESHEET,
+    )
+        .into_response()
+}
+
+/// The site's icon: a shield, drawn here.
+const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 32 32\">\
+<path d=\"M16 2 4 7v8c0 7.5 5.1 13.4 12 15 6.9-1.6 12-7.5 12-15V7z\" fill=\"#1f5fa8\"/>\
+<path d=\"m10 16 4 4 8-9\" stroke=\"#fff\" stroke-width=\"3\" fill=\"none\"/></svg>";
+
+async fn icon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        ICON,
     )
         .into_response()
 }

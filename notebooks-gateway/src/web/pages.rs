@@ -12,7 +12,7 @@ use enclave::ledger::Budget;
 use maud::{DOCTYPE, Markup, html};
 
 use super::{Endpoints, Form};
-use crate::auth::Caller;
+use crate::auth::{Caller, PasskeyInfo};
 use crate::service::{DatasetInfo, GatewayError};
 
 /// The page frame: title, navigation for the signed-in caller, and the sign-out form.
@@ -25,6 +25,7 @@ fn layout(title: &str, who: Option<(&Caller, &str)>, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · RWD enclave" }
                 link rel="stylesheet" href="/ui/static/app.css";
+                link rel="icon" href="/ui/static/icon.svg" type="image/svg+xml";
             }
             body {
                 header {
@@ -38,6 +39,7 @@ fn layout(title: &str, who: Option<(&Caller, &str)>, body: Markup) -> Markup {
                             @if caller.role.name() == "board" {
                                 a href="/ui/audit" { "Audit log" }
                             }
+                            a href="/ui/account" { "Account" }
                         }
                         form.signout method="post" action="/ui/sign-out" {
                             input type="hidden" name="csrf" value=(csrf);
@@ -95,8 +97,56 @@ pub(super) fn sign_in(nonce: &str, error: Option<&GatewayError>) -> Markup {
             button type="submit" { "Sign in" }
         }
         p.hint { "Two factors: the API token you were given and the current code of your authenticator app." }
+        // Shown by the script where the browser offers passkeys (hidden without JavaScript).
+        section.card #passkey-sign-in data-nonce=(nonce) hidden {
+            h2 { "Sign in with a passkey" }
+            label { "User name" input type="text" name="user" autocomplete="username webauthn"; }
+            button type="button" { "Sign in with a passkey" }
+            p data-status role="status" {}
+            p.hint { "A passkey you registered is both factors: the device holding it and its fingerprint, face or PIN check." }
+        }
+        script src="/ui/static/passkey.js" defer {}
     };
     layout("Sign in", None, body)
+}
+
+/// The account page: the caller's passkeys, the form to remove each, and registration.
+pub(super) fn account(caller: &Caller, csrf: &str, keys: &[PasskeyInfo]) -> Markup {
+    let body = html! {
+        h2 { "Passkeys" }
+        @if keys.is_empty() {
+            p { "No passkey yet. Register one to sign in with your device's fingerprint, face or PIN instead of the token and code." }
+        } @else {
+            table {
+                thead { tr { th { "Label" } th { "Registered" } th { "Last used" } th {} } }
+                tbody {
+                    @for k in keys {
+                        tr {
+                            td { (k.label) }
+                            td { (k.created_at) }
+                            td { (k.last_used_at.as_deref().unwrap_or("never")) }
+                            td {
+                                form.inline method="post" action={ "/ui/account/passkeys/" (k.id) "/remove" } {
+                                    (csrf_field(csrf))
+                                    button type="submit" { "Remove" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        section.card #passkey-register data-csrf=(csrf) hidden {
+            h3 { "Register a passkey" }
+            label { "Label (e.g. the device)" input type="text" name="label" maxlength="64" value="my device"; }
+            button type="button" { "Register a passkey" }
+            p data-status role="status" {}
+        }
+        noscript { p.hint { "Registering a passkey needs JavaScript; every other page works without it." } }
+        script src="/ui/static/passkey.js" defer {}
+        p.hint { "Token and authenticator code keep working as the fallback." }
+    };
+    layout("Your account", Some((caller, csrf)), body)
 }
 
 /// What the start page shows.
