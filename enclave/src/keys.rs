@@ -66,7 +66,7 @@ impl MasterKey {
     }
 
     fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(&(*self.key).into())
+        Aes256Gcm::new((&*self.key).into())
     }
 
     /// Wraps a secret: `1 || nonce || AES-256-GCM(secret, aad = key_id)`.

@@ -226,6 +226,8 @@ pub struct Accounts {
     session_lifetime: Duration,
     totp_cipher: aes_gcm::Aes256Gcm,
     passkeys: OnceLock<passkeys::Ceremonies>,
+    /// Keys the stand-in passkey options a name without passkeys gets (stable per name, like real ones).
+    decoy_key: ring::hmac::Key,
 }
 
 /// The keystore entry of the key TOTP secrets are encrypted under.
@@ -286,6 +288,27 @@ pub fn totp_step(now: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs() / TOTP_STEP_SECONDS)
 }
 
+/// The step whose code `code` is (the current step and one either side, for clock drift), if it is
+/// after `last_step` (the last one accepted).
+fn code_step(secret: &[u8], last_step: i64, code: &str, now: SystemTime) -> Result<u64, Failure> {
+    let code = code.trim();
+    let wanted: Option<u32> = (code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| code.parse().ok())
+        .flatten();
+    let Some(wanted) = wanted else {
+        return Err(Failure::Code);
+    };
+    let current = totp_step(now);
+    let step = [current.saturating_sub(1), current, current + 1]
+        .into_iter()
+        .find(|s| totp_code(secret, *s) == wanted)
+        .ok_or(Failure::Code)?;
+    if i64::try_from(step).unwrap_or(i64::MAX) <= last_step {
+        return Err(Failure::Replay);
+    }
+    Ok(step)
+}
+
 /// A user name: 1–64 of `a-z 0-9 . _ -`, starting with a letter or digit.
 fn check_name(name: &str) -> Result<(), AuthError> {
     let ok = !name.is_empty()
@@ -332,8 +355,16 @@ impl Accounts {
             conn: Mutex::new(conn),
             ledger: dir.ledger(&keystore)?,
             session_lifetime: session_lifetime.min(MAX_SESSION),
-            totp_cipher: aes_gcm::Aes256Gcm::new(&(*key).into()),
+            totp_cipher: aes_gcm::Aes256Gcm::new((&*key).into()),
             passkeys: OnceLock::new(),
+            decoy_key: ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                ring::hmac::sign(
+                    &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref()),
+                    b"enclave passkey decoy v1",
+                )
+                .as_ref(),
+            ),
         })
     }
 
@@ -664,6 +695,62 @@ impl Accounts {
         Err(AuthError::RateLimited)
     }
 
+    /// Checks `user`'s current TOTP code again inside a session (a step-up before a change that would
+    /// outlive it, such as adding a passkey): counted, rate-limited and used once like a sign-in's code;
+    /// a refusal is recorded.
+    pub fn verify_code(
+        &self,
+        user: &str,
+        code: &str,
+        peer: &str,
+        protocol: &str,
+        now: SystemTime,
+    ) -> Result<(), AuthError> {
+        let at = now_seconds(now);
+        let origin = Via {
+            origin: protocol.to_owned(),
+            peer: peer.to_owned(),
+            ..Via::default()
+        };
+        let attempt = match self.claim_attempt(user, peer, at) {
+            Ok(id) => id,
+            Err(AuthError::RateLimited) => {
+                return self.refuse_limited(user, peer, &origin, at).map(|_| ());
+            }
+            Err(e) => return Err(e),
+        };
+        let row: Option<(Vec<u8>, i64)> = self
+            .conn()
+            .query_row(
+                "SELECT totp_secret, last_totp_step FROM gateway_users WHERE name = ?1 AND disabled = 0",
+                [user],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let step = row.ok_or(Failure::Token).and_then(|(sealed, last)| {
+            let secret = self.open_secret(user, &sealed).ok_or(Failure::Token)?;
+            code_step(&secret, last, code, now)
+        });
+        let step = match step {
+            Ok(step) => step,
+            Err(f) => return self.refuse(user, &origin, attempt, f).map(|_| ()),
+        };
+        let moved = self.conn().execute(
+            "UPDATE gateway_users SET last_totp_step = ?2 WHERE name = ?1 AND last_totp_step < ?2",
+            params![user, i64::try_from(step).unwrap_or(i64::MAX)],
+        )?;
+        if moved == 0 {
+            return self
+                .refuse(user, &origin, attempt, Failure::Replay)
+                .map(|_| ());
+        }
+        self.conn().execute(
+            "DELETE FROM gateway_sign_in_failures WHERE rowid = ?1",
+            [attempt],
+        )?;
+        Ok(())
+    }
+
     /// Checks the account, token and code; returns the role and the code's step.
     fn check(
         &self,
@@ -699,23 +786,8 @@ impl Accounts {
         if !token_ok || disabled != 0 {
             return Err(Failure::Token);
         }
-        let code = code.trim();
-        let wanted: Option<u32> = (code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| code.parse().ok())
-            .flatten();
-        let Some(wanted) = wanted else {
-            return Err(Failure::Code);
-        };
         let secret = self.open_secret(user, &secret).ok_or(Failure::Token)?;
-        // The current step and one either side (clock drift).
-        let current = totp_step(now);
-        let step = [current.saturating_sub(1), current, current + 1]
-            .into_iter()
-            .find(|s| totp_code(&secret, *s) == wanted)
-            .ok_or(Failure::Code)?;
-        if i64::try_from(step).unwrap_or(i64::MAX) <= last_step {
-            return Err(Failure::Replay);
-        }
+        let step = code_step(&secret, last_step, code, now)?;
         Ok((Role::parse(&role).map_err(|_| Failure::Token)?, step))
     }
 

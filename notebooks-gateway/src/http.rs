@@ -435,6 +435,17 @@ pub fn router(gateway: Arc<Gateway>, endpoints: crate::web::Endpoints) -> Router
         .with_state(gateway)
         .merge(ui)
         .fallback(not_found)
+        .layer(axum::middleware::map_response(no_sniff))
+}
+
+/// Every response, API ones included, is read as the type it declares (a JSON answer can never be run
+/// as a script by a page that allows this origin's scripts).
+async fn no_sniff(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

@@ -32,7 +32,7 @@ impl KnownSpill {
         Ok(KnownSpill {
             path: path.to_owned(),
             file,
-            cipher: aes_gcm::Aes256Gcm::new(&(*key).into()),
+            cipher: aes_gcm::Aes256Gcm::new((&*key).into()),
             starts: Vec::new(),
             pending: Vec::new(),
             written: 0,

@@ -1,16 +1,23 @@
-//! Passkeys (WebAuthn, through `webauthn-rs`): a signed-in user registers one, and from then on their
-//! name and the passkey open a session on their own — possession of the authenticator and its user
+//! Passkeys (WebAuthn, through `webauthn-rs`): a signed-in user registers one (confirming it with their
+//! current TOTP code, so a stolen session alone cannot add a lasting way in), and from then on their name
+//! and the passkey open a session on their own — possession of the authenticator and its user
 //! verification (fingerprint, face or PIN; required) are the two factors. Token and TOTP stay the
 //! fallback.
 //!
-//! - A ceremony's state (the challenge) stays in this process, keyed by a random id the browser carries
-//!   from start to finish; it is used once and lasts [`CEREMONY_LIFETIME`]. Nothing of it is sent to
-//!   the browser but the challenge, so no state can be replayed or forged.
+//! - A ceremony's state stays in this process, keyed by a random id the browser carries from start to
+//!   finish; it is used once and lasts [`CEREMONY_LIFETIME`]. The browser gets the challenge, the
+//!   relying party and, for a sign-in, the credential ids it may use; no state it could replay or forge.
+//!   Ceremonies in progress are capped per address (sign-in) and per user (registration), so nobody can
+//!   crowd out everyone else's.
+//! - Starting a sign-in answers every name alike: a name that is unknown, disabled or has no passkey
+//!   gets stand-in options (a credential id derived from the name under a server key, stable like a real
+//!   one) whose finish is refused like a wrong signature, so the answer does not tell which names exist.
 //! - Stored passkeys (public key, credential id, signature counter) are sealed like TOTP secrets
-//!   (AES-256-GCM, bound to the account), so a row written into the database by hand does not open.
-//! - Finishing a sign-in counts as an attempt like a TOTP code (rate limits per user and address); every
-//!   registration, removal and sign-in, accepted or refused, is an audit record.
-//! - Starting a sign-in for a name that is unknown, disabled or has no passkey answers one refusal.
+//!   (AES-256-GCM, bound to the account and the credential), so a row written into the database by hand
+//!   does not open.
+//! - Finishing a sign-in counts as an attempt from its address (a failed signature cannot be guessed, so
+//!   it does not count against the account: nobody can lock a user out by knowing the name); every
+//!   registration, removal and finished sign-in, accepted or refused, is an audit record.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,17 +28,19 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use webauthn_rs::prelude::{
     CreationChallengeResponse, Passkey, PasskeyAuthentication, PasskeyRegistration,
-    PublicKeyCredential, RegisterPublicKeyCredential, RequestChallengeResponse, Url, Uuid,
-    Webauthn, WebauthnBuilder,
+    PublicKeyCredential, RegisterPublicKeyCredential, Url, Uuid, Webauthn, WebauthnBuilder,
 };
 
 use super::{Accounts, AuthError, Caller, Failure, NewSession, Role, draft, now_seconds, rfc3339};
 
 /// How long a started ceremony may take to finish.
 pub const CEREMONY_LIFETIME: Duration = Duration::from_secs(5 * 60);
-/// Ceremonies in progress at most (older ones are dropped first when expired; past this, new ones are
-/// refused until some finish or expire).
-const MAX_CEREMONIES: usize = 4096;
+/// Sign-in ceremonies one address (IPv6: its /64) may have in progress.
+const MAX_SIGN_INS_PER_ADDRESS: usize = 16;
+/// Registrations one user may have in progress.
+const MAX_REGISTRATIONS_PER_USER: usize = 4;
+/// Ceremonies in progress at most over everyone (expired ones are dropped first).
+const MAX_CEREMONIES: usize = 65_536;
 /// Passkeys one account may register.
 pub const MAX_PASSKEYS: usize = 10;
 /// The longest label a passkey may have.
@@ -52,16 +61,20 @@ CREATE INDEX IF NOT EXISTS gateway_passkeys_user ON gateway_passkeys(user);
 /// The relying party (this enclave's web address) and the ceremonies in progress.
 pub(super) struct Ceremonies {
     webauthn: Webauthn,
+    rp_id: String,
     pending: Mutex<HashMap<String, Pending>>,
 }
 
 enum Step {
     Register(Box<PasskeyRegistration>),
     SignIn(Box<PasskeyAuthentication>),
+    /// A name without a usable passkey: its finish is always refused.
+    Decoy,
 }
 
 struct Pending {
     user: String,
+    peer: String,
     step: Step,
     started: Instant,
 }
@@ -81,6 +94,14 @@ pub struct PasskeyInfo {
 
 fn refused(message: &str) -> AuthError {
     AuthError::Passkey(message.to_owned())
+}
+
+/// A refusal raised inside a recording transaction (which then rolled back) as the passkey rule.
+fn as_refusal(e: enclave::Error) -> AuthError {
+    match e {
+        enclave::Error::Config(message) => AuthError::Passkey(message),
+        other => AuthError::Enclave(other),
+    }
 }
 
 /// The WebAuthn user handle of an account: derived from its name (stable, reveals nothing new).
@@ -120,6 +141,7 @@ impl Ceremonies {
             })?;
         Ok(Ceremonies {
             webauthn,
+            rp_id: host,
             pending: Mutex::new(HashMap::new()),
         })
     }
@@ -130,17 +152,38 @@ impl Ceremonies {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn put(&self, user: &str, step: Step) -> Result<String, AuthError> {
+    /// Keeps a started ceremony; refused when its address (sign-ins) or user (registrations) has too
+    /// many in progress, or everyone together has.
+    fn put(&self, user: &str, peer: &str, step: Step) -> Result<String, AuthError> {
         let id = hex::encode(super::random::<16>()?);
         let mut pending = self.lock();
         pending.retain(|_, p| p.started.elapsed() < CEREMONY_LIFETIME);
-        if pending.len() >= MAX_CEREMONIES {
-            return Err(AuthError::RateLimited);
+        let registering = matches!(step, Step::Register(_));
+        let mine = pending
+            .values()
+            .filter(|p| {
+                if registering {
+                    matches!(p.step, Step::Register(_)) && p.user == user
+                } else {
+                    !matches!(p.step, Step::Register(_)) && p.peer == peer
+                }
+            })
+            .count();
+        let cap = if registering {
+            MAX_REGISTRATIONS_PER_USER
+        } else {
+            MAX_SIGN_INS_PER_ADDRESS
+        };
+        if mine >= cap || pending.len() >= MAX_CEREMONIES {
+            return Err(refused(
+                "too many passkey ceremonies are in progress from here; finish one or try again in a few minutes",
+            ));
         }
         pending.insert(
             id.clone(),
             Pending {
                 user: user.to_owned(),
+                peer: peer.to_owned(),
                 step,
                 started: Instant::now(),
             },
@@ -243,17 +286,20 @@ impl Accounts {
                 Some(exclude),
             )
             .map_err(|_| refused("the passkey registration could not be started"))?;
-        let id = ceremonies.put(&caller.user, Step::Register(Box::new(state)))?;
+        let id = ceremonies.put(&caller.user, "", Step::Register(Box::new(state)))?;
         Ok((id, options))
     }
 
     /// Finishes a registration started by [`Accounts::start_passkey_registration`] in the same
-    /// session's user: checks the authenticator's answer and stores the passkey, recorded.
+    /// session's user: checks their current TOTP `code` (step-up), then the authenticator's answer, and
+    /// stores the passkey, recorded.
+    #[allow(clippy::too_many_arguments)]
     pub fn finish_passkey_registration(
         &self,
         caller: &Caller,
         ceremony: &str,
         label: &str,
+        code: &str,
         answer: &RegisterPublicKeyCredential,
         via: &Via,
     ) -> Result<PasskeyInfo, AuthError> {
@@ -275,6 +321,14 @@ impl Accounts {
                 "this passkey ceremony is unknown, finished or expired; start again",
             ));
         };
+        self.verify_code(
+            &caller.user,
+            code,
+            &via.peer,
+            &via.origin,
+            SystemTime::now(),
+        )?;
+
         let passkey = ceremonies
             .webauthn
             .finish_passkey_registration(answer, &state)
@@ -295,6 +349,18 @@ impl Accounts {
             Event::PasskeyAdded,
             &format!("passkey {label:?}"),
             |tx| {
+                // Checked in the transaction that inserts: parallel registrations cannot pass the limit
+                // or register one credential twice.
+                let count: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM gateway_passkeys WHERE user = ?1",
+                    [&caller.user],
+                    |r| r.get(0),
+                )?;
+                if usize::try_from(count).unwrap_or(usize::MAX) >= MAX_PASSKEYS {
+                    return Err(enclave::Error::Config(format!(
+                        "an account may register at most {MAX_PASSKEYS} passkeys; remove one first"
+                    )));
+                }
                 let taken: Option<i64> = tx
                     .query_row(
                         "SELECT 1 FROM gateway_passkeys WHERE credential = ?1",
@@ -314,7 +380,8 @@ impl Accounts {
                 )?;
                 Ok(())
             },
-        )?;
+        )
+        .map_err(as_refusal)?;
         Ok(PasskeyInfo {
             id: credential,
             label: label.to_owned(),
@@ -329,46 +396,48 @@ impl Accounts {
             session: caller.session_id.clone(),
             ..via.clone()
         };
-        self.ledger.record_event(
-            &draft(&caller.user, &via),
-            Event::PasskeyRemoved,
-            &format!("passkey {id}"),
-            |tx| {
-                let n = tx.execute(
-                    "DELETE FROM gateway_passkeys WHERE credential = ?1 AND user = ?2",
-                    params![id, caller.user],
-                )?;
-                if n == 0 {
-                    return Err(enclave::Error::Config(
-                        "no such passkey on this account".into(),
-                    ));
-                }
-                Ok(())
-            },
-        )?;
+        self.ledger
+            .record_event(
+                &draft(&caller.user, &via),
+                Event::PasskeyRemoved,
+                &format!("passkey {id}"),
+                |tx| {
+                    let n = tx.execute(
+                        "DELETE FROM gateway_passkeys WHERE credential = ?1 AND user = ?2",
+                        params![id, caller.user],
+                    )?;
+                    if n == 0 {
+                        return Err(enclave::Error::Config(
+                            "no such passkey on this account".into(),
+                        ));
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(as_refusal)?;
         Ok(())
     }
 
-    /// Starts a passkey sign-in for `user`: the ceremony's id and the options the browser passes to
-    /// `navigator.credentials.get`. An unknown or disabled name, or one without a passkey, is one
-    /// refusal.
+    /// Starts a passkey sign-in for `user` from `peer` (an address group): the ceremony's id and the
+    /// options the browser passes to `navigator.credentials.get`. A name that is unknown, disabled or
+    /// has no passkey gets stand-in options alike (see the module's doc).
     pub fn start_passkey_sign_in(
         &self,
         user: &str,
-    ) -> Result<(String, RequestChallengeResponse), AuthError> {
+        peer: &str,
+    ) -> Result<(String, serde_json::Value), AuthError> {
         let ceremonies = self.ceremonies()?;
-        let no = || refused("no passkey can sign in this name; use the token and code");
-        if super::check_name(user).is_err() {
-            return Err(no());
-        }
-        let enabled: Option<i64> = self
-            .conn()
-            .query_row(
-                "SELECT 1 FROM gateway_users WHERE name = ?1 AND disabled = 0",
-                [user],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let enabled: Option<i64> = if super::check_name(user).is_ok() {
+            self.conn()
+                .query_row(
+                    "SELECT 1 FROM gateway_users WHERE name = ?1 AND disabled = 0",
+                    [user],
+                    |r| r.get(0),
+                )
+                .optional()?
+        } else {
+            None
+        };
         let keys: Vec<Passkey> = if enabled.is_some() {
             self.stored_passkeys(user)?
                 .into_iter()
@@ -377,15 +446,41 @@ impl Accounts {
         } else {
             Vec::new()
         };
-        if keys.is_empty() {
-            return Err(no());
-        }
-        let (options, state) = ceremonies
-            .webauthn
-            .start_passkey_authentication(&keys)
-            .map_err(|_| no())?;
-        let id = ceremonies.put(user, Step::SignIn(Box::new(state)))?;
+        let started = (!keys.is_empty())
+            .then(|| ceremonies.webauthn.start_passkey_authentication(&keys).ok())
+            .flatten();
+        let (options, step) = match started {
+            Some((options, state)) => (
+                serde_json::to_value(options).map_err(|_| {
+                    AuthError::Enclave(enclave::Error::Internal("passkey options".into()))
+                })?,
+                Step::SignIn(Box::new(state)),
+            ),
+            None => (self.decoy_options(ceremonies, user)?, Step::Decoy),
+        };
+        let id = ceremonies.put(user, peer, step)?;
         Ok((id, options))
+    }
+
+    /// Options shaped like a real sign-in's, for a name without a usable passkey: a fresh challenge and
+    /// one credential id derived from the name (the same every time, like a real one).
+    fn decoy_options(
+        &self,
+        ceremonies: &Ceremonies,
+        user: &str,
+    ) -> Result<serde_json::Value, AuthError> {
+        let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+        let challenge = super::random::<32>()?;
+        let credential = ring::hmac::sign(&self.decoy_key, user.as_bytes());
+        Ok(serde_json::json!({
+            "publicKey": {
+                "challenge": b64(&challenge),
+                "timeout": u64::try_from(CEREMONY_LIFETIME.as_millis()).unwrap_or(u64::MAX),
+                "rpId": ceremonies.rp_id,
+                "allowCredentials": [{"type": "public-key", "id": b64(&credential.as_ref()[..16])}],
+                "userVerification": "required",
+            }
+        }))
     }
 
     /// Finishes a passkey sign-in: the authenticator's signature over the challenge, with user
@@ -400,12 +495,16 @@ impl Accounts {
     ) -> Result<NewSession, AuthError> {
         let ceremonies = self.ceremonies()?;
         let pending = ceremonies.take(ceremony)?;
-        let Step::SignIn(state) = pending.step else {
-            return Err(refused(
-                "this passkey ceremony is unknown, finished or expired; start again",
-            ));
-        };
         let user = pending.user;
+        let state = match pending.step {
+            Step::SignIn(state) => Some(state),
+            Step::Decoy => None,
+            Step::Register(_) => {
+                return Err(refused(
+                    "this passkey ceremony is unknown, finished or expired; start again",
+                ));
+            }
+        };
         let at = now_seconds(now);
         let origin = Via {
             origin: protocol.to_owned(),
@@ -417,13 +516,18 @@ impl Accounts {
             Err(AuthError::RateLimited) => return self.refuse_limited(&user, peer, &origin, at),
             Err(e) => return Err(e),
         };
-        let verified = ceremonies
-            .webauthn
-            .finish_passkey_authentication(answer, &state)
-            .ok()
+        // A signature that does not verify counts against the address only (it cannot be guessed, and
+        // counting it against the account would let anyone lock it out).
+        let verified = state
+            .and_then(|state| {
+                ceremonies
+                    .webauthn
+                    .finish_passkey_authentication(answer, &state)
+                    .ok()
+            })
             .filter(webauthn_rs::prelude::AuthenticationResult::user_verified);
         let Some(result) = verified else {
-            return self.refuse(&user, &origin, attempt, Failure::Code);
+            return self.refuse(&user, &origin, attempt, Failure::Token);
         };
         // The account must still be enabled, and the passkey still its own (not removed meanwhile).
         let role: Option<String> = self
@@ -517,35 +621,142 @@ mod tests {
         assert!(accounts.enable_passkeys("http://localhost:8080/").is_err());
     }
 
-    #[test]
-    fn a_passkey_sign_in_cannot_start_for_an_unknown_disabled_or_keyless_name() {
-        let (_t, accounts) = setup();
-        accounts
-            .enable_passkeys("http://localhost:8080/")
-            .expect("enable");
-        accounts.add("admin", "carol", Role::Board).expect("add");
-        accounts.add("admin", "dave", Role::Board).expect("add");
-        accounts.disable("admin", "dave").expect("disable");
-        let messages: Vec<String> = ["carol", "dave", "nobody", "", "Robert'); --", "é"]
-            .iter()
-            .map(|u| {
-                accounts
-                    .start_passkey_sign_in(u)
-                    .expect_err("no passkey")
-                    .to_string()
-            })
-            .collect();
-        // One answer for all: it does not tell which names exist.
-        assert!(messages.iter().all(|m| m == &messages[0]), "{messages:?}");
-        assert!(messages[0].contains("rule 'passkey'"), "{messages:?}");
+    fn code_now(new: &super::super::NewUser) -> String {
+        let secret = data_encoding::BASE32_NOPAD
+            .decode(new.totp_secret.as_bytes())
+            .expect("base32");
+        format!(
+            "{:06}",
+            super::super::totp_code(&secret, super::super::totp_step(SystemTime::now()))
+        )
+    }
+
+    fn forged_assertion() -> PublicKeyCredential {
+        serde_json::from_value(serde_json::json!({
+            "id": "AAAA", "rawId": "AAAA", "type": "public-key",
+            "response": {"authenticatorData": "AA", "clientDataJSON": "e30", "signature": "AA"}
+        }))
+        .expect("shape")
     }
 
     #[test]
-    fn a_registration_finishes_once_for_its_own_user_and_a_forged_answer_is_refused() {
+    fn a_passkey_sign_in_answers_every_name_alike_and_a_stand_in_never_signs_in() {
         let (_t, accounts) = setup();
         accounts
             .enable_passkeys("http://localhost:8080/")
             .expect("enable");
+        let carol = accounts.add("admin", "carol", Role::Board).expect("add");
+        accounts.add("admin", "dave", Role::Board).expect("add");
+        accounts.disable("admin", "dave").expect("disable");
+        let shape = |v: &serde_json::Value| {
+            let pk = &v["publicKey"];
+            let mut keys: Vec<String> = pk.as_object().expect("object").keys().cloned().collect();
+            keys.sort();
+            (
+                keys,
+                pk["allowCredentials"].as_array().map(Vec::len),
+                pk["userVerification"].clone(),
+                pk["rpId"].clone(),
+            )
+        };
+        let mut shapes = Vec::new();
+        for user in ["carol", "dave", "nobody", "", "Robert'); --", "é"] {
+            let (id, options) = accounts
+                .start_passkey_sign_in(user, "192.0.2.1")
+                .expect("options for every name");
+            shapes.push(shape(&options));
+            // The stand-in's credential id is the same on every start (a real one would be).
+            let (_, again) = accounts
+                .start_passkey_sign_in(user, "192.0.2.2")
+                .expect("again");
+            assert_eq!(
+                options["publicKey"]["allowCredentials"],
+                again["publicKey"]["allowCredentials"]
+            );
+            assert_ne!(
+                options["publicKey"]["challenge"],
+                again["publicKey"]["challenge"]
+            );
+            let e = accounts
+                .finish_passkey_sign_in(
+                    &id,
+                    &forged_assertion(),
+                    "192.0.2.1",
+                    "http",
+                    SystemTime::now(),
+                )
+                .expect_err("a stand-in never signs in");
+            assert!(matches!(e, AuthError::Credentials), "{user:?}: {e}");
+        }
+        assert!(shapes.iter().all(|s| s == &shapes[0]), "{shapes:?}");
+        assert_eq!(shapes[0].2, "required");
+        // Failed passkey finishes count against the address only: carol, named in many of them from
+        // another address, still signs in with her token and code.
+        for _ in 0..super::super::MAX_FAILURES_PER_USER + 1 {
+            let (id, _) = accounts
+                .start_passkey_sign_in("carol", "198.51.100.1")
+                .expect("start");
+            let _ = accounts.finish_passkey_sign_in(
+                &id,
+                &forged_assertion(),
+                "198.51.100.1",
+                "http",
+                SystemTime::now(),
+            );
+        }
+        accounts
+            .sign_in(
+                "carol",
+                &carol.token,
+                &code_now(&carol),
+                "203.0.113.5",
+                "http",
+                SystemTime::now(),
+            )
+            .expect("not locked out");
+    }
+
+    #[test]
+    fn sign_in_ceremonies_are_capped_per_address_and_registrations_per_user() {
+        let (_t, accounts) = setup();
+        accounts
+            .enable_passkeys("http://localhost:8080/")
+            .expect("enable");
+        for _ in 0..MAX_SIGN_INS_PER_ADDRESS {
+            accounts
+                .start_passkey_sign_in("anyone", "198.51.100.7")
+                .expect("within the cap");
+        }
+        let e = accounts
+            .start_passkey_sign_in("anyone", "198.51.100.7")
+            .expect_err("over the cap");
+        assert!(e.to_string().contains("too many passkey ceremonies"), "{e}");
+        // Another address is not crowded out.
+        accounts
+            .start_passkey_sign_in("anyone", "203.0.113.9")
+            .expect("another address");
+        for _ in 0..MAX_REGISTRATIONS_PER_USER {
+            accounts
+                .start_passkey_registration(&caller("carol"))
+                .expect("within the cap");
+        }
+        assert!(
+            accounts
+                .start_passkey_registration(&caller("carol"))
+                .is_err()
+        );
+        accounts
+            .start_passkey_registration(&caller("erin"))
+            .expect("another user");
+    }
+
+    #[test]
+    fn a_registration_finishes_once_for_its_own_user_after_a_fresh_code() {
+        let (_t, accounts) = setup();
+        accounts
+            .enable_passkeys("http://localhost:8080/")
+            .expect("enable");
+        let carol = accounts.add("admin", "carol", Role::Board).expect("add");
         let via = Via::local("test");
         let (id, options) = accounts
             .start_passkey_registration(&caller("carol"))
@@ -557,75 +768,109 @@ mod tests {
             "required"
         );
         assert_eq!(json["publicKey"]["user"]["name"], "carol");
-        // Another user cannot finish carol's ceremony, and the attempt uses it up.
-        let e = accounts
-            .finish_passkey_registration(&caller("mallory"), &id, "x", &forged_registration(), &via)
-            .expect_err("other user");
-        assert!(
-            e.to_string().contains("unknown, finished or expired"),
-            "{e}"
-        );
-        let e = accounts
-            .finish_passkey_registration(&caller("carol"), &id, "x", &forged_registration(), &via)
-            .expect_err("used up");
-        assert!(
-            e.to_string().contains("unknown, finished or expired"),
-            "{e}"
-        );
-        // A forged answer to a live ceremony does not verify; nothing is stored.
-        let (id, _) = accounts
-            .start_passkey_registration(&caller("carol"))
-            .expect("start");
-        let e = accounts
-            .finish_passkey_registration(
-                &caller("carol"),
-                &id,
-                "laptop",
+        let finish = |user: &str, id: &str, label: &str, code: &str| {
+            accounts.finish_passkey_registration(
+                &caller(user),
+                id,
+                label,
+                code,
                 &forged_registration(),
                 &via,
             )
-            .expect_err("forged");
+        };
+        // Another user cannot finish carol's ceremony, and the attempt uses it up.
+        let code = code_now(&carol);
+        let e = finish("mallory", &id, "x", &code).expect_err("other user");
+        assert!(
+            e.to_string().contains("unknown, finished or expired"),
+            "{e}"
+        );
+        let e = finish("carol", &id, "x", &code).expect_err("used up");
+        assert!(
+            e.to_string().contains("unknown, finished or expired"),
+            "{e}"
+        );
+        // A wrong code (a session alone) is refused before the answer is looked at.
+        let (id, _) = accounts
+            .start_passkey_registration(&caller("carol"))
+            .expect("start");
+        let wrong = format!(
+            "{:06}",
+            (code.parse::<u32>().expect("digits") + 1) % 1_000_000
+        );
+        let e = finish("carol", &id, "laptop", &wrong).expect_err("wrong code");
+        assert!(matches!(e, AuthError::Credentials), "{e}");
+        // The right code and a forged answer: does not verify, nothing is stored, the code is used.
+        let (id, _) = accounts
+            .start_passkey_registration(&caller("carol"))
+            .expect("start");
+        let e = finish("carol", &id, "laptop", &code).expect_err("forged");
         assert!(e.to_string().contains("did not verify"), "{e}");
         assert!(accounts.passkeys("carol").expect("list").is_empty());
+        let (id, _) = accounts
+            .start_passkey_registration(&caller("carol"))
+            .expect("start");
+        let e = finish("carol", &id, "laptop", &code).expect_err("replayed code");
+        assert!(matches!(e, AuthError::ReplayedCode), "{e}");
         // Labels: visible text only, within the limit (checked before the ceremony is used).
         let (id, _) = accounts
             .start_passkey_registration(&caller("carol"))
             .expect("start");
         for label in ["", "   ", "a\u{202E}b", "tab\there", &"x".repeat(65)] {
-            let e = accounts
-                .finish_passkey_registration(
-                    &caller("carol"),
-                    &id,
-                    label,
-                    &forged_registration(),
-                    &via,
-                )
-                .expect_err("label");
+            let e = finish("carol", &id, label, &code).expect_err("label");
             assert!(e.to_string().contains("label"), "{label:?}: {e}");
         }
-        assert!(
-            accounts
-                .remove_passkey(&caller("carol"), "AAAA", &via)
-                .is_err()
-        );
+        // Removing a passkey that is not there is a refusal (not an internal error).
+        let e = accounts
+            .remove_passkey(&caller("carol"), "AAAA", &via)
+            .expect_err("none");
+        assert!(matches!(e, AuthError::Passkey(_)), "{e}");
     }
 
     #[test]
-    fn an_unknown_or_replayed_sign_in_ceremony_is_refused() {
+    fn an_unknown_or_used_sign_in_ceremony_is_refused() {
         let (_t, accounts) = setup();
         accounts
             .enable_passkeys("http://localhost:8080/")
             .expect("enable");
-        let answer: PublicKeyCredential = serde_json::from_value(serde_json::json!({
-            "id": "AAAA", "rawId": "AAAA", "type": "public-key",
-            "response": {"authenticatorData": "AA", "clientDataJSON": "e30", "signature": "AA"}
-        }))
-        .expect("shape");
         for id in ["", "0123", &"f".repeat(32)] {
             let e = accounts
-                .finish_passkey_sign_in(id, &answer, "127.0.0.1", "http", SystemTime::now())
+                .finish_passkey_sign_in(
+                    id,
+                    &forged_assertion(),
+                    "127.0.0.1",
+                    "http",
+                    SystemTime::now(),
+                )
                 .expect_err("unknown");
             assert!(e.to_string().contains("rule 'passkey'"), "{e}");
         }
+        // A ceremony is finished once: the second finish finds nothing.
+        let (id, _) = accounts
+            .start_passkey_sign_in("carol", "127.0.0.1")
+            .expect("start");
+        let first = accounts
+            .finish_passkey_sign_in(
+                &id,
+                &forged_assertion(),
+                "127.0.0.1",
+                "http",
+                SystemTime::now(),
+            )
+            .expect_err("forged");
+        assert!(matches!(first, AuthError::Credentials), "{first}");
+        let second = accounts
+            .finish_passkey_sign_in(
+                &id,
+                &forged_assertion(),
+                "127.0.0.1",
+                "http",
+                SystemTime::now(),
+            )
+            .expect_err("used");
+        assert!(
+            second.to_string().contains("unknown, finished or expired"),
+            "{second}"
+        );
     }
 }

@@ -139,6 +139,9 @@ pub(super) fn account(caller: &Caller, csrf: &str, keys: &[PasskeyInfo]) -> Mark
         section.card #passkey-register data-csrf=(csrf) hidden {
             h3 { "Register a passkey" }
             label { "Label (e.g. the device)" input type="text" name="label" maxlength="64" value="my device"; }
+            label { "Your current authenticator code (TOTP), to confirm it is you"
+                input type="text" name="totp" inputmode="numeric" pattern="[0-9]{6}" autocomplete="one-time-code";
+            }
             button type="button" { "Register a passkey" }
             p data-status role="status" {}
         }

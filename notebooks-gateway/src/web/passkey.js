@@ -55,6 +55,11 @@
       show(status, "Give the passkey a label (e.g. the device it is on).", false);
       return;
     }
+    const totp = section.querySelector("input[name=totp]").value.trim();
+    if (!/^[0-9]{6}$/.test(totp)) {
+      show(status, "Enter the 6-digit code your authenticator app shows now.", false);
+      return;
+    }
     const headers = { "X-CSRF-Token": section.dataset.csrf };
     const start = await post("/ui/passkeys/register/start", headers, {});
     const pk = start.options.publicKey;
@@ -75,6 +80,7 @@
     await post("/ui/passkeys/register/finish", headers, {
       ceremony: start.ceremony,
       label: label,
+      totp: totp,
       credential: credential,
     });
     show(status, "Passkey registered. You can now sign in with it alone.", true);

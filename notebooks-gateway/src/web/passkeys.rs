@@ -28,10 +28,11 @@ pub(super) const SCRIPT: &str = include_str!("passkey.js");
 
 type JsonResult = Result<Response, AppError>;
 
+/// The audit context of a passkey step: the protocol and the address as counted for rate limits.
 fn via(peer: &Peer) -> Via {
     Via {
         origin: peer.protocol.name().to_owned(),
-        peer: peer.addr.to_string(),
+        peer: peer.address_group(),
         ..Via::default()
     }
 }
@@ -163,6 +164,8 @@ pub(super) async fn register_start(
 struct RegisterFinish {
     ceremony: String,
     label: String,
+    /// The current TOTP code (a step-up: a session alone cannot add a passkey).
+    totp: String,
     credential: RegisterPublicKeyCredential,
 }
 
@@ -181,6 +184,7 @@ pub(super) async fn register_finish(
             &signed.caller,
             &finish.ceremony,
             &finish.label,
+            &finish.totp,
             &finish.credential,
             &via(&peer(addr)),
         )?)
@@ -200,6 +204,7 @@ struct SignInStart {
 /// Starts a passkey sign-in for a name: `{"ceremony", "options"}` for `navigator.credentials.get`.
 pub(super) async fn sign_in_start(
     State(ui): State<Ui>,
+    Extension(addr): Extension<ClientAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> JsonResult {
@@ -209,7 +214,7 @@ pub(super) async fn sign_in_start(
     let (ceremony, options) = off_thread(move || {
         Ok(gateway
             .accounts()
-            .start_passkey_sign_in(start.user.trim())?)
+            .start_passkey_sign_in(start.user.trim(), &peer(addr).address_group())?)
     })
     .await?;
     Ok(json(
