@@ -36,6 +36,30 @@ pub enum Error {
     /// A stored report could not be encoded or decoded.
     #[error("catalog report encoding: {0}")]
     Json(#[from] serde_json::Error),
+    /// A version's card figures were released already (once per version).
+    #[error("the card figures of '{dataset}' version '{version}' were released already")]
+    CardReleased {
+        /// Dataset.
+        dataset: String,
+        /// Version label.
+        version: String,
+    },
+}
+
+/// A version's DP-released card figures, as stored: who released them, when, under what budget, and the
+/// figures themselves (`enclave::card` writes and reads them; the catalog keeps them opaque).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardRelease {
+    /// Dataset.
+    pub dataset: String,
+    /// Version label.
+    pub version: String,
+    /// The board member who released them.
+    pub released_by: String,
+    /// When (RFC 3339).
+    pub released_at: String,
+    /// The released figures.
+    pub figures: serde_json::Value,
 }
 
 /// Result with the catalog [`Error`].
@@ -293,6 +317,12 @@ CREATE TABLE IF NOT EXISTS catalog_columns (
     PRIMARY KEY (version_id, table_name, name),
     FOREIGN KEY (version_id, table_name) REFERENCES catalog_tables(version_id, name)
 );
+CREATE TABLE IF NOT EXISTS catalog_card_releases (
+    version_id INTEGER PRIMARY KEY REFERENCES catalog_versions(id),
+    released_by TEXT NOT NULL,
+    released_at TEXT NOT NULL,
+    figures TEXT NOT NULL
+);
 ";
 
 /// Opens the enclave's SQLite database at `path` the one way every part does (catalog, keystore, ledger
@@ -315,6 +345,52 @@ impl SqliteCatalog {
         migrate(&conn)?;
         Ok(SqliteCatalog {
             conn: Mutex::new(conn),
+        })
+    }
+
+    /// Keeps a version's released card figures; a version's figures are released once.
+    pub fn put_card_release(&self, release: &CardRelease) -> Result<()> {
+        let figures = serde_json::to_string(&release.figures)?;
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let id = version_id(&tx, &release.dataset, &release.version)?;
+            let inserted = tx.execute(
+                "INSERT INTO catalog_card_releases (version_id, released_by, released_at, figures)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT(version_id) DO NOTHING",
+                rusqlite::params![id, release.released_by, release.released_at, figures],
+            )?;
+            if inserted == 0 {
+                return Err(Error::CardReleased {
+                    dataset: release.dataset.clone(),
+                    version: release.version.clone(),
+                });
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// A version's released card figures, if they were released.
+    pub fn card_release(&self, dataset: &str, version: &str) -> Result<Option<CardRelease>> {
+        self.with(|conn| {
+            let id = version_id(conn, dataset, version)?;
+            let row: Option<(String, String, String)> = conn
+                .query_row(
+                    "SELECT released_by, released_at, figures FROM catalog_card_releases WHERE version_id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            row.map(|(released_by, released_at, figures)| {
+                Ok(CardRelease {
+                    dataset: dataset.to_owned(),
+                    version: version.to_owned(),
+                    released_by,
+                    released_at,
+                    figures: serde_json::from_str(&figures)?,
+                })
+            })
+            .transpose()
         })
     }
 
@@ -425,6 +501,17 @@ const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     ("catalog_tables", "bound_quantile", "REAL"),
     ("catalog_tables", "bound_epsilon", "REAL"),
 ];
+
+/// The row id of a dataset's version.
+fn version_id(conn: &Connection, dataset: &str, version: &str) -> Result<i64> {
+    conn.query_row(
+        "SELECT id FROM catalog_versions WHERE dataset = ?1 AND version = ?2",
+        [dataset, version],
+        |r| r.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| Error::UnknownDataset(dataset.to_owned()))
+}
 
 fn migrate(conn: &Connection) -> Result<()> {
     for (table, column, decl) in ADDED_COLUMNS {

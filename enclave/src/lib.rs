@@ -25,11 +25,13 @@ pub mod audit;
 #[cfg(feature = "bench")]
 pub mod baseline;
 pub mod bounds;
+pub mod card;
 pub mod datadir;
 pub mod dp;
 pub mod ingest;
 pub mod keys;
 pub mod ledger;
+pub mod metadata;
 pub mod storage;
 
 pub use datadir::DataDir;

@@ -380,6 +380,83 @@ async fn revoke(
     Ok(json(&grant))
 }
 
+/// A dataset's metadata as JSON-LD (HealthDCAT-AP or Croissant), for every signed-in caller, like its
+/// card; its counts are the DP-released card figures, so a card not released yet is refused.
+async fn metadata(
+    gateway: Arc<Gateway>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    format: enclave::metadata::Format,
+) -> ApiResult {
+    bearer(&gateway, &headers)?;
+    let name = path_text(name)?;
+    let doc = blocking(move || {
+        use catalog::CatalogStore as _;
+        let catalog = gateway.catalog();
+        let v = match catalog.version(&name, None) {
+            Ok(v) => v,
+            Err(catalog::Error::UnknownDataset(_)) => {
+                return Err(crate::service::refused(
+                    "catalog",
+                    format!("no dataset '{name}' in the catalog"),
+                ));
+            }
+            Err(e) => return Err(crate::service::internal(e)),
+        };
+        let release = catalog
+            .card_release(&name, &v.version.version)
+            .map_err(crate::service::internal)?
+            .and_then(|r| enclave::card::figures(&r).map(|f| (r, f)));
+        let Some((release, figures)) = release else {
+            return Err(crate::service::refused(
+                "card",
+                format!(
+                    "the card of '{name}' version {} is not released yet (a board member releases its DP figures first)",
+                    v.version.version
+                ),
+            ));
+        };
+        let publisher = enclave::metadata::Publisher {
+            base_url: gateway
+                .accounts()
+                .public_url()
+                .unwrap_or("http://localhost/")
+                .to_owned(),
+        };
+        enclave::metadata::export(&v, &release, &figures, &publisher, format)
+            .map_err(GatewayError::from)
+    })
+    .await?;
+    let mut response = json(&doc);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/ld+json"),
+    );
+    Ok(response)
+}
+
+async fn healthdcat_ap(
+    State(gateway): State<Arc<Gateway>>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    metadata(
+        gateway,
+        name,
+        headers,
+        enclave::metadata::Format::HealthDcatAp,
+    )
+    .await
+}
+
+async fn croissant(
+    State(gateway): State<Arc<Gateway>>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    metadata(gateway, name, headers, enclave::metadata::Format::Croissant).await
+}
+
 async fn approvals_required(
     State(gateway): State<Arc<Gateway>>,
     Extension(addr): Extension<PeerAddr>,
@@ -431,6 +508,8 @@ pub fn router(gateway: Arc<Gateway>, endpoints: crate::web::Endpoints) -> Router
             "/api/v1/datasets/{name}/approvals-required",
             post(approvals_required),
         )
+        .route("/api/v1/datasets/{name}/healthdcat-ap", get(healthdcat_ap))
+        .route("/api/v1/datasets/{name}/croissant", get(croissant))
         .route("/api/v1/openapi.json", get(openapi))
         .with_state(gateway)
         .merge(ui)
@@ -519,6 +598,8 @@ mod tests {
             "/api/v1/grants",
             "/api/v1/grants/{id}/revoke",
             "/api/v1/datasets/{name}/approvals-required",
+            "/api/v1/datasets/{name}/healthdcat-ap",
+            "/api/v1/datasets/{name}/croissant",
             "/api/v1/openapi.json",
         ] {
             assert!(paths.contains_key(route), "{route} is documented");

@@ -435,6 +435,11 @@ impl Gateway {
         &self.catalog
     }
 
+    /// The DP engine (for the card figures a board member releases).
+    pub(crate) fn engine(&self) -> &DpEngine {
+        &self.engine
+    }
+
     /// The policies (so a listener can force a re-read, e.g. on SIGHUP).
     pub fn policies(&self) -> &Policies {
         &self.policies

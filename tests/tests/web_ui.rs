@@ -509,3 +509,103 @@ fn passkey_ceremonies_need_the_session_csrf_token_or_the_sign_in_nonce() {
         "{records:?}"
     );
 }
+
+/// The card's DP figures: a board member releases them from the card page (once per version); a
+/// researcher's card then shows the released, noisy figures and still never the exact person count the
+/// board's view holds; a researcher cannot release (403, recorded), nor post without the CSRF token.
+#[test]
+fn the_board_releases_card_figures_from_the_page_and_researchers_see_only_those() {
+    let s = Scratch::new();
+    s.enclave("data", &["demo", "--patients", "120"]);
+    let (b_token, b_totp) = s.add_user("data", "carol", "board");
+    let (r_token, r_totp) = s.add_user("data", "alice", "researcher");
+    let server = Server::start(s.path(), "data", &[]);
+    let addr = server.http;
+    let (board, board_csrf) = sign_in(addr, "carol", &b_token, &b_totp);
+    let (alice, alice_csrf) = sign_in(addr, "alice", &r_token, &r_totp);
+
+    let (status, page) = get(addr, "/ui/datasets/demo-cohort", &alice);
+    assert_eq!(status, 200);
+    assert!(page.contains("Not released yet"), "{page}");
+    assert!(!page.contains("Release card figures"), "{page}");
+    // A researcher's release is refused and recorded; a board post without the token too.
+    let (status, _) = post(
+        addr,
+        "/ui/datasets/demo-cohort/release",
+        &alice,
+        &[("csrf", &alice_csrf), ("epsilon", "1")],
+    );
+    assert_eq!(status, 403);
+    let (status, _) = post(
+        addr,
+        "/ui/datasets/demo-cohort/release",
+        &board,
+        &[("epsilon", "1")],
+    );
+    assert_eq!(status, 403);
+    for bad in ["", "NaN", "-1", "1e400", "11"] {
+        let (status, page) = post(
+            addr,
+            "/ui/datasets/demo-cohort/release",
+            &board,
+            &[("csrf", &board_csrf), ("epsilon", bad)],
+        );
+        assert!(status == 400 || status == 422, "{bad}: {status} {page}");
+    }
+    let (status, _) = post(
+        addr,
+        "/ui/datasets/demo-cohort/release",
+        &board,
+        &[("csrf", &board_csrf), ("epsilon", "2")],
+    );
+    assert_eq!(status, 303);
+    let (status, page) = post(
+        addr,
+        "/ui/datasets/demo-cohort/release",
+        &board,
+        &[("csrf", &board_csrf), ("epsilon", "2")],
+    );
+    assert_eq!(status, 422, "once per version: {page}");
+    assert!(page.contains("released already"), "{page}");
+
+    // The researcher's card shows the released figures and the noise, not the exact count.
+    let card: serde_json::Value =
+        serde_json::from_str(&s.enclave("data", &["catalog", "show", "demo-cohort", "--json"]))
+            .expect("card");
+    let exact = card["coverage"]["persons"].as_u64().expect("persons");
+    let (status, page) = get(addr, "/ui/datasets/demo-cohort", &alice);
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("Population and coverage (DP-released)"),
+        "{page}"
+    );
+    assert!(page.contains("noise scale"), "{page}");
+    assert!(!page.contains("exact, board only"), "{page}");
+    let persons = page
+        .split("<dt>Persons</dt><dd>")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .expect("a released person count")
+        .parse::<f64>()
+        .expect("a number");
+    let scale: f64 = page
+        .split("noise scale ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|v| v.parse().ok())
+        .expect("scale");
+    assert!(scale > 0.0);
+    assert!(
+        (persons - exact as f64).abs() <= 10.0 * scale + 1.0,
+        "released {persons}, truth {exact}, scale {scale}"
+    );
+    let (_, board_page) = get(addr, "/ui/datasets/demo-cohort", &board);
+    assert!(board_page.contains("exact, board only"), "{board_page}");
+    let records = s.audit_records("data", 100);
+    assert!(
+        records.iter().any(|r| r["principal"] == "alice"
+            && r["outcome"] == "refused"
+            && r.to_string().contains("release card figures")),
+        "{records:?}"
+    );
+}

@@ -212,6 +212,35 @@ enum CatalogCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Release the latest version's card figures (persons, rows per table, time coverage, histograms of
+    /// categorical columns) through the DP engine under a catalog budget of ε that board member --by
+    /// grants; once per version. Researchers see only these figures, never exact counts.
+    Release {
+        /// Dataset name.
+        name: String,
+        /// ε of the whole release, split evenly over its queries (at most 10).
+        #[arg(long)]
+        epsilon: f64,
+        /// The board member granting the catalog budget (recorded).
+        #[arg(long)]
+        by: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The latest version's metadata as JSON-LD for outside catalogues: HealthDCAT-AP or Croissant 1.0
+    /// (with its Responsible-AI fields); counts and coverage are the DP-released card figures, so the
+    /// card must have been released (`enclave catalog release`).
+    Export {
+        /// Dataset name.
+        name: String,
+        /// `healthdcat-ap` or `croissant`.
+        #[arg(long)]
+        format: String,
+        /// The enclave's public address (distribution access URLs, the access body's page).
+        #[arg(long, default_value = "http://localhost:8080/")]
+        base_url: String,
+    },
     /// For the provider, on the host: the sample of free-text spans the ingest scrubbed, in their
     /// original context (decrypted from the version's review file; it holds identifying text)
     Review {
@@ -743,10 +772,106 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_card(&v);
+                if let Some(r) = catalog.card_release(&name, &v.version.version)? {
+                    print_release(&r);
+                }
+            }
+        }
+        CatalogCommand::Export {
+            name,
+            format,
+            base_url,
+        } => {
+            let format = enclave::metadata::Format::parse(&format)?;
+            let v = catalog
+                .version(&name, None)
+                .with_context(|| format!("catalog export {name}"))?;
+            let release = catalog
+                .card_release(&name, &v.version.version)?
+                .with_context(|| {
+                    format!(
+                        "the card of '{name}' version {} is not released yet: its counts would be exact (run `enclave catalog release {name} --epsilon … --by …` first)",
+                        v.version.version
+                    )
+                })?;
+            let figures = enclave::card::figures(&release)
+                .context("the released card figures cannot be read")?;
+            let doc = enclave::metadata::export(
+                &v,
+                &release,
+                &figures,
+                &enclave::metadata::Publisher { base_url },
+                format,
+            )?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        CatalogCommand::Release {
+            name,
+            epsilon,
+            by,
+            json,
+        } => {
+            let engine = enclave::dp::DpEngine::open(dir)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let release = rt.block_on(enclave::card::release(
+                &engine,
+                &catalog,
+                &name,
+                &by,
+                epsilon,
+                &enclave::audit::Via::local("cli"),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&release)?);
+            } else {
+                print_release(&release);
             }
         }
     }
     Ok(())
+}
+
+/// A card release: each figure with its 95 % interval and noise scale.
+fn print_release(r: &catalog::CardRelease) {
+    let Some(f) = enclave::card::figures(r) else {
+        return;
+    };
+    let show = |fig: &enclave::card::Figure| {
+        format!(
+            "{:.0}  (95 % interval {:.0}–{:.0}, noise scale {:.1})",
+            fig.value, fig.low, fig.high, fig.scale
+        )
+    };
+    println!(
+        "\nDP-released figures (version {}, ε {} over {} queries, released by {} at {})",
+        r.version, f.epsilon, f.queries, r.released_by, r.released_at
+    );
+    if let Some(p) = &f.persons {
+        println!("  persons        {}", show(p));
+    }
+    if let Some(all) = &f.records {
+        println!("  records        {}", show(all));
+    }
+    for (table, fig) in &f.rows {
+        println!("  rows {table:<10} {}", show(fig));
+    }
+    if let Some(c) = &f.coverage {
+        println!(
+            "  coverage       {} … {} ({}.{})",
+            c.first_year, c.last_year, c.table, c.column
+        );
+    }
+    for h in &f.histograms {
+        println!("  {}.{}:", h.table, h.column);
+        for (value, fig) in &h.bins {
+            println!("    {value:<24} {}", show(fig));
+        }
+    }
+    for s in &f.skipped {
+        println!("  not released: {s}");
+    }
 }
 
 fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {

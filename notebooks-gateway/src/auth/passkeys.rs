@@ -62,6 +62,7 @@ CREATE INDEX IF NOT EXISTS gateway_passkeys_user ON gateway_passkeys(user);
 pub(super) struct Ceremonies {
     webauthn: Webauthn,
     rp_id: String,
+    public_url: String,
     pending: Mutex<HashMap<String, Pending>>,
 }
 
@@ -142,6 +143,7 @@ impl Ceremonies {
         Ok(Ceremonies {
             webauthn,
             rp_id: host,
+            public_url: url.to_string(),
             pending: Mutex::new(HashMap::new()),
         })
     }
@@ -210,6 +212,11 @@ impl Accounts {
         self.passkeys
             .set(ceremonies)
             .map_err(|_| AuthError::Account("passkeys are enabled already".into()))
+    }
+
+    /// The address users open the web UI at, once passkeys are offered there.
+    pub fn public_url(&self) -> Option<&str> {
+        self.passkeys.get().map(|c| c.public_url.as_str())
     }
 
     fn ceremonies(&self) -> Result<&Ceremonies, AuthError> {

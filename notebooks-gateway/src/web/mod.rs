@@ -101,6 +101,7 @@ pub fn router(gateway: Arc<Gateway>, endpoints: Endpoints) -> Router {
         .route("/ui/passkey/sign-in/finish", post(passkeys::sign_in_finish))
         .route("/ui/datasets", get(datasets))
         .route("/ui/datasets/{name}", get(dataset))
+        .route("/ui/datasets/{name}/release", post(release_card))
         .route("/ui/requests", get(requests).post(file_request))
         .route("/ui/requests/{id}/approve", post(approve))
         .route("/ui/requests/{id}/reject", post(reject))
@@ -631,12 +632,73 @@ async fn dataset(
         Err(e) => return Err(err(crate::service::internal(e))),
     };
     let board = administers(&ui, &signed.caller);
+    let release = match versions.last() {
+        Some(latest) => ui
+            .gateway
+            .catalog()
+            .card_release(&name, &latest.version.version)
+            .map_err(|e| err(crate::service::internal(e)))?
+            .and_then(|r| enclave::card::figures(&r).map(|f| (r, f))),
+        None => None,
+    };
     Ok(html(pages::dataset(
         &signed.caller,
         &signed.csrf,
         &versions,
         board,
+        release.as_ref(),
     )))
+}
+
+/// A board member releases the latest version's card figures under a catalog budget (Cedar decides,
+/// as for the board's other cross-dataset pages; the queries are charged and audited).
+async fn release_card(
+    State(ui): State<Ui>,
+    Extension(addr): Extension<ClientAddr>,
+    headers: HeaderMap,
+    name: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> PageResult {
+    let Some(signed) = signed_in(&ui, &headers) else {
+        return Ok(to_sign_in());
+    };
+    let form = checked_form(&ui, &signed, addr, &headers, body, "release card figures").await?;
+    require_board(&ui, &signed, addr, "release card figures").await?;
+    let err = |e| PageError::new(e, Some(&signed.caller));
+    let name = path_text(name).map_err(err)?;
+    let epsilon: f64 = form
+        .get("epsilon")
+        .and_then(|e| e.trim().parse().ok())
+        .ok_or_else(|| err(bad("ε must be a number")))?;
+    let via = crate::service::Gateway::via(&signed.caller, &peer(addr), String::new());
+    enclave::card::release(
+        ui.gateway.engine(),
+        ui.gateway.catalog(),
+        &name,
+        &signed.caller.user,
+        epsilon,
+        &via,
+    )
+    .await
+    .map_err(|e| err(card_error(e)))?;
+    Ok(see_other(&format!(
+        "/ui/datasets/{}",
+        pages::urlencode(&name)
+    )))
+}
+
+/// A card release's refusal as the rule it broke.
+fn card_error(e: enclave::Error) -> GatewayError {
+    match e {
+        enclave::Error::Catalog(catalog::Error::UnknownDataset(name)) => {
+            crate::service::refused("catalog", format!("no dataset '{name}' in the catalog"))
+        }
+        enclave::Error::Catalog(e @ catalog::Error::CardReleased { .. }) => {
+            crate::service::refused("card", e.to_string())
+        }
+        enclave::Error::Config(message) => crate::service::refused("card", message),
+        other => GatewayError::from(other),
+    }
 }
 
 async fn requests(State(ui): State<Ui>, headers: HeaderMap) -> PageResult {

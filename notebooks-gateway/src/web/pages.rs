@@ -261,7 +261,7 @@ curl -s $BASE/api/v1/query -H \"Authorization: Bearer $SESSION\" -H 'Content-Typ
 }
 
 /// A path segment, percent-encoded (a space as `%20`: in a path, `+` is a plus).
-fn urlencode(s: &str) -> String {
+pub(super) fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes())
         .collect::<String>()
         .replace('+', "%20")
@@ -299,11 +299,61 @@ pub(super) fn datasets(caller: &Caller, csrf: &str, search: &str, list: &[Versio
 }
 
 /// A dataset's card: its latest version's metadata, every version, and for the board the exact report.
+/// A released figure: the value and its 95 % interval.
+fn figure(f: &enclave::card::Figure) -> Markup {
+    html! {
+        (format!("{:.0}", f.value))
+        span.hint { (format!(" (95 % interval {:.0}–{:.0}; noise scale {:.1})", f.low, f.high, f.scale)) }
+    }
+}
+
+/// The card figures released through the DP engine, shown to everyone; the board's form to release them.
+fn released(
+    name: &str,
+    csrf: &str,
+    release: Option<&(catalog::CardRelease, enclave::card::CardFigures)>,
+    board: bool,
+) -> Markup {
+    html! {
+        section.card {
+            h2 { "Population and coverage (DP-released)" }
+            @if let Some((r, f)) = release {
+                p.hint { "Released through the DP engine under the catalog budget (ε " (f.epsilon) " over " (f.queries) " queries) by " (r.released_by) " at " (r.released_at) " for version " (r.version) ". Each figure is noisy; none is computed exactly from rows." }
+                dl {
+                    @if let Some(p) = &f.persons { dt { "Persons" } dd { (figure(p)) } }
+                    @if let Some(all) = &f.records { dt { "Records" } dd { (figure(all)) } }
+                    @if let Some(c) = &f.coverage { dt { "Event years" } dd { (c.first_year) " … " (c.last_year) span.hint { " (" (c.table) "." (c.column) ")" } } }
+                    @for (table, fig) in &f.rows { dt { "Rows in " (table) } dd { (figure(fig)) } }
+                }
+                @for h in &f.histograms {
+                    h3 { (h.table) "." (h.column) }
+                    table {
+                        thead { tr { th { "Value" } th { "Count (DP)" } } }
+                        tbody { @for (value, fig) in &h.bins { tr { td { (value) } td.num { (figure(fig)) } } } }
+                    }
+                }
+                @for s in &f.skipped { p.hint { "Not released: " (s) } }
+            } @else {
+                p { "Not released yet for the latest version." }
+                @if board {
+                    form.inline method="post" action=(format!("/ui/datasets/{}/release", urlencode(name))) {
+                        (csrf_field(csrf))
+                        label { "Catalog budget ε" input type="number" name="epsilon" step="any" min="0" max="10" value="1"; }
+                        button type="submit" { "Release card figures" }
+                    }
+                    p.hint { "Once per version: persons, rows per table, event years and histograms of categorical columns, each a DP query charged to the catalog budget and audited." }
+                }
+            }
+        }
+    }
+}
+
 pub(super) fn dataset(
     caller: &Caller,
     csrf: &str,
     versions: &[VersionEntry],
     board: bool,
+    release: Option<&(catalog::CardRelease, enclave::card::CardFigures)>,
 ) -> Markup {
     let Some(latest) = versions.last() else {
         return layout(
@@ -338,6 +388,7 @@ pub(super) fn dataset(
                 p.hint { "Person and row counts and the time coverage are not shown exactly to researchers: they are released only through the DP engine." }
             }
         }
+        (released(&v.dataset, csrf, release, board))
         section {
             h2 { "Tables and columns" }
             @for t in &v.tables {
