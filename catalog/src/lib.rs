@@ -37,7 +37,9 @@ pub enum Error {
     #[error("catalog report encoding: {0}")]
     Json(#[from] serde_json::Error),
     /// A version's card figures were released already (once per version).
-    #[error("the card figures of '{dataset}' version '{version}' were released already")]
+    #[error(
+        "the card figures of '{dataset}' version '{version}' were released already (or are being released)"
+    )]
     CardReleased {
         /// Dataset.
         dataset: String,
@@ -141,6 +143,14 @@ pub struct ChosenBound {
     pub quantile: f64,
     /// The ε its private quantile cost (charged to the dataset's `catalog` budget).
     pub epsilon: f64,
+}
+
+impl ColumnEntry {
+    /// The action as a rule, without what applying it to the rows gave (counts of persons recoded or
+    /// values withheld follow the first `;` and are exact figures: the board's only).
+    pub fn action_rule(&self) -> &str {
+        self.action.split(';').next().unwrap_or("").trim()
+    }
 }
 
 impl TableEntry {
@@ -348,24 +358,60 @@ impl SqliteCatalog {
         })
     }
 
-    /// Keeps a version's released card figures; a version's figures are released once.
+    /// Claims a version's card release before it runs (one statement: of two at once, one claims it);
+    /// a version claimed or released already is refused.
+    pub fn claim_card_release(&self, dataset: &str, version: &str, by: &str) -> Result<()> {
+        self.with(|conn| {
+            let id = version_id(conn, dataset, version)?;
+            let claimed = conn.execute(
+                "INSERT INTO catalog_card_releases (version_id, released_by, released_at, figures)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT(version_id) DO NOTHING",
+                params![id, by, chrono::Utc::now().to_rfc3339(), PENDING],
+            )?;
+            if claimed == 0 {
+                return Err(Error::CardReleased {
+                    dataset: dataset.to_owned(),
+                    version: version.to_owned(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// Gives up a claim whose release failed (a released card stays).
+    pub fn unclaim_card_release(&self, dataset: &str, version: &str) -> Result<()> {
+        self.with(|conn| {
+            let id = version_id(conn, dataset, version)?;
+            conn.execute(
+                "DELETE FROM catalog_card_releases WHERE version_id = ?1 AND figures = ?2",
+                params![id, PENDING],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Keeps the figures of a claimed release.
     pub fn put_card_release(&self, release: &CardRelease) -> Result<()> {
         let figures = serde_json::to_string(&release.figures)?;
         self.with(|conn| {
-            let tx = conn.transaction()?;
-            let id = version_id(&tx, &release.dataset, &release.version)?;
-            let inserted = tx.execute(
-                "INSERT INTO catalog_card_releases (version_id, released_by, released_at, figures)
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT(version_id) DO NOTHING",
-                rusqlite::params![id, release.released_by, release.released_at, figures],
+            let id = version_id(conn, &release.dataset, &release.version)?;
+            let stored = conn.execute(
+                "UPDATE catalog_card_releases SET released_by = ?2, released_at = ?3, figures = ?4
+                 WHERE version_id = ?1 AND figures = ?5",
+                params![
+                    id,
+                    release.released_by,
+                    release.released_at,
+                    figures,
+                    PENDING
+                ],
             )?;
-            if inserted == 0 {
+            if stored == 0 {
                 return Err(Error::CardReleased {
                     dataset: release.dataset.clone(),
                     version: release.version.clone(),
                 });
             }
-            tx.commit()?;
             Ok(())
         })
     }
@@ -376,8 +422,9 @@ impl SqliteCatalog {
             let id = version_id(conn, dataset, version)?;
             let row: Option<(String, String, String)> = conn
                 .query_row(
-                    "SELECT released_by, released_at, figures FROM catalog_card_releases WHERE version_id = ?1",
-                    [id],
+                    "SELECT released_by, released_at, figures FROM catalog_card_releases
+                     WHERE version_id = ?1 AND figures <> ?2",
+                    params![id, PENDING],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
@@ -501,6 +548,9 @@ const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     ("catalog_tables", "bound_quantile", "REAL"),
     ("catalog_tables", "bound_epsilon", "REAL"),
 ];
+
+/// The `figures` of a card release that was claimed and has not finished.
+const PENDING: &str = "pending";
 
 /// The row id of a dataset's version.
 fn version_id(conn: &Connection, dataset: &str, version: &str) -> Result<i64> {
@@ -747,6 +797,49 @@ mod tests {
                 .version
                 .accounting,
             "basic"
+        );
+    }
+
+    #[test]
+    fn a_card_release_is_claimed_once_and_reads_back_only_when_finished() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cat = SqliteCatalog::open(&dir.path().join("enclave.db")).expect("open");
+        cat.publish(&sample("1")).expect("publish");
+        assert!(matches!(
+            cat.claim_card_release("nope", "1", "carol"),
+            Err(Error::UnknownDataset(_))
+        ));
+        cat.claim_card_release("cohort", "1", "carol")
+            .expect("claim");
+        // A second release at the same time is refused; the pending one is not a release yet.
+        assert!(matches!(
+            cat.claim_card_release("cohort", "1", "dave"),
+            Err(Error::CardReleased { .. })
+        ));
+        assert_eq!(cat.card_release("cohort", "1").expect("read"), None);
+        // A failed release gives the claim back.
+        cat.unclaim_card_release("cohort", "1").expect("unclaim");
+        cat.claim_card_release("cohort", "1", "carol")
+            .expect("claim again");
+        let release = CardRelease {
+            dataset: "cohort".into(),
+            version: "1".into(),
+            released_by: "carol".into(),
+            released_at: "2026-11-26T00:00:00Z".into(),
+            figures: serde_json::json!({"persons": {"value": 10.0}}),
+        };
+        cat.put_card_release(&release).expect("store");
+        assert_eq!(
+            cat.card_release("cohort", "1").expect("read"),
+            Some(release.clone())
+        );
+        // Released: no second claim, no second store, and an unclaim leaves it.
+        assert!(cat.claim_card_release("cohort", "1", "dave").is_err());
+        assert!(cat.put_card_release(&release).is_err());
+        cat.unclaim_card_release("cohort", "1").expect("no-op");
+        assert_eq!(
+            cat.card_release("cohort", "1").expect("read"),
+            Some(release)
         );
     }
 

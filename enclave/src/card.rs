@@ -37,12 +37,20 @@ pub const COVERAGE_WEIGHT: f64 = 6.0;
 pub struct Figure {
     /// The released value.
     pub value: f64,
-    /// Noise scale (Laplace b or Gaussian σ).
+    /// Noise scale (Laplace b or Gaussian σ; for sums of figures, the standard deviation of their noise).
+    #[serde(deserialize_with = "number_or_nan")]
     pub scale: f64,
-    /// 95 % interval, low end.
+    /// 95 % interval, low end (NaN where none is known; stored as null).
+    #[serde(deserialize_with = "number_or_nan")]
     pub low: f64,
-    /// 95 % interval, high end.
+    /// 95 % interval, high end (NaN where none is known; stored as null).
+    #[serde(deserialize_with = "number_or_nan")]
     pub high: f64,
+}
+
+/// JSON has no NaN (serde_json writes it as null): null reads back as NaN.
+fn number_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// A released histogram: the values private key selection let through, each with its noisy count.
@@ -59,7 +67,8 @@ pub struct Histogram {
 /// A version's released card figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CardFigures {
-    /// The total ε of the release (under zCDP: the ε the granted ρ is equivalent to at [`CARD_DELTA`]).
+    /// The total ε of the release (under zCDP: the ε the granted ρ is equivalent to at half of
+    /// [`CARD_DELTA`]; the other half goes to key selection).
     pub epsilon: f64,
     /// Queries it was split over.
     pub queries: usize,
@@ -77,7 +86,7 @@ pub struct CardFigures {
     pub coverage: Option<Coverage>,
     /// Histograms of categorical columns.
     pub histograms: Vec<Histogram>,
-    /// Figures that could not be released, and why (a refusal by the engine's rules; nothing charged).
+    /// Figures that were not released, and why (a refusal by the engine's rules, or the histogram limit).
     pub skipped: Vec<String>,
 }
 
@@ -158,6 +167,24 @@ fn plan(v: &VersionEntry) -> Vec<Ask> {
     asks
 }
 
+/// How many histograms a card leaves out (past [`MAX_HISTOGRAMS`]), to say so.
+fn left_out(v: &VersionEntry) -> usize {
+    let person = person_table(v);
+    v.version
+        .tables
+        .iter()
+        .flat_map(|t| t.columns.iter().map(move |c| (t, c)))
+        .filter(|(t, c)| {
+            (c.domain.as_ref().is_some_and(|d| !d.is_empty())
+                || (Some(t.name.as_str()) == person
+                    && c.role == "quasi_identifier"
+                    && c.data_type == "Utf8"))
+                && c.role != "identifier"
+        })
+        .count()
+        .saturating_sub(MAX_HISTOGRAMS)
+}
+
 /// `SELECT COUNT(*) AS n FROM <table>`, or `SELECT <column> AS v, COUNT(*) AS n FROM <table> GROUP BY
 /// <column>`, built on the syntax tree.
 fn count_sql(table: &str, group: Option<&str>) -> Result<String> {
@@ -213,8 +240,9 @@ fn counts(answer: &DpAnswer) -> Vec<(Option<String>, Figure)> {
                 Figure {
                     value: value.max(0.0).round(),
                     scale: noise.map_or(f64::NAN, |n| n.scale),
-                    low: low.max(0.0),
-                    high: high.max(0.0),
+                    // Clamped at zero where known; an unknown interval stays unknown.
+                    low: if low.is_nan() { low } else { low.max(0.0) },
+                    high: if high.is_nan() { high } else { high.max(0.0) },
                 },
             ))
         })
@@ -238,14 +266,26 @@ pub async fn release(
         ));
     }
     let v = catalog.version(dataset, None)?;
-    if catalog.card_release(dataset, &v.version.version)?.is_some() {
-        return Err(catalog::Error::CardReleased {
-            dataset: dataset.to_owned(),
-            version: v.version.version.clone(),
-        }
-        .into());
+    // The version is claimed before anything is granted or charged: a second release at the same time
+    // (a double click) is refused, not run beside the first.
+    catalog.claim_card_release(dataset, &v.version.version, by)?;
+    let released = release_claimed(engine, catalog, &v, by, epsilon, via).await;
+    if released.is_err() {
+        catalog.unclaim_card_release(dataset, &v.version.version)?;
     }
-    let asks = plan(&v);
+    released
+}
+
+async fn release_claimed(
+    engine: &DpEngine,
+    catalog: &SqliteCatalog,
+    v: &VersionEntry,
+    by: &str,
+    epsilon: f64,
+    via: &Via,
+) -> Result<CardRelease> {
+    let dataset = v.version.dataset.as_str();
+    let asks = plan(v);
     if asks.is_empty() {
         return Err(Error::Config(format!("dataset '{dataset}' has no tables")));
     }
@@ -257,7 +297,9 @@ pub async fn release(
     let spent = before.as_ref().map_or((0.0, 0.0, 0.0), |b| {
         (b.spent_epsilon, b.spent_delta, b.spent_rho)
     });
-    let rho = zcdp.then(|| crate::access::rho_for(epsilon, CARD_DELTA));
+    // Under zCDP half of δ converts ρ to its ε equivalent and half goes to key selection, so the release
+    // as a whole is (ε, CARD_DELTA)-DP.
+    let rho = zcdp.then(|| crate::access::rho_for(epsilon, CARD_DELTA / 2.0));
     ledger.set_budget(
         by,
         CATALOG_PRINCIPAL,
@@ -281,9 +323,22 @@ pub async fn release(
         .filter(|a| !matches!(a, Ask::Rows(_)))
         .count()
         .max(1);
-    let options_for = |ask: &Ask| QueryOptions {
-        epsilon: Some(rho.unwrap_or(epsilon) * weight(ask) / total_weight),
-        delta: Some(CARD_DELTA / grouped as f64),
+    // Shares are rounded down to the ledger's units, so together they never exceed what was granted.
+    let share = |total: f64, part: f64| -> Result<f64> {
+        let units = crate::audit::to_units(total)?;
+        Ok(crate::audit::from_units(
+            (units as f64 * part).floor() as i64
+        ))
+    };
+    let key_delta = if zcdp { CARD_DELTA / 2.0 } else { CARD_DELTA };
+    let delta_share = share(key_delta, 1.0 / grouped as f64)?;
+    let mut shares = Vec::with_capacity(asks.len());
+    for ask in &asks {
+        shares.push(share(rho.unwrap_or(epsilon), weight(ask) / total_weight)?);
+    }
+    let options_for = |i: usize| QueryOptions {
+        epsilon: Some(shares[i]),
+        delta: Some(delta_share),
         via: Via {
             origin: format!("card release by {by}"),
             ..via.clone()
@@ -300,21 +355,27 @@ pub async fn release(
         records: None,
         coverage: None,
         histograms: Vec::new(),
-        skipped: Vec::new(),
+        skipped: match left_out(v) {
+            0 => Vec::new(),
+            n => vec![format!(
+                "{n} more categorical columns: a card releases at most {MAX_HISTOGRAMS} histograms"
+            )],
+        },
     };
-    let person = person_table(&v).map(str::to_owned);
-    for ask in &asks {
+    let person = person_table(v).map(str::to_owned);
+    for (i, ask) in asks.iter().enumerate() {
         let (table, group) = match ask {
             Ask::Rows(t) => (t, None),
             Ask::Years(t, c) | Ask::Histogram(t, c) => (t, Some(c.as_str())),
         };
         let sql = count_sql(table, group)?;
         let answer = match engine
-            .answer(CATALOG_PRINCIPAL, dataset, &sql, &options_for(ask))
+            .answer(CATALOG_PRINCIPAL, dataset, &sql, &options_for(i))
             .await
         {
             Ok(a) => a,
-            // A rule refused the query before anything was charged: say so on the card.
+            // A rule refused the query (before running: nothing charged; while running: its cost
+            // charged): say so on the card.
             Err(Error::Refused { rule, message, .. }) => {
                 figures.skipped.push(format!(
                     "{table}{}: refused (rule '{}'): {message}",
@@ -379,12 +440,22 @@ pub async fn release(
             }
         }
     }
-    if !figures.rows.is_empty() {
+    // All records: only when every table's count was released (a sum missing tables would be low).
+    if !figures.rows.is_empty() && figures.rows.len() == v.version.tables.len() {
         let value = figures.rows.iter().map(|(_, f)| f.value).sum::<f64>();
+        // The standard deviation of the summed noise (a Laplace scale b has deviation b·√2; under zCDP
+        // the scales are Gaussian σ already).
+        let sd = |b: f64| {
+            if zcdp {
+                b
+            } else {
+                b * std::f64::consts::SQRT_2
+            }
+        };
         let scale = figures
             .rows
             .iter()
-            .map(|(_, f)| f.scale * f.scale)
+            .map(|(_, f)| sd(f.scale).powi(2))
             .sum::<f64>()
             .sqrt();
         let (low, high) = figures

@@ -75,13 +75,21 @@ fn manipulation(v: &VersionEntry) -> String {
     )];
     for t in &v.version.tables {
         for c in &t.columns {
-            if c.action != "keep" {
-                lines.push(format!("{}.{}: {}", t.name, c.name, c.action));
+            if c.action_rule() != "keep" {
+                lines.push(format!("{}.{}: {}", t.name, c.name, c.action_rule()));
             }
         }
     }
-    if let Some(k) = v.version.report.get("k_anonymity") {
-        lines.push(format!("k-anonymity: {k}"));
+    // The profile's k (a rule), never the report's exact figures (k reached, persons suppressed).
+    if let Some(k) = v
+        .version
+        .report
+        .get("k_anonymity")
+        .and_then(|k| k.get("k_required"))
+    {
+        lines.push(format!(
+            "k-anonymity required: every quasi-identifier class of at least {k} persons"
+        ));
     }
     lines.join("\n")
 }
@@ -142,7 +150,7 @@ fn healthdcat_ap(
             "foaf": "http://xmlns.com/foaf/0.1/",
             "xsd": "http://www.w3.org/2001/XMLSchema#",
             "rdfs": "http://www.w3.org/2000/01/rdf-schema#",
-            "adms": "http://www.w3.org/ns/adms#",
+            "vcard": "http://www.w3.org/2006/vcard/ns#",
             "dpv": "https://w3id.org/dpv#",
             "healthdcatap": "http://healthdataportal.eu/ns/health#"
         },
@@ -151,7 +159,13 @@ fn healthdcat_ap(
         "dct:identifier": v.version.dataset,
         "dct:title": {"@value": v.version.dataset, "@language": "en"},
         "dct:description": {"@value": description(v), "@language": "en"},
-        "adms:version": v.version.version,
+        "dcat:version": v.version.version,
+        "dcat:theme": {"@id": "http://publications.europa.eu/resource/authority/data-theme/HEAL"},
+        "dcat:contactPoint": {
+            "@type": "vcard:Organization",
+            "vcard:fn": "Data access board of this research enclave",
+            "vcard:hasURL": {"@id": format!("{base}/ui/")}
+        },
         "dct:issued": {"@value": v.published_at, "@type": "xsd:dateTime"},
         "dct:publisher": {"@type": "foaf:Agent", "foaf:name": p.provider},
         "dct:accessRights": {"@id": "http://publications.europa.eu/resource/authority/access-right/NON_PUBLIC"},
@@ -230,7 +244,8 @@ fn croissant_type(data_type: &str) -> &'static str {
         }
         "Float16" | "Float32" | "Float64" => "sc:Float",
         "Boolean" => "sc:Boolean",
-        t if t.starts_with("Date") || t.starts_with("Timestamp") => "sc:Date",
+        t if t.starts_with("Timestamp") => "sc:DateTime",
+        t if t.starts_with("Date") => "sc:Date",
         _ => "sc:Text",
     }
 }
@@ -307,7 +322,7 @@ fn croissant(
         "url": format!("{base}/ui/datasets/{}", v.version.dataset),
         "version": v.version.version,
         "datePublished": v.published_at.get(..10).unwrap_or(&v.published_at),
-        "license": "https://w3id.org/dpv#Restricted",
+        "license": format!("{base}/ui/"),
         "isAccessibleForFree": false,
         "creator": {"@type": "sc:Organization", "name": p.provider},
         "citeAs": format!("{}, {} (version {}), {}", p.provider, v.version.dataset, v.version.version, v.published_at.get(..4).unwrap_or("")),
@@ -327,7 +342,7 @@ fn croissant(
                 "@type": "cr:Field",
                 "@id": format!("{}/{}", t.name, c.name),
                 "name": c.name,
-                "description": format!("role {}; {}", c.role, c.action),
+                "description": format!("role {}; {}", c.role, c.action_rule()),
                 "dataType": croissant_type(&c.data_type),
                 "source": {"fileSet": {"@id": format!("files-{}", t.name)}, "extract": {"column": c.name}}
             })).collect::<Vec<_>>()

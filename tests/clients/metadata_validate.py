@@ -69,6 +69,9 @@ start = literal(temporal, DCAT + "startDate", XSD + "date")
 end = literal(temporal, DCAT + "endDate", XSD + "date")
 assert start <= end, (start, end)
 resource(ds, DCT + "provenance")
+literal(ds, DCAT + "version")
+assert resource(ds, DCAT + "theme")[0]["@id"].endswith("/HEAL"), ds[DCAT + "theme"]
+resource(ds, DCAT + "contactPoint")
 for dist in resource(ds, DCAT + "distribution"):
     assert DCAT + "Distribution" in dist["@type"], dist
     resource(dist, DCAT + "accessURL")

@@ -581,6 +581,9 @@ fn the_board_releases_card_figures_from_the_page_and_researchers_see_only_those(
     );
     assert!(page.contains("noise scale"), "{page}");
     assert!(!page.contains("exact, board only"), "{page}");
+    // What de-identification gave on the rows (persons recoded, values withheld) is exact: not shown.
+    assert!(!page.contains("withheld"), "{page}");
+    assert!(!page.contains("recoded locally for"), "{page}");
     let persons = page
         .split("<dt>Persons</dt><dd>")
         .nth(1)
@@ -601,6 +604,7 @@ fn the_board_releases_card_figures_from_the_page_and_researchers_see_only_those(
     );
     let (_, board_page) = get(addr, "/ui/datasets/demo-cohort", &board);
     assert!(board_page.contains("exact, board only"), "{board_page}");
+    assert!(board_page.contains("withheld"), "{board_page}");
     let records = s.audit_records("data", 100);
     assert!(
         records.iter().any(|r| r["principal"] == "alice"

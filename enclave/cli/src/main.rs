@@ -218,7 +218,7 @@ enum CatalogCommand {
     Release {
         /// Dataset name.
         name: String,
-        /// ε of the whole release, split evenly over its queries (at most 10).
+        /// ε of the whole release, split over its queries (the coverage query weighs more; at most 10).
         #[arg(long)]
         epsilon: f64,
         /// The board member granting the catalog budget (recorded).

@@ -530,25 +530,27 @@ async fn sign_in(
     .await
     .unwrap_or(Err(GatewayError::Internal));
     match signed {
-        Ok(session) => {
-            let mut response = see_other("/ui/");
-            let h = response.headers_mut();
-            h.append(
-                header::SET_COOKIE,
-                set_cookie(SESSION_COOKIE, &session.session, None, ui.endpoints.tls),
-            );
-            h.append(
-                header::SET_COOKIE,
-                set_cookie(SIGNIN_COOKIE, "", Some(0), ui.endpoints.tls),
-            );
-            Ok(response)
-        }
+        Ok(session) => Ok(with_session(&ui, see_other("/ui/"), &session.session)),
         Err(e) => {
             // The form again, with the refusal; the nonce stays valid for another try.
             let status = crate::http::AppError::status_of(&e);
             Ok((status, html(pages::sign_in(nonce, Some(&e)))).into_response())
         }
     }
+}
+
+/// `response` with the new session's cookie set and the sign-in nonce's cleared (both sign-in forms).
+fn with_session(ui: &Ui, mut response: Response, session: &str) -> Response {
+    let h = response.headers_mut();
+    h.append(
+        header::SET_COOKIE,
+        set_cookie(SESSION_COOKIE, session, None, ui.endpoints.tls),
+    );
+    h.append(
+        header::SET_COOKIE,
+        set_cookie(SIGNIN_COOKIE, "", Some(0), ui.endpoints.tls),
+    );
+    response
 }
 
 async fn sign_out(

@@ -298,7 +298,6 @@ pub(super) fn datasets(caller: &Caller, csrf: &str, search: &str, list: &[Versio
     layout("Datasets", Some((caller, csrf)), body)
 }
 
-/// A dataset's card: its latest version's metadata, every version, and for the board the exact report.
 /// A released figure: the value and its 95 % interval.
 fn figure(f: &enclave::card::Figure) -> Markup {
     html! {
@@ -348,6 +347,8 @@ fn released(
     }
 }
 
+/// A dataset's card: its latest version's metadata, every version, the DP-released figures, and for the
+/// board the exact report.
 pub(super) fn dataset(
     caller: &Caller,
     csrf: &str,
@@ -408,7 +409,8 @@ pub(super) fn dataset(
                                 td { code { (c.name) } }
                                 td { (c.data_type) }
                                 td { (c.role) }
-                                td { (c.action) }
+                                // What applying the action gave (persons recoded, values withheld) is exact: the board's only.
+                                td { (if board { c.action.as_str() } else { c.action_rule() }) }
                                 td { @match (c.lower, c.upper) { (Some(l), Some(u)) => { (l) " … " (u) } _ => { "—" } } }
                                 td { @match &c.domain { Some(d) => { (d.len()) " keys: " (d.iter().take(12).cloned().collect::<Vec<_>>().join(", ")) @if d.len() > 12 { ", …" } } None => { "—" } } }
                             }

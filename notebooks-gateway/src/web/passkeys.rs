@@ -16,9 +16,8 @@ use serde::Deserialize;
 use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 
 use super::{
-    ClientAddr, PageError, PageResult, SESSION_COOKIE, SIGNIN_COOKIE, Signed, Ui, blocking,
-    checked_form, cookie, csrf_holds, html, pages, peer, same_secret, see_other, set_cookie,
-    signed_in, to_sign_in,
+    ClientAddr, PageError, PageResult, SIGNIN_COOKIE, Signed, Ui, blocking, checked_form, cookie,
+    csrf_holds, html, pages, peer, same_secret, see_other, signed_in, to_sign_in, with_session,
 };
 use crate::http::AppError;
 use crate::service::{GatewayError, Peer};
@@ -250,17 +249,11 @@ pub(super) async fn sign_in_finish(
         )?)
     })
     .await?;
-    let mut response = json(&serde_json::json!({"redirect": "/ui/"}));
-    let h = response.headers_mut();
-    h.append(
-        header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, &session.session, None, ui.endpoints.tls),
-    );
-    h.append(
-        header::SET_COOKIE,
-        set_cookie(SIGNIN_COOKIE, "", Some(0), ui.endpoints.tls),
-    );
-    Ok(response)
+    Ok(with_session(
+        &ui,
+        json(&serde_json::json!({"redirect": "/ui/"})),
+        &session.session,
+    ))
 }
 
 pub(super) async fn script() -> Response {
