@@ -159,6 +159,13 @@ with sync_playwright() as p:
     answer = flight_query(session)
     assert answer.num_rows == 1 and answer.column_names[0] == "patients", answer
     print("ok: the researcher's Flight SQL query is answered:", answer.to_pylist())
+    alice.goto(URL + "/ui/budgets")
+    expect(alice.locator("figure.chart svg polyline")).to_have_count(1)
+    shot(alice, "researcher-budget")
+    board.goto(URL + f"/ui/budgets/datasets/{DATASET}")
+    expect(board.locator("figure.chart svg polyline")).to_have_count(1)
+    shot(board, "board-dataset-budget")
+    print("ok: the budget pages chart the spending")
 
     # --- Revocation: the next query is refused.
     board.goto(URL + "/ui/grants")

@@ -60,6 +60,7 @@ fn the_board_and_a_researcher_walk_through_the_web_ui_in_chromium() {
         "ok: the board approved",
         "ok: the researcher's Flight SQL query is answered",
         "ok: after revocation the query is refused",
+        "ok: the budget pages chart the spending",
         "the verify button reports the chain intact",
     ] {
         assert!(stdout.contains(check), "missing {check:?} in:\n{stdout}");
@@ -97,5 +98,5 @@ fn the_board_and_a_researcher_walk_through_the_web_ui_in_chromium() {
         .filter_map(Result::ok)
         .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
         .count();
-    assert!(saved >= 14, "{saved} screenshots in {}", shots.display());
+    assert!(saved >= 16, "{saved} screenshots in {}", shots.display());
 }

@@ -613,3 +613,104 @@ fn the_board_releases_card_figures_from_the_page_and_researchers_see_only_those(
         "{records:?}"
     );
 }
+
+/// Budget pages: a researcher sees their own budgets and a chart of their spending drawn on the server
+/// (SVG, no script); another researcher's page and a dataset's page are the board's (403, recorded);
+/// the board's index lists every researcher and dataset; names are escaped in tables and chart.
+#[test]
+fn budget_pages_chart_spending_for_the_researcher_and_the_board() {
+    let s = Scratch::new();
+    s.enclave("data", &["demo", "--patients", "40"]);
+    let (b_token, b_totp) = s.add_user("data", "carol", "board");
+    let (r_token, r_totp) = s.add_user("data", "alice", "researcher");
+    s.enclave(
+        "data",
+        &[
+            "budget",
+            "set",
+            "alice",
+            "demo-cohort",
+            "--epsilon",
+            "1",
+            "--by",
+            "carol",
+        ],
+    );
+    s.enclave(
+        "data",
+        &[
+            "budget",
+            "set",
+            "<b>x</b>",
+            "demo-cohort",
+            "--epsilon",
+            "1",
+            "--by",
+            "carol",
+        ],
+    );
+    for _ in 0..2 {
+        s.enclave(
+            "data",
+            &[
+                "sql",
+                "--as",
+                "alice",
+                "--dataset",
+                "demo-cohort",
+                "--epsilon",
+                "0.1",
+                "SELECT COUNT(*) AS n FROM patients",
+            ],
+        );
+    }
+    let server = Server::start(s.path(), "data", &[]);
+    let addr = server.http;
+    let (alice, _) = sign_in(addr, "alice", &r_token, &r_totp);
+    let (board, _) = sign_in(addr, "carol", &b_token, &b_totp);
+
+    let (status, cookies, head, _) = exchange(addr, "GET", "/ui/budgets", &alice, None);
+    assert_eq!(status, 303, "{cookies:?}");
+    assert!(
+        head.contains("location: /ui/budgets/researchers/alice"),
+        "{head}"
+    );
+    let (status, page) = get(addr, "/ui/budgets/researchers/alice", &alice);
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("<svg") && page.contains("<polyline"),
+        "{page}"
+    );
+    assert!(page.contains("demo-cohort: 0.2000 of 1.0000"), "{page}");
+    assert!(!page.contains("<script"), "{page}");
+    for path in [
+        "/ui/budgets/researchers/carol",
+        "/ui/budgets/datasets/demo-cohort",
+    ] {
+        let (status, _) = get(addr, path, &alice);
+        assert_eq!(status, 403, "{path}");
+    }
+    let (status, page) = get(addr, "/ui/budgets", &board);
+    assert_eq!(status, 200);
+    assert!(page.contains("/ui/budgets/researchers/alice"), "{page}");
+    assert!(
+        page.contains("&lt;b&gt;x&lt;/b&gt;") && !page.contains("<b>x</b>"),
+        "{page}"
+    );
+    let (status, page) = get(addr, "/ui/budgets/datasets/demo-cohort", &board);
+    assert_eq!(status, 200);
+    assert!(page.contains("alice: 0.2000 of 1.0000"), "{page}");
+    assert!(
+        page.contains("&lt;b&gt;x&lt;/b&gt;: 0.0000") && !page.contains("<b>x</b>"),
+        "{page}"
+    );
+    let (status, page) = get(addr, "/ui/budgets/researchers/alice", &board);
+    assert_eq!(status, 200, "{page}");
+    let records = s.audit_records("data", 50);
+    assert!(
+        records.iter().any(|r| r["principal"] == "alice"
+            && r["outcome"] == "refused"
+            && r.to_string().contains("budgets")),
+        "{records:?}"
+    );
+}

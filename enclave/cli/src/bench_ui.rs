@@ -223,7 +223,7 @@ pub fn ui_bench(work_dir: Option<PathBuf>, records: usize) -> Result<()> {
         "as", "page", "bytes", "median ms", "max ms"
     );
     let mut slowest = 0.0f64;
-    let pages: [(&str, &str, &str); 12] = [
+    let pages: [(&str, &str, &str); 15] = [
         ("board", &board_session, "/ui/"),
         ("board", &board_session, "/ui/datasets"),
         ("board", &board_session, "/ui/datasets?q=column_7"),
@@ -241,9 +241,16 @@ pub fn ui_bench(work_dir: Option<PathBuf>, records: usize) -> Result<()> {
             &board_session,
             "/ui/audit?dataset=bench-ui&before=5000",
         ),
+        ("board", &board_session, "/ui/budgets"),
+        ("board", &board_session, "/ui/budgets/datasets/bench-ui"),
         ("researcher", &researcher_session, "/ui/"),
         ("researcher", &researcher_session, "/ui/datasets/bench-ui"),
         ("researcher", &researcher_session, "/ui/requests"),
+        (
+            "researcher",
+            &researcher_session,
+            "/ui/budgets/researchers/researcher-1",
+        ),
     ];
     for (who, cookie, path) in pages {
         let mut times = Vec::with_capacity(LOADS);

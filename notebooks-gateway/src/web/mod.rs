@@ -18,6 +18,8 @@
 //!   catalog metadata shown to every signed-in user (researchers find datasets before they ask); their
 //!   exact counts and the ingest report are shown only to whoever administers the enclave.
 
+mod budgets;
+mod chart;
 mod pages;
 mod passkeys;
 
@@ -106,6 +108,9 @@ pub fn router(gateway: Arc<Gateway>, endpoints: Endpoints) -> Router {
         .route("/ui/requests/{id}/approve", post(approve))
         .route("/ui/requests/{id}/reject", post(reject))
         .route("/ui/grants", get(grants))
+        .route("/ui/budgets", get(budgets::index))
+        .route("/ui/budgets/researchers/{user}", get(budgets::researcher))
+        .route("/ui/budgets/datasets/{name}", get(budgets::dataset))
         .route("/ui/grants/{id}/revoke", post(revoke))
         .route("/ui/audit", get(audit))
         .route("/ui/audit/verify", post(verify))

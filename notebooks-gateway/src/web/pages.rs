@@ -36,6 +36,7 @@ fn layout(title: &str, who: Option<(&Caller, &str)>, body: Markup) -> Markup {
                             a href="/ui/datasets" { "Datasets" }
                             a href="/ui/requests" { "Access requests" }
                             a href="/ui/grants" { "Grants" }
+                            a href="/ui/budgets" { "Budgets" }
                             @if caller.role.name() == "board" {
                                 a href="/ui/audit" { "Audit log" }
                             }
@@ -601,6 +602,87 @@ fn record_table(records: &[Record]) -> Markup {
             }
         }
     }
+}
+
+fn budget_rows(list: &[Budget], by_dataset: bool) -> Markup {
+    html! {
+        table {
+            thead { tr {
+                th { (if by_dataset { "Dataset" } else { "Researcher" }) }
+                th { "Granted" } th { "Spent" } th { "Left" } th { "Ends" }
+            } }
+            tbody {
+                @for b in list {
+                    @let (granted, spent, unit) = match b.rho { Some(r) => (r, b.spent_rho, "ρ"), None => (b.epsilon, b.spent_epsilon, "ε") };
+                    tr {
+                        td {
+                            @if by_dataset {
+                                a href=(format!("/ui/budgets/datasets/{}", urlencode(&b.dataset))) { (b.dataset) }
+                            } @else {
+                                a href=(format!("/ui/budgets/researchers/{}", urlencode(&b.principal))) { (b.principal) }
+                            }
+                        }
+                        td.num { (unit) " " (format!("{granted:.4}")) }
+                        td.num { (format!("{spent:.4}")) }
+                        td.num { (format!("{:.4}", (granted - spent).max(0.0))) }
+                        td { (b.expires_at.as_deref().unwrap_or("—")) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The board's index of budgets: by researcher and by dataset.
+pub(super) fn budgets_index(caller: &Caller, csrf: &str, all: &[Budget]) -> Markup {
+    let mut researchers: Vec<&str> = all.iter().map(|b| b.principal.as_str()).collect();
+    researchers.sort_unstable();
+    researchers.dedup();
+    let mut datasets: Vec<&str> = all.iter().map(|b| b.dataset.as_str()).collect();
+    datasets.sort_unstable();
+    datasets.dedup();
+    let body = html! {
+        @if all.is_empty() { p { "No budget granted yet." } }
+        h2 { "By researcher" }
+        ul { @for r in &researchers { li { a href=(format!("/ui/budgets/researchers/{}", urlencode(r))) { (r) } } } }
+        h2 { "By dataset" }
+        ul { @for d in &datasets { li { a href=(format!("/ui/budgets/datasets/{}", urlencode(d))) { (d) } } } }
+    };
+    layout("Budgets", Some((caller, csrf)), body)
+}
+
+/// A researcher's budgets and their spending over time.
+pub(super) fn budgets_of(
+    caller: &Caller,
+    csrf: &str,
+    user: &str,
+    budgets: &[Budget],
+    chart: Markup,
+) -> Markup {
+    let body = html! {
+        @if budgets.is_empty() { p { "No budget granted to " (user) " yet." } } @else { (budget_rows(budgets, true)) }
+        h2 { "Spending over time" }
+        (chart)
+        p.hint { "Each step is a charged query or card release, from the audit log; dashed lines are the totals granted." }
+    };
+    layout(&format!("Budgets of {user}"), Some((caller, csrf)), body)
+}
+
+/// A dataset's budgets and every researcher's spending on it.
+pub(super) fn budgets_on(
+    caller: &Caller,
+    csrf: &str,
+    dataset: &str,
+    budgets: &[Budget],
+    chart: Markup,
+) -> Markup {
+    let body = html! {
+        @if budgets.is_empty() { p { "No budget on " (dataset) " yet." } } @else { (budget_rows(budgets, false)) }
+        h2 { "Spending over time" }
+        (chart)
+        p.hint { "Each step is a charged query, from the audit log; dashed lines are the totals granted." }
+    };
+    layout(&format!("Budgets on {dataset}"), Some((caller, csrf)), body)
 }
 
 /// The audit log viewer with its filters and the verify button (and its result).
