@@ -100,11 +100,13 @@ pub enum Event {
     PasskeyAdded,
     /// A user removed one of their passkeys.
     PasskeyRemoved,
+    /// A board member gave an account new factors (token and TOTP secret; passkeys removed).
+    FactorsReset,
 }
 
 impl Event {
     /// Every event.
-    pub const ALL: [Event; 12] = [
+    pub const ALL: [Event; 13] = [
         Event::UserAdded,
         Event::UserDisabled,
         Event::SignedIn,
@@ -117,6 +119,7 @@ impl Event {
         Event::ApprovalsRequired,
         Event::PasskeyAdded,
         Event::PasskeyRemoved,
+        Event::FactorsReset,
     ];
 
     /// The record's `outcome` for this event.
@@ -134,6 +137,7 @@ impl Event {
             Event::ApprovalsRequired => "approvals-required",
             Event::PasskeyAdded => "passkey-added",
             Event::PasskeyRemoved => "passkey-removed",
+            Event::FactorsReset => "factors-reset",
         }
     }
 }

@@ -309,6 +309,30 @@ fn code_step(secret: &[u8], last_step: i64, code: &str, now: SystemTime) -> Resu
     Ok(step)
 }
 
+/// A refusal raised inside an account change's transaction (which rolled back) as the account rule.
+fn account_refusal(e: enclave::Error) -> AuthError {
+    match e {
+        enclave::Error::Config(message) => AuthError::Account(message),
+        other => AuthError::Enclave(other),
+    }
+}
+
+/// A new or reset account's secrets, as shown once.
+fn new_user(name: &str, role: Role, token: String, secret: &[u8]) -> NewUser {
+    let totp_secret = data_encoding::BASE32_NOPAD.encode(secret);
+    let label = format!("{ISSUER}:{name}").replace(' ', "%20");
+    NewUser {
+        user: name.to_owned(),
+        role,
+        token,
+        otpauth_uri: format!(
+            "otpauth://totp/{label}?secret={totp_secret}&issuer={}&algorithm=SHA1&digits=6&period={TOTP_STEP_SECONDS}",
+            ISSUER.replace(' ', "%20")
+        ),
+        totp_secret,
+    }
+}
+
 /// A user name: 1–64 of `a-z 0-9 . _ -`, starting with a letter or digit.
 fn check_name(name: &str) -> Result<(), AuthError> {
     let ok = !name.is_empty()
@@ -410,6 +434,17 @@ impl Accounts {
     /// Creates an account; its token and TOTP secret are returned once and stored only as a salted hash
     /// and as the secret the codes are checked against.
     pub fn add(&self, by: &str, name: &str, role: Role) -> Result<NewUser, AuthError> {
+        self.add_via(by, name, role, &Via::local(&format!("cli by {by}")))
+    }
+
+    /// [`Accounts::add`], recorded as coming through `via` (the web UI names its session and address).
+    pub fn add_via(
+        &self,
+        by: &str,
+        name: &str,
+        role: Role,
+        via: &Via,
+    ) -> Result<NewUser, AuthError> {
         check_name(name)?;
         let token_bytes: [u8; 32] = random()?;
         let token = format!(
@@ -422,7 +457,7 @@ impl Accounts {
         let sealed = self.seal(name, &secret)?;
         let now = rfc3339(now_seconds(SystemTime::now()));
         let ((), _) = self.ledger.record_event(
-            &draft(name, &Via::local(&format!("cli by {by}"))),
+            &draft(name, via),
             Event::UserAdded,
             &format!("role {}", role.name()),
             |tx| {
@@ -443,19 +478,53 @@ impl Accounts {
                 )?;
                 Ok(())
             },
-        )?;
-        let totp_secret = data_encoding::BASE32_NOPAD.encode(&secret);
-        let label = format!("{ISSUER}:{name}").replace(' ', "%20");
-        Ok(NewUser {
-            user: name.to_owned(),
-            role,
-            token,
-            otpauth_uri: format!(
-                "otpauth://totp/{label}?secret={totp_secret}&issuer={}&algorithm=SHA1&digits=6&period={TOTP_STEP_SECONDS}",
-                ISSUER.replace(' ', "%20")
-            ),
-            totp_secret,
-        })
+        )
+        .map_err(account_refusal)?;
+        Ok(new_user(name, role, token, &secret))
+    }
+
+    /// Gives an account a new API token and TOTP secret (shown once), removes its passkeys and ends its
+    /// sessions: what the board does when a member's device or token is lost. Recorded.
+    pub fn reset_factors(&self, by: &str, name: &str, via: &Via) -> Result<NewUser, AuthError> {
+        check_name(name)?;
+        let token_bytes: [u8; 32] = random()?;
+        let token = format!(
+            "rwd_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token_bytes)
+        );
+        let salt: [u8; 16] = random()?;
+        let secret: [u8; 20] = random()?;
+        let hash = token_mac(&salt, &token);
+        let sealed = self.seal(name, &secret)?;
+        let (role, _) = self
+            .ledger
+            .record_event(
+                &draft(name, via),
+                Event::FactorsReset,
+                &format!("by {by}: new token and TOTP secret; passkeys removed; sessions ended"),
+                |tx| {
+                    let role: Option<String> = tx
+                        .query_row(
+                            "SELECT role FROM gateway_users WHERE name = ?1",
+                            [name],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    let Some(role) = role else {
+                        return Err(enclave::Error::Config(format!("no user '{name}'")));
+                    };
+                    // A new secret has no code used yet.
+                    tx.execute(
+                        "UPDATE gateway_users SET token_salt = ?2, token_hash = ?3, totp_secret = ?4, last_totp_step = 0 WHERE name = ?1",
+                        params![name, &salt[..], hash, sealed],
+                    )?;
+                    tx.execute("DELETE FROM gateway_passkeys WHERE user = ?1", [name])?;
+                    tx.execute("DELETE FROM gateway_sessions WHERE user = ?1", [name])?;
+                    Ok(role)
+                },
+            )
+            .map_err(account_refusal)?;
+        Ok(new_user(name, Role::parse(&role)?, token, &secret))
     }
 
     /// Every account.
@@ -478,11 +547,13 @@ impl Accounts {
 
     /// Disables an account and ends its sessions.
     pub fn disable(&self, by: &str, name: &str) -> Result<(), AuthError> {
-        self.ledger.record_event(
-            &draft(name, &Via::local(&format!("cli by {by}"))),
-            Event::UserDisabled,
-            "",
-            |tx| {
+        self.disable_via(name, &Via::local(&format!("cli by {by}")))
+    }
+
+    /// [`Accounts::disable`], recorded as coming through `via`.
+    pub fn disable_via(&self, name: &str, via: &Via) -> Result<(), AuthError> {
+        self.ledger
+            .record_event(&draft(name, via), Event::UserDisabled, "", |tx| {
                 let n = tx.execute(
                     "UPDATE gateway_users SET disabled = 1 WHERE name = ?1",
                     [name],
@@ -492,8 +563,8 @@ impl Accounts {
                 }
                 tx.execute("DELETE FROM gateway_sessions WHERE user = ?1", [name])?;
                 Ok(())
-            },
-        )?;
+            })
+            .map_err(account_refusal)?;
         Ok(())
     }
 

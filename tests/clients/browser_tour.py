@@ -193,6 +193,9 @@ with sync_playwright() as p:
     shot(board, "audit-verified")
     board.goto(URL + f"/ui/datasets/{DATASET}")
     shot(board, "dataset-card-board")
+    board.goto(URL + "/ui/users")
+    expect(board.locator("main")).to_contain_text("alice")
+    shot(board, "board-users")
     print("ok: the audit page lists every step and the verify button reports the chain intact")
 
     assert not errors, f"the pages logged script errors: {errors}"

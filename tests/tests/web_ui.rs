@@ -714,3 +714,141 @@ fn budget_pages_chart_spending_for_the_researcher_and_the_board() {
         "{records:?}"
     );
 }
+
+/// The text of `<dt>{label}</dt><dd><code>…</code>` on a page.
+fn shown(page: &str, label: &str) -> String {
+    let marker = format!("<dt>{label}</dt><dd><code>");
+    page.split(&marker)
+        .nth(1)
+        .and_then(|rest| rest.split("</code>").next())
+        .unwrap_or_else(|| panic!("{label} in {page}"))
+        .to_owned()
+}
+
+/// User management: the board adds an account (its secrets shown once, and they sign in), resets its
+/// factors (the old token stops working, the new one works, sessions end), and disables it; names that
+/// cannot be accounts are refused and escaped; a researcher cannot reach the page (403, recorded); the
+/// forms need the CSRF token; every change is recorded through the web session.
+#[test]
+fn the_board_adds_resets_and_disables_accounts_from_the_users_page() {
+    let s = Scratch::new();
+    s.enclave("data", &["demo", "--patients", "20"]);
+    let (b_token, b_totp) = s.add_user("data", "carol", "board");
+    let (r_token, r_totp) = s.add_user("data", "alice", "researcher");
+    let server = Server::start(s.path(), "data", &[]);
+    let addr = server.http;
+    let (board, csrf) = sign_in(addr, "carol", &b_token, &b_totp);
+    let (alice, alice_csrf) = sign_in(addr, "alice", &r_token, &r_totp);
+
+    let (status, _) = get(addr, "/ui/users", &alice);
+    assert_eq!(status, 403);
+    let (status, _) = post(
+        addr,
+        "/ui/users",
+        &alice,
+        &[
+            ("csrf", &alice_csrf),
+            ("user", "mallory"),
+            ("role", "board"),
+        ],
+    );
+    assert_eq!(status, 403);
+    let (status, _) = post(
+        addr,
+        "/ui/users",
+        &board,
+        &[("user", "dave"), ("role", "researcher")],
+    );
+    assert_eq!(status, 403, "no CSRF token");
+    for (name, role) in [
+        ("<b>x</b>", "researcher"),
+        ("dave", "admin"),
+        ("", "researcher"),
+    ] {
+        let (status, page) = post(
+            addr,
+            "/ui/users",
+            &board,
+            &[("csrf", &csrf), ("user", name), ("role", role)],
+        );
+        assert_eq!(status, 422, "{name:?} {role}: {page}");
+        assert!(!page.contains("<b>x</b>"), "{page}");
+    }
+
+    let (status, page) = post(
+        addr,
+        "/ui/users",
+        &board,
+        &[("csrf", &csrf), ("user", "dave"), ("role", "researcher")],
+    );
+    assert_eq!(status, 200, "{page}");
+    let (token, secret) = (
+        shown(&page, "API token"),
+        shown(&page, "TOTP secret (base32)"),
+    );
+    let (dave, _) = sign_in(addr, "dave", &token, &secret);
+    let (status, _) = get(addr, "/ui/", &dave);
+    assert_eq!(status, 200);
+    let (status, page) = post(
+        addr,
+        "/ui/users",
+        &board,
+        &[("csrf", &csrf), ("user", "dave"), ("role", "researcher")],
+    );
+    assert_eq!(status, 422, "exists already: {page}");
+
+    // Reset: the session ends, the old token no longer signs in, the new factors do.
+    let (status, page) = post(addr, "/ui/users/dave/reset", &board, &[("csrf", &csrf)]);
+    assert_eq!(status, 200, "{page}");
+    let (new_token, new_secret) = (
+        shown(&page, "API token"),
+        shown(&page, "TOTP secret (base32)"),
+    );
+    assert_ne!(new_token, token);
+    let (status, _, head, _) = exchange(addr, "GET", "/ui/", &dave, None);
+    assert_eq!(status, 303, "the old session ended: {head}");
+    let (status, _) = enclave_e2e::http(
+        addr,
+        "POST",
+        "/api/v1/session",
+        None,
+        Some(
+            &serde_json::json!({"user": "dave", "token": token, "totp": enclave_e2e::code_at(&new_secret, std::time::SystemTime::now() + std::time::Duration::from_secs(30))}),
+        ),
+    );
+    assert_eq!(status, 401, "the old token");
+    let (dave, _) = sign_in(addr, "dave", &new_token, &new_secret);
+
+    // Disable: the session ends; the board member cannot disable themself here.
+    let (status, _) = post(addr, "/ui/users/dave/disable", &board, &[("csrf", &csrf)]);
+    assert_eq!(status, 303);
+    let (status, _, _, _) = exchange(addr, "GET", "/ui/", &dave, None);
+    assert_eq!(status, 303);
+    let (status, _) = post(addr, "/ui/users/carol/disable", &board, &[("csrf", &csrf)]);
+    assert_eq!(status, 400);
+    let (status, _) = post(addr, "/ui/users/nobody/disable", &board, &[("csrf", &csrf)]);
+    assert_eq!(status, 422);
+    let (status, page) = get(addr, "/ui/users", &board);
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<td>dave</td><td>researcher</td><td>disabled</td>"),
+        "{page}"
+    );
+
+    let records = s.audit_records("data", 60);
+    for outcome in ["user-added", "factors-reset", "user-disabled"] {
+        assert!(
+            records.iter().any(|r| r["outcome"] == outcome
+                && r["principal"] == "dave"
+                && r["origin"] == "http"
+                && r["session"].as_str().is_some_and(|x| !x.is_empty())),
+            "{outcome}: {records:?}"
+        );
+    }
+    assert!(
+        records.iter().any(|r| r["principal"] == "alice"
+            && r["outcome"] == "refused"
+            && r.to_string().contains("manage users")),
+        "{records:?}"
+    );
+}

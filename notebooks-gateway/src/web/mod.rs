@@ -22,6 +22,7 @@ mod budgets;
 mod chart;
 mod pages;
 mod passkeys;
+mod users;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -108,6 +109,9 @@ pub fn router(gateway: Arc<Gateway>, endpoints: Endpoints) -> Router {
         .route("/ui/requests/{id}/approve", post(approve))
         .route("/ui/requests/{id}/reject", post(reject))
         .route("/ui/grants", get(grants))
+        .route("/ui/users", get(users::list).post(users::add))
+        .route("/ui/users/{name}/disable", post(users::disable))
+        .route("/ui/users/{name}/reset", post(users::reset))
         .route("/ui/budgets", get(budgets::index))
         .route("/ui/budgets/researchers/{user}", get(budgets::researcher))
         .route("/ui/budgets/datasets/{name}", get(budgets::dataset))

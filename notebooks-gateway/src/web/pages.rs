@@ -39,6 +39,7 @@ fn layout(title: &str, who: Option<(&Caller, &str)>, body: Markup) -> Markup {
                             a href="/ui/budgets" { "Budgets" }
                             @if caller.role.name() == "board" {
                                 a href="/ui/audit" { "Audit log" }
+                                a href="/ui/users" { "Users" }
                             }
                             a href="/ui/account" { "Account" }
                         }
@@ -683,6 +684,78 @@ pub(super) fn budgets_on(
         p.hint { "Each step is a charged query, from the audit log; dashed lines are the totals granted." }
     };
     layout(&format!("Budgets on {dataset}"), Some((caller, csrf)), body)
+}
+
+/// The board's account list: role, state, passkeys, and the add, disable and reset forms.
+pub(super) fn users(
+    caller: &Caller,
+    csrf: &str,
+    users: &[(crate::auth::UserInfo, usize)],
+    note: Option<&str>,
+) -> Markup {
+    let body = html! {
+        @if let Some(n) = note { p.ok role="status" { (n) } }
+        table {
+            thead { tr { th { "User" } th { "Role" } th { "State" } th { "Passkeys" } th { "Created" } th {} } }
+            tbody {
+                @for (u, passkeys) in users {
+                    tr {
+                        td { (u.user) }
+                        td { (u.role) }
+                        td { (if u.disabled { "disabled" } else { "enabled" }) }
+                        td.num { (passkeys) }
+                        td { (u.created_at) " by " (u.created_by) }
+                        td {
+                            form.inline method="post" action=(format!("/ui/users/{}/reset", urlencode(&u.user))) {
+                                (csrf_field(csrf))
+                                button type="submit" { "Reset factors" }
+                            }
+                            @if !u.disabled && u.user != caller.user {
+                                form.inline method="post" action=(format!("/ui/users/{}/disable", urlencode(&u.user))) {
+                                    (csrf_field(csrf))
+                                    button type="submit" { "Disable" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "Add a user" }
+        form.card method="post" action="/ui/users" {
+            (csrf_field(csrf))
+            label { "User name (a-z, 0-9, '.', '_', '-')" input type="text" name="user" maxlength="64" required; }
+            label { "Role"
+                select name="role" {
+                    option value="researcher" { "researcher" }
+                    option value="board" { "board" }
+                    option value="provider" { "provider" }
+                }
+            }
+            button type="submit" { "Add" }
+        }
+        p.hint { "A new account's API token and TOTP secret are shown once, on the next page; the enclave keeps only a salted hash of the token and the secret sealed under its key. Resetting factors issues new ones, removes the account's passkeys and ends its sessions." }
+    };
+    layout("Users", Some((caller, csrf)), body)
+}
+
+/// New secrets of an account, shown once.
+pub(super) fn new_secrets(
+    caller: &Caller,
+    csrf: &str,
+    new: &crate::auth::NewUser,
+    what: &str,
+) -> Markup {
+    let body = html! {
+        p.ok role="status" { "Account " (new.user) " (" (new.role.name()) ") " (what) ". Hand these over in person or through a secure channel: they are not shown again." }
+        dl {
+            dt { "API token" } dd { code { (new.token) } }
+            dt { "TOTP secret (base32)" } dd { code { (new.totp_secret) } }
+            dt { "Authenticator URI" } dd { code { (new.otpauth_uri) } }
+        }
+        p { a href="/ui/users" { "Back to users" } }
+    };
+    layout("New factors", Some((caller, csrf)), body)
 }
 
 /// The audit log viewer with its filters and the verify button (and its result).
