@@ -309,6 +309,15 @@ fn code_step(secret: &[u8], last_step: i64, code: &str, now: SystemTime) -> Resu
     Ok(step)
 }
 
+/// An account's new factors, as made and as stored.
+struct Factors {
+    token: String,
+    salt: [u8; 16],
+    secret: [u8; 20],
+    hash: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
 /// A refusal raised inside an account change's transaction (which rolled back) as the account rule.
 fn account_refusal(e: enclave::Error) -> AuthError {
     match e {
@@ -431,6 +440,26 @@ impl Accounts {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A new API token (with its salt and stored MAC) and TOTP secret (and its sealed form) for `name`.
+    fn fresh_factors(&self, name: &str) -> Result<Factors, AuthError> {
+        let token_bytes: [u8; 32] = random()?;
+        let token = format!(
+            "rwd_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token_bytes)
+        );
+        let salt: [u8; 16] = random()?;
+        let secret: [u8; 20] = random()?;
+        let hash = token_mac(&salt, &token);
+        let sealed = self.seal(name, &secret)?;
+        Ok(Factors {
+            token,
+            salt,
+            secret,
+            hash,
+            sealed,
+        })
+    }
+
     /// Creates an account; its token and TOTP secret are returned once and stored only as a salted hash
     /// and as the secret the codes are checked against.
     pub fn add(&self, by: &str, name: &str, role: Role) -> Result<NewUser, AuthError> {
@@ -446,15 +475,13 @@ impl Accounts {
         via: &Via,
     ) -> Result<NewUser, AuthError> {
         check_name(name)?;
-        let token_bytes: [u8; 32] = random()?;
-        let token = format!(
-            "rwd_{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token_bytes)
-        );
-        let salt: [u8; 16] = random()?;
-        let secret: [u8; 20] = random()?;
-        let hash = token_mac(&salt, &token);
-        let sealed = self.seal(name, &secret)?;
+        let Factors {
+            token,
+            salt,
+            secret,
+            hash,
+            sealed,
+        } = self.fresh_factors(name)?;
         let now = rfc3339(now_seconds(SystemTime::now()));
         let ((), _) = self.ledger.record_event(
             &draft(name, via),
@@ -487,15 +514,13 @@ impl Accounts {
     /// sessions: what the board does when a member's device or token is lost. Recorded.
     pub fn reset_factors(&self, by: &str, name: &str, via: &Via) -> Result<NewUser, AuthError> {
         check_name(name)?;
-        let token_bytes: [u8; 32] = random()?;
-        let token = format!(
-            "rwd_{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token_bytes)
-        );
-        let salt: [u8; 16] = random()?;
-        let secret: [u8; 20] = random()?;
-        let hash = token_mac(&salt, &token);
-        let sealed = self.seal(name, &secret)?;
+        let Factors {
+            token,
+            salt,
+            secret,
+            hash,
+            sealed,
+        } = self.fresh_factors(name)?;
         let (role, _) = self
             .ledger
             .record_event(
