@@ -691,10 +691,8 @@ pub(super) fn users(
     caller: &Caller,
     csrf: &str,
     users: &[(crate::auth::UserInfo, usize)],
-    note: Option<&str>,
 ) -> Markup {
     let body = html! {
-        @if let Some(n) = note { p.ok role="status" { (n) } }
         table {
             thead { tr { th { "User" } th { "Role" } th { "State" } th { "Passkeys" } th { "Created" } th {} } }
             tbody {

@@ -19,6 +19,29 @@ use crate::auth::Role;
 use crate::http::path_text;
 use crate::service::Gateway;
 
+/// Runs an account change as `signed`'s board member, off the async workers, recorded through their
+/// session and address.
+async fn as_member<T: Send + 'static>(
+    ui: &Ui,
+    signed: &super::Signed,
+    addr: ClientAddr,
+    change: impl FnOnce(
+        &crate::auth::Accounts,
+        &crate::auth::Caller,
+        &enclave::audit::Via,
+    ) -> Result<T, crate::auth::AuthError>
+    + Send
+    + 'static,
+) -> Result<T, PageError> {
+    let gateway = Arc::clone(&ui.gateway);
+    let caller = signed.caller.clone();
+    blocking(&signed.caller, move || {
+        let via = Gateway::via(&caller, &peer(addr), String::new());
+        Ok(change(gateway.accounts(), &caller, &via)?)
+    })
+    .await
+}
+
 /// The account list with the forms.
 pub(super) async fn list(
     State(ui): State<Ui>,
@@ -40,12 +63,7 @@ pub(super) async fn list(
         Ok(out)
     })
     .await?;
-    Ok(html(pages::users(
-        &signed.caller,
-        &signed.csrf,
-        &users,
-        None,
-    )))
+    Ok(html(pages::users(&signed.caller, &signed.csrf, &users)))
 }
 
 /// Adds an account; the answer shows its secrets once.
@@ -63,13 +81,8 @@ pub(super) async fn add(
     let role = Role::parse(form.get("role").unwrap_or(""))
         .map_err(|e| PageError::new(e.into(), Some(&signed.caller)))?;
     let name = form.text("user").trim().to_owned();
-    let gateway = Arc::clone(&ui.gateway);
-    let caller = signed.caller.clone();
-    let new = blocking(&signed.caller, move || {
-        let via = Gateway::via(&caller, &peer(addr), String::new());
-        Ok(gateway
-            .accounts()
-            .add_via(&caller.user, &name, role, &via)?)
+    let new = as_member(&ui, &signed, addr, move |accounts, caller, via| {
+        accounts.add_via(&caller.user, &name, role, via)
     })
     .await?;
     Ok(html(pages::new_secrets(
@@ -100,11 +113,8 @@ pub(super) async fn disable(
             Some(&signed.caller),
         ));
     }
-    let gateway = Arc::clone(&ui.gateway);
-    let caller = signed.caller.clone();
-    blocking(&signed.caller, move || {
-        let via = Gateway::via(&caller, &peer(addr), String::new());
-        Ok(gateway.accounts().disable_via(&name, &via)?)
+    as_member(&ui, &signed, addr, move |accounts, _, via| {
+        accounts.disable_via(&name, via)
     })
     .await?;
     Ok(see_other("/ui/users"))
@@ -124,13 +134,8 @@ pub(super) async fn reset(
     checked_form(&ui, &signed, addr, &headers, body, "reset a user's factors").await?;
     require_board(&ui, &signed, addr, "reset a user's factors").await?;
     let name = path_text(name).map_err(|e| PageError::new(e, Some(&signed.caller)))?;
-    let gateway = Arc::clone(&ui.gateway);
-    let caller = signed.caller.clone();
-    let new = blocking(&signed.caller, move || {
-        let via = Gateway::via(&caller, &peer(addr), String::new());
-        Ok(gateway
-            .accounts()
-            .reset_factors(&caller.user, &name, &via)?)
+    let new = as_member(&ui, &signed, addr, move |accounts, caller, via| {
+        accounts.reset_factors(&caller.user, &name, via)
     })
     .await?;
     Ok(html(pages::new_secrets(
