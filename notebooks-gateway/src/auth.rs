@@ -97,6 +97,44 @@ pub enum AuthError {
     /// The enclave's storage or audit log failed.
     #[error(transparent)]
     Enclave(#[from] enclave::Error),
+    /// A refusal the audit log holds: `error`, with the signed head of its record (its receipt).
+    #[error("{error}")]
+    Recorded {
+        /// The refusal.
+        error: Box<AuthError>,
+        /// The signed head of its audit record.
+        receipt: Box<enclave::audit::SignedHead>,
+    },
+}
+
+impl AuthError {
+    /// The refusal itself, whether or not it carries a receipt.
+    pub fn cause(&self) -> &AuthError {
+        match self {
+            AuthError::Recorded { error, .. } => error.cause(),
+            other => other,
+        }
+    }
+
+    /// The receipt of a refusal the audit log holds (none where nothing was recorded, such as the
+    /// attempts of a rate-limited window after its first).
+    pub fn receipt(&self) -> Option<&enclave::audit::SignedHead> {
+        match self {
+            AuthError::Recorded { receipt, .. } => Some(receipt),
+            _ => None,
+        }
+    }
+
+    /// This refusal with the receipt of `record`, its audit record.
+    fn recorded(self, record: &enclave::audit::Record) -> AuthError {
+        match record.receipt() {
+            Some(receipt) => AuthError::Recorded {
+                error: Box::new(self),
+                receipt: Box::new(receipt),
+            },
+            None => self,
+        }
+    }
 }
 
 impl From<rusqlite::Error> for AuthError {
@@ -744,7 +782,7 @@ impl Accounts {
         why: Failure,
     ) -> Result<NewSession, AuthError> {
         let error = why.error();
-        self.ledger.record_event(
+        let ((), record) = self.ledger.record_event(
             &draft(user, origin),
             Event::SignInRefused,
             &error.to_string(),
@@ -756,7 +794,7 @@ impl Accounts {
                 Ok(())
             },
         )?;
-        Err(error)
+        Err(error.recorded(&record))
     }
 
     /// A rate-limited attempt: audited once per user, address and window, so a flood of them writes
@@ -778,7 +816,7 @@ impl Accounts {
             params![user, peer, at, since],
         )?;
         if first == 1 {
-            self.ledger.record_event(
+            let ((), record) = self.ledger.record_event(
                 &draft(user, origin),
                 Event::SignInRefused,
                 &format!(
@@ -787,6 +825,7 @@ impl Accounts {
                 ),
                 |_| Ok(()),
             )?;
+            return Err(AuthError::RateLimited.recorded(&record));
         }
         Err(AuthError::RateLimited)
     }
@@ -975,7 +1014,11 @@ mod tests {
         let e = accounts
             .sign_in("alice", &alice.token, &code, "127.0.0.1", "http", now)
             .expect_err("replayed");
-        assert!(matches!(e, AuthError::ReplayedCode), "{e}");
+        assert!(matches!(e.cause(), AuthError::ReplayedCode), "{e}");
+        let replay_receipt = e
+            .receipt()
+            .expect("a recorded refusal carries its receipt")
+            .clone();
         // The code of the step before the one used is a replay too; the next step's is fine.
         let later = now + Duration::from_secs(TOTP_STEP_SECONDS);
         let next = code_at(&alice, later);
@@ -1006,6 +1049,11 @@ mod tests {
         );
         let pk = std::fs::read_to_string(dir.audit_public_key_path()).expect("pk");
         ledger.verify(pk.trim()).expect("verifies");
+        // The refusal's receipt is signed by the log's key and names the refusal's record.
+        assert_eq!(replay_receipt.seq, 3);
+        ledger
+            .verify_head(pk.trim(), &replay_receipt)
+            .expect("the receipt holds");
     }
 
     #[test]
@@ -1022,7 +1070,14 @@ mod tests {
             accounts.sign_in("Bob\n#99 forged", &bob.token, &code, "10.0.0.1", "pg", now),
         ]
         .into_iter()
-        .map(|r| r.expect_err("refused").to_string())
+        .map(|r| {
+            let e = r.expect_err("refused");
+            assert!(
+                e.receipt().is_some(),
+                "every refused sign-in is recorded: {e:?}"
+            );
+            e.to_string()
+        })
         .collect();
         assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
         assert!(answers[0].contains("rule 'credentials'"));
@@ -1042,7 +1097,14 @@ mod tests {
         let e = accounts
             .sign_in("bob", &bob.token, &code, "10.0.0.3", "pg", now)
             .expect_err("limited");
-        assert!(matches!(e, AuthError::RateLimited), "{e}");
+        assert!(matches!(e.cause(), AuthError::RateLimited), "{e}");
+        // The window's first limited attempt is on the record, with its receipt; the next ones write
+        // nothing, so they have none.
+        assert!(e.receipt().is_some(), "{e:?}");
+        let again = accounts
+            .sign_in("bob", &bob.token, &code, "10.0.0.3", "pg", now)
+            .expect_err("limited");
+        assert!(matches!(again.cause(), AuthError::RateLimited) && again.receipt().is_none());
         // After the window the right pair works again.
         now += FAILURE_WINDOW + Duration::from_secs(TOTP_STEP_SECONDS);
         let code = code_at(&bob, now);
@@ -1066,7 +1128,7 @@ mod tests {
                 later,
             )
             .expect_err("address limited");
-        assert!(matches!(e, AuthError::RateLimited), "{e}");
+        assert!(matches!(e.cause(), AuthError::RateLimited), "{e}");
         // A disabled account answers like a wrong token, and its sessions end.
         accounts.disable("admin", "bob").expect("disable");
         let e = accounts
@@ -1079,7 +1141,7 @@ mod tests {
                 later,
             )
             .expect_err("disabled");
-        assert!(matches!(e, AuthError::Credentials), "{e}");
+        assert!(matches!(e.cause(), AuthError::Credentials), "{e}");
         let listed = accounts.list().expect("list");
         assert_eq!(listed.len(), 1);
         assert!(listed[0].disabled && listed[0].role == "board");
@@ -1108,11 +1170,21 @@ mod tests {
         });
         let checked = results
             .iter()
-            .filter(|r| matches!(r, Err(AuthError::Credentials)))
+            .filter(|r| {
+                matches!(
+                    r.as_ref().map_err(AuthError::cause),
+                    Err(AuthError::Credentials)
+                )
+            })
             .count();
         let limited = results
             .iter()
-            .filter(|r| matches!(r, Err(AuthError::RateLimited)))
+            .filter(|r| {
+                matches!(
+                    r.as_ref().map_err(AuthError::cause),
+                    Err(AuthError::RateLimited)
+                )
+            })
             .count();
         // A guess could be right by chance (1 in 10^6 each): then it opened a session instead.
         assert_eq!(

@@ -155,6 +155,7 @@ impl GatewayError {
     pub fn receipt(&self) -> Option<&enclave::audit::SignedHead> {
         match self {
             GatewayError::Refused { receipt, .. } => receipt.as_deref(),
+            GatewayError::Auth(e) => e.receipt(),
             _ => None,
         }
     }
@@ -162,10 +163,12 @@ impl GatewayError {
     /// The error's class, for status codes.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            GatewayError::Auth(AuthError::RateLimited) => ErrorKind::Busy,
-            GatewayError::Auth(AuthError::Enclave(_)) => ErrorKind::Internal,
-            GatewayError::Auth(AuthError::Account(_) | AuthError::Passkey(_)) => ErrorKind::Invalid,
-            GatewayError::Auth(_) => ErrorKind::Unauthenticated,
+            GatewayError::Auth(e) => match e.cause() {
+                AuthError::RateLimited => ErrorKind::Busy,
+                AuthError::Enclave(_) => ErrorKind::Internal,
+                AuthError::Account(_) | AuthError::Passkey(_) => ErrorKind::Invalid,
+                _ => ErrorKind::Unauthenticated,
+            },
             GatewayError::Refused { rule, .. } => match rule.as_str() {
                 "access" | "budget" | "ticket" | "statement" | "four-eyes" | "csrf" => {
                     ErrorKind::Forbidden
@@ -192,13 +195,16 @@ impl GatewayError {
     /// The rule's name.
     pub fn rule(&self) -> &str {
         match self {
-            GatewayError::Auth(AuthError::Credentials) => "credentials",
-            GatewayError::Auth(AuthError::ReplayedCode) => "replayed-code",
-            GatewayError::Auth(AuthError::RateLimited) => "rate-limit",
-            GatewayError::Auth(AuthError::Session) => "session",
-            GatewayError::Auth(AuthError::Account(_)) => "account",
-            GatewayError::Auth(AuthError::Passkey(_)) => "passkey",
-            GatewayError::Auth(_) | GatewayError::Internal => "internal",
+            GatewayError::Auth(e) => match e.cause() {
+                AuthError::Credentials => "credentials",
+                AuthError::ReplayedCode => "replayed-code",
+                AuthError::RateLimited => "rate-limit",
+                AuthError::Session => "session",
+                AuthError::Account(_) => "account",
+                AuthError::Passkey(_) => "passkey",
+                AuthError::Enclave(_) | AuthError::Recorded { .. } => "internal",
+            },
+            GatewayError::Internal => "internal",
             GatewayError::Refused { rule, .. } => rule,
             GatewayError::BadRequest(_) => "request",
         }

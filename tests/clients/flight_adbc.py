@@ -54,8 +54,9 @@ refused(lambda: run(connect("alice", token("alice")), "SELECT COUNT(*) FROM \"de
 print("ok: no TOTP code is refused")
 code = totp("alice")
 wrong = "%06d" % ((int(code) + 1) % 1_000_000)
-refused(lambda: run(connect("alice", f"{token('alice')}:{wrong}"), "SELECT 1"), "credentials")
-print("ok: a wrong TOTP code is refused")
+wrong_code = refused(lambda: run(connect("alice", f"{token('alice')}:{wrong}"), "SELECT 1"), "credentials")
+assert len(receipt_of(wrong_code)["signature"]) == 128
+print("ok: a wrong TOTP code is refused, with the signed receipt of its record")
 alice = connect("alice", f"{token('alice')}:{code}")
 table = run(alice, QUERY)
 refused(lambda: run(connect("alice", f"{token('alice')}:{code}"), "SELECT 1"), "replayed-code")

@@ -329,6 +329,8 @@ fn requests_become_grants_that_queries_run_under_until_they_are_revoked() {
     );
     let refused = s.enclave_fails("data", &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(refused.contains("credentials"), "{refused}");
+    // The refused sign-in is on the record; the command prints its receipt.
+    assert!(refused.contains("receipt: {\"seq\":"), "{refused}");
     let listed: Value =
         serde_json::from_str(&s.enclave("data", &["access", "list", "--json"])).expect("json");
     assert_eq!(listed, all);

@@ -75,8 +75,31 @@ fn sql_spends_its_epsilon_refuses_past_the_budget_and_the_audit_log_catches_tamp
         ),
         "{err}"
     );
-    let row_level = enclave_output(s.path(), &sql("alice", &["SELECT * FROM patients"]));
+    // A refusal is on the record, and says so with its signed receipt (stderr; stdout too with --json).
+    let receipt: serde_json::Value = serde_json::from_str(
+        err.lines()
+            .find_map(|l| l.strip_prefix("receipt: "))
+            .expect("a receipt line"),
+    )
+    .expect("receipt json");
+    assert_eq!(
+        (
+            receipt["seq"].as_i64(),
+            receipt["signature"].as_str().map(str::len)
+        ),
+        (Some(4), Some(128)),
+        "{err}"
+    );
+    let row_level = enclave_output(
+        s.path(),
+        &sql("alice", &["--json", "SELECT * FROM patients"]),
+    );
+    assert!(!row_level.status.success());
     assert!(String::from_utf8_lossy(&row_level.stderr).contains("rule 'row-level'"));
+    let refusal: serde_json::Value =
+        serde_json::from_slice(&row_level.stdout).expect("a JSON refusal");
+    assert_eq!(refusal["error"]["rule"], "row-level", "{refusal}");
+    assert_eq!(refusal["error"]["receipt"]["seq"], 5, "{refusal}");
 
     let verify = s.enclave("enclave-data", &["audit", "verify"]);
     assert!(verify.contains("audit log verifies: 5 records"), "{verify}");
@@ -201,6 +224,31 @@ fn a_closed_output_pipe_is_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     let verify = s.enclave("enclave-data", &["audit", "verify"]);
     assert!(verify.contains("audit log verifies: 2 records"), "{verify}");
+    // Every command's output, not only answers: `enclave catalog show … | head` and the like.
+    for args in [
+        &[
+            "--data-dir",
+            "enclave-data",
+            "catalog",
+            "show",
+            "demo-cohort",
+        ][..],
+        &["--data-dir", "enclave-data", "audit", "tail"][..],
+        &["--data-dir", "enclave-data", "users", "list"][..],
+    ] {
+        let mut child = enclave_command(s.path(), args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 /// Someone with write access to the database deletes the last records (and their signatures) and lowers

@@ -117,6 +117,12 @@ fn the_http_api_answers_refuses_and_records_every_request() {
     );
     let (status, body) = sign_in(addr, "alice", &alice_token, &wrong);
     assert_eq!((status, rule(&body)), (401, "credentials"), "{body}");
+    // The refused sign-in is on the record: its signed receipt comes with the refusal.
+    assert_eq!(
+        body["error"]["receipt"]["signature"].as_str().map(str::len),
+        Some(128),
+        "{body}"
+    );
     let (status, body) = sign_in(addr, "alice", &alice_token, &code);
     assert_eq!(status, 201, "{body}");
     let alice = body["session"].as_str().expect("session").to_owned();

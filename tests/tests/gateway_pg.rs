@@ -133,7 +133,7 @@ fn postgres_clients_are_answered_refused_and_recorded() {
         "{:06}",
         (code.parse::<u32>().expect("code") + 1) % 1_000_000
     );
-    refused(
+    let refusal = refused(
         &psql(
             addr,
             "pat",
@@ -143,6 +143,8 @@ fn postgres_clients_are_answered_refused_and_recorded() {
         ),
         "credentials",
     );
+    // The refused sign-in's receipt comes in the error's DETAIL.
+    assert!(refusal.contains("DETAIL:  receipt: {\"seq\":"), "{refusal}");
     let password = format!("{}:{code}", token("pat"));
     let catalog = ok(&psql(
         addr,

@@ -102,6 +102,30 @@ fn sign_in(addr: SocketAddr, user: &str, token: &str, totp: &str) -> (String, St
         ],
     );
     assert_eq!(status, 403);
+    // A wrong code: the form again, with the refusal's rule and its audit receipt.
+    let right = code_now(totp);
+    let wrong = format!(
+        "{:06}",
+        (right.parse::<u32>().expect("code") + 1) % 1_000_000
+    );
+    let (status, _, _, page) = exchange(
+        addr,
+        "POST",
+        "/ui/sign-in",
+        &nonce_cookie,
+        Some(&[
+            ("nonce", &nonce),
+            ("user", user),
+            ("token", token),
+            ("totp", &wrong),
+        ]),
+    );
+    assert_eq!(status, 401, "{page}");
+    assert!(
+        page.contains("Sign-in refused (rule <code>credentials</code>)")
+            && page.contains("Audit receipt: record "),
+        "{page}"
+    );
     let (status, cookies, _, _) = exchange(
         addr,
         "POST",

@@ -163,7 +163,7 @@ fn act_as(accounts: &Accounts, name: &str, role: &str, factors: &Factors) -> Res
 }
 
 fn print_request(r: &Request) {
-    println!(
+    out!(
         "request {} by {} [{}]: {} — ε {} per dataset, δ {:e}, {} days, on {}",
         r.id,
         r.researcher,
@@ -174,33 +174,36 @@ fn print_request(r: &Request) {
         r.days,
         r.datasets.join(", ")
     );
-    println!("  purpose: {}", r.purpose.replace('\n', "\n           "));
+    out!("  purpose: {}", r.purpose.replace('\n', "\n           "));
     for a in &r.approvals {
-        println!(
+        out!(
             "  approved by {} at {}: ε {}, {} days",
-            a.member, a.at, a.epsilon, a.days
+            a.member,
+            a.at,
+            a.epsilon,
+            a.days
         );
     }
     if r.status == "pending" {
-        println!(
+        out!(
             "  approvals: {} of {}",
             r.approvals.len(),
             r.approvals_required
         );
     }
     if let Some(reason) = &r.reason {
-        println!(
+        out!(
             "  rejected by {}: {reason}",
             r.decided_by.as_deref().unwrap_or("?")
         );
     }
     if let Some(g) = r.grant_id {
-        println!("  grant {g}");
+        out!("  grant {g}");
     }
 }
 
 fn print_grant(g: &Grant) {
-    println!(
+    out!(
         "grant {} (request {}) to {} [{}]: {} — ε {} per dataset, δ {:e}, until {}, on {}; approved by {}",
         g.id,
         g.request_id,
@@ -214,7 +217,7 @@ fn print_grant(g: &Grant) {
         g.approved_by.join(", ")
     );
     if let (Some(by), Some(reason)) = (&g.revoked_by, &g.reason) {
-        println!(
+        out!(
             "  revoked by {by} at {}: {reason}",
             g.revoked_at.as_deref().unwrap_or("?")
         );
@@ -251,7 +254,7 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
             };
             let r = ledger.request_access(&catalog, &researcher, &via("request"), &new)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                out!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print_request(&r);
             }
@@ -263,9 +266,9 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
         } => {
             let requests = ledger.access_requests(researcher.as_deref(), status.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&requests)?);
+                out!("{}", serde_json::to_string_pretty(&requests)?);
             } else if requests.is_empty() {
-                println!("no access requests");
+                out!("no access requests");
             } else {
                 requests.iter().for_each(print_request);
             }
@@ -281,12 +284,12 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
             act_as(&accounts, &by, "board", &factors)?;
             let d = ledger.approve_access(&catalog, &by, &via("approve"), id, epsilon, days)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&d)?);
+                out!("{}", serde_json::to_string_pretty(&d)?);
             } else {
                 print_request(&d.request);
                 match &d.grant {
                     Some(g) => print_grant(g),
-                    None => println!(
+                    None => out!(
                         "  waiting for {} more approval(s) from other board members",
                         d.request.approvals_required as usize - d.request.approvals.len()
                     ),
@@ -314,9 +317,9 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
         AccessCommand::Grants { researcher, json } => {
             let grants = ledger.grants(researcher.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&grants)?);
+                out!("{}", serde_json::to_string_pretty(&grants)?);
             } else if grants.is_empty() {
-                println!("no grants");
+                out!("no grants");
             } else {
                 grants.iter().for_each(print_grant);
             }
@@ -335,7 +338,7 @@ pub fn run(dir: &DataDir, command: AccessCommand) -> Result<()> {
                 &dataset,
                 approvals,
             )?;
-            println!(
+            out!(
                 "requests for {dataset} now need {approvals} approval(s) from different board members"
             );
         }

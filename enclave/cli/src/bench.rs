@@ -111,10 +111,10 @@ pub fn ingest_bench(
         }
     };
     let sizes = [patients.div_ceil(4), patients];
-    println!(
+    out!(
         "enclave bench ingest: Synthea-style CSV, profile hipaa-safe-harbor; ingest runs as `enclave ingest` in its own process\n"
     );
-    println!(
+    out!(
         "{:>9} {:>11} {:>12} | {:>12} {:>10} | {:>12} {:>10} | {:>6}",
         "patients",
         "rows",
@@ -162,7 +162,7 @@ pub fn ingest_bench(
             plain.rows as f64 / plain.seconds,
             real.rows as f64 / real.seconds,
         );
-        println!(
+        out!(
             "{:>9} {:>11} {:>12} | {:>12.0} {:>10.1} | {:>12.0} {:>10.1} | {:>5.0}%",
             n,
             real.rows,
@@ -176,23 +176,23 @@ pub fn ingest_bench(
         let _ = std::fs::remove_dir_all(&plain_out);
         let _ = std::fs::remove_dir_all(&data);
     }
-    println!(
+    out!(
         "\nratio = ingest rows/s ÷ plain rows/s (target ≥ 50 %), each the fastest of {runs} runs; MiB = peak RSS of that\n\
          phase; plain = the same readers\n\
          encoding every row as read into Parquet (Snappy) written to a sink: nothing is stored"
     );
-    println!(
+    out!(
         "(memory stays flat from the small to the large input once every table fills its row group: rows"
     );
-    println!(
+    out!(
         " stream in batches of 8192 and row groups of at most {} rows or {} MiB; what grows is the",
         enclave::storage::ROW_GROUP_ROWS,
         enclave::storage::ROW_GROUP_BYTES >> 20
     );
-    println!(
+    out!(
         " per-patient index, ~100 bytes a patient: pseudonym, date shift, flags, hashed source ID; the known"
     );
-    println!(" identifiers the scrubber needs wait in an encrypted spill file)");
+    out!(" identifiers the scrubber needs wait in an encrypted spill file)");
     Ok(())
 }
 
@@ -241,7 +241,7 @@ pub fn dp_bench(
         .map_err(|e| Error::Io("runtime".into(), e))?;
     let export = work.join(format!("export-{patients}"));
     if !export.join("manifest.json").exists() {
-        println!("generating {patients} patients …");
+        out!("generating {patients} patients …");
         crate::demo::generate(&DemoOptions {
             patients,
             out: export.clone(),
@@ -256,7 +256,7 @@ pub fn dp_bench(
     if !dir.db().exists() {
         dir.init()?;
         keystore = dir.keystore()?;
-        println!("ingesting …");
+        out!("ingesting …");
         let r = ingest(
             &dir,
             &keystore,
@@ -272,7 +272,7 @@ pub fn dp_bench(
                 )
             },
         )?;
-        println!("{}", r.summary());
+        out!("{}", r.summary());
     } else {
         keystore = dir.keystore()?;
     }
@@ -298,16 +298,19 @@ pub fn dp_bench(
         "bench",
         "SELECT COUNT(*) FROM observations o JOIN patients p ON p.person_id = o.person_id",
     )?;
-    println!(
+    out!(
         "\nfirst DP query of the version, building the per-person contribution index of observations and patients (once per version): {:.3} s",
         t0.elapsed().as_secs_f64()
     );
-    println!(
+    out!(
         "\nplain DataFusion vs the DP engine, {rows} observation rows, median of {runs} runs, ε = 1 per query\n"
     );
-    println!(
+    out!(
         "{:<34} {:>10} {:>10} {:>7}",
-        "query", "plain s", "DP s", "ratio"
+        "query",
+        "plain s",
+        "DP s",
+        "ratio"
     );
     let clamp = "CASE WHEN value_numeric < 0.0 THEN 0.0 WHEN value_numeric > 1000.0 THEN 1000.0 ELSE value_numeric END";
     let queries = [
@@ -353,7 +356,7 @@ pub fn dp_bench(
             last = Some(a);
         }
         let (p, d) = (median(plain_times), median(dp_times));
-        println!("{name:<34} {p:>10.3} {d:>10.3} {:>6.2}×", d / p);
+        out!("{name:<34} {p:>10.3} {d:>10.3} {:>6.2}×", d / p);
         if let Some(a) = last {
             for (what, n) in &a.cost_split {
                 // The formula, from first principles: Laplace b = Δ / ε for the ε this mechanism was
@@ -380,13 +383,17 @@ pub fn dp_bench(
             }
         }
     }
-    println!("\ndeclared noise scale beside the Laplace formula Δ/ε for each mechanism (k = {k}):");
-    println!(
+    out!("\ndeclared noise scale beside the Laplace formula Δ/ε for each mechanism (k = {k}):");
+    out!(
         "{:<28} {:<34} {:>8} {:>12} {:>12}",
-        "query", "mechanism", "ε", "declared b", "formula b"
+        "query",
+        "mechanism",
+        "ε",
+        "declared b",
+        "formula b"
     );
     for l in scale_lines {
-        println!("{l}");
+        out!("{l}");
     }
     if smartnoise {
         smartnoise_comparison(&work, runs.max(20), &rt)?;
@@ -511,7 +518,7 @@ fn smartnoise_comparison(work: &Path, runs: usize, rt: &tokio::runtime::Runtime)
         .join(".cache/enclave-bench-venv");
     let python = venv.join("bin/python");
     if !python.exists() {
-        println!(
+        out!(
             "\ncreating {} and installing smartnoise-sql …",
             venv.display()
         );
@@ -563,17 +570,17 @@ fn smartnoise_comparison(work: &Path, runs: usize, rt: &tokio::runtime::Runtime)
         .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
         .unwrap_or_default();
     let (ours_t, sn_t) = (median(times), median(sn_times));
-    println!(
+    out!(
         "\nCOUNT(*) + AVG(length of stay) by department: 100,000 encounters, 20,000 patients, ≤ 5 rows each, ε = 1 in total, {runs} runs"
     );
-    println!(
+    out!(
         "median time per query: enclave {:.3} s, SmartNoise SQL {:.3} s ({:.1}× faster); SmartNoise reports ε = {:.3}",
         ours_t,
         sn_t,
         sn_t / ours_t,
         sn["epsilon"].as_f64().unwrap_or(f64::NAN)
     );
-    println!(
+    out!(
         "\n{:<18} {:>7} {:>9} {:>9} {:>9} {:>9} | {:>6} {:>8} {:>8} {:>8} {:>8}",
         "department",
         "true n",
@@ -627,7 +634,7 @@ fn smartnoise_comparison(work: &Path, runs: usize, rt: &tokio::runtime::Runtime)
         let (sb, ss) = stats(pick(&sn_rows, |x| x.0), *n);
         let (lb, ls) = stats(pick(&ours, |x| x.1), mean);
         let (slb, sls) = stats(pick(&sn_rows, |x| x.1), mean);
-        println!(
+        out!(
             "{dept:<18} {n:>7.0} {ob:>9.2} {os:>9.2} {sb:>9.2} {ss:>9.2} | {mean:>6.3} {lb:>8.3} {ls:>8.3} {slb:>8.3} {sls:>8.3}"
         );
     }
@@ -746,7 +753,7 @@ pub fn accuracy_bench(work_dir: Option<PathBuf>, runs: usize) -> Result<()> {
     let work = work_dir.unwrap_or_else(|| std::env::temp_dir().join("enclave-bench-accuracy"));
     let export = work.join("export");
     if !export.join("patients.csv").exists() {
-        println!("generating the skewed export …");
+        out!("generating the skewed export …");
         accuracy_export(&export)?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -755,12 +762,18 @@ pub fn accuracy_bench(work_dir: Option<PathBuf>, runs: usize) -> Result<()> {
         .map_err(|e| Error::Io("runtime".into(), e))?;
     let (_, text) = policies::builtin_profile("hipaa-safe-harbor")
         .ok_or_else(|| Error::Internal("builtin profile".into()))?;
-    println!(
+    out!(
         "\nDP answers at ε = 1 against the true value and against the bounded value, {runs} runs; relative to the reference\n"
     );
-    println!(
+    out!(
         "{:<44} {:>4} {:>10} {:>10} | {:>10} {:>10} {:>10}",
-        "figure", "k", "bias/true", "RMSE/true", "bias/bnd", "sd/bnd", "RMSE/bnd"
+        "figure",
+        "k",
+        "bias/true",
+        "RMSE/true",
+        "bias/bnd",
+        "sd/bnd",
+        "RMSE/bnd"
     );
     // Fixed bounds, then bounds chosen from the data under DP (the 99th percentile of rows per person,
     // ε = 0.1 per table from the catalog budget).
@@ -897,10 +910,10 @@ pub fn accuracy_bench(work_dir: Option<PathBuf>, runs: usize) -> Result<()> {
                 groups += 1.0;
             }
             let [bt, rt_, bb, sb, rb] = sums.map(|s| 100.0 * s / groups.max(1.0));
-            println!("{name:<44} {k:>4} {bt:>9.2}% {rt_:>9.2}% | {bb:>9.2}% {sb:>9.2}% {rb:>9.2}%");
+            out!("{name:<44} {k:>4} {bt:>9.2}% {rt_:>9.2}% | {bb:>9.2}% {sb:>9.2}% {rb:>9.2}%");
         }
     }
-    println!(
+    out!(
         "\nbias/true is the truncation: each person counts for at most k rows' worth. k* = the bound chosen from the\n\
          data under DP at ingest (99th percentile of rows per person, ε = 0.1 per table, from the catalog budget);\n\
          means (AVG) use the smaller of it and the dataset's max_contributions (10)."

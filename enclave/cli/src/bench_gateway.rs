@@ -129,7 +129,7 @@ impl Run {
     }
 
     fn print(&self, name: &str) {
-        println!(
+        out!(
             "{name:<34} {:>10.0} {:>10.2} {:>10.2} {:>9}",
             self.latencies.len() as f64 / self.wall,
             1000.0 * self.quantile(0.5),
@@ -192,11 +192,11 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
     let work = work_dir.unwrap_or_else(|| std::env::temp_dir().join("enclave-bench-gateway"));
     let export = work.join("export");
     if !export.join("patients.csv").exists() {
-        println!("generating 20,000 patients with ~100,000 encounters …");
+        out!("generating 20,000 patients with ~100,000 encounters …");
         crate::bench::accuracy_export(&export)?;
     }
     let dir = fresh_data_dir(&work, "gateway")?;
-    println!("ingesting …");
+    out!("ingesting …");
     let report = ingest(
         &dir,
         &dir.keystore()?,
@@ -215,7 +215,7 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
         .filter(|t| t.name == "encounters")
         .map(|t| t.rows)
         .sum();
-    println!("{}", report.summary());
+    out!("{}", report.summary());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -336,18 +336,22 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
     })?;
 
     let header = || {
-        println!(
+        out!(
             "{:<34} {:>10} {:>10} {:>10} {:>9}",
-            "server", "queries/s", "p50 ms", "p99 ms", "refused"
+            "server",
+            "queries/s",
+            "p50 ms",
+            "p99 ms",
+            "refused"
         )
     };
-    println!(
+    out!(
         "\none Flight SQL client alone, {SOLO_QUERIES} queries: grouped COUNT over {encounters} encounters\n"
     );
     header();
     enclave_solo.print("enclave (2FA session, Cedar, DP)");
     plain_solo.print("plain DataFusion Flight SQL");
-    println!(
+    out!(
         "\n{USERS} users × {CLIENTS_PER_USER} concurrent Flight SQL clients, {QUERIES} queries on loopback \
          (latency includes waiting behind the other {} clients; the enclave runs each query in one \
          partition, the plain server with DataFusion's defaults)\n",
@@ -358,7 +362,7 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
     plain_run.print("plain DataFusion Flight SQL");
     let ratio = (enclave_run.latencies.len() as f64 / enclave_run.wall)
         / (plain_run.latencies.len() as f64 / plain_run.wall);
-    println!(
+    out!(
         "\nthroughput under load: {:.0} % of the plain server's (target ≥ 50 %); p50 of a query alone: {:.2} ms (target < 20 ms)",
         100.0 * ratio,
         1000.0 * enclave_solo.quantile(0.5)
@@ -388,7 +392,7 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
         .collect();
     let released = records.iter().filter(|r| r.outcome == "released").count();
     let refused = records.iter().filter(|r| r.outcome != "released").count();
-    println!(
+    out!(
         "budgets overspent: {overspent} of {USERS}; audit records for the {} queries: {} ({released} released, {refused} refused); \
          answers charged: {answered} (the warm-up's included)",
         QUERIES,
@@ -400,7 +404,7 @@ pub fn gateway_bench(work_dir: Option<PathBuf>) -> Result<()> {
             "the gateway overspent a budget or a query's audit record is missing or doubled".into(),
         ));
     }
-    println!("no budget overspent; one audit record per query; the audit log verifies");
+    out!("no budget overspent; one audit record per query; the audit log verifies");
     Ok(())
 }
 

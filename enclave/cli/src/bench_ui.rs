@@ -176,7 +176,7 @@ pub fn ui_bench(work_dir: Option<PathBuf>, records: usize) -> Result<()> {
     }
     let setup = started.elapsed();
     drop(ledger);
-    println!(
+    out!(
         "audit log: {appended} records appended and signed in {:.1} s ({:.2} ms each, synchronous = FULL)",
         setup.as_secs_f64(),
         setup.as_secs_f64() * 1000.0 / appended.max(1) as f64
@@ -218,9 +218,13 @@ pub fn ui_bench(work_dir: Option<PathBuf>, records: usize) -> Result<()> {
         },
     ));
 
-    println!(
+    out!(
         "{:<12} {:<44} {:>8} {:>10} {:>10}",
-        "as", "page", "bytes", "median ms", "max ms"
+        "as",
+        "page",
+        "bytes",
+        "median ms",
+        "max ms"
     );
     let mut slowest = 0.0f64;
     let pages: [(&str, &str, &str); 15] = [
@@ -267,7 +271,7 @@ pub fn ui_bench(work_dir: Option<PathBuf>, records: usize) -> Result<()> {
         times.sort_by(f64::total_cmp);
         let (median, max) = (times[LOADS / 2], times[LOADS - 1]);
         slowest = slowest.max(median);
-        println!("{who:<12} {path:<44} {bytes:>8} {median:>10.1} {max:>10.1}");
+        out!("{who:<12} {path:<44} {bytes:>8} {median:>10.1} {max:>10.1}");
     }
     // The verify button checks every record's hash and signature: an action, timed apart from the pages.
     let (_, home) = fetch(addr, "GET", "/ui/", &board_session, "")?;
@@ -283,8 +287,8 @@ pub fn ui_bench(work_dir: Option<PathBuf>, records: usize) -> Result<()> {
     if status != 200 || !body.contains("the chain is intact") {
         return Err(Error::Internal(format!("verify answered {status}")));
     }
-    println!("board        POST /ui/audit/verify (whole chain)          {verify:>19.1}");
-    println!(
+    out!("board        POST /ui/audit/verify (whole chain)          {verify:>19.1}");
+    out!(
         "slowest page median: {slowest:.1} ms ({} the 100 ms target) over {TABLES} tables × {COLUMNS} columns and {appended} audit records",
         if slowest < 100.0 { "within" } else { "ABOVE" }
     );

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use enclave::DataDir;
 use enclave::ingest::{IngestOptions, ingest};
 use enclave_cli::demo::{DemoFormat, DemoOptions};
+use enclave_cli::out;
 use notebooks_gateway::auth::{Accounts, Role};
 
 /// mimalloc: the ingest's threads hand rows to one another, and glibc's allocator serialises on the
@@ -442,9 +443,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            // A refusal the audit log holds: its signed receipt, to keep (`audit verify --receipt`).
+            if let Some(json) = receipt_of(&e).and_then(|r| serde_json::to_string(r).ok()) {
+                eprintln!("receipt: {json}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The receipt a refusal carries, when its record is on the audit log.
+fn receipt_of(e: &anyhow::Error) -> Option<&enclave::audit::SignedHead> {
+    if let Some(enclave::Error::Refused { receipt, .. }) = e.downcast_ref::<enclave::Error>() {
+        return receipt.as_deref();
+    }
+    e.downcast_ref::<notebooks_gateway::auth::AuthError>()
+        .and_then(notebooks_gateway::auth::AuthError::receipt)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -455,14 +469,14 @@ fn run(cli: Cli) -> Result<()> {
             tls_hosts,
         } => {
             for line in dir.init()? {
-                println!("{line}");
+                out!("{line}");
             }
             // The gateway's Cedar policies, to edit in place (existing files are kept).
             notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))?;
             if self_signed {
                 let (cert, key, made) =
                     notebooks_gateway::tls::self_signed(&dir.root().join("tls"), &tls_hosts)?;
-                println!(
+                out!(
                     "{} self-signed TLS certificate {} (key {}): enclave serve --tls-cert {} --tls-key {}",
                     if made { "made a" } else { "kept the" },
                     cert.display(),
@@ -471,7 +485,7 @@ fn run(cli: Cli) -> Result<()> {
                     key.display()
                 );
             }
-            println!("data directory {} is ready", dir.root().display());
+            out!("data directory {} is ready", dir.root().display());
         }
         Command::DemoData {
             patients,
@@ -493,7 +507,7 @@ fn run(cli: Cli) -> Result<()> {
                 today: demo_today(),
             })?;
             let rows: Vec<String> = m.rows.iter().map(|(t, n)| format!("{t} {n}")).collect();
-            println!(
+            out!(
                 "wrote {} patients to {}: {}",
                 m.patients,
                 out.display(),
@@ -505,9 +519,9 @@ fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|(k, n)| format!("{k} {n}"))
                     .collect();
-                println!("injected errors: {}", e.join(", "));
+                out!("injected errors: {}", e.join(", "));
             }
-            println!("manifest: {}", out.join("manifest.json").display());
+            out!("manifest: {}", out.join("manifest.json").display());
         }
         Command::Ingest {
             provider,
@@ -532,9 +546,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             let report = ingest(&dir, &keystore, &catalog, &opts)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", report.summary());
+                out!(no_newline; "{}", report.summary());
             }
         }
         Command::Catalog { command } => catalog_command(&dir, command)?,
@@ -544,7 +558,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut ks = dir.keystore()?;
             let before = ks.master_fingerprint();
             let n = ks.rotate()?;
-            println!(
+            out!(
                 "re-wrapped {n} keys: master key {before} → {}",
                 ks.master_fingerprint()
             );
@@ -573,7 +587,27 @@ fn run(cli: Cli) -> Result<()> {
                 via: enclave::audit::Via::local("cli --as"),
                 ..Default::default()
             };
-            let answer = rt.block_on(engine.answer(&principal, &dataset, &sql, &options))?;
+            let answer = match rt.block_on(engine.answer(&principal, &dataset, &sql, &options)) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    // `--json` callers get the refusal as JSON too (its receipt included).
+                    if let (
+                        true,
+                        enclave::Error::Refused {
+                            rule,
+                            message,
+                            receipt,
+                        },
+                    ) = (json, &e)
+                    {
+                        let body = serde_json::json!({
+                            "error": {"rule": rule.name(), "message": message, "receipt": receipt}
+                        });
+                        out!("{}", serde_json::to_string_pretty(&body)?);
+                    }
+                    return Err(e.into());
+                }
+            };
             print_answer(&answer, json)?;
         }
         Command::Budget { command } => budget_command(&dir, command)?,
@@ -584,7 +618,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let policy_dir = policy_dir.unwrap_or_else(|| dir.root().join("policies"));
             let store = notebooks_gateway::authz::PolicyStore::from_dir(&policy_dir)?;
-            println!(
+            out!(
                 "{}: the policies validate against the schema: {}",
                 policy_dir.display(),
                 store.ids().join(", ")
@@ -610,11 +644,13 @@ fn run(cli: Cli) -> Result<()> {
                 std::time::SystemTime::now(),
             )?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                out!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!(
+                out!(
                     "session {} (id {}), expires {}",
-                    s.session, s.id, s.expires_at
+                    s.session,
+                    s.id,
+                    s.expires_at
                 );
             }
         }
@@ -632,14 +668,14 @@ fn run(cli: Cli) -> Result<()> {
                 inject_errors: 0.0,
                 today: demo_today(),
             })?;
-            println!(
+            out!(
                 "1/4 generated {} synthetic patients in {}",
                 m.patients,
                 export_dir.display()
             );
             dir.init()?;
             notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))?;
-            println!("2/4 data directory {} ready", dir.root().display());
+            out!("2/4 data directory {} ready", dir.root().display());
             let keystore = dir.keystore()?;
             let catalog = dir.catalog()?;
             let version = catalog.next_version_label("demo-cohort")?;
@@ -655,8 +691,8 @@ fn run(cli: Cli) -> Result<()> {
                 )
             };
             let report = ingest(&dir, &keystore, &catalog, &opts)?;
-            println!("3/4 ingested:\n{}", report.summary());
-            println!("4/4 catalog entry:\n");
+            out!("3/4 ingested:\n{}", report.summary());
+            out!("4/4 catalog entry:\n");
             print_card(&catalog.version("demo-cohort", None)?);
         }
         Command::Bench { command } => match command {
@@ -696,16 +732,20 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
         CatalogCommand::List { json } => {
             let list = catalog.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {
-                println!("no datasets yet: ingest one with `enclave ingest`");
+                out!("no datasets yet: ingest one with `enclave ingest`");
             } else {
-                println!(
+                out!(
                     "{:<24} {:>8} {:>8} {:>9} {:>11}  providers",
-                    "dataset", "versions", "latest", "persons", "rows"
+                    "dataset",
+                    "versions",
+                    "latest",
+                    "persons",
+                    "rows"
                 );
                 for d in list {
-                    println!(
+                    out!(
                         "{:<24} {:>8} {:>8} {:>9} {:>11}  {}",
                         d.name,
                         d.versions,
@@ -744,7 +784,7 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
                     anyhow::bail!("the review file of {name} is not in the expected layout");
                 };
                 for r in 0..batch.num_rows() {
-                    println!(
+                    out!(
                         "[{}] {}: …{}⟦{}⟧{}…",
                         kind.value(r),
                         table.value(r),
@@ -769,7 +809,7 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
                 .version(&name, version.as_deref())
                 .with_context(|| format!("catalog show {name}"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                out!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_card(&v);
                 if let Some(r) = catalog.card_release(&name, &v.version.version)? {
@@ -803,7 +843,7 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
                 &enclave::metadata::Publisher { base_url },
                 format,
             )?;
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+            out!("{}", serde_json::to_string_pretty(&doc)?);
         }
         CatalogCommand::Release {
             name,
@@ -824,7 +864,7 @@ fn catalog_command(dir: &DataDir, command: CatalogCommand) -> Result<()> {
                 &enclave::audit::Via::local("cli"),
             ))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&release)?);
+                out!("{}", serde_json::to_string_pretty(&release)?);
             } else {
                 print_release(&release);
             }
@@ -844,33 +884,40 @@ fn print_release(r: &catalog::CardRelease) {
             fig.value, fig.low, fig.high, fig.scale
         )
     };
-    println!(
+    out!(
         "\nDP-released figures (version {}, ε {} over {} queries, released by {} at {})",
-        r.version, f.epsilon, f.queries, r.released_by, r.released_at
+        r.version,
+        f.epsilon,
+        f.queries,
+        r.released_by,
+        r.released_at
     );
     if let Some(p) = &f.persons {
-        println!("  persons        {}", show(p));
+        out!("  persons        {}", show(p));
     }
     if let Some(all) = &f.records {
-        println!("  records        {}", show(all));
+        out!("  records        {}", show(all));
     }
     for (table, fig) in &f.rows {
-        println!("  rows {table:<10} {}", show(fig));
+        out!("  rows {table:<10} {}", show(fig));
     }
     if let Some(c) = &f.coverage {
-        println!(
+        out!(
             "  coverage       {} … {} ({}.{})",
-            c.first_year, c.last_year, c.table, c.column
+            c.first_year,
+            c.last_year,
+            c.table,
+            c.column
         );
     }
     for h in &f.histograms {
-        println!("  {}.{}:", h.table, h.column);
+        out!("  {}.{}:", h.table, h.column);
         for (value, fig) in &h.bins {
-            println!("    {value:<24} {}", show(fig));
+            out!("    {value:<24} {}", show(fig));
         }
     }
     for s in &f.skipped {
-        println!("  not released: {s}");
+        out!("  not released: {s}");
     }
 }
 
@@ -879,7 +926,8 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
     let mut out = String::new();
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&a.to_json())?)?;
-        return emit(&out);
+        out!(no_newline; "{out}");
+        return Ok(());
     }
     let schema = a.batch.schema();
     let rows = a.rows();
@@ -913,17 +961,8 @@ fn print_answer(a: &enclave::dp::DpAnswer, json: bool) -> Result<()> {
     for line in a.summary_lines() {
         writeln!(out, "{line}")?;
     }
-    emit(&out)
-}
-
-/// Writes the answer to stdout. A reader that closed the pipe (`enclave sql … | head`) is not an error:
-/// the answer was charged and audited before it was printed, and nothing is left to do.
-fn emit(text: &str) -> Result<()> {
-    use std::io::Write as _;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
+    out!(no_newline; "{out}");
+    Ok(())
 }
 
 fn users_command(dir: &DataDir, command: UsersCommand) -> Result<()> {
@@ -937,24 +976,25 @@ fn users_command(dir: &DataDir, command: UsersCommand) -> Result<()> {
         } => {
             let new = accounts.add(&by, &name, Role::parse(&role)?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&new)?);
+                out!("{}", serde_json::to_string_pretty(&new)?);
             } else {
-                println!(
+                out!(
                     "user {} ({}) created; shown once, store them now:",
-                    new.user, role
+                    new.user,
+                    role
                 );
-                println!("  API token:   {}", new.token);
-                println!("  TOTP secret: {}", new.totp_secret);
-                println!("  {}", new.otpauth_uri);
+                out!("  API token:   {}", new.token);
+                out!("  TOTP secret: {}", new.totp_secret);
+                out!("  {}", new.otpauth_uri);
             }
         }
         UsersCommand::List { json } => {
             let users = accounts.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&users)?);
+                out!("{}", serde_json::to_string_pretty(&users)?);
             } else {
                 for u in users {
-                    println!(
+                    out!(
                         "{:<24} {:<11} {:<9} created {} by {}",
                         u.user,
                         u.role,
@@ -967,7 +1007,7 @@ fn users_command(dir: &DataDir, command: UsersCommand) -> Result<()> {
         }
         UsersCommand::Disable { name, by } => {
             accounts.disable(&by, &name)?;
-            println!("user {name} disabled; its sessions are closed");
+            out!("user {name} disabled; its sessions are closed");
         }
     }
     Ok(())
@@ -1150,7 +1190,7 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
         }
         if let Some(listener) = http {
             // Tests and scripts read the bound address (port 0 picks a free one) from this line.
-            println!("listening: http on {}{scheme}", listener.local_addr()?);
+            out!("listening: http on {}{scheme}", listener.local_addr()?);
             let mut stop = stop_rx.clone();
             let g = gateway.clone();
             tasks.push(tokio::spawn(async move {
@@ -1161,7 +1201,7 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
             }));
         }
         if let Some(listener) = flight {
-            println!("listening: flight on {}{scheme}", listener.local_addr()?);
+            out!("listening: flight on {}{scheme}", listener.local_addr()?);
             let mut stop = stop_rx.clone();
             let g = gateway.clone();
             tasks.push(tokio::spawn(async move {
@@ -1176,7 +1216,7 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
             }));
         }
         if let Some(listener) = pg {
-            println!("listening: pg on {}{scheme}", listener.local_addr()?);
+            out!("listening: pg on {}{scheme}", listener.local_addr()?);
             let mut stop = stop_rx.clone();
             let g = gateway.clone();
             tasks.push(tokio::spawn(async move {
@@ -1246,7 +1286,7 @@ fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
             };
             let b =
                 ledger.set_budget_until(&by, &principal, &dataset, epsilon, delta, rho, expires)?;
-            println!(
+            out!(
                 "{} on {}: ε {} (spent {}), δ {:e} (spent {:e}){}{}",
                 b.principal,
                 b.dataset,
@@ -1265,18 +1305,24 @@ fn budget_command(dir: &DataDir, command: BudgetCommand) -> Result<()> {
         BudgetCommand::Show { principal, json } => {
             let budgets = ledger.budgets(principal.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&budgets)?);
+                out!("{}", serde_json::to_string_pretty(&budgets)?);
             } else if budgets.is_empty() {
-                println!(
+                out!(
                     "no budgets yet: grant one with `enclave budget set PRINCIPAL DATASET --epsilon E`"
                 );
             } else {
-                println!(
+                out!(
                     "{:<20} {:<20} {:>10} {:>10} {:>10} {:>10} {:>10}  until",
-                    "principal", "dataset", "ε", "ε spent", "ε left", "δ", "δ spent"
+                    "principal",
+                    "dataset",
+                    "ε",
+                    "ε spent",
+                    "ε left",
+                    "δ",
+                    "δ spent"
                 );
                 for b in budgets {
-                    println!(
+                    out!(
                         "{:<20} {:<20} {:>10.4} {:>10.4} {:>10.4} {:>10.2e} {:>10.2e}  {}",
                         b.principal,
                         b.dataset,
@@ -1331,7 +1377,7 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                 checked.push(format!("receipt of record {}", head.seq));
             }
             let v = ledger.verify(pk.trim())?;
-            println!(
+            out!(
                 "audit log verifies: {} records, {} signed heads{}",
                 v.records,
                 v.checkpoints,
@@ -1340,7 +1386,7 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                     .unwrap_or_default()
             );
             for c in checked {
-                println!("  and holds {c}");
+                out!("  and holds {c}");
             }
         }
         AuditCommand::Head { export, previous } => {
@@ -1360,7 +1406,7 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                 Some(path) => {
                     std::fs::write(&path, text)
                         .with_context(|| format!("write {}", path.display()))?;
-                    println!(
+                    out!(
                         "signed head of record {} written to {}: keep it outside the enclave, and check \
                          the log against it with `enclave audit verify --witness {}`",
                         head.seq,
@@ -1368,13 +1414,13 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                         path.display()
                     );
                 }
-                None => print!("{text}"),
+                None => out!(no_newline; "{text}"),
             }
         }
         AuditCommand::Tail { n, json } => {
             for r in ledger.tail(n)? {
                 if json {
-                    println!("{}", serde_json::to_string(&r)?);
+                    out!("{}", serde_json::to_string(&r)?);
                 } else {
                     let cost = enclave::audit::from_units(r.cost_epsilon);
                     let what = match r.outcome.as_str() {
@@ -1403,9 +1449,11 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
                     } else {
                         format!(" [{}]", v.decision)
                     };
-                    println!(
+                    out!(
                         "#{:<6} {} {} via {via} {what}{decided}{on}",
-                        r.seq, r.at, r.draft.principal
+                        r.seq,
+                        r.at,
+                        r.draft.principal
                     );
                 }
             }
@@ -1417,41 +1465,49 @@ fn audit_command(dir: &DataDir, command: AuditCommand) -> Result<()> {
 fn print_card(v: &catalog::VersionEntry) {
     let e = &v.version;
     let p = &e.provenance;
-    println!(
+    out!(
         "dataset      {} (version {}, published {})",
-        e.dataset, e.version, v.published_at
+        e.dataset,
+        e.version,
+        v.published_at
     );
-    println!(
+    out!(
         "provider     {} — source {} extracted {}",
-        p.provider, p.source_system, p.extracted_at
+        p.provider,
+        p.source_system,
+        p.extracted_at
     );
-    println!("profile      {}", p.profile);
-    println!("legal basis  {}", p.legal_basis);
-    println!("consent      {}", p.consent_scope);
-    println!(
+    out!("profile      {}", p.profile);
+    out!("legal basis  {}", p.legal_basis);
+    out!("consent      {}", p.consent_scope);
+    out!(
         "coverage     {} persons, {} … {}",
         e.coverage.persons,
         e.coverage.time_start.as_deref().unwrap_or("?"),
         e.coverage.time_end.as_deref().unwrap_or("?")
     );
-    println!(
+    out!(
         "DP           at most {} rows per person per query",
         e.max_contributions
     );
     for t in &e.tables {
-        println!("\n  {} ({} rows)", t.name, t.rows);
+        out!("\n  {} ({} rows)", t.name, t.rows);
         for c in &t.columns {
             let bounds = match (c.lower, c.upper) {
                 (Some(l), Some(u)) => format!("  bounds [{l}, {u}]"),
                 _ => String::new(),
             };
-            println!(
+            out!(
                 "    {:<22} {:<26} {:<17} {}{}",
-                c.name, c.data_type, c.role, c.action, bounds
+                c.name,
+                c.data_type,
+                c.role,
+                c.action,
+                bounds
             );
         }
     }
     if let Some(summary) = e.report.get("totals") {
-        println!("\nrows: {summary}");
+        out!("\nrows: {summary}");
     }
 }

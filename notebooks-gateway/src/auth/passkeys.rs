@@ -613,7 +613,7 @@ mod tests {
             "not a url",
         ] {
             let e = Ceremonies::new(bad).err().expect(bad);
-            assert!(matches!(e, AuthError::Account(_)), "{bad}: {e}");
+            assert!(matches!(e.cause(), AuthError::Account(_)), "{bad}: {e}");
         }
         assert!(Ceremonies::new("https://enclave.example.org/").is_ok());
         assert!(Ceremonies::new("http://localhost:8080/").is_ok());
@@ -693,7 +693,7 @@ mod tests {
                     SystemTime::now(),
                 )
                 .expect_err("a stand-in never signs in");
-            assert!(matches!(e, AuthError::Credentials), "{user:?}: {e}");
+            assert!(matches!(e.cause(), AuthError::Credentials), "{user:?}: {e}");
         }
         assert!(shapes.iter().all(|s| s == &shapes[0]), "{shapes:?}");
         assert_eq!(shapes[0].2, "required");
@@ -806,7 +806,7 @@ mod tests {
             (code.parse::<u32>().expect("digits") + 1) % 1_000_000
         );
         let e = finish("carol", &id, "laptop", &wrong).expect_err("wrong code");
-        assert!(matches!(e, AuthError::Credentials), "{e}");
+        assert!(matches!(e.cause(), AuthError::Credentials), "{e}");
         // The right code and a forged answer: does not verify, nothing is stored, the code is used.
         let (id, _) = accounts
             .start_passkey_registration(&caller("carol"))
@@ -818,7 +818,7 @@ mod tests {
             .start_passkey_registration(&caller("carol"))
             .expect("start");
         let e = finish("carol", &id, "laptop", &code).expect_err("replayed code");
-        assert!(matches!(e, AuthError::ReplayedCode), "{e}");
+        assert!(matches!(e.cause(), AuthError::ReplayedCode), "{e}");
         // Labels: visible text only, within the limit (checked before the ceremony is used).
         let (id, _) = accounts
             .start_passkey_registration(&caller("carol"))
@@ -831,7 +831,7 @@ mod tests {
         let e = accounts
             .remove_passkey(&caller("carol"), "AAAA", &via)
             .expect_err("none");
-        assert!(matches!(e, AuthError::Passkey(_)), "{e}");
+        assert!(matches!(e.cause(), AuthError::Passkey(_)), "{e}");
     }
 
     #[test]
@@ -865,7 +865,7 @@ mod tests {
                 SystemTime::now(),
             )
             .expect_err("forged");
-        assert!(matches!(first, AuthError::Credentials), "{first}");
+        assert!(matches!(first.cause(), AuthError::Credentials), "{first}");
         let second = accounts
             .finish_passkey_sign_in(
                 &id,

@@ -67,6 +67,15 @@ fn rule_of(e: &GatewayError) -> String {
     e.rule().to_owned()
 }
 
+/// The receipt of a recorded refusal: the record's number and chain hash (nothing where none was kept).
+fn receipt_of(e: &GatewayError) -> Markup {
+    html! {
+        @if let Some(r) = e.receipt() {
+            p.receipt { "Audit receipt: record " (r.seq) ", chain hash " code { (r.hash) } }
+        }
+    }
+}
+
 /// A refusal or failure as a page (the message names the rule; nothing internal).
 pub(super) fn error_page(status: StatusCode, e: &GatewayError) -> Markup {
     let body = html! {
@@ -74,9 +83,7 @@ pub(super) fn error_page(status: StatusCode, e: &GatewayError) -> Markup {
             strong { "Refused (rule " code { (rule_of(e)) } "): " }
             (e.message())
         }
-        @if let Some(r) = e.receipt() {
-            p.receipt { "Audit receipt: record " (r.seq) ", chain hash " code { (r.hash) } }
-        }
+        (receipt_of(e))
         p { a href="/ui/" { "Back to the start page" } }
     };
     // No navigation: the error page has no CSRF token for the sign-out form; it links back.
@@ -88,6 +95,7 @@ pub(super) fn sign_in(nonce: &str, error: Option<&GatewayError>) -> Markup {
     let body = html! {
         @if let Some(e) = error {
             p.error role="alert" { strong { "Sign-in refused (rule " code { (rule_of(e)) } "): " } (e.message()) }
+            (receipt_of(e))
         }
         form.card method="post" action="/ui/sign-in" {
             input type="hidden" name="nonce" value=(nonce);
