@@ -691,11 +691,12 @@ impl Accounts {
         if moved == 0 {
             return self.refuse(user, &origin, attempt, Failure::Replay);
         }
-        self.open_session(user, role, origin, attempt, at, "token and code")
+        self.open_session(user, role, origin, attempt, at, None)
     }
 
-    /// Opens a session for `user` after every factor was right (`how`: which), recorded with the
-    /// attempt settled.
+    /// Opens a session for `user` after every factor was right (token and code, or the `passkey` with
+    /// this credential id, which then ends the session if it is removed), recorded with the attempt
+    /// settled.
     fn open_session(
         &self,
         user: &str,
@@ -703,7 +704,7 @@ impl Accounts {
         origin: Via,
         attempt: i64,
         at: i64,
-        how: &str,
+        passkey: Option<&str>,
     ) -> Result<NewSession, AuthError> {
         let peer = origin.peer.clone();
         let secret: [u8; 32] = random()?;
@@ -717,23 +718,47 @@ impl Accounts {
             session: id.clone(),
             ..origin
         };
-        self.ledger.record_event(
-            &draft(user, &via),
-            Event::SignedIn,
-            &format!("session {id} ({}) by {how}", role.name()),
-            |tx| {
-                tx.execute(
-                    "INSERT INTO gateway_sessions (token_hash, id, user, peer, created_at, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![hash, id, user, peer, at, expires],
-                )?;
-                tx.execute(
-                    "DELETE FROM gateway_sign_in_failures WHERE rowid = ?1",
-                    [attempt],
-                )?;
-                Ok(())
-            },
-        )?;
+        let how = if passkey.is_some() {
+            "passkey"
+        } else {
+            "token and code"
+        };
+        self.ledger
+            .record_event(
+                &draft(user, &via),
+                Event::SignedIn,
+                &format!("session {id} ({}) by {how}", role.name()),
+                |tx| {
+                    tx.execute(
+                        "INSERT INTO gateway_sessions (token_hash, id, user, peer, created_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![hash, id, user, peer, at, expires],
+                    )?;
+                    if let Some(credential) = passkey {
+                        // Only while the passkey is still there: one removed meanwhile opens nothing.
+                        let kept = tx.execute(
+                            "INSERT INTO gateway_passkey_sessions (session_id, credential)
+                             SELECT ?1, credential FROM gateway_passkeys
+                             WHERE credential = ?2 AND user = ?3",
+                            params![id, credential, user],
+                        )?;
+                        if kept == 0 {
+                            return Err(enclave::Error::Config(
+                                "this passkey was removed; sign in another way".into(),
+                            ));
+                        }
+                    }
+                    tx.execute(
+                        "DELETE FROM gateway_sign_in_failures WHERE rowid = ?1",
+                        [attempt],
+                    )?;
+                    Ok(())
+                },
+            )
+            .map_err(|e| match e {
+                enclave::Error::Config(message) => AuthError::Passkey(message),
+                other => AuthError::Enclave(other),
+            })?;
         Ok(NewSession {
             session,
             id,

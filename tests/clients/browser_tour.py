@@ -198,6 +198,14 @@ with sync_playwright() as p:
     shot(board, "board-users")
     print("ok: the audit page lists every step and the verify button reports the chain intact")
 
+    # --- Removing the passkey ends the session it opened (this one): back to the sign-in form.
+    board.goto(URL + "/ui/account")
+    board.click("form[action^='/ui/account/passkeys/'] button")
+    expect(board).to_have_url(re.compile(r"/ui/sign-in$"))
+    board.goto(URL + "/ui/audit")
+    expect(board).to_have_url(re.compile(r"/ui/sign-in$"))
+    print("ok: removing the passkey ended the session it opened")
+
     assert not errors, f"the pages logged script errors: {errors}"
     browser.close()
 

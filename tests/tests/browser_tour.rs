@@ -62,6 +62,7 @@ fn the_board_and_a_researcher_walk_through_the_web_ui_in_chromium() {
         "ok: after revocation the query is refused",
         "ok: the budget pages chart the spending",
         "the verify button reports the chain intact",
+        "ok: removing the passkey ended the session it opened",
     ] {
         assert!(stdout.contains(check), "missing {check:?} in:\n{stdout}");
     }
@@ -74,6 +75,7 @@ fn the_board_and_a_researcher_walk_through_the_web_ui_in_chromium() {
         .collect();
     for outcome in [
         "passkey-added",
+        "passkey-removed",
         "access-requested",
         "access-approved",
         "grant-revoked",

@@ -14,7 +14,9 @@
 //!   one) whose finish is refused like a wrong signature, so the answer does not tell which names exist.
 //! - Stored passkeys (public key, credential id, signature counter) are sealed like TOTP secrets
 //!   (AES-256-GCM, bound to the account and the credential), so a row written into the database by hand
-//!   does not open.
+//!   does not open. A sign-in stores the new signature counter only over the state its signature was
+//!   checked against (compare and swap), so two racing sign-ins cannot both pass one counter value.
+//! - Each session a passkey opens is linked to it: removing the passkey ends those sessions.
 //! - Finishing a sign-in counts as an attempt from its address (a failed signature cannot be guessed, so
 //!   it does not count against the account: nobody can lock a user out by knowing the name); every
 //!   registration, removal and finished sign-in, accepted or refused, is an audit record.
@@ -56,7 +58,24 @@ CREATE TABLE IF NOT EXISTS gateway_passkeys (
     last_used_at TEXT
 );
 CREATE INDEX IF NOT EXISTS gateway_passkeys_user ON gateway_passkeys(user);
+CREATE TABLE IF NOT EXISTS gateway_passkey_sessions (
+    session_id TEXT PRIMARY KEY,
+    credential TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gateway_passkey_sessions_credential
+    ON gateway_passkey_sessions(credential);
+CREATE TRIGGER IF NOT EXISTS gateway_passkey_sessions_end AFTER DELETE ON gateway_sessions
+BEGIN
+    DELETE FROM gateway_passkey_sessions WHERE session_id = OLD.id;
+END;
 ";
+
+/// A registered passkey as stored: what is listed, its state, and the sealed row it came from.
+struct Stored {
+    info: PasskeyInfo,
+    passkey: Passkey,
+    sealed: Vec<u8>,
+}
 
 /// The relying party (this enclave's web address) and the ceremonies in progress.
 pub(super) struct Ceremonies {
@@ -226,7 +245,7 @@ impl Accounts {
     }
 
     /// The passkeys `user` registered, with their stored state.
-    fn stored_passkeys(&self, user: &str) -> Result<Vec<(PasskeyInfo, Passkey)>, AuthError> {
+    fn stored_passkeys(&self, user: &str) -> Result<Vec<Stored>, AuthError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT credential, label, sealed, created_at, last_used_at FROM gateway_passkeys
@@ -253,7 +272,11 @@ impl Accounts {
             let Ok(passkey) = serde_json::from_slice::<Passkey>(&json) else {
                 continue;
             };
-            out.push((info, passkey));
+            out.push(Stored {
+                info,
+                passkey,
+                sealed,
+            });
         }
         Ok(out)
     }
@@ -263,7 +286,7 @@ impl Accounts {
         Ok(self
             .stored_passkeys(user)?
             .into_iter()
-            .map(|(info, _)| info)
+            .map(|stored| stored.info)
             .collect())
     }
 
@@ -282,7 +305,7 @@ impl Accounts {
         }
         let exclude = existing
             .iter()
-            .map(|(_, p)| p.cred_id().clone())
+            .map(|stored| stored.passkey.cred_id().clone())
             .collect::<Vec<_>>();
         let (options, state) = ceremonies
             .webauthn
@@ -397,7 +420,8 @@ impl Accounts {
         })
     }
 
-    /// Removes one of `caller`'s passkeys, recorded.
+    /// Removes one of `caller`'s passkeys and ends every session it opened (the caller's own too, when
+    /// it was opened with it: a passkey removed because it was lost must not keep a way in), recorded.
     pub fn remove_passkey(&self, caller: &Caller, id: &str, via: &Via) -> Result<(), AuthError> {
         let via = Via {
             session: caller.session_id.clone(),
@@ -407,7 +431,7 @@ impl Accounts {
             .record_event(
                 &draft(&caller.user, &via),
                 Event::PasskeyRemoved,
-                &format!("passkey {id}"),
+                &format!("passkey {id}, with the sessions it opened"),
                 |tx| {
                     let n = tx.execute(
                         "DELETE FROM gateway_passkeys WHERE credential = ?1 AND user = ?2",
@@ -418,6 +442,11 @@ impl Accounts {
                             "no such passkey on this account".into(),
                         ));
                     }
+                    tx.execute(
+                        "DELETE FROM gateway_sessions WHERE id IN
+                             (SELECT session_id FROM gateway_passkey_sessions WHERE credential = ?1)",
+                        [id],
+                    )?;
                     Ok(())
                 },
             )
@@ -448,7 +477,7 @@ impl Accounts {
         let keys: Vec<Passkey> = if enabled.is_some() {
             self.stored_passkeys(user)?
                 .into_iter()
-                .map(|(_, p)| p)
+                .map(|stored| stored.passkey)
                 .collect()
         } else {
             Vec::new()
@@ -549,27 +578,32 @@ impl Accounts {
         let stored = self
             .stored_passkeys(&user)?
             .into_iter()
-            .find(|(info, _)| info.id == credential);
-        let (Some(role), Some((_, mut passkey))) = (role, stored) else {
+            .find(|stored| stored.info.id == credential);
+        let (Some(role), Some(mut stored)) = (role, stored) else {
             return self.refuse(&user, &origin, attempt, Failure::Token);
         };
         let role = Role::parse(&role)?;
         // webauthn-rs refused a signature counter that did not move forward (a cloned authenticator);
         // the new count is kept.
-        if passkey.update_credential(&result) == Some(true) {
-            let json = serde_json::to_vec(&passkey)
+        let sealed = if stored.passkey.update_credential(&result) == Some(true) {
+            let json = serde_json::to_vec(&stored.passkey)
                 .map_err(|_| AuthError::Enclave(enclave::Error::Internal("passkey".into())))?;
-            let sealed = self.seal(&seal_label(&user, &credential), &json)?;
-            self.conn().execute(
-                "UPDATE gateway_passkeys SET sealed = ?2 WHERE credential = ?1",
-                params![credential, sealed],
-            )?;
-        }
-        self.conn().execute(
-            "UPDATE gateway_passkeys SET last_used_at = ?2 WHERE credential = ?1",
-            params![credential, rfc3339(at)],
+            self.seal(&seal_label(&user, &credential), &json)?
+        } else {
+            stored.sealed.clone()
+        };
+        // Only over the state this signature was checked against: of two sign-ins racing with one
+        // counter, the second finds it moved and is refused (a cloned authenticator cannot slip in
+        // between), and a passkey removed meanwhile is not used.
+        let moved = self.conn().execute(
+            "UPDATE gateway_passkeys SET sealed = ?3, last_used_at = ?4
+             WHERE credential = ?1 AND user = ?2 AND sealed = ?5",
+            params![credential, user, sealed, rfc3339(at), stored.sealed],
         )?;
-        self.open_session(&user, role, origin, attempt, at, "passkey")
+        if moved == 0 {
+            return self.refuse(&user, &origin, attempt, Failure::Token);
+        }
+        self.open_session(&user, role, origin, attempt, at, Some(&credential))
     }
 }
 
@@ -879,5 +913,82 @@ mod tests {
             second.to_string().contains("unknown, finished or expired"),
             "{second}"
         );
+    }
+
+    #[test]
+    fn removing_a_passkey_ends_the_sessions_it_opened_and_a_removed_one_opens_none() {
+        let (_t, accounts) = setup();
+        let erin = accounts.add("admin", "erin", Role::Board).expect("add");
+        // Two passkeys on the row level (their signatures are checked before this point).
+        for credential in ["cred-a", "cred-b"] {
+            accounts
+                .conn()
+                .execute(
+                    "INSERT INTO gateway_passkeys (credential, user, label, sealed, created_at)
+                     VALUES (?1, 'erin', 'key', x'00', '2026-01-01T00:00:00Z')",
+                    [credential],
+                )
+                .expect("row");
+        }
+        let now = SystemTime::now();
+        let at = now_seconds(now);
+        let origin = Via {
+            origin: "http".into(),
+            peer: "127.0.0.1".into(),
+            ..Via::default()
+        };
+        let open = |passkey: Option<&str>| {
+            let attempt = accounts
+                .claim_attempt("erin", "127.0.0.1", at)
+                .expect("claim");
+            accounts.open_session("erin", Role::Board, origin.clone(), attempt, at, passkey)
+        };
+        let by_a = open(Some("cred-a")).expect("by a");
+        let by_a_too = open(Some("cred-a")).expect("by a again");
+        let by_b = open(Some("cred-b")).expect("by b");
+        let by_code = accounts
+            .sign_in(
+                "erin",
+                &erin.token,
+                &code_now(&erin),
+                "127.0.0.1",
+                "http",
+                now,
+            )
+            .expect("by token and code");
+        let me = accounts.session(&by_code.session, now).expect("valid");
+        accounts
+            .remove_passkey(&me, "cred-a", &origin)
+            .expect("removed");
+        for (s, alive) in [
+            (&by_a, false),
+            (&by_a_too, false),
+            (&by_b, true),
+            (&by_code, true),
+        ] {
+            assert_eq!(accounts.session(&s.session, now).is_ok(), alive, "{}", s.id);
+        }
+        // A sign-in that raced the removal finds its passkey gone: no session.
+        let e = open(Some("cred-a")).expect_err("removed meanwhile");
+        assert!(matches!(e.cause(), AuthError::Passkey(_)), "{e}");
+        // Ending a session (signing out) leaves no link behind.
+        accounts.sign_out(&by_b.session, &origin).expect("out");
+        let links: i64 = accounts
+            .conn()
+            .query_row("SELECT COUNT(*) FROM gateway_passkey_sessions", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        assert_eq!(links, 0);
+        // Another account cannot remove erin's passkey.
+        let other = Caller {
+            user: "frank".into(),
+            role: Role::Board,
+            session_id: "s2".into(),
+        };
+        let e = accounts
+            .remove_passkey(&other, "cred-b", &origin)
+            .expect_err("not frank's");
+        assert!(matches!(e.cause(), AuthError::Passkey(_)), "{e}");
     }
 }
