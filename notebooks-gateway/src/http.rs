@@ -489,6 +489,7 @@ async fn not_found() -> AppError {
 
 /// The API's routes over `gateway`, and the web UI's (`crate::web`).
 pub fn router(gateway: Arc<Gateway>, endpoints: crate::web::Endpoints) -> Router {
+    let tls = endpoints.tls;
     let ui = crate::web::router(Arc::clone(&gateway), endpoints);
     Router::new()
         .route("/api/v1/session", post(session))
@@ -514,16 +515,26 @@ pub fn router(gateway: Arc<Gateway>, endpoints: crate::web::Endpoints) -> Router
         .with_state(gateway)
         .merge(ui)
         .fallback(not_found)
-        .layer(axum::middleware::map_response(no_sniff))
+        .layer(axum::middleware::map_response(move |response| {
+            transport_headers(response, tls)
+        }))
 }
 
 /// Every response, API ones included, is read as the type it declares (a JSON answer can never be run
-/// as a script by a page that allows this origin's scripts).
-async fn no_sniff(mut response: Response) -> Response {
-    response.headers_mut().insert(
+/// as a script by a page that allows this origin's scripts); under TLS, browsers are told to come back
+/// over TLS only (HSTS, a year: no later visit can be downgraded to plain HTTP and its cookies read).
+async fn transport_headers(mut response: Response, tls: bool) -> Response {
+    let h = response.headers_mut();
+    h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    if tls {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     response
 }
 

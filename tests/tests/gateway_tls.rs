@@ -144,6 +144,81 @@ fn every_listener_speaks_tls_with_a_self_signed_pair() {
     );
     let session: serde_json::Value = serde_json::from_str(&answer).expect("json");
     let session = session["session"].as_str().expect("session").to_owned();
+    // Over TLS the web UI's cookies carry the `__Host-` prefix and `Secure`, and every response (the
+    // API's too) tells browsers to come back over TLS only.
+    for path in ["/ui/sign-in", "/api/v1/openapi.json"] {
+        let out = Command::new("curl")
+            .args(["-sS", "-D", "-", "-o", "/dev/null", "--cacert"])
+            .arg(&cert)
+            .arg(format!("https://localhost:{}{path}", server.http.port()))
+            .output()
+            .expect("curl");
+        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(
+            head.contains("strict-transport-security: max-age=31536000"),
+            "{path}: {head}"
+        );
+        if path == "/ui/sign-in" {
+            let cookie = head
+                .lines()
+                .find(|l| l.starts_with("set-cookie:"))
+                .expect("a cookie");
+            assert!(
+                cookie.starts_with("set-cookie: __host-enclave_signin=")
+                    && cookie.contains("; path=/;")
+                    && cookie.contains("; secure")
+                    && !cookie.contains("domain="),
+                "{cookie}"
+            );
+        }
+    }
+    // A browser-like sign-in through the form over TLS: curl's cookie engine keeps the prefixed
+    // cookies (it applies the `__Host-` rules) and sends them back; the session opens the home page.
+    let (ulla_token, ulla_secret) = s.add_user("data", "ulla", "researcher");
+    let jar = s.path().join("cookies.txt");
+    let url = |path: &str| format!("https://localhost:{}{path}", server.http.port());
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(&cert)
+            .arg("-b")
+            .arg(&jar)
+            .arg("-c")
+            .arg(&jar)
+            .args(args)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let form = curl(&[&url("/ui/sign-in")]);
+    let marker = "name=\"nonce\" value=\"";
+    let nonce = form[form.find(marker).expect("nonce") + marker.len()..]
+        .split('"')
+        .next()
+        .expect("value")
+        .to_owned();
+    let code = code_now(&ulla_secret);
+    let posted = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "--data-urlencode",
+        &format!("nonce={nonce}"),
+        "--data-urlencode",
+        "user=ulla",
+        "--data-urlencode",
+        &format!("token={ulla_token}"),
+        "--data-urlencode",
+        &format!("totp={code}"),
+        &url("/ui/sign-in"),
+    ]);
+    assert!(
+        posted.starts_with("HTTP/1.1 303") && posted.contains("__Host-enclave_session="),
+        "{posted}"
+    );
+    let home = curl(&[&url("/ui/")]);
+    assert!(home.contains("ulla (researcher)"), "{home}");
     let plain_http = Command::new("curl")
         .args(["-sS", "--max-time", "5"])
         .arg(format!(

@@ -3,7 +3,8 @@
 //!
 //! - **Sessions**: the sign-in form takes the API token and the current TOTP code (two factors) and puts
 //!   the gateway session in a cookie that is `HttpOnly`, `SameSite=Strict`, `Path=/` and, under TLS,
-//!   `Secure`. The form itself is protected by a double-submit nonce (cookie and field must match).
+//!   `Secure` and named with the `__Host-` prefix (no other host or plain-HTTP page can set it; the
+//!   HTTP listener adds HSTS under TLS). The form itself is protected by a double-submit nonce (cookie and field must match).
 //! - **CSRF**: every state-changing form carries a token derived from the session secret (HMAC-SHA-256),
 //!   checked in constant time; a post without it is refused (rule `csrf`) and recorded.
 //! - **Output**: every value is escaped by maud; the only unescaped markup is this crate's own constants.
@@ -42,9 +43,9 @@ use crate::auth::Caller;
 use crate::authz::Action;
 use crate::service::{Gateway, GatewayError, Peer, Protocol};
 
-/// The session cookie's name.
+/// The session cookie's name (under TLS with the `__Host-` prefix: [`Ui::session_cookie`]).
 const SESSION_COOKIE: &str = "enclave_session";
-/// The sign-in form's nonce cookie.
+/// The sign-in form's nonce cookie (under TLS with the `__Host-` prefix: [`Ui::signin_cookie`]).
 const SIGNIN_COOKIE: &str = "enclave_signin";
 /// The stylesheet, compiled in.
 const STYLESHEET: &str = include_str!("app.css");
@@ -74,6 +75,33 @@ pub struct Ui {
 }
 
 use crate::http::{PeerAddr as ClientAddr, path_number, path_text};
+
+impl Ui {
+    /// The session cookie's name. Under TLS it carries the `__Host-` prefix, which browsers accept only
+    /// from a secure origin, with `Secure`, `Path=/` and no `Domain`: no sibling host and no plain-HTTP
+    /// page can plant or shadow it.
+    fn session_cookie(&self) -> &'static str {
+        if self.endpoints.tls {
+            "__Host-enclave_session"
+        } else {
+            SESSION_COOKIE
+        }
+    }
+
+    /// The sign-in nonce cookie's name (prefixed under TLS like [`Ui::session_cookie`]).
+    fn signin_cookie(&self) -> &'static str {
+        if self.endpoints.tls {
+            "__Host-enclave_signin"
+        } else {
+            SIGNIN_COOKIE
+        }
+    }
+
+    /// A `Set-Cookie` value for `name` (HttpOnly, SameSite=Strict, `Path=/`; `Secure` under TLS).
+    fn set_cookie(&self, name: &str, value: &str, max_age: Option<u64>) -> HeaderValue {
+        set_cookie(name, value, max_age, self.endpoints.tls)
+    }
+}
 
 /// The UI's routes (merged into the HTTP listener's router).
 pub fn router(gateway: Arc<Gateway>, endpoints: Endpoints) -> Router {
@@ -238,7 +266,7 @@ struct Signed {
 }
 
 fn signed_in(ui: &Ui, headers: &HeaderMap) -> Option<Signed> {
-    let secret = cookie(headers, SESSION_COOKIE)?;
+    let secret = cookie(headers, ui.session_cookie())?;
     let caller = ui.gateway.caller(secret).ok()?;
     Some(Signed {
         caller,
@@ -506,7 +534,7 @@ async fn sign_in_form(State(ui): State<Ui>) -> PageResult {
     let mut response = html(pages::sign_in(&nonce, None));
     response.headers_mut().insert(
         header::SET_COOKIE,
-        set_cookie(SIGNIN_COOKIE, &nonce, Some(600), ui.endpoints.tls),
+        ui.set_cookie(ui.signin_cookie(), &nonce, Some(600)),
     );
     Ok(response)
 }
@@ -520,7 +548,7 @@ async fn sign_in(
     let form = read_form(&ui, &headers, body)
         .await
         .map_err(|e| PageError::new(e, None))?;
-    let nonce = cookie(&headers, SIGNIN_COOKIE).unwrap_or("");
+    let nonce = cookie(&headers, ui.signin_cookie()).unwrap_or("");
     let given = form.get("nonce").unwrap_or("");
     if nonce.is_empty() || !same_secret(nonce, given) {
         return Err(PageError::new(
@@ -553,11 +581,11 @@ fn with_session(ui: &Ui, mut response: Response, session: &str) -> Response {
     let h = response.headers_mut();
     h.append(
         header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, session, None, ui.endpoints.tls),
+        ui.set_cookie(ui.session_cookie(), session, None),
     );
     h.append(
         header::SET_COOKIE,
-        set_cookie(SIGNIN_COOKIE, "", Some(0), ui.endpoints.tls),
+        ui.set_cookie(ui.signin_cookie(), "", Some(0)),
     );
     response
 }
@@ -581,7 +609,7 @@ async fn sign_out(
     let mut response = see_other("/ui/sign-in");
     response.headers_mut().insert(
         header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, "", Some(0), ui.endpoints.tls),
+        ui.set_cookie(ui.session_cookie(), "", Some(0)),
     );
     Ok(response)
 }

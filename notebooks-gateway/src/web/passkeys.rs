@@ -16,8 +16,8 @@ use serde::Deserialize;
 use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 
 use super::{
-    ClientAddr, PageError, PageResult, SIGNIN_COOKIE, Signed, Ui, blocking, checked_form, cookie,
-    csrf_holds, html, pages, peer, same_secret, see_other, signed_in, to_sign_in, with_session,
+    ClientAddr, PageError, PageResult, Signed, Ui, blocking, checked_form, cookie, csrf_holds,
+    html, pages, peer, same_secret, see_other, signed_in, to_sign_in, with_session,
 };
 use crate::http::AppError;
 use crate::service::{GatewayError, Peer};
@@ -74,8 +74,8 @@ async fn signed_json(
 }
 
 /// A sign-in call's nonce header must match the sign-in page's cookie.
-fn sign_in_nonce(headers: &HeaderMap) -> Result<(), AppError> {
-    let nonce = cookie(headers, SIGNIN_COOKIE).unwrap_or("");
+fn sign_in_nonce(ui: &Ui, headers: &HeaderMap) -> Result<(), AppError> {
+    let nonce = cookie(headers, ui.signin_cookie()).unwrap_or("");
     let given = headers
         .get("x-sign-in-nonce")
         .and_then(|v| v.to_str().ok())
@@ -207,7 +207,7 @@ pub(super) async fn sign_in_start(
     headers: HeaderMap,
     body: Body,
 ) -> JsonResult {
-    sign_in_nonce(&headers)?;
+    sign_in_nonce(&ui, &headers)?;
     let start: SignInStart = crate::http::json_body(&ui.gateway, &headers, body).await?;
     let gateway = Arc::clone(&ui.gateway);
     let (ceremony, options) = off_thread(move || {
@@ -235,7 +235,7 @@ pub(super) async fn sign_in_finish(
     headers: HeaderMap,
     body: Body,
 ) -> JsonResult {
-    sign_in_nonce(&headers)?;
+    sign_in_nonce(&ui, &headers)?;
     let finish: SignInFinish = crate::http::json_body(&ui.gateway, &headers, body).await?;
     let gateway = Arc::clone(&ui.gateway);
     let session = off_thread(move || {
