@@ -380,20 +380,78 @@ impl Policies {
     }
 }
 
-/// Writes the default schema and policies into `dir` (existing files are kept).
-pub fn write_defaults(dir: &Path) -> Result<(), PolicyError> {
+/// Writes the default schema and policies into `dir`, or brings an earlier version's up to date: the
+/// schema is always this version's (it describes the requests this engine makes); a policy file that is
+/// an earlier version's untouched default is replaced, an edited one is kept with this version's
+/// defaults written beside it (`default.cedar.new`). Returns what it changed, to tell the operator.
+pub fn write_defaults(dir: &Path) -> Result<Vec<String>, PolicyError> {
     std::fs::create_dir_all(dir).map_err(|e| PolicyError::Io(dir.display().to_string(), e))?;
+    let io = |path: &Path, e| PolicyError::Io(path.display().to_string(), e);
+    let mut done = Vec::new();
     for (name, text) in [
         (SCHEMA_FILE, DEFAULT_SCHEMA),
         ("default.cedar", DEFAULT_POLICIES),
     ] {
         let path = dir.join(name);
-        if !path.exists() {
-            std::fs::write(&path, text)
-                .map_err(|e| PolicyError::Io(path.display().to_string(), e))?;
+        let existing = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_file(&path, text).map_err(|e| io(&path, e))?;
+                continue;
+            }
+            Err(e) => return Err(io(&path, e)),
+        };
+        if existing == text.as_bytes() {
+            continue;
+        }
+        let earlier_default = EARLIER_DEFAULTS
+            .iter()
+            .any(|earlier| existing == earlier.as_bytes());
+        if earlier_default || name == SCHEMA_FILE {
+            // An earlier version's default (nobody edited it), or the schema, which describes what this
+            // version's engine asks Cedar and so is this version's: replaced, the old file kept beside.
+            let kept = dir.join(format!("{name}.previous"));
+            std::fs::write(&kept, &existing).map_err(|e| io(&kept, e))?;
+            write_file(&path, text).map_err(|e| io(&path, e))?;
+            done.push(format!(
+                "{}: replaced by this version's {} (the old one is kept as {})",
+                path.display(),
+                if earlier_default { "default" } else { "schema" },
+                kept.display()
+            ));
+        } else {
+            // Policies someone edited stay in force; this version's defaults are put beside them to
+            // merge by hand (a `.new` file is not read as a policy).
+            let new = dir.join(format!("{name}.new"));
+            write_file(&new, text).map_err(|e| io(&new, e))?;
+            done.push(format!(
+                "{} was edited, so it is kept; this version's defaults are in {}: merge what is new \
+                 (until then whatever they add is denied)",
+                path.display(),
+                new.display()
+            ));
         }
     }
-    Ok(())
+    Ok(done)
+}
+
+/// The schema and default policies that earlier versions wrote at `enclave init` (kept in
+/// `policies/cedar/earlier/`): a file with exactly one of these texts was never edited and is upgraded in
+/// place.
+const EARLIER_DEFAULTS: &[&str] = &[
+    include_str!("../../policies/cedar/earlier/default-1.cedar.txt"),
+    include_str!("../../policies/cedar/earlier/default-2.cedar.txt"),
+    include_str!("../../policies/cedar/earlier/enclave-1.cedarschema.txt"),
+    include_str!("../../policies/cedar/earlier/enclave-2.cedarschema.txt"),
+    include_str!("../../policies/cedar/earlier/enclave-3.cedarschema.txt"),
+];
+
+/// Writes `text` to `path` through a temporary file and a rename, so a reader (the gateway re-reads
+/// changed policies) never sees half a file.
+fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -462,6 +520,56 @@ mod tests {
         // Names that would be syntax in Cedar text are values here.
         let odd = caller("x\") || true; //", Role::Researcher);
         assert!(!decide(&odd, None, Action::Query, None).allowed);
+    }
+
+    #[test]
+    fn an_earlier_versions_policies_are_brought_up_to_date_and_edited_ones_kept() {
+        let board = caller("carol", Role::Board);
+        let administers = |dir: &Path| {
+            PolicyStore::from_dir(dir).and_then(|p| p.decide_platform(&board, Action::Administer))
+        };
+        // An untouched data directory of the first version: both files upgraded, the old kept beside.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let old = tmp.path();
+        std::fs::write(old.join(SCHEMA_FILE), EARLIER_DEFAULTS[2]).expect("schema");
+        std::fs::write(old.join("default.cedar"), EARLIER_DEFAULTS[0]).expect("policies");
+        assert!(
+            !administers(old).is_ok_and(|v| v.allowed),
+            "the old schema has no administer action"
+        );
+        let done = write_defaults(old).expect("upgrade");
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert!(administers(old).expect("decides").allowed);
+        assert_eq!(
+            std::fs::read_to_string(old.join("default.cedar.previous")).expect("kept"),
+            EARLIER_DEFAULTS[0]
+        );
+        // Once up to date, nothing more is done.
+        assert!(write_defaults(old).expect("again").is_empty());
+        // An edited policy file stays in force, this version's defaults are written beside it; an
+        // edited (or older) schema is this version's again.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let edited = tmp.path();
+        let schema = format!("{}\n// edited\n", EARLIER_DEFAULTS[4]);
+        std::fs::write(edited.join(SCHEMA_FILE), schema).expect("schema");
+        let mine = format!("{}\n// our own note\n", EARLIER_DEFAULTS[1]);
+        std::fs::write(edited.join("default.cedar"), &mine).expect("policies");
+        let done = write_defaults(edited).expect("upgrade");
+        assert!(
+            done[0].contains("replaced by this version's schema"),
+            "{done:?}"
+        );
+        assert!(done[1].contains("was edited, so it is kept"), "{done:?}");
+        assert_eq!(
+            std::fs::read_to_string(edited.join("default.cedar")).expect("kept"),
+            mine
+        );
+        assert_eq!(
+            std::fs::read_to_string(edited.join("default.cedar.new")).expect("beside"),
+            DEFAULT_POLICIES
+        );
+        // The edited set still validates; what it lacks (the board's administer) stays denied.
+        assert!(!administers(edited).expect("decides").allowed);
     }
 
     #[test]

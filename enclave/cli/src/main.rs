@@ -471,8 +471,10 @@ fn run(cli: Cli) -> Result<()> {
             for line in dir.init()? {
                 out!("{line}");
             }
-            // The gateway's Cedar policies, to edit in place (existing files are kept).
-            notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))?;
+            // The gateway's Cedar policies, to edit in place (edited ones are kept; see write_defaults).
+            for line in notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))? {
+                out!("{line}");
+            }
             if self_signed {
                 let (cert, key, made) =
                     notebooks_gateway::tls::self_signed(&dir.root().join("tls"), &tls_hosts)?;
@@ -674,7 +676,9 @@ fn run(cli: Cli) -> Result<()> {
                 export_dir.display()
             );
             dir.init()?;
-            notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))?;
+            for line in notebooks_gateway::authz::write_defaults(&dir.root().join("policies"))? {
+                out!("{line}");
+            }
             out!("2/4 data directory {} ready", dir.root().display());
             let keystore = dir.keystore()?;
             let catalog = dir.catalog()?;
@@ -1146,6 +1150,13 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
         read_timeout: std::time::Duration::from_secs(args.read_timeout.max(1)),
         query_memory: args.query_memory_mb.clamp(16, 1 << 20) * 1024 * 1024,
     };
+    // A data directory made by an earlier version: its untouched policies are brought up to date.
+    let policy_dir = dir.root().join("policies");
+    if policy_dir.is_dir() {
+        for line in notebooks_gateway::authz::write_defaults(&policy_dir)? {
+            eprintln!("policies: {line}");
+        }
+    }
     let gateway = std::sync::Arc::new(Gateway::open(
         dir,
         limits,
