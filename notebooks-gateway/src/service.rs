@@ -703,9 +703,18 @@ impl Gateway {
         peer: &Peer,
         request: &QueryRequest,
     ) -> Result<DpAnswer, GatewayError> {
-        let request = self.resolve(request)?;
-        let via = self.authorize(caller, peer, &request)?;
-        let slot = self.claim(caller, &via, &request)?;
+        // Cedar, the catalog and the limits, and the record of a refusal among them (which waits for
+        // the disk), on the blocking pool rather than an async worker.
+        let gateway = Arc::clone(self);
+        let (asked, who, from) = (request.clone(), caller.clone(), *peer);
+        let (request, via, slot) = tokio::task::spawn_blocking(move || {
+            let request = gateway.resolve(&asked)?;
+            let via = gateway.authorize(&who, &from, &request)?;
+            let slot = gateway.claim(&who, &via, &request)?;
+            Ok::<_, GatewayError>((request, via, slot))
+        })
+        .await
+        .map_err(internal)??;
         let options = QueryOptions {
             epsilon: request.epsilon,
             delta: request.delta,
@@ -730,13 +739,20 @@ impl Gateway {
     /// [`Gateway::query`]; a denial or refusal is recorded (free), an accepted statement is recorded when
     /// it runs.
     pub async fn prepare(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         peer: &Peer,
         request: &QueryRequest,
     ) -> Result<(QueryRequest, Prepared), GatewayError> {
-        let request = self.resolve(request)?;
-        let via = self.authorize(caller, peer, &request)?;
+        let gateway = Arc::clone(self);
+        let (asked, who, from) = (request.clone(), caller.clone(), *peer);
+        let (request, via) = tokio::task::spawn_blocking(move || {
+            let request = gateway.resolve(&asked)?;
+            let via = gateway.authorize(&who, &from, &request)?;
+            Ok::<_, GatewayError>((request, via))
+        })
+        .await
+        .map_err(internal)??;
         let options = QueryOptions {
             epsilon: request.epsilon,
             delta: request.delta,
@@ -753,7 +769,7 @@ impl Gateway {
                 // The engine records nothing for a prepare; a refusal is still a request on record.
                 let draft =
                     Draft::query(&caller.user, &options.via, &request.dataset, &request.sql);
-                let record = self.engine.ledger().refuse(&draft, rule.name(), &message)?;
+                let record = self.engine.refuse(draft, rule.name(), &message).await?;
                 Err(enclave::Error::Refused {
                     rule,
                     message,

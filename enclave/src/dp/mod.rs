@@ -239,7 +239,7 @@ pub struct DpEngine {
     root: PathBuf,
     keystore: Arc<Keystore>,
     catalog: SqliteCatalog,
-    ledger: Ledger,
+    ledger: Arc<Ledger>,
     default_epsilon: f64,
     default_delta: f64,
     danger_no_noise: bool,
@@ -289,7 +289,7 @@ impl DpEngine {
     /// Opens the engine on an initialised data directory.
     pub fn open(dir: &crate::DataDir) -> Result<DpEngine> {
         let keystore = Arc::new(dir.keystore()?);
-        let ledger = dir.ledger(&keystore)?;
+        let ledger = Arc::new(dir.ledger(&keystore)?);
         Ok(DpEngine {
             root: dir.root().to_owned(),
             catalog: dir.catalog()?,
@@ -361,7 +361,7 @@ impl DpEngine {
             // The ledger recorded this outcome in its own transaction.
             Err(Failure::Recorded(e)) => Err(e),
             Err(Failure::Unrecorded(Error::Refused { rule, message, .. })) => {
-                let record = self.ledger.refuse(&draft, rule.name(), &message)?;
+                let record = self.refuse(draft, rule.name(), &message).await?;
                 Err(Error::Refused {
                     rule,
                     message,
@@ -372,13 +372,42 @@ impl DpEngine {
                 // Before execution: a bug of the engine's, not the query's; nothing ran, nothing is
                 // charged. The user learns only that it failed.
                 tracing::error!(error = %e, "query failed before execution");
-                self.ledger
-                    .refuse(&draft, "error", "the query failed inside the enclave")?;
+                self.refuse(draft, "error", "the query failed inside the enclave")
+                    .await?;
                 Err(Error::Internal(
                     "the query failed inside the enclave; it cost nothing".into(),
                 ))
             }
         }
+    }
+
+    /// Records a refusal of the request `draft` describes (free) and returns its record, without holding
+    /// an async worker while the record is made durable.
+    pub async fn refuse(
+        &self,
+        draft: Draft,
+        rule: &str,
+        message: &str,
+    ) -> Result<crate::audit::Record> {
+        let (rule, message) = (rule.to_owned(), message.to_owned());
+        self.on_ledger(move |ledger| ledger.refuse(&draft, &rule, &message))
+            .await
+    }
+
+    /// Runs `write`, a ledger transaction that waits for the disk (`synchronous = FULL`), on the
+    /// runtime's blocking pool instead of an async worker (outside a runtime, in place). It runs to its
+    /// end even if the caller stops waiting: a charge is never half made.
+    async fn on_ledger<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&Ledger) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let ledger = Arc::clone(&self.ledger);
+        if tokio::runtime::Handle::try_current().is_err() {
+            return write(&ledger);
+        }
+        tokio::task::spawn_blocking(move || write(&ledger))
+            .await
+            .map_err(|e| Error::Internal(format!("the ledger's task failed: {e}")))?
     }
 
     /// What a query would answer, without running it: the columns of its answer, after every check
@@ -655,10 +684,12 @@ impl DpEngine {
                     }
                     Stopped::Limit(m) => m,
                 };
-                let record = self
-                    .ledger
-                    .charge_failure(draft, planned, &message)
-                    .map_err(Failure::Recorded)?;
+                let record = {
+                    let (draft, message) = (draft.clone(), message.clone());
+                    self.on_ledger(move |ledger| ledger.charge_failure(&draft, planned, &message))
+                        .await
+                        .map_err(Failure::Recorded)?
+                };
                 return Err(Failure::Recorded(Error::Refused {
                     rule: Rule::Execution,
                     message,
@@ -667,7 +698,12 @@ impl DpEngine {
             }
         };
         let t_run = clock.elapsed();
-        let charged = self.ledger.charge(draft, cost).map_err(Failure::Recorded)?;
+        let charged = {
+            let draft = draft.clone();
+            self.on_ledger(move |ledger| ledger.charge(&draft, cost))
+                .await
+                .map_err(Failure::Recorded)?
+        };
         #[cfg(feature = "danger-test-hooks")]
         if self.danger_crash_after_charge {
             std::process::abort();

@@ -710,15 +710,26 @@ async fn release_card(
         .and_then(|e| e.trim().parse().ok())
         .ok_or_else(|| err(bad("ε must be a number")))?;
     let via = crate::service::Gateway::via(&signed.caller, &peer(addr), String::new());
-    enclave::card::release(
-        ui.gateway.engine(),
-        ui.gateway.catalog(),
-        &name,
-        &signed.caller.user,
-        epsilon,
-        &via,
-    )
+    // A task of its own: a browser that goes away cannot stop a release between its claim and its
+    // figures (which would leave the version claimed and unreleasable).
+    let (gateway, dataset, member) = (
+        Arc::clone(&ui.gateway),
+        name.clone(),
+        signed.caller.user.clone(),
+    );
+    tokio::spawn(async move {
+        enclave::card::release(
+            gateway.engine(),
+            gateway.catalog(),
+            &dataset,
+            &member,
+            epsilon,
+            &via,
+        )
+        .await
+    })
     .await
+    .map_err(|_| err(GatewayError::Internal))?
     .map_err(|e| err(card_error(e)))?;
     Ok(see_other(&format!(
         "/ui/datasets/{}",
