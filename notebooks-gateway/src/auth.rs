@@ -28,6 +28,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+/// Why a passkey sign-in's session was not opened: the passkey was removed meanwhile.
+const PASSKEY_GONE: &str = "the passkey was removed during the sign-in";
+
 /// Failed sign-ins of one user within [`FAILURE_WINDOW`] after which every attempt is refused.
 pub const MAX_FAILURES_PER_USER: i64 = 5;
 /// Failed sign-ins from one address within [`FAILURE_WINDOW`] after which every attempt is refused.
@@ -723,11 +726,10 @@ impl Accounts {
         } else {
             "token and code"
         };
-        self.ledger
-            .record_event(
-                &draft(user, &via),
-                Event::SignedIn,
-                &format!("session {id} ({}) by {how}", role.name()),
+        let opened = self.ledger.record_event(
+            &draft(user, &via),
+            Event::SignedIn,
+            &format!("session {id} ({}) by {how}", role.name()),
                 |tx| {
                     tx.execute(
                         "INSERT INTO gateway_sessions (token_hash, id, user, peer, created_at, expires_at)
@@ -743,9 +745,7 @@ impl Accounts {
                             params![id, credential, user],
                         )?;
                         if kept == 0 {
-                            return Err(enclave::Error::Config(
-                                "this passkey was removed; sign in another way".into(),
-                            ));
+                            return Err(enclave::Error::Internal(PASSKEY_GONE.into()));
                         }
                     }
                     tx.execute(
@@ -755,10 +755,20 @@ impl Accounts {
                     Ok(())
                 },
             )
-            .map_err(|e| match e {
-                enclave::Error::Config(message) => AuthError::Passkey(message),
-                other => AuthError::Enclave(other),
-            })?;
+;
+        match opened {
+            Ok(_) => {}
+            // The passkey was removed while this sign-in was being checked: refused like a wrong
+            // signature, and recorded.
+            Err(enclave::Error::Internal(m)) if m == PASSKEY_GONE => {
+                let origin = Via {
+                    session: String::new(),
+                    ..via
+                };
+                return self.refuse(user, &origin, attempt, Failure::Token);
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(NewSession {
             session,
             id,

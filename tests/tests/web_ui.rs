@@ -123,7 +123,8 @@ fn sign_in(addr: SocketAddr, user: &str, token: &str, totp: &str) -> (String, St
     assert_eq!(status, 401, "{page}");
     assert!(
         page.contains("Sign-in refused (rule <code>credentials</code>)")
-            && page.contains("Audit receipt: record "),
+            && page.contains("Audit receipt: record ")
+            && page.contains("&quot;signature&quot;:&quot;"),
         "{page}"
     );
     let (status, cookies, _, _) = exchange(

@@ -70,6 +70,14 @@ BEGIN
 END;
 ";
 
+/// The signature count a stored passkey last saw (webauthn-rs keeps it inside; `None` if it cannot be
+/// read, which refuses the sign-in).
+fn signature_count(passkey: &Passkey) -> Option<u32> {
+    serde_json::to_value(passkey).ok()?["cred"]["counter"]
+        .as_u64()
+        .and_then(|c| u32::try_from(c).ok())
+}
+
 /// A registered passkey as stored: what is listed, its state, and the sealed row it came from.
 struct Stored {
     info: PasskeyInfo,
@@ -583,8 +591,15 @@ impl Accounts {
             return self.refuse(&user, &origin, attempt, Failure::Token);
         };
         let role = Role::parse(&role)?;
-        // webauthn-rs refused a signature counter that did not move forward (a cloned authenticator);
-        // the new count is kept.
+        // webauthn-rs checked the signature counter against the passkey as it was when the ceremony
+        // started; a sign-in may have moved it since (a cloned authenticator answering an old
+        // ceremony). Checked again against the stored count: a counting authenticator must move past it.
+        let stored_count = signature_count(&stored.passkey);
+        let counting = result.counter() > 0 || stored_count.is_none_or(|c| c > 0);
+        if counting && stored_count.is_none_or(|c| result.counter() <= c) {
+            tracing::warn!(user = %user, "a passkey's signature counter did not move forward: refused");
+            return self.refuse(&user, &origin, attempt, Failure::Token);
+        }
         let sealed = if stored.passkey.update_credential(&result) == Some(true) {
             let json = serde_json::to_vec(&stored.passkey)
                 .map_err(|_| AuthError::Enclave(enclave::Error::Internal("passkey".into())))?;
@@ -592,9 +607,8 @@ impl Accounts {
         } else {
             stored.sealed.clone()
         };
-        // Only over the state this signature was checked against: of two sign-ins racing with one
-        // counter, the second finds it moved and is refused (a cloned authenticator cannot slip in
-        // between), and a passkey removed meanwhile is not used.
+        // Only over the state just checked (compare and swap): of two sign-ins racing with one count,
+        // the second finds it moved and is refused, and a passkey removed meanwhile is not used.
         let moved = self.conn().execute(
             "UPDATE gateway_passkeys SET sealed = ?3, last_used_at = ?4
              WHERE credential = ?1 AND user = ?2 AND sealed = ?5",
@@ -968,9 +982,10 @@ mod tests {
         ] {
             assert_eq!(accounts.session(&s.session, now).is_ok(), alive, "{}", s.id);
         }
-        // A sign-in that raced the removal finds its passkey gone: no session.
+        // A sign-in that raced the removal finds its passkey gone: no session, a recorded refusal.
         let e = open(Some("cred-a")).expect_err("removed meanwhile");
-        assert!(matches!(e.cause(), AuthError::Passkey(_)), "{e}");
+        assert!(matches!(e.cause(), AuthError::Credentials), "{e}");
+        assert!(e.receipt().is_some(), "{e:?}");
         // Ending a session (signing out) leaves no link behind.
         accounts.sign_out(&by_b.session, &origin).expect("out");
         let links: i64 = accounts

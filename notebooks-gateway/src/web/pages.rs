@@ -71,7 +71,11 @@ fn rule_of(e: &GatewayError) -> String {
 fn receipt_of(e: &GatewayError) -> Markup {
     html! {
         @if let Some(r) = e.receipt() {
-            p.receipt { "Audit receipt: record " (r.seq) ", chain hash " code { (r.hash) } }
+            p.receipt {
+                "Audit receipt: record " (r.seq) ". Keep it to check later that this is on the record ("
+                code { "enclave audit verify --receipt FILE" } "): "
+                code.receipt-json { (serde_json::to_string(r).unwrap_or_default()) }
+            }
         }
     }
 }
