@@ -440,7 +440,22 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => match enclave_cli::output_lost() {
+            None => ExitCode::SUCCESS,
+            // The command did all it does; what it printed (a new account's secrets, an answer) did not
+            // all reach anyone. A closed pipe exits as a process killed by SIGPIPE would (128 + 13).
+            Some(closed) => {
+                eprintln!(
+                    "error: the command completed, but its output {}: what it printed after that point is lost",
+                    if closed {
+                        "was closed by its reader"
+                    } else {
+                        "could not be written"
+                    }
+                );
+                ExitCode::from(if closed { 141 } else { 1 })
+            }
+        },
         Err(e) => {
             eprintln!("error: {e:#}");
             // A refusal the audit log holds: its signed receipt, to keep (`audit verify --receipt`).
@@ -593,19 +608,26 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(answer) => answer,
                 Err(e) => {
                     // `--json` callers get the refusal as JSON too (its receipt included).
-                    if let (
-                        true,
-                        enclave::Error::Refused {
-                            rule,
-                            message,
-                            receipt,
-                        },
-                    ) = (json, &e)
-                    {
-                        let body = serde_json::json!({
-                            "error": {"rule": rule.name(), "message": message, "receipt": receipt}
-                        });
-                        out!("{}", serde_json::to_string_pretty(&body)?);
+                    if json {
+                        let body = match &e {
+                            enclave::Error::Refused {
+                                rule,
+                                message,
+                                receipt,
+                            } => serde_json::json!({
+                                "rule": rule.name(), "message": message, "receipt": receipt
+                            }),
+                            enclave::Error::Access { rule, message } => {
+                                serde_json::json!({"rule": rule.name(), "message": message})
+                            }
+                            other => {
+                                serde_json::json!({"rule": "error", "message": other.to_string()})
+                            }
+                        };
+                        out!(
+                            "{}",
+                            serde_json::to_string_pretty(&serde_json::json!({ "error": body }))?
+                        );
                     }
                     return Err(e.into());
                 }
