@@ -380,57 +380,108 @@ impl Policies {
     }
 }
 
-/// Writes the default schema and policies into `dir`, or brings an earlier version's up to date: the
-/// schema is always this version's (it describes the requests this engine makes); a policy file that is
-/// an earlier version's untouched default is replaced, an edited one is kept with this version's
-/// defaults written beside it (`default.cedar.new`). Returns what it changed, to tell the operator.
+/// Writes the default schema and policies into `dir`, or brings an earlier version's up to date. A
+/// policy file that is an earlier version's untouched default is replaced; an edited one stays in force
+/// with this version's defaults written beside it (`default.cedar.new`). The schema describes the
+/// requests this version's engine makes, so it is replaced too, unless the directory's policies (an
+/// operator's own included) would not validate against it: then the old one stays, so the gateway
+/// still starts, with the new one beside it to merge. Replaced files are kept as `<name>.previous-<time>`.
+/// Returns what it changed, to tell the operator.
 pub fn write_defaults(dir: &Path) -> Result<Vec<String>, PolicyError> {
     std::fs::create_dir_all(dir).map_err(|e| PolicyError::Io(dir.display().to_string(), e))?;
     let io = |path: &Path, e| PolicyError::Io(path.display().to_string(), e);
+    let read = |path: &Path| match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path, e)),
+    };
+    let is_earlier = |bytes: &[u8]| EARLIER_DEFAULTS.iter().any(|e| bytes == e.as_bytes());
+    let (schema_path, policies_path) = (dir.join(SCHEMA_FILE), dir.join("default.cedar"));
+    let (schema_now, policies_now) = (read(&schema_path)?, read(&policies_path)?);
     let mut done = Vec::new();
-    for (name, text) in [
-        (SCHEMA_FILE, DEFAULT_SCHEMA),
-        ("default.cedar", DEFAULT_POLICIES),
-    ] {
-        let path = dir.join(name);
-        let existing = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                write_file(&path, text).map_err(|e| io(&path, e))?;
-                continue;
-            }
-            Err(e) => return Err(io(&path, e)),
-        };
-        if existing == text.as_bytes() {
-            continue;
+
+    // The default policies: written where missing, upgraded where untouched, kept where edited.
+    let policies_replaced = match &policies_now {
+        None => {
+            write_file(&policies_path, DEFAULT_POLICIES).map_err(|e| io(&policies_path, e))?;
+            false
         }
-        let earlier_default = EARLIER_DEFAULTS
-            .iter()
-            .any(|earlier| existing == earlier.as_bytes());
-        if earlier_default || name == SCHEMA_FILE {
-            // An earlier version's default (nobody edited it), or the schema, which describes what this
-            // version's engine asks Cedar and so is this version's: replaced, the old file kept beside.
-            let kept = dir.join(format!("{name}.previous"));
-            std::fs::write(&kept, &existing).map_err(|e| io(&kept, e))?;
-            write_file(&path, text).map_err(|e| io(&path, e))?;
-            done.push(format!(
-                "{}: replaced by this version's {} (the old one is kept as {})",
-                path.display(),
-                if earlier_default { "default" } else { "schema" },
-                kept.display()
-            ));
-        } else {
-            // Policies someone edited stay in force; this version's defaults are put beside them to
-            // merge by hand (a `.new` file is not read as a policy).
-            let new = dir.join(format!("{name}.new"));
-            write_file(&new, text).map_err(|e| io(&new, e))?;
+        Some(bytes) if bytes == DEFAULT_POLICIES.as_bytes() => false,
+        Some(bytes) if is_earlier(bytes) => true,
+        Some(_) => {
+            let new = dir.join("default.cedar.new");
+            write_file(&new, DEFAULT_POLICIES).map_err(|e| io(&new, e))?;
             done.push(format!(
                 "{} was edited, so it is kept; this version's defaults are in {}: merge what is new \
                  (until then whatever they add is denied)",
-                path.display(),
+                policies_path.display(),
                 new.display()
             ));
+            false
         }
+    };
+    // The schema: this version's, if the directory's policies as they will be validate against it.
+    let schema_replaced = match &schema_now {
+        None => {
+            write_file(&schema_path, DEFAULT_SCHEMA).map_err(|e| io(&schema_path, e))?;
+            false
+        }
+        Some(bytes) if bytes == DEFAULT_SCHEMA.as_bytes() => false,
+        Some(_) => {
+            let mut texts = Vec::new();
+            for file in policy_files(dir)? {
+                let text = if policies_replaced && file == policies_path {
+                    DEFAULT_POLICIES.to_owned()
+                } else {
+                    std::fs::read_to_string(&file).map_err(|e| io(&file, e))?
+                };
+                texts.push((file.display().to_string(), text));
+            }
+            match PolicyStore::parse((SCHEMA_FILE, DEFAULT_SCHEMA), &texts) {
+                Ok(_) => true,
+                Err(e) => {
+                    let new = dir.join(format!("{SCHEMA_FILE}.new"));
+                    write_file(&new, DEFAULT_SCHEMA).map_err(|e| io(&new, e))?;
+                    done.push(format!(
+                        "{} is kept: the policies in {} do not validate against this version's schema \
+                         ({e}); it is in {}: fix the policies and put it in place (until then what \
+                         this version adds is denied)",
+                        schema_path.display(),
+                        dir.display(),
+                        new.display()
+                    ));
+                    false
+                }
+            }
+        }
+    };
+    let stamp = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for (replace, path, old, text) in [
+        (schema_replaced, &schema_path, &schema_now, DEFAULT_SCHEMA),
+        (
+            policies_replaced,
+            &policies_path,
+            &policies_now,
+            DEFAULT_POLICIES,
+        ),
+    ] {
+        let (true, Some(old)) = (replace, old) else {
+            continue;
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let kept = dir.join(format!("{name}.previous-{stamp}"));
+        std::fs::write(&kept, old).map_err(|e| io(&kept, e))?;
+        write_file(path, text).map_err(|e| io(path, e))?;
+        done.push(format!(
+            "{}: replaced by this version's (the old one is kept as {})",
+            path.display(),
+            kept.display()
+        ));
     }
     Ok(done)
 }
@@ -449,8 +500,11 @@ const EARLIER_DEFAULTS: &[&str] = &[
 /// Writes `text` to `path` through a temporary file and a rename, so a reader (the gateway re-reads
 /// changed policies) never sees half a file.
 fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
     let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, text)?;
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
     std::fs::rename(&tmp, path)
 }
 
@@ -540,8 +594,13 @@ mod tests {
         let done = write_defaults(old).expect("upgrade");
         assert_eq!(done.len(), 2, "{done:?}");
         assert!(administers(old).expect("decides").allowed);
+        let kept = std::fs::read_dir(old)
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .find(|n| n.starts_with("default.cedar.previous-"))
+            .expect("the old policies kept");
         assert_eq!(
-            std::fs::read_to_string(old.join("default.cedar.previous")).expect("kept"),
+            std::fs::read_to_string(old.join(kept)).expect("kept"),
             EARLIER_DEFAULTS[0]
         );
         // Once up to date, nothing more is done.
@@ -555,11 +614,11 @@ mod tests {
         let mine = format!("{}\n// our own note\n", EARLIER_DEFAULTS[1]);
         std::fs::write(edited.join("default.cedar"), &mine).expect("policies");
         let done = write_defaults(edited).expect("upgrade");
+        assert!(done[0].contains("was edited, so it is kept"), "{done:?}");
         assert!(
-            done[0].contains("replaced by this version's schema"),
+            done[1].contains("enclave.cedarschema: replaced by this version's"),
             "{done:?}"
         );
-        assert!(done[1].contains("was edited, so it is kept"), "{done:?}");
         assert_eq!(
             std::fs::read_to_string(edited.join("default.cedar")).expect("kept"),
             mine
@@ -570,6 +629,33 @@ mod tests {
         );
         // The edited set still validates; what it lacks (the board's administer) stays denied.
         assert!(!administers(edited).expect("decides").allowed);
+        // An operator's policy that uses what this version's schema no longer has: the old schema stays
+        // (the gateway still starts) and the new one is put beside it.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let own = tmp.path();
+        let schema = format!(
+            "{}\nnamespace Local {{ entity Ward; }}\n",
+            EARLIER_DEFAULTS[4]
+        );
+        std::fs::write(own.join(SCHEMA_FILE), &schema).expect("schema");
+        std::fs::write(own.join("default.cedar"), DEFAULT_POLICIES).expect("policies");
+        std::fs::write(
+            own.join("ward.cedar"),
+            "@id(\"wards\")\npermit(principal, action, resource is Local::Ward);\n",
+        )
+        .expect("own policy");
+        PolicyStore::from_dir(own).expect("valid before the upgrade");
+        let done = write_defaults(own).expect("upgrade");
+        assert!(done[0].contains("is kept: the policies in"), "{done:?}");
+        assert_eq!(
+            std::fs::read_to_string(own.join(SCHEMA_FILE)).expect("kept"),
+            schema
+        );
+        assert_eq!(
+            std::fs::read_to_string(own.join("enclave.cedarschema.new")).expect("beside"),
+            DEFAULT_SCHEMA
+        );
+        PolicyStore::from_dir(own).expect("still valid after it");
     }
 
     #[test]
