@@ -166,6 +166,16 @@ impl Via {
     }
 }
 
+/// How a `granted` record states the budget's end and owning grant (its detail), for `verify` to compare
+/// with the budget as stored.
+pub(crate) fn grant_terms(expires_at: Option<&str>, grant: Option<i64>) -> String {
+    format!(
+        "until {}, grant {}",
+        expires_at.unwrap_or("none"),
+        grant.map_or("none".to_owned(), |g| g.to_string())
+    )
+}
+
 /// What a new record says (the ledger adds the sequence number, time and hashes).
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Draft {
@@ -597,6 +607,8 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
         std::collections::HashMap::new();
     let mut granted: std::collections::HashMap<(String, String), [i64; 3]> =
         std::collections::HashMap::new();
+    let mut terms: std::collections::HashMap<(String, String), String> =
+        std::collections::HashMap::new();
     while let Some(row) = rows.next()? {
         let rec = read_record(row)?;
         if rec.seq != expected_seq {
@@ -625,10 +637,17 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
             e[1] += rec.cost_delta;
             e[2] += rec.cost_rho;
         } else if rec.outcome == "granted" {
+            let key = (rec.draft.principal.clone(), rec.draft.dataset.clone());
             granted.insert(
-                (rec.draft.principal.clone(), rec.draft.dataset.clone()),
+                key.clone(),
                 [rec.cost_epsilon, rec.cost_delta, rec.cost_rho],
             );
+            // Records from before the terms were recorded carry none: their budgets' ends go unchecked.
+            if rec.rule.is_empty() {
+                terms.remove(&key);
+            } else {
+                terms.insert(key, rec.rule.clone());
+            }
         } else if Event::ALL.iter().any(|e| e.name() == rec.outcome) {
             if rec.cost_epsilon != 0 || rec.cost_delta != 0 || rec.cost_rho != 0 {
                 return Err(broken(rec.seq, "an event record carries a cost".into()));
@@ -695,7 +714,8 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
 
     // Every charge is in the log: the budgets' spent totals equal the released records' costs.
     let mut stmt = conn.prepare(
-        "SELECT principal, dataset, spent_epsilon, spent_delta, spent_rho, epsilon, delta, rho FROM budgets",
+        "SELECT principal, dataset, spent_epsilon, spent_delta, spent_rho, epsilon, delta, rho,
+                expires_at, grant_id FROM budgets",
     )?;
     let budgets = stmt.query_map([], |r| {
         Ok((
@@ -710,10 +730,25 @@ pub fn verify(conn: &Connection, public_key_hex: &str) -> Result<Verified> {
                 r.get::<_, i64>(6)?,
                 r.get::<_, Option<i64>>(7)?.unwrap_or(-1),
             ],
+            grant_terms(
+                r.get::<_, Option<String>>(8)?.as_deref(),
+                r.get::<_, Option<i64>>(9)?,
+            ),
         ))
     })?;
     for b in budgets {
-        let (key, spent, total) = b?;
+        let (key, spent, total, end) = b?;
+        // And its end and owning grant are those that grant recorded (a budget kept alive by moving its
+        // end, or handed to another grant, in the database).
+        if terms.get(&key).is_some_and(|t| *t != end) {
+            return Err(broken(
+                records,
+                format!(
+                    "the end or grant of the budget of {} on {} differs from its last audited grant (changed outside `budget set`)",
+                    key.0, key.1
+                ),
+            ));
+        }
         // Every grant is in the log: the budget's totals are those of its last audited grant.
         if granted.get(&key) != Some(&total) {
             return Err(broken(

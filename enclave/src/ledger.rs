@@ -477,6 +477,8 @@ pub(crate) fn grant_in(
             x.map_or(String::new(), |x| format!(", until {x}"))
         ),
     };
+    // The grant's end and owner, as `audit verify` reads them back (the amounts are the record's costs).
+    let terms = audit::grant_terms(expires.as_deref(), grant);
     let draft = Draft {
         principal: principal.to_owned(),
         via: via.clone(),
@@ -493,7 +495,7 @@ pub(crate) fn grant_in(
         ),
         ..Draft::default()
     };
-    audit::append(tx, signer, &draft, units, "granted", "")?;
+    audit::append(tx, signer, &draft, units, "granted", &terms)?;
     read_budget(tx, principal, dataset)?
         .ok_or_else(|| Error::Internal("budget vanished after upsert".into()))
 }
@@ -858,6 +860,42 @@ mod tests {
                 assert!(why.contains("last audited grant"), "{why}")
             }
             other => panic!("a budget raised in SQLite verified: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_budget_whose_end_or_grant_changed_behind_the_ledger_fails_verification() {
+        let end = chrono::DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        for (what, sql) in [
+            (
+                "an end moved later",
+                "UPDATE budgets SET expires_at = '2099-01-01T00:00:00Z'",
+            ),
+            ("an end removed", "UPDATE budgets SET expires_at = NULL"),
+            ("handed to a grant", "UPDATE budgets SET grant_id = 7"),
+        ] {
+            let (_d, db, key) = setup();
+            let keystore = Keystore::open(&db, &key).expect("ks");
+            let ledger = Ledger::open(&db, &keystore).expect("ledger");
+            ledger
+                .set_budget_until("carol", "alice", "cohort", 1.0, 1e-6, None, Some(end))
+                .expect("grant");
+            let granted = ledger.tail(1).expect("tail").remove(0);
+            assert_eq!(granted.rule, "until 2030-01-01T00:00:00Z, grant none");
+            ledger.verify(&ledger.public_key_hex()).expect("verifies");
+            tamper(&db, sql);
+            let ledger = Ledger::open(&db, &keystore).expect("ledger");
+            match ledger.verify(&ledger.public_key_hex()) {
+                Err(Error::AuditBroken { why, .. }) => {
+                    assert!(
+                        why.contains("end or grant of the budget of alice"),
+                        "{what}: {why}"
+                    )
+                }
+                other => panic!("{what} verified: {other:?}"),
+            }
         }
     }
 
