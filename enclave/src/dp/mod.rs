@@ -396,7 +396,8 @@ impl DpEngine {
 
     /// Runs `write`, a ledger transaction that waits for the disk (`synchronous = FULL`), on the
     /// runtime's blocking pool instead of an async worker (outside a runtime, in place). It runs to its
-    /// end even if the caller stops waiting: a charge is never half made.
+    /// end even if the caller stops waiting: a charge is never half made (and whatever must last until
+    /// it commits, such as a budget hold, moves into `write`).
     async fn on_ledger<T: Send + 'static>(
         &self,
         write: impl FnOnce(&Ledger) -> Result<T> + Send + 'static,
@@ -578,7 +579,9 @@ impl DpEngine {
         // afterwards always fits: a limit hit or failure is then charged in full, never capped to nothing
         // by queries that ran beside it. (The ledger's transaction stays the authority across processes.)
         let planned = planned_cost(&dp, total, delta, accounting);
-        let _held = self.hold(draft, accounting, planned)?;
+        // Held until the charge has committed (released inside the ledger's task, so a caller that
+        // stops waiting cannot free it while the charge is still being made).
+        let held = self.hold(draft, accounting, planned)?;
         let index = if dp.bounding == (Bounding::Weight { indexed: true }) {
             self.index_scans(&ctx, &version, &tables).await?
         } else {
@@ -686,9 +689,13 @@ impl DpEngine {
                 };
                 let record = {
                     let (draft, message) = (draft.clone(), message.clone());
-                    self.on_ledger(move |ledger| ledger.charge_failure(&draft, planned, &message))
-                        .await
-                        .map_err(Failure::Recorded)?
+                    self.on_ledger(move |ledger| {
+                        let charged = ledger.charge_failure(&draft, planned, &message);
+                        drop(held);
+                        charged
+                    })
+                    .await
+                    .map_err(Failure::Recorded)?
                 };
                 return Err(Failure::Recorded(Error::Refused {
                     rule: Rule::Execution,
@@ -700,9 +707,13 @@ impl DpEngine {
         let t_run = clock.elapsed();
         let charged = {
             let draft = draft.clone();
-            self.on_ledger(move |ledger| ledger.charge(&draft, cost))
-                .await
-                .map_err(Failure::Recorded)?
+            self.on_ledger(move |ledger| {
+                let charged = ledger.charge(&draft, cost);
+                drop(held);
+                charged
+            })
+            .await
+            .map_err(Failure::Recorded)?
         };
         #[cfg(feature = "danger-test-hooks")]
         if self.danger_crash_after_charge {
