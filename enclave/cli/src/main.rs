@@ -1262,8 +1262,9 @@ fn serve(dir: &DataDir, args: ServeArgs) -> Result<()> {
         if tasks.is_empty() {
             anyhow::bail!("every listener is off: nothing to serve");
         }
+        // Nobody reading the log is no reason to stop serving (`out!` keeps going too).
         use std::io::Write as _;
-        std::io::stdout().flush()?;
+        let _ = std::io::stdout().flush();
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
