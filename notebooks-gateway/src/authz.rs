@@ -400,66 +400,81 @@ pub fn write_defaults(dir: &Path) -> Result<Vec<String>, PolicyError> {
     let (schema_now, policies_now) = (read(&schema_path)?, read(&policies_path)?);
     let mut done = Vec::new();
 
-    // The default policies: written where missing, upgraded where untouched, kept where edited.
-    let policies_replaced = match &policies_now {
-        None => {
-            write_file(&policies_path, DEFAULT_POLICIES).map_err(|e| io(&policies_path, e))?;
-            false
-        }
-        Some(bytes) if bytes == DEFAULT_POLICIES.as_bytes() => false,
-        Some(bytes) if is_earlier(bytes) => true,
-        Some(_) => {
-            let new = dir.join("default.cedar.new");
-            write_file(&new, DEFAULT_POLICIES).map_err(|e| io(&new, e))?;
-            done.push(format!(
-                "{} was edited, so it is kept; this version's defaults are in {}: merge what is new \
-                 (until then whatever they add is denied)",
-                policies_path.display(),
-                new.display()
-            ));
-            false
-        }
-    };
-    // The schema: this version's, if the directory's policies as they will be validate against it.
-    let schema_replaced = match &schema_now {
-        None => {
-            write_file(&schema_path, DEFAULT_SCHEMA).map_err(|e| io(&schema_path, e))?;
-            false
-        }
-        Some(bytes) if bytes == DEFAULT_SCHEMA.as_bytes() => false,
-        Some(_) => {
-            let mut texts = Vec::new();
-            for file in policy_files(dir)? {
-                let text = if policies_replaced && file == policies_path {
-                    DEFAULT_POLICIES.to_owned()
-                } else {
-                    std::fs::read_to_string(&file).map_err(|e| io(&file, e))?
-                };
+    // Whether the directory would validate with `schema` and `policies` as its `default.cedar`.
+    let validates = |schema: &str, policies: &str| -> Result<bool, PolicyError> {
+        let mut texts = vec![(policies_path.display().to_string(), policies.to_owned())];
+        for file in policy_files(dir)? {
+            if file != policies_path {
+                let text = std::fs::read_to_string(&file).map_err(|e| io(&file, e))?;
                 texts.push((file.display().to_string(), text));
             }
-            match PolicyStore::parse((SCHEMA_FILE, DEFAULT_SCHEMA), &texts) {
-                Ok(_) => true,
-                Err(e) => {
-                    let new = dir.join(format!("{SCHEMA_FILE}.new"));
-                    write_file(&new, DEFAULT_SCHEMA).map_err(|e| io(&new, e))?;
-                    done.push(format!(
-                        "{} is kept: the policies in {} do not validate against this version's schema \
-                         ({e}); it is in {}: fix the policies and put it in place (until then what \
-                         this version adds is denied)",
-                        schema_path.display(),
-                        dir.display(),
-                        new.display()
-                    ));
-                    false
-                }
-            }
         }
+        Ok(PolicyStore::parse(("schema", schema), &texts).is_ok())
     };
+    let schema_old = schema_now
+        .as_deref()
+        .map(|b| String::from_utf8_lossy(b).into_owned());
+    let policies_old = policies_now
+        .as_deref()
+        .map(|b| String::from_utf8_lossy(b).into_owned());
+    // What `default.cedar` should be: this version's where it is missing or an earlier version's
+    // untouched default; an edited one stays.
+    let policies_wanted = match &policies_now {
+        None => true,
+        Some(bytes) => bytes != DEFAULT_POLICIES.as_bytes() && is_earlier(bytes),
+    };
+    let policies_then = if policies_wanted {
+        DEFAULT_POLICIES.to_owned()
+    } else {
+        policies_old.clone().unwrap_or_default()
+    };
+    // The schema: this version's, if the directory as it will be validates against it; otherwise the
+    // old one stays (the gateway still starts), with this version's beside it.
+    let schema_then = match &schema_old {
+        Some(old) if old != DEFAULT_SCHEMA && !validates(DEFAULT_SCHEMA, &policies_then)? => {
+            let new = dir.join(format!("{SCHEMA_FILE}.new"));
+            write_file(&new, DEFAULT_SCHEMA).map_err(|e| io(&new, e))?;
+            done.push(format!(
+                "{} is kept: the policies in {} do not validate against this version's schema, which \
+                 is in {}: fix the policies and put it in place (until then what this version adds is \
+                 denied)",
+                schema_path.display(),
+                dir.display(),
+                new.display()
+            ));
+            old.clone()
+        }
+        _ => DEFAULT_SCHEMA.to_owned(),
+    };
+    // This version's default policies, only where they validate against the schema that stays.
+    let policies_replaced = policies_wanted && validates(&schema_then, DEFAULT_POLICIES)?;
+    if !policies_replaced && policies_old.as_deref() != Some(DEFAULT_POLICIES) {
+        let new = dir.join("default.cedar.new");
+        write_file(&new, DEFAULT_POLICIES).map_err(|e| io(&new, e))?;
+        done.push(format!(
+            "{} {}; this version's defaults are in {}: merge what is new (until then whatever they \
+             add is denied)",
+            policies_path.display(),
+            match (&policies_old, policies_wanted) {
+                (None, _) =>
+                    "is not written (this version's do not validate against the schema that stays)",
+                (Some(_), true) =>
+                    "is kept (this version's do not validate against the schema that stays)",
+                (Some(_), false) => "was edited, so it is kept",
+            },
+            new.display()
+        ));
+    }
     let stamp = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     for (replace, path, old, text) in [
-        (schema_replaced, &schema_path, &schema_now, DEFAULT_SCHEMA),
+        (
+            schema_then == DEFAULT_SCHEMA && schema_old.as_deref() != Some(DEFAULT_SCHEMA),
+            &schema_path,
+            &schema_now,
+            DEFAULT_SCHEMA,
+        ),
         (
             policies_replaced,
             &policies_path,
@@ -467,21 +482,29 @@ pub fn write_defaults(dir: &Path) -> Result<Vec<String>, PolicyError> {
             DEFAULT_POLICIES,
         ),
     ] {
-        let (true, Some(old)) = (replace, old) else {
+        if !replace {
             continue;
-        };
+        }
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let kept = dir.join(format!("{name}.previous-{stamp}"));
-        std::fs::write(&kept, old).map_err(|e| io(&kept, e))?;
+        let kept = match old {
+            Some(old) => {
+                let kept = dir.join(format!("{name}.previous-{stamp}"));
+                std::fs::write(&kept, old).map_err(|e| io(&kept, e))?;
+                Some(kept)
+            }
+            None => None,
+        };
         write_file(path, text).map_err(|e| io(path, e))?;
-        done.push(format!(
-            "{}: replaced by this version's (the old one is kept as {})",
-            path.display(),
-            kept.display()
-        ));
+        if let Some(kept) = kept {
+            done.push(format!(
+                "{}: replaced by this version's (the old one is kept as {})",
+                path.display(),
+                kept.display()
+            ));
+        }
     }
     Ok(done)
 }
@@ -501,7 +524,11 @@ const EARLIER_DEFAULTS: &[&str] = &[
 /// changed policies) never sees half a file.
 fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
-    let tmp = path.with_extension("tmp-write");
+    // Unique per process and call: two gateways starting at once never rename each other's half file.
+    let nanos = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_extension(format!("tmp-{}-{nanos}", std::process::id()));
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
@@ -656,6 +683,37 @@ mod tests {
             DEFAULT_SCHEMA
         );
         PolicyStore::from_dir(own).expect("still valid after it");
+        // The same with an untouched earlier default beside it, which this version's defaults would
+        // replace but cannot (they need the new schema): both stay, the directory still validates.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let both = tmp.path();
+        let schema = format!(
+            "{}\nnamespace Local {{ entity Ward; }}\n",
+            EARLIER_DEFAULTS[3]
+        );
+        std::fs::write(both.join(SCHEMA_FILE), &schema).expect("schema");
+        std::fs::write(both.join("default.cedar"), EARLIER_DEFAULTS[1]).expect("policies");
+        std::fs::write(
+            both.join("ward.cedar"),
+            "@id(\"wards\")\npermit(principal, action, resource is Local::Ward);\n",
+        )
+        .expect("own policy");
+        PolicyStore::from_dir(both).expect("valid before the upgrade");
+        let done = write_defaults(both).expect("upgrade");
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert!(
+            done[1].contains("is kept (this version's do not validate"),
+            "{done:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(both.join("default.cedar")).expect("kept"),
+            EARLIER_DEFAULTS[1]
+        );
+        PolicyStore::from_dir(both).expect("still valid after it");
+        // A fresh directory gets both files, and says nothing.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert!(write_defaults(tmp.path()).expect("fresh").is_empty());
+        assert!(administers(tmp.path()).expect("decides").allowed);
     }
 
     #[test]

@@ -597,7 +597,11 @@ impl Accounts {
         let stored_count = signature_count(&stored.passkey);
         let counting = result.counter() > 0 || stored_count.is_none_or(|c| c > 0);
         if counting && stored_count.is_none_or(|c| result.counter() <= c) {
-            tracing::warn!(user = %user, "a passkey's signature counter did not move forward: refused");
+            if stored_count.is_some() {
+                tracing::warn!(user = %user, "a passkey's signature counter did not move forward: refused");
+            } else {
+                tracing::error!(user = %user, "a stored passkey's signature counter cannot be read: refused");
+            }
             return self.refuse(&user, &origin, attempt, Failure::Token);
         }
         let sealed = if stored.passkey.update_credential(&result) == Some(true) {
