@@ -270,13 +270,11 @@ impl FlightSql {
         };
         if !room {
             let message = "too many answers are waiting to be fetched; fetch them (DoGet) first";
-            return Err(status(self.gateway.record_refusal(
-                caller,
-                peer,
-                &request.sql,
-                "concurrency",
-                message,
-            )));
+            return Err(status(
+                self.gateway
+                    .refuse_off_thread(caller, peer, &request.sql, "concurrency", message)
+                    .await,
+            ));
         }
         let answer = self
             .gateway
@@ -476,13 +474,17 @@ impl FlightSqlService for FlightSql {
         };
         let Some(q) = q else {
             let message = "this prepared statement is unknown, closed, or another session's";
-            return Err(status(self.gateway.record_refusal(
-                &caller,
-                &peer,
-                "flight prepared statement",
-                "statement",
-                message,
-            )));
+            return Err(status(
+                self.gateway
+                    .refuse_off_thread(
+                        &caller,
+                        &peer,
+                        "flight prepared statement",
+                        "statement",
+                        message,
+                    )
+                    .await,
+            ));
         };
         self.run(&caller, &peer, &q, request.into_inner()).await
     }
@@ -507,13 +509,11 @@ impl FlightSqlService for FlightSql {
             }
             _ => {
                 let message = "this ticket is unknown, already used, expired, or another session's";
-                Err(status(self.gateway.record_refusal(
-                    &caller,
-                    &peer,
-                    "flight ticket",
-                    "ticket",
-                    message,
-                )))
+                Err(status(
+                    self.gateway
+                        .refuse_off_thread(&caller, &peer, "flight ticket", "ticket", message)
+                        .await,
+                ))
             }
         }
     }
@@ -525,13 +525,11 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let (caller, peer) = self.caller(&request)?;
         let message = "this ticket is not one the enclave issued";
-        Err(status(self.gateway.record_refusal(
-            &caller,
-            &peer,
-            "flight ticket",
-            "ticket",
-            message,
-        )))
+        Err(status(
+            self.gateway
+                .refuse_off_thread(&caller, &peer, "flight ticket", "ticket", message)
+                .await,
+        ))
     }
 
     async fn get_flight_info_catalogs(

@@ -617,6 +617,25 @@ impl Gateway {
         }
     }
 
+    /// [`Gateway::record_refusal`] from async code: the record (which waits for the disk) is made on the
+    /// blocking pool, not an async worker.
+    pub async fn refuse_off_thread(
+        self: &Arc<Self>,
+        caller: &Caller,
+        peer: &Peer,
+        what: &str,
+        rule: &str,
+        message: &str,
+    ) -> GatewayError {
+        let (gateway, caller, peer) = (Arc::clone(self), caller.clone(), *peer);
+        let (what, rule, message) = (what.to_owned(), rule.to_owned(), message.to_owned());
+        tokio::task::spawn_blocking(move || {
+            gateway.record_refusal(&caller, &peer, &what, &rule, &message)
+        })
+        .await
+        .unwrap_or(GatewayError::Internal)
+    }
+
     /// Authorizes the query: the dataset's latest version and Cedar's decision (a denial is recorded).
     fn authorize(
         &self,

@@ -559,7 +559,7 @@ impl PgHandler {
             }
             Kind::Engine => {
                 if !parameters.is_empty() {
-                    return Err(self.refuse_parameters(&caller, &login, text));
+                    return Err(self.refuse_parameters(&caller, &login, text).await);
                 }
                 let request = self.request(&login, text);
                 let answer = self
@@ -578,14 +578,17 @@ impl PgHandler {
     }
 
     /// Records and refuses a DP query with bind parameters.
-    fn refuse_parameters(&self, caller: &Caller, login: &Login, sql: &str) -> PgWireError {
-        let e = self.gateway.record_refusal(
-            caller,
-            &login.peer,
-            sql,
-            "parameters",
-            "DP queries take no bind parameters: write the values into the SQL",
-        );
+    async fn refuse_parameters(&self, caller: &Caller, login: &Login, sql: &str) -> PgWireError {
+        let e = self
+            .gateway
+            .refuse_off_thread(
+                caller,
+                &login.peer,
+                sql,
+                "parameters",
+                "DP queries take no bind parameters: write the values into the SQL",
+            )
+            .await;
         pg_error(&e, false)
     }
 
@@ -696,13 +699,16 @@ impl PgHandler {
         if kinds.len() > 1 && kinds.iter().any(|k| matches!(k, Kind::Engine)) {
             let login = login(client)?;
             let caller = self.caller(&login)?;
-            let e = self.gateway.record_refusal(
-                &caller,
-                &login.peer,
-                query,
-                "statement",
-                "send one query per message (each is checked, charged and recorded on its own)",
-            );
+            let e = self
+                .gateway
+                .refuse_off_thread(
+                    &caller,
+                    &login.peer,
+                    query,
+                    "statement",
+                    "send one query per message (each is checked, charged and recorded on its own)",
+                )
+                .await;
             return Err(pg_error(&e, false));
         }
         let mut out = Vec::new();
@@ -771,7 +777,7 @@ impl PgHandler {
                     .and_then(|mut s| (s.len() == 1).then(|| s.remove(0)))
                     .is_some_and(|s| catalog::placeholders(&s) > 0);
                 if placeholders {
-                    return Err(self.refuse_parameters(&caller, &login, sql));
+                    return Err(self.refuse_parameters(&caller, &login, sql).await);
                 }
                 let request = self.request(&login, sql);
                 let (_, prepared) = self

@@ -350,19 +350,16 @@ async fn checked_form(
         .map_err(|e| PageError::new(e, Some(&signed.caller)))?;
     let given = form.get("csrf").unwrap_or("");
     if !csrf_holds(&signed.session, given) {
-        let gateway = Arc::clone(&ui.gateway);
-        let (caller, what) = (signed.caller.clone(), what.to_owned());
-        let error = tokio::task::spawn_blocking(move || {
-            gateway.record_refusal(
-                &caller,
+        let error = ui
+            .gateway
+            .refuse_off_thread(
+                &signed.caller,
                 &peer(addr),
                 &format!("web form: {what}"),
                 "csrf",
                 "the form did not carry this session's CSRF token; reload the page and submit it again",
             )
-        })
-        .await
-        .unwrap_or(GatewayError::Internal);
+            .await;
         return Err(PageError::new(error, Some(&signed.caller)));
     }
     Ok(form)
@@ -411,14 +408,11 @@ async fn require_board(
     if administers(ui, &signed.caller) {
         return Ok(());
     }
-    let gateway = Arc::clone(&ui.gateway);
-    let (caller, what) = (signed.caller.clone(), what.to_owned());
-    let error = tokio::task::spawn_blocking(move || {
-        let message = format!("{} may not {what} (board members only)", caller.user);
-        gateway.record_refusal(&caller, &peer(addr), &what, "access", &message)
-    })
-    .await
-    .unwrap_or(GatewayError::Internal);
+    let message = format!("{} may not {what} (board members only)", signed.caller.user);
+    let error = ui
+        .gateway
+        .refuse_off_thread(&signed.caller, &peer(addr), what, "access", &message)
+        .await;
     Err(PageError::new(error, Some(&signed.caller)))
 }
 

@@ -55,19 +55,16 @@ async fn signed_json(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !csrf_holds(&signed.session, given) {
-        let gateway = Arc::clone(&ui.gateway);
-        let caller = signed.caller.clone();
-        let error = tokio::task::spawn_blocking(move || {
-            gateway.record_refusal(
-                &caller,
+        let error = ui
+            .gateway
+            .refuse_off_thread(
+                &signed.caller,
                 &peer(addr),
                 &format!("web call: {what}"),
                 "csrf",
                 "the request did not carry this session's CSRF token; reload the page",
             )
-        })
-        .await
-        .unwrap_or(GatewayError::Internal);
+            .await;
         return Err(AppError(error));
     }
     Ok(signed)
