@@ -4,6 +4,7 @@
 //! record of every charge — so the chart is the ledger's own history, drawn on the server.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, State};
@@ -13,8 +14,8 @@ use enclave::ledger::Budget;
 
 use super::chart::{Series, spend_chart};
 use super::{
-    ClientAddr, PageError, PageResult, Ui, administers, html, pages, require_board, see_other,
-    signed_in, to_sign_in,
+    ClientAddr, PageError, PageResult, Ui, administers, blocking, html, pages, require_board,
+    see_other, signed_in, to_sign_in,
 };
 use crate::http::path_text;
 use crate::service::GatewayError;
@@ -118,11 +119,11 @@ pub(super) async fn index(State(ui): State<Ui>, headers: HeaderMap) -> PageResul
             pages::urlencode(&signed.caller.user)
         )));
     }
-    let all = ui
-        .gateway
-        .ledger()
-        .budgets(None)
-        .map_err(|e| PageError::new(internal(e), Some(&signed.caller)))?;
+    let gateway = Arc::clone(&ui.gateway);
+    let all = blocking(&signed.caller, move || {
+        gateway.ledger().budgets(None).map_err(internal)
+    })
+    .await?;
     Ok(html(pages::budgets_index(
         &signed.caller,
         &signed.csrf,
@@ -145,17 +146,19 @@ pub(super) async fn researcher(
     if user != signed.caller.user {
         require_board(&ui, &signed, addr, "see another researcher's budgets").await?;
     }
-    let ledger = ui.gateway.ledger();
-    let budgets = ledger.budgets(Some(&user)).map_err(|e| err(internal(e)))?;
-    let records = ledger
-        .search(
-            &Filter {
-                user: Some(user.clone()),
-                ..Filter::default()
-            },
-            MAX_CHARGES,
-        )
-        .map_err(|e| err(internal(e)))?;
+    // Up to MAX_CHARGES records: read on the blocking pool.
+    let (gateway, who) = (Arc::clone(&ui.gateway), user.clone());
+    let (budgets, records) = blocking(&signed.caller, move || {
+        let ledger = gateway.ledger();
+        let budgets = ledger.budgets(Some(&who)).map_err(internal)?;
+        let filter = Filter {
+            user: Some(who),
+            ..Filter::default()
+        };
+        let records = ledger.search(&filter, MAX_CHARGES).map_err(internal)?;
+        Ok((budgets, records))
+    })
+    .await?;
     let series = series_by(
         &records,
         &budgets,
@@ -190,25 +193,29 @@ pub(super) async fn dataset(
     require_board(&ui, &signed, addr, "see a dataset's budgets").await?;
     let err = |e| PageError::new(e, Some(&signed.caller));
     let name = path_text(name).map_err(err)?;
-    let ledger = ui.gateway.ledger();
-    let budgets: Vec<Budget> = ledger
-        .budgets(None)
-        .map_err(|e| err(internal(e)))?
-        .into_iter()
-        .filter(|b| b.dataset == name)
-        .collect();
-    let records: Vec<Record> = ledger
-        .search(
-            &Filter {
-                dataset: Some(name.clone()),
-                ..Filter::default()
-            },
-            MAX_CHARGES,
-        )
-        .map_err(|e| err(internal(e)))?
-        .into_iter()
-        .filter(|r| r.draft.dataset == name)
-        .collect();
+    // Up to MAX_CHARGES records: read on the blocking pool.
+    let (gateway, wanted) = (Arc::clone(&ui.gateway), name.clone());
+    let (budgets, records) = blocking(&signed.caller, move || {
+        let ledger = gateway.ledger();
+        let budgets: Vec<Budget> = ledger
+            .budgets(None)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|b| b.dataset == wanted)
+            .collect();
+        let filter = Filter {
+            dataset: Some(wanted.clone()),
+            ..Filter::default()
+        };
+        let records: Vec<Record> = ledger
+            .search(&filter, MAX_CHARGES)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|r| r.draft.dataset == wanted)
+            .collect();
+        Ok((budgets, records))
+    })
+    .await?;
     let series = series_by(
         &records,
         &budgets,
