@@ -198,8 +198,20 @@ fn a_crash_between_commit_and_release_loses_only_the_answer() {
     assert!(next.contains("budget left: ε 0.400000"), "{next}");
 }
 
-/// `enclave sql … | head -0`: a reader that closes the pipe early is no error and no panic (the answer
-/// was charged and audited before it was printed).
+/// Runs `enclave args…` in `cwd` with its standard output closed before it writes (a reader gone).
+fn with_stdout_closed(cwd: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut child = enclave_command(cwd, args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait")
+}
+
+/// `enclave sql … | head -0`: a reader that closes the pipe early causes no panic and stops nothing
+/// half done (the answer was charged and audited before it was printed); the exit status says the
+/// output was lost.
 #[test]
 fn a_closed_output_pipe_is_not_a_panic() {
     let s = Scratch::new();
@@ -212,13 +224,7 @@ fn a_closed_output_pipe_is_not_a_panic() {
         "carol",
         &["--epsilon", "0.1", "SELECT COUNT(*) AS n FROM patients"],
     );
-    let mut child = enclave_command(s.path(), &args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("wait");
+    let out = with_stdout_closed(s.path(), &args);
     let err = String::from_utf8_lossy(&out.stderr);
     // The answer was charged and recorded, but nobody read it: said so, with SIGPIPE's exit status.
     assert_eq!(out.status.code(), Some(141), "{err}");
@@ -240,13 +246,7 @@ fn a_closed_output_pipe_is_not_a_panic() {
         &["--data-dir", "enclave-data", "audit", "tail"][..],
         &["--data-dir", "enclave-data", "audit", "verify"][..],
     ] {
-        let mut child = enclave_command(s.path(), args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait");
+        let out = with_stdout_closed(s.path(), args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.code() == Some(141) && !err.contains("panicked"),
@@ -255,13 +255,7 @@ fn a_closed_output_pipe_is_not_a_panic() {
     }
     // A command whose output is cut off early still does all it does: `init` with its policies and
     // TLS pair, though its first line found nobody to read it.
-    let mut child = enclave_command(s.path(), &["--data-dir", "fresh", "init", "--self-signed"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("wait");
+    let out = with_stdout_closed(s.path(), &["--data-dir", "fresh", "init", "--self-signed"]);
     assert_eq!(out.status.code(), Some(141));
     assert!(
         s.path().join("fresh/policies/default.cedar").exists()

@@ -108,18 +108,21 @@ fn sign_in(addr: SocketAddr, user: &str, token: &str, totp: &str) -> (String, St
         "{:06}",
         (right.parse::<u32>().expect("code") + 1) % 1_000_000
     );
-    let (status, _, _, page) = exchange(
-        addr,
-        "POST",
-        "/ui/sign-in",
-        &nonce_cookie,
-        Some(&[
-            ("nonce", &nonce),
-            ("user", user),
-            ("token", token),
-            ("totp", &wrong),
-        ]),
-    );
+    let post = |code: &str| {
+        exchange(
+            addr,
+            "POST",
+            "/ui/sign-in",
+            &nonce_cookie,
+            Some(&[
+                ("nonce", &nonce),
+                ("user", user),
+                ("token", token),
+                ("totp", code),
+            ]),
+        )
+    };
+    let (status, _, _, page) = post(&wrong);
     assert_eq!(status, 401, "{page}");
     assert!(
         page.contains("Sign-in refused (rule <code>credentials</code>)")
@@ -127,18 +130,7 @@ fn sign_in(addr: SocketAddr, user: &str, token: &str, totp: &str) -> (String, St
             && page.contains("&quot;signature&quot;:&quot;"),
         "{page}"
     );
-    let (status, cookies, _, _) = exchange(
-        addr,
-        "POST",
-        "/ui/sign-in",
-        &nonce_cookie,
-        Some(&[
-            ("nonce", &nonce),
-            ("user", user),
-            ("token", token),
-            ("totp", &code_now(totp)),
-        ]),
-    );
+    let (status, cookies, _, _) = post(&right);
     assert_eq!(status, 303, "{cookies:?}");
     let session = cookies
         .iter()
