@@ -730,32 +730,31 @@ impl Accounts {
             &draft(user, &via),
             Event::SignedIn,
             &format!("session {id} ({}) by {how}", role.name()),
-                |tx| {
-                    tx.execute(
-                        "INSERT INTO gateway_sessions (token_hash, id, user, peer, created_at, expires_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![hash, id, user, peer, at, expires],
+            |tx| {
+                tx.execute(
+                    "INSERT INTO gateway_sessions (token_hash, id, user, peer, created_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![hash, id, user, peer, at, expires],
+                )?;
+                if let Some(credential) = passkey {
+                    // Only while the passkey is still there: one removed meanwhile opens nothing.
+                    let kept = tx.execute(
+                        "INSERT INTO gateway_passkey_sessions (session_id, credential)
+                         SELECT ?1, credential FROM gateway_passkeys
+                         WHERE credential = ?2 AND user = ?3",
+                        params![id, credential, user],
                     )?;
-                    if let Some(credential) = passkey {
-                        // Only while the passkey is still there: one removed meanwhile opens nothing.
-                        let kept = tx.execute(
-                            "INSERT INTO gateway_passkey_sessions (session_id, credential)
-                             SELECT ?1, credential FROM gateway_passkeys
-                             WHERE credential = ?2 AND user = ?3",
-                            params![id, credential, user],
-                        )?;
-                        if kept == 0 {
-                            return Err(enclave::Error::Internal(PASSKEY_GONE.into()));
-                        }
+                    if kept == 0 {
+                        return Err(enclave::Error::Internal(PASSKEY_GONE.into()));
                     }
-                    tx.execute(
-                        "DELETE FROM gateway_sign_in_failures WHERE rowid = ?1",
-                        [attempt],
-                    )?;
-                    Ok(())
-                },
-            )
-;
+                }
+                tx.execute(
+                    "DELETE FROM gateway_sign_in_failures WHERE rowid = ?1",
+                    [attempt],
+                )?;
+                Ok(())
+            },
+        );
         match opened {
             Ok(_) => {}
             // The passkey was removed while this sign-in was being checked: refused like a wrong
