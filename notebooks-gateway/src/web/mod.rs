@@ -398,6 +398,21 @@ fn administers(ui: &Ui, caller: &Caller) -> bool {
         .is_ok_and(|v| v.allowed)
 }
 
+/// A board member's form post: its CSRF token checked (rule `csrf`), then Cedar's `administer` (403),
+/// each refusal recorded; `what` names the step in both.
+async fn board_form(
+    ui: &Ui,
+    signed: &Signed,
+    addr: ClientAddr,
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+) -> Result<Form, PageError> {
+    let form = checked_form(ui, signed, addr, headers, body, what).await?;
+    require_board(ui, signed, addr, what).await?;
+    Ok(form)
+}
+
 /// Refuses (403, recorded) a caller Cedar does not let administer the enclave.
 async fn require_board(
     ui: &Ui,
@@ -695,8 +710,7 @@ async fn release_card(
     let Some(signed) = signed_in(&ui, &headers) else {
         return Ok(to_sign_in());
     };
-    let form = checked_form(&ui, &signed, addr, &headers, body, "release card figures").await?;
-    require_board(&ui, &signed, addr, "release card figures").await?;
+    let form = board_form(&ui, &signed, addr, &headers, body, "release card figures").await?;
     let err = |e| PageError::new(e, Some(&signed.caller));
     let name = path_text(name).map_err(err)?;
     let epsilon: f64 = form

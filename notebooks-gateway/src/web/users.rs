@@ -12,7 +12,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::HeaderMap;
 
 use super::{
-    ClientAddr, PageError, PageResult, Ui, bad, blocking, checked_form, html, pages, peer,
+    ClientAddr, PageError, PageResult, Ui, bad, blocking, board_form, html, pages, peer,
     require_board, see_other, signed_in, to_sign_in,
 };
 use crate::auth::Role;
@@ -76,8 +76,7 @@ pub(super) async fn add(
     let Some(signed) = signed_in(&ui, &headers) else {
         return Ok(to_sign_in());
     };
-    let form = checked_form(&ui, &signed, addr, &headers, body, "add a user").await?;
-    require_board(&ui, &signed, addr, "add a user").await?;
+    let form = board_form(&ui, &signed, addr, &headers, body, "add a user").await?;
     let role = Role::parse(form.get("role").unwrap_or(""))
         .map_err(|e| PageError::new(e.into(), Some(&signed.caller)))?;
     let name = form.text("user").trim().to_owned();
@@ -104,8 +103,7 @@ pub(super) async fn disable(
     let Some(signed) = signed_in(&ui, &headers) else {
         return Ok(to_sign_in());
     };
-    checked_form(&ui, &signed, addr, &headers, body, "disable a user").await?;
-    require_board(&ui, &signed, addr, "disable a user").await?;
+    board_form(&ui, &signed, addr, &headers, body, "disable a user").await?;
     let name = path_text(name).map_err(|e| PageError::new(e, Some(&signed.caller)))?;
     if name == signed.caller.user {
         return Err(PageError::new(
@@ -131,8 +129,7 @@ pub(super) async fn reset(
     let Some(signed) = signed_in(&ui, &headers) else {
         return Ok(to_sign_in());
     };
-    checked_form(&ui, &signed, addr, &headers, body, "reset a user's factors").await?;
-    require_board(&ui, &signed, addr, "reset a user's factors").await?;
+    board_form(&ui, &signed, addr, &headers, body, "reset a user's factors").await?;
     let name = path_text(name).map_err(|e| PageError::new(e, Some(&signed.caller)))?;
     let new = as_member(&ui, &signed, addr, move |accounts, caller, via| {
         accounts.reset_factors(&caller.user, &name, via)
