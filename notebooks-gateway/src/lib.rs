@@ -1,10 +1,10 @@
 //! The researchers' gateway. Every request passes authentication (two factors), authorization, the DP
 //! engine, the budget ledger and the audit log before any answer leaves.
 //!
-//! - `auth`: the accounts (API token + TOTP), sessions, replay protection, rate limiting and the audit
-//!   records of each.
+//! - `auth`: the accounts (API token + TOTP, or a passkey), sessions, replay protection, rate limiting
+//!   and the audit records of each (a refused sign-in carries its record's receipt).
 //! - `authz`: Cedar policies (schema and defaults in `policies/cedar/`) that decide every request and
-//!   name the deciding policies.
+//!   name the deciding policies; an earlier version's policy directory is brought up to date.
 //! - `access`: access requests and grants as the gateway serves them (Cedar decides each step).
 //! - `service`: what every protocol does (sign in, datasets, budgets, queries under Cedar and the
 //!   limits), protocol-independent.
