@@ -207,7 +207,17 @@ fn is_title(w: &str) -> bool {
 
 /// Adds a span per name found in `text`.
 pub(crate) fn find(text: &str, spans: &mut Vec<(usize, usize, PhiKind)>) {
-    let words: Vec<(usize, usize)> = WORD.find_iter(text).map(|m| (m.start(), m.end())).collect();
+    find_with(&WORD, text, spans);
+}
+
+/// The capitalised-word pattern [`find_with`] takes (a thread's own copy: see `scrub::Patterns`).
+pub(crate) fn word_pattern() -> Regex {
+    WORD.clone()
+}
+
+/// [`find`] with `word` as the capitalised-word pattern (from [`word_pattern`]).
+pub(crate) fn find_with(word: &Regex, text: &str, spans: &mut Vec<(usize, usize, PhiKind)>) {
+    let words: Vec<(usize, usize)> = word.find_iter(text).map(|m| (m.start(), m.end())).collect();
     // Word i and i + 1 are one name's parts when only a space (or a hyphen-free line break) is between.
     let joined = |i: usize| {
         words.get(i + 1).is_some_and(|&(s, _)| {

@@ -390,11 +390,53 @@ fn known_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, PhiKi
 /// The spans the patterns and name lists find in `text`, the same for every person (ages as `Age`
 /// whatever they say: [`with_patterns`] applies the person's age rule), in no particular order.
 pub fn pattern_spans(text: &str) -> Vec<(usize, usize, PhiKind)> {
-    let mut spans: Vec<(usize, usize, PhiKind)> = Vec::new();
+    let mut spans = Vec::new();
+    spans_with(&PATTERN_SET, |i| &PATTERNS[i].re, text, &mut spans);
+    crate::names::find(text, &mut spans);
+    spans
+}
+
+/// The compiled patterns, copied for one thread. A copy has search caches of its own: threads sharing
+/// one regex take turns at its cache pool, which costs more than the search on short texts.
+#[derive(Clone)]
+pub(crate) struct Patterns {
+    set: regex::RegexSet,
+    each: Vec<Regex>,
+    word: Regex,
+}
+
+impl Default for Patterns {
+    fn default() -> Patterns {
+        Patterns {
+            set: PATTERN_SET.clone(),
+            each: PATTERNS.iter().map(|p| p.re.clone()).collect(),
+            word: crate::names::word_pattern(),
+        }
+    }
+}
+
+impl Patterns {
+    /// [`pattern_spans`] with this copy.
+    pub(crate) fn spans(&self, text: &str) -> Vec<(usize, usize, PhiKind)> {
+        let mut spans = Vec::new();
+        spans_with(&self.set, |i| &self.each[i], text, &mut spans);
+        crate::names::find_with(&self.word, text, &mut spans);
+        spans
+    }
+}
+
+/// The pattern spans of `text`, searched with `set` and `re` (the `i`th pattern's regex).
+fn spans_with<'r>(
+    set: &regex::RegexSet,
+    re: impl Fn(usize) -> &'r Regex,
+    text: &str,
+    spans: &mut Vec<(usize, usize, PhiKind)>,
+) {
     // One pass over the text says which patterns occur at all; only those are searched for positions.
-    for i in PATTERN_SET.matches(text).iter() {
+    for i in set.matches(text).iter() {
         let p = &PATTERNS[i];
-        for m in p.re.find_iter(text) {
+        let re = re(i);
+        for m in re.find_iter(text) {
             if p.check
                 .is_some_and(|check| !check(text, m.start(), m.end()))
             {
@@ -402,17 +444,15 @@ pub fn pattern_spans(text: &str) -> Vec<(usize, usize, PhiKind)> {
             }
             if p.group == 0 {
                 spans.push((m.start(), m.end(), p.kind));
-            } else if let Some(g) =
-                p.re.captures_at(&text[..m.end()], m.start())
-                    .and_then(|c| c.get(p.group))
+            } else if let Some(g) = re
+                .captures_at(&text[..m.end()], m.start())
+                .and_then(|c| c.get(p.group))
             {
                 // Captures only where the fast search found a match.
                 spans.push((g.start(), g.end(), p.kind));
             }
         }
     }
-    crate::names::find(text, &mut spans);
-    spans
 }
 
 /// Earliest start first; at equal starts, the longest span (and the known-identifier kind) wins; overlaps
@@ -436,6 +476,7 @@ fn merge(mut spans: Vec<(usize, usize, PhiKind)>) -> Vec<(usize, usize, PhiKind)
 #[derive(Default)]
 pub struct PatternCache {
     spans: ahash::AHashMap<Box<str>, Box<[Span]>>,
+    patterns: Patterns,
 }
 
 impl PatternCache {
@@ -447,12 +488,12 @@ impl PatternCache {
     /// [`pattern_spans`], from the cache when the text was seen before.
     pub fn pattern_spans(&mut self, text: &str) -> Box<[Span]> {
         if text.len() > Self::MAX_TEXT {
-            return pattern_spans(text).into_boxed_slice();
+            return self.patterns.spans(text).into_boxed_slice();
         }
         if let Some(found) = self.spans.get(text) {
             return found.clone();
         }
-        let found = pattern_spans(text).into_boxed_slice();
+        let found = self.patterns.spans(text).into_boxed_slice();
         if self.spans.len() >= Self::MAX_ENTRIES {
             self.spans.clear();
         }
@@ -508,6 +549,32 @@ fn is_word_byte(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_threads_copy_of_the_patterns_finds_what_the_shared_ones_find() {
+        let texts = [
+            "Seen by Dr. Ann Lee, MD on 03/14/1962 at Riverside General Hospital; call 555-810-7203.",
+            "Her son Kenji Watanabe (MRN: A1234567) lives at 12 Oak Street, Boston, MA 02118.",
+            "92 year-old, e-mail ann@example.org, www.example.org, 10.0.0.1, 0.12/0.015 mg.",
+            "",
+        ];
+        let copy = Patterns::default();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    for t in texts {
+                        let mut a = copy.spans(t);
+                        let mut b = pattern_spans(t);
+                        a.sort();
+                        b.sort();
+                        assert_eq!(a, b, "{t}");
+                        assert!(t.is_empty() || !a.is_empty(), "{t}");
+                    }
+                })
+                .join()
+                .expect("thread");
+        });
+    }
 
     #[test]
     fn known_identifiers_and_patterns_are_replaced() {
