@@ -324,6 +324,50 @@ fn each_person_weighs_at_most_k_rows_with_and_without_where() {
         .join("contributions/k10/observations.parquet");
     let bytes = std::fs::read(&index).expect("index built");
     assert_eq!(&bytes[bytes.len() - 4..], b"PARE", "encrypted footer");
+    // Published tables are in their final encoding, not the staged scratch one: compressed, with
+    // statistics, and a dictionary where values repeat (codes) but not for mostly distinct text (IDs).
+    let key = dir
+        .keystore()
+        .expect("keystore")
+        .get(&version.version.key_id)
+        .expect("data key");
+    let decryption = parquet::encryption::decrypt::FileDecryptionProperties::builder(key.to_vec())
+        .build()
+        .expect("decryption");
+    let table = dir
+        .root()
+        .join(&version.version.storage_path)
+        .join("observations.parquet");
+    let metadata =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new_with_options(
+            std::fs::File::open(&table).expect("table"),
+            parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+                .with_file_decryption_properties(decryption),
+        )
+        .expect("reader")
+        .metadata()
+        .clone();
+    let group = metadata.row_group(0);
+    let chunk = |name: &str| {
+        group
+            .columns()
+            .iter()
+            .find(|c| c.column_path().string() == name)
+            .unwrap_or_else(|| panic!("column {name}"))
+    };
+    for name in ["person_id", "code", "value_numeric"] {
+        let c = chunk(name);
+        assert_eq!(
+            c.compression(),
+            parquet::basic::Compression::SNAPPY,
+            "{name}"
+        );
+        assert!(c.statistics().is_some(), "{name} has statistics");
+    }
+    assert!(
+        chunk("code").dictionary_page_offset().is_some(),
+        "codes repeat"
+    );
 }
 
 /// An answer whose rows bounding may have cut says how many it left out, estimated under DP and paid

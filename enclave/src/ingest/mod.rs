@@ -3,7 +3,8 @@
 //! 1. The profile and any mapping are parsed and checked before a row is read.
 //! 2. Pass one reads only patients: person keys, date shifts, scrub lists, k-anonymity.
 //! 3. Pass two streams every row through the transform into one encrypted Parquet file per table, in a
-//!    staging directory; bad rows go to an encrypted quarantine file with their reason.
+//!    staging directory, encoded as scratch; bad rows go to an encrypted quarantine file with their reason.
+//!    Each table is then read back once and written in its final encoding, its singled-out values withheld.
 //! 4. Files are fsynced, the staging directory is renamed into place, and the version is published in one
 //!    catalog transaction. A run that dies before that leaves nothing visible; re-running works.
 //!
@@ -42,7 +43,7 @@ use writer::{Span, TableWriters};
 
 use crate::datadir::DataDir;
 use crate::keys::{Keystore, Secret};
-use crate::storage::EncryptedWriter;
+use crate::storage::{Encoding, EncryptedWriter};
 use crate::{Error, Result};
 
 /// Rows buffered per table before they are handed to the Parquet writer.
@@ -221,13 +222,9 @@ pub fn ingest(
         .any(|c| c.rows as f64 > limit * c.values as f64);
     #[cfg(feature = "danger-test-hooks")]
     let too_fine = too_fine || opts.danger_keep_unique_values;
-    if !too_fine {
-        for (table, _) in &singled {
-            let span = withhold_singled_out(&mut deid, &staging.0, *table, &key_id, &data_key)?;
-            if let Some((_, s)) = sinks.get_mut(table) {
-                *s = span;
-            }
-        }
+    for (table, (_, span)) in sinks.iter_mut() {
+        let withhold = !too_fine && singled.iter().any(|(t, _)| t == table);
+        *span = finish_table(&mut deid, &staging.0, *table, withhold, &key_id, &data_key)?;
     }
 
     let mut tables = BTreeMap::new();
@@ -481,11 +478,13 @@ fn write_version(
         let schema = deid.schema(t);
         writers.insert(
             t,
-            EncryptedWriter::create(
+            // Staged as scratch: every table is read back once and written again in its final encoding.
+            EncryptedWriter::create_as(
                 &staging.join(format!("{}.parquet", t.name())),
                 schema.clone(),
                 key_id,
                 key,
+                Encoding::Scratch,
             )?,
         );
         sinks.insert(
@@ -661,20 +660,29 @@ fn flush(table: Table, sink: &mut TableSink, writers: &mut TableWriters) -> Resu
     writers.write(table, sink.output.take_batch()?)
 }
 
-/// Rewrites a staged table with its singled-out values withheld (through the transform, which measures
-/// it again); returns its coverage span.
-fn withhold_singled_out(
+/// Rewrites a staged (scratch-encoded) table in its final encoding; with `withhold`, its singled-out
+/// values are withheld on the way (through the transform, which measures it again). Returns its coverage
+/// span.
+fn finish_table(
     deid: &mut Deidentifier,
     staging: &Path,
     table: Table,
+    withhold: bool,
     key_id: &str,
     key: &Secret,
 ) -> Result<Span> {
     let path = staging.join(format!("{}.parquet", table.name()));
-    let rewritten = staging.join(format!("{}.parquet.withheld", table.name()));
-    deid.begin_withholding(table);
-    let writer = EncryptedWriter::create(&rewritten, deid.schema(table), key_id, key)?;
-    let mut writers = TableWriters::start(BTreeMap::from([(table, writer)]))?;
+    let rewritten = staging.join(format!("{}.parquet.final", table.name()));
+    if withhold {
+        deid.begin_withholding(table);
+    }
+    let schema = deid.schema(table);
+    let start = |plain: Vec<String>| -> Result<TableWriters> {
+        let encoding = Encoding::Final { plain };
+        let writer = EncryptedWriter::create_as(&rewritten, schema.clone(), key_id, key, encoding)?;
+        TableWriters::start(BTreeMap::from([(table, writer)]))
+    };
+    let mut started: Option<TableWriters> = None;
     // Decoding on one thread, withholding on this one, encoding on the writer's.
     let batches = crate::storage::read_encrypted(&path, key)?;
     std::thread::scope(|scope| -> Result<()> {
@@ -687,13 +695,46 @@ fn withhold_singled_out(
             }
         });
         for batch in decoded {
-            writers.write(table, deid.withhold_batch(&batch?)?)?;
+            let batch = batch?;
+            let batch = if withhold {
+                deid.withhold_batch(&batch)?
+            } else {
+                batch
+            };
+            let writers = match &mut started {
+                Some(w) => w,
+                // The first batch says which text columns hold mostly distinct values.
+                None => started.insert(start(mostly_distinct(&batch))?),
+            };
+            writers.write(table, batch)?;
         }
         Ok(())
     })?;
+    let writers = match started {
+        Some(w) => w,
+        None => start(Vec::new())?,
+    };
     let span = writers.finish()?.remove(&table).unwrap_or_default();
     std::fs::rename(&rewritten, &path).map_err(|e| Error::io(&path, e))?;
     Ok(span)
+}
+
+/// The text columns of `batch` (a table's first) whose values are mostly distinct (IDs, free text): a
+/// dictionary would only cost time before Parquet gives it up, so they are written plain.
+fn mostly_distinct(batch: &arrow::record_batch::RecordBatch) -> Vec<String> {
+    use arrow::array::{Array, AsArray};
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .filter_map(|(field, column)| {
+            let text = column.as_string_opt::<i32>()?;
+            let present = text.len() - text.null_count();
+            let distinct: std::collections::HashSet<&str> = text.iter().flatten().collect();
+            (present >= 1024 && distinct.len() * 2 > present).then(|| field.name().clone())
+        })
+        .collect()
 }
 
 fn validate_name(what: &str, name: &str) -> Result<()> {
@@ -730,6 +771,39 @@ pub(crate) fn sync_dir(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use deidentify::KnownStore;
+
+    #[test]
+    fn only_text_columns_of_mostly_distinct_values_go_without_a_dictionary() {
+        use arrow::array::{Int64Array, RecordBatch};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("code", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, false),
+            Field::new("sparse", DataType::Utf8, true),
+            Field::new("empty", DataType::Utf8, true),
+        ]));
+        let rows = 4096;
+        let id: StringArray = (0..rows).map(|i| Some(format!("id-{i}"))).collect();
+        let code: StringArray = (0..rows).map(|i| Some(format!("c{}", i % 40))).collect();
+        let n: Int64Array = (0..rows as i64).collect();
+        // Distinct where present, but present in fewer than 1,024 rows: too few to judge.
+        let sparse: StringArray = (0..rows)
+            .map(|i| (i % 8 == 0).then(|| format!("s{i}")))
+            .collect();
+        let empty: StringArray = (0..rows).map(|_| None::<String>).collect();
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(id),
+                Arc::new(code),
+                Arc::new(n),
+                Arc::new(sparse),
+                Arc::new(empty),
+            ],
+        )
+        .expect("batch");
+        assert_eq!(mostly_distinct(&batch), vec!["id".to_owned()]);
+    }
 
     #[test]
     fn the_known_identifier_spill_is_ciphertext_and_goes_away() {

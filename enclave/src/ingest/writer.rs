@@ -1,5 +1,5 @@
-//! The writer thread: encodes, compresses and encrypts the tables' batches on a core of its own while the
-//! reading thread de-identifies the next rows.
+//! The writer thread: encodes and encrypts the tables' batches (through [`EncryptedWriter`], which encodes
+//! a batch's columns on two threads) while the reading thread de-identifies the next rows.
 //!
 //! Batches travel over a bounded channel (a few batches at most in flight, so memory stays flat); the
 //! thread owns one [`EncryptedWriter`] per table and keeps each table's earliest and latest event as
