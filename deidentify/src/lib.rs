@@ -27,7 +27,7 @@ pub use read::{
     read_file_ahead,
 };
 pub use risk::{ColumnRisk, RiskReport, SingledOut, TableRisk};
-pub use scrub::{AgeRule, KnownIdentifiers, PhiKind, ScrubCounts, phi_spans, scrub};
+pub use scrub::{AgeRule, KnownIdentifiers, PhiKind, ScrubCounts, phi_spans, scrub, warm_up};
 pub use transform::{
     Deidentifier, KnownStore, MemoryKnownStore, OutOfDomain, Prescan, REVIEW_PER_KIND,
     ReleasedColumn, ReviewItem, Skip, TableOutput,

@@ -36,6 +36,16 @@ static LAST: LazyLock<HashSet<&'static str>> =
 static NOT_NAMES: LazyLock<HashSet<&'static str>> =
     LazyLock::new(|| list(include_str!("../data/names/not-names.txt")));
 
+/// Builds the name lists and compiles the patterns now (see [`crate::scrub::warm_up`]).
+pub(crate) fn warm_up() {
+    for set in [&FIRST, &LAST, &NOT_NAMES] {
+        LazyLock::force(set);
+    }
+    for re in [&WORD, &INTRODUCER, &CREDENTIAL] {
+        LazyLock::force(re);
+    }
+}
+
 /// A capitalised word (with Synthea's numeric suffix, if any), or an initial (`J.`).
 static WORD: LazyLock<Regex> = LazyLock::new(|| {
     // A constant of this file, exercised by the unit tests below.

@@ -283,16 +283,20 @@ fn channels(n: usize) -> (Senders, Receivers) {
 /// [`read_file`] with the parsing on one thread and the preparing of records on others, one per entry
 /// of `preparers` (batches go to them in turn): rows reach `sink` in the same order, a few batches
 /// ahead at most (memory stays bounded). When `sink` fails, reading stops and its error is the answer.
+///
+/// `sink` sees each item by reference: spent batches go back to the parsing thread, which allocated
+/// their values and so frees them cheaply (and reuses the batch), instead of the sink's thread.
 pub fn read_file_ahead(
     file: &SourceFile,
     pass: Pass,
     unmodelled: &mut Unmodelled,
     preparers: &mut [&mut (dyn FnMut(&mut SourceRecord) + Send)],
-    sink: &mut dyn FnMut(Item) -> Result<()>,
+    sink: &mut dyn FnMut(&Item) -> Result<()>,
 ) -> Result<()> {
     let lanes = preparers.len().max(1);
     let (to_prepare, parsed) = channels(lanes);
     let (to_sink, prepared) = channels(lanes);
+    let (spent_tx, spent) = std::sync::mpsc::channel::<Vec<Item>>();
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || {
             let mut found = Unmodelled::new();
@@ -301,7 +305,16 @@ pub fn read_file_ahead(
             let read = read_file(file, pass, &mut found, &mut |item| {
                 batch.push(item);
                 if batch.len() == AHEAD_BATCH {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(AHEAD_BATCH));
+                    // A spent batch is emptied here (its values were allocated on this thread) and
+                    // filled again; without one, a new batch is allocated.
+                    let next = match spent.try_recv() {
+                        Ok(mut old) => {
+                            old.clear();
+                            old
+                        }
+                        Err(_) => Vec::with_capacity(AHEAD_BATCH),
+                    };
+                    let full = std::mem::replace(&mut batch, next);
                     // A receiver is gone only when the sink failed: stop quietly, its error wins.
                     to_prepare[lane]
                         .send(full)
@@ -313,6 +326,11 @@ pub fn read_file_ahead(
             // The rows read before an error are handed on too, as `read_file` would have.
             if !batch.is_empty() {
                 let _ = to_prepare[lane].send(batch);
+            }
+            drop(to_prepare);
+            // The rest of the spent batches are freed here too, until the sink's side is done.
+            for old in spent {
+                drop(old);
             }
             read.map(|()| found)
         });
@@ -351,12 +369,15 @@ pub fn read_file_ahead(
             let Ok(batch) = prepared[lane].recv() else {
                 break;
             };
-            consumed = batch.into_iter().try_for_each(&mut *sink);
+            consumed = batch.iter().try_for_each(&mut *sink);
+            // Only the reader is gone here, which it never is before this side drops the sender.
+            let _ = spent_tx.send(batch);
             if consumed.is_err() {
                 break;
             }
         }
         drop(prepared);
+        drop(spent_tx);
         let read = reader
             .join()
             .map_err(|_| Error::Sink("the reading thread panicked".into()))?;
@@ -1129,7 +1150,7 @@ mod tests {
             &mut Unmodelled::new(),
             &mut [&mut one, &mut two],
             &mut |i| {
-                ahead.push(line(&i));
+                ahead.push(line(i));
                 Ok(())
             },
         )

@@ -225,6 +225,14 @@ fn numeric_date(text: &str, start: usize, end: usize) -> bool {
     }
 }
 
+/// Compiles the scrub patterns and builds the name lists now, rather than at the first text: a run calls
+/// it on a thread of its own while it reads patients, when the second core has little else to do.
+pub fn warm_up() {
+    LazyLock::force(&PATTERNS);
+    LazyLock::force(&PATTERN_SET);
+    crate::names::warm_up();
+}
+
 /// All of [`PATTERNS`] as one set, in the same order.
 static PATTERN_SET: LazyLock<regex::RegexSet> = LazyLock::new(|| {
     // Built from the same sources as PATTERNS, which the unit tests compile and exercise.

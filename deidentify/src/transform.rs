@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use ahash::AHashMap as HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
     ArrayRef, Date32Builder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
@@ -453,8 +453,8 @@ pub struct Deidentifier {
     review: ReviewSampler,
     /// The risk figures, from the end of pass one.
     risk: Option<RiskMeter>,
-    /// The table whose singled-out values are being withheld, and which.
-    withholding: Option<(Table, Withhold)>,
+    /// The tables whose singled-out values are being withheld, and which.
+    withholding: HashMap<Table, Withhold>,
     /// Released person_id → person, for measuring rows read back.
     person_index: HashMap<[u8; 16], u32>,
 }
@@ -546,7 +546,7 @@ impl Deidentifier {
             written_classes: HashMap::new(),
             review: ReviewSampler::default(),
             risk: None,
-            withholding: None,
+            withholding: HashMap::new(),
             person_index: HashMap::new(),
         }
     }
@@ -971,17 +971,19 @@ impl Deidentifier {
                 .collect();
         }
         if let Some(meter) = self.risk.as_mut() {
-            self.withholding = Some((table, meter.withhold(table)));
+            self.withholding.insert(table, meter.withhold(table));
         }
     }
 
-    /// A written batch of the table given to [`Deidentifier::begin_withholding`], with its singled-out
-    /// values withheld (null); the table's figures follow its rows.
+    /// A written batch of `table` (given to [`Deidentifier::begin_withholding`] before), with its
+    /// singled-out values withheld (null); the table's figures follow its rows. Several tables can be
+    /// withheld at once, their batches interleaved.
     pub fn withhold_batch(
         &mut self,
+        table: Table,
         batch: &RecordBatch,
     ) -> Result<RecordBatch, arrow::error::ArrowError> {
-        let (Some((table, w)), Some(meter)) = (&self.withholding, self.risk.as_mut()) else {
+        let (Some(w), Some(meter)) = (self.withholding.get(&table), self.risk.as_mut()) else {
             return Ok(batch.clone());
         };
         let rows = batch.num_rows();
@@ -1018,7 +1020,7 @@ impl Deidentifier {
             if w.measure_again {
                 row.clear();
                 row.extend(out.columns()[1..].iter().map(|c| out_at(c.as_ref(), r)));
-                meter.record(*table, idx as usize, class, &row);
+                meter.record(table, idx as usize, class, &row);
             } else {
                 let key = meter.record_key(
                     class,
@@ -1028,7 +1030,7 @@ impl Deidentifier {
                             .map_or(Cell::Null, |c| Cell::at(c.as_ref(), r))
                     }),
                 );
-                meter.count_record(*table, key);
+                meter.count_record(table, key);
             }
         }
         Ok(out)
@@ -1087,8 +1089,8 @@ impl Deidentifier {
     /// Second pass: transforms one row into `out` (which must be this table's output).
     pub fn transform(&mut self, rec: &SourceRecord, out: &mut TableOutput) -> Result<(), Skip> {
         let table = rec.table;
-        let source_id = rec
-            .text(PATIENT_REF)
+        let source_id = value_at(rec, Positions::get(table).patient)
+            .and_then(Value::as_text)
             .ok_or_else(|| Skip::Quarantine("missing patient reference".into()))?;
         let found = if self.last_source.0 == source_id {
             self.last_source.1
@@ -1490,21 +1492,65 @@ fn output_type(rule: &ColumnRule) -> DataType {
     }
 }
 
+/// Where the row checks and the transform find their columns in one table's source records: looked up
+/// once per table, not by name for every row.
+struct Positions {
+    /// The patient reference.
+    patient: Option<usize>,
+    /// The columns a row must have a value in.
+    required: Vec<(Option<usize>, &'static str)>,
+    code: Option<usize>,
+    start: Option<usize>,
+    stop: Option<usize>,
+}
+
+impl Positions {
+    fn of(table: Table) -> Positions {
+        let required: &[&'static str] = match table {
+            Table::Patients => &[],
+            Table::Encounters => &["encounter_id", "start"],
+            Table::Conditions => &["start", "code"],
+            Table::Observations => &["date", "code"],
+            Table::Medications => &["start", "code"],
+            Table::Procedures => &["start", "code"],
+            Table::Notes => &["date", "text"],
+        };
+        Positions {
+            patient: table.column_index(PATIENT_REF),
+            required: required
+                .iter()
+                .map(|c| (table.column_index(c), *c))
+                .collect(),
+            code: table.column_index("code"),
+            start: table.column_index("start"),
+            stop: table.column_index("stop"),
+        }
+    }
+
+    /// The positions of `table`'s columns.
+    fn get(table: Table) -> &'static Positions {
+        static ALL: LazyLock<[Positions; 7]> = LazyLock::new(|| Table::ALL.map(Positions::of));
+        let i = Table::ALL.iter().position(|t| *t == table).unwrap_or(0);
+        &ALL[i]
+    }
+}
+
+/// The value at `position` of `rec`, if any.
+fn value_at(rec: &SourceRecord, position: Option<usize>) -> Option<&Value> {
+    position.and_then(|i| rec.values.get(i)?.as_ref())
+}
+
 /// Row checks beyond parsing: required fields and code systems.
 fn validate_row(rec: &SourceRecord) -> Result<(), String> {
-    let required: &[&str] = match rec.table {
-        Table::Patients => &[],
-        Table::Encounters => &["encounter_id", "start"],
-        Table::Conditions => &["start", "code"],
-        Table::Observations => &["date", "code"],
-        Table::Medications => &["start", "code"],
-        Table::Procedures => &["start", "code"],
-        Table::Notes => &["date", "text"],
-    };
-    if let Some(missing) = required.iter().find(|c| rec.get(c).is_none()) {
+    let at = Positions::get(rec.table);
+    if let Some((_, missing)) = at
+        .required
+        .iter()
+        .find(|(i, _)| value_at(rec, *i).is_none())
+    {
         return Err(format!("missing {missing}"));
     }
-    if let Some(code) = rec.text("code") {
+    if let Some(code) = value_at(rec, at.code).and_then(Value::as_text) {
         let ok = match rec.table {
             Table::Observations => {
                 is_loinc(code)
@@ -1527,8 +1573,8 @@ fn validate_row(rec: &SourceRecord) -> Result<(), String> {
             return Err(format!("code is not a valid {system} code"));
         }
     }
-    let date = |c: &str| rec.get(c).and_then(Value::as_date);
-    if let (Some(start), Some(stop)) = (date("start"), date("stop"))
+    let date = |i: Option<usize>| value_at(rec, i).and_then(Value::as_date);
+    if let (Some(start), Some(stop)) = (date(at.start), date(at.stop))
         && stop < start
     {
         return Err("stop is before start".into());

@@ -22,6 +22,9 @@ fn a_run_killed_part_way_publishes_nothing_and_rerunning_works() {
             "export/csv",
             "--profile",
             "hipaa-safe-harbor",
+            // Every table to its scratch file from the first batch: the kill lands while files are written.
+            "--stage-memory-mib",
+            "0",
         ])
         .current_dir(s.path())
         .stdout(Stdio::null())

@@ -2,9 +2,10 @@
 //!
 //! 1. The profile and any mapping are parsed and checked before a row is read.
 //! 2. Pass one reads only patients: person keys, date shifts, scrub lists, k-anonymity.
-//! 3. Pass two streams every row through the transform into one encrypted Parquet file per table, in a
-//!    staging directory, encoded as scratch; bad rows go to an encrypted quarantine file with their reason.
-//!    Each table is then read back once and written in its final encoding, its singled-out values withheld.
+//! 3. Pass two streams every row through the transform into batches held in memory up to the staging
+//!    budget ([`IngestOptions::stage_memory`]), past it into one encrypted scratch Parquet file per table
+//!    in a staging directory; bad rows go to an encrypted quarantine file with their reason. Each table is
+//!    then written once in its final encoding, two at a time, its singled-out values withheld.
 //! 4. Files are fsynced, the staging directory is renamed into place, and the version is published in one
 //!    catalog transaction. A run that dies before that leaves nothing visible; re-running works.
 //!
@@ -39,7 +40,7 @@ pub use report::{ColumnAction, IngestReport, KAnonReport, PersonCounts, RowCount
 use progress::Progress;
 use quarantine::Quarantine;
 use spill::KnownSpill;
-use writer::{Span, TableWriters};
+use writer::{Span, Staged, TableWriters};
 
 use crate::datadir::DataDir;
 use crate::keys::{Keystore, Secret};
@@ -48,6 +49,9 @@ use crate::{Error, Result};
 
 /// Rows buffered per table before they are handed to the Parquet writer.
 const BATCH_ROWS: usize = 8192;
+
+/// The default of [`IngestOptions::stage_memory`]: 256 MiB.
+pub const DEFAULT_STAGE_MEMORY: usize = 256 << 20;
 
 /// What to ingest and how.
 #[derive(Debug, Clone)]
@@ -70,6 +74,9 @@ pub struct IngestOptions {
     pub consent_scope: String,
     /// Report progress on stderr: a bar with rows/s on a terminal, a plain line every few seconds otherwise.
     pub progress: bool,
+    /// Bytes of de-identified batches held in memory between pass two and the final write; past it,
+    /// the tables holding most are staged as encrypted scratch files (and read back once).
+    pub stage_memory: usize,
     /// Test builds only: release values that single out their person as they are, and never fail on
     /// them (the DP engine's tests compare answers with exact figures over a few synthetic persons).
     #[cfg(feature = "danger-test-hooks")]
@@ -95,6 +102,7 @@ impl IngestOptions {
             max_quarantine_ratio: None,
             consent_scope: "secondary use for research under the profile's legal basis".into(),
             progress: false,
+            stage_memory: DEFAULT_STAGE_MEMORY,
             #[cfg(feature = "danger-test-hooks")]
             danger_keep_unique_values: false,
         }
@@ -171,6 +179,8 @@ pub fn ingest(
     .with_known_store(Box::new(spill));
     let progress = Progress::new(opts.progress);
     let mut unmodelled = BTreeMap::new();
+    // The scrub patterns compile on the second core while pass one reads patients on this one.
+    let warming = std::thread::spawn(deidentify::warm_up);
 
     // Pass one: patients.
     let first: Vec<&SourceFile> = discovery
@@ -189,13 +199,15 @@ pub fn ingest(
             &mut |item| {
                 if let Item::Record(rec) = item {
                     progress.tick(base + rec.origin.byte, 1);
-                    deid.add_patient(&rec);
+                    deid.add_patient(rec);
                 }
                 Ok(())
             },
         )?;
     }
     let kanon = deid.finish_patients().cloned();
+    // A panic there would be a pattern that does not compile; the unit tests compile every one.
+    let _ = warming.join();
 
     // Pass two: everything, into staging.
     let (key_id, data_key) = keystore.new_data_key(&format!("{}@{version}", opts.dataset))?;
@@ -203,13 +215,18 @@ pub fn ingest(
         &mut deid,
         &discovery.files,
         &staging.0,
-        &key_id,
-        &data_key,
+        (&key_id, &data_key),
+        opts.stage_memory,
         &progress,
         &mut unmodelled,
     );
     progress.finish();
-    let (mut sinks, quarantine_reasons, unrecognised) = result?;
+    let PassTwo {
+        mut sinks,
+        mut staged,
+        reasons: quarantine_reasons,
+        unrecognised,
+    } = result?;
     let review_sample = write_review(&deid, &staging.0, &key_id, &data_key)?;
 
     // Values no other person holds are withheld from the value and time columns, unless a column has
@@ -222,9 +239,20 @@ pub fn ingest(
         .any(|c| c.rows as f64 > limit * c.values as f64);
     #[cfg(feature = "danger-test-hooks")]
     let too_fine = too_fine || opts.danger_keep_unique_values;
-    for (table, (_, span)) in sinks.iter_mut() {
-        let withhold = !too_fine && singled.iter().any(|(t, _)| t == table);
-        *span = finish_table(&mut deid, &staging.0, *table, withhold, &key_id, &data_key)?;
+    let mut rewrite: Vec<Rewrite> = sinks
+        .keys()
+        .map(|table| Rewrite {
+            table: *table,
+            withhold: !too_fine && singled.iter().any(|(t, _)| t == table),
+            staged: staged.remove(table).unwrap_or_default(),
+        })
+        .collect();
+    // Largest first, so the last table to finish is a small one.
+    rewrite.sort_by_key(|r| std::cmp::Reverse(sinks.get(&r.table).map_or(0, |(c, _)| c.written)));
+    for (table, span) in finish_tables(&mut deid, &staging.0, rewrite, &key_id, &data_key)? {
+        if let Some((_, s)) = sinks.get_mut(&table) {
+            *s = span;
+        }
     }
 
     let mut tables = BTreeMap::new();
@@ -463,29 +491,46 @@ pub fn ingest(
 
 type Sinks = BTreeMap<Table, (RowCounts, Span)>;
 
+/// What pass two wrote.
+struct PassTwo {
+    /// Per table, its row counts (and a span the final rewrite sets).
+    sinks: Sinks,
+    /// Per table, its de-identified batches: in memory, or in its scratch file.
+    staged: BTreeMap<Table, Staged>,
+    /// Quarantined rows per reason.
+    reasons: BTreeMap<String, u64>,
+    /// Rows whose table could not even be told.
+    unrecognised: u64,
+}
+
 fn write_version(
     deid: &mut Deidentifier,
     files: &[SourceFile],
     staging: &Path,
-    key_id: &str,
-    key: &Secret,
+    (key_id, key): (&str, &Secret),
+    stage_memory: usize,
     progress: &Progress,
     unmodelled: &mut BTreeMap<String, u64>,
-) -> Result<(Sinks, BTreeMap<String, u64>, u64)> {
+) -> Result<PassTwo> {
     let mut sinks = BTreeMap::new();
     let mut writers = BTreeMap::new();
     for t in Table::ALL {
         let schema = deid.schema(t);
+        // Held in memory, or past the budget staged as scratch: every table is written again in its
+        // final encoding once all its rows are known.
+        let (path, schema_, key_id, key) = (
+            staging.join(format!("{}.parquet", t.name())),
+            schema.clone(),
+            key_id.to_owned(),
+            key.clone(),
+        );
+        let spill =
+            move || EncryptedWriter::create_as(&path, schema_, &key_id, &key, Encoding::Scratch);
         writers.insert(
             t,
-            // Staged as scratch: every table is read back once and written again in its final encoding.
-            EncryptedWriter::create_as(
-                &staging.join(format!("{}.parquet", t.name())),
-                schema.clone(),
-                key_id,
-                key,
-                Encoding::Scratch,
-            )?,
+            writer::Sink::Held {
+                spill: Box::new(spill),
+            },
         );
         sinks.insert(
             t,
@@ -496,7 +541,7 @@ fn write_version(
         );
     }
     // Encoding and encryption run on the second core while this thread reads and de-identifies.
-    let mut writers = TableWriters::start(writers)?;
+    let mut writers = TableWriters::start(writers, stage_memory)?;
     let qschema = Arc::new(Schema::new(
         ["table", "origin", "reason", "raw"]
             .map(|n| Field::new(n, DataType::Utf8, false))
@@ -541,7 +586,7 @@ fn write_version(
                         .get_mut(&rec.table)
                         .ok_or_else(|| deidentify::Error::Sink("no sink".into()))?;
                     sink.counts.rows_in += 1;
-                    match deid.transform(&rec, &mut sink.output) {
+                    match deid.transform(rec, &mut sink.output) {
                         Ok(()) => {
                             sink.counts.written += 1;
                             if sink.output.len() >= BATCH_ROWS {
@@ -577,7 +622,12 @@ fn write_version(
                     let label = r.table.map_or("unknown", Table::name);
                     *reasons.entry(format!("{label}: {}", r.reason)).or_default() += 1;
                     quarantine
-                        .push(r.table, r.origin.to_string(), r.reason, r.raw)
+                        .push(
+                            r.table,
+                            r.origin.to_string(),
+                            r.reason.clone(),
+                            r.raw.clone(),
+                        )
                         .map_err(|e| deidentify::Error::Sink(e.to_string()))?;
                 }
             }
@@ -590,12 +640,20 @@ fn write_version(
     for (t, sink) in &mut sinks {
         flush(*t, sink, &mut writers)?;
     }
-    let mut spans = writers.finish()?;
-    let out = sinks
-        .into_iter()
-        .map(|(t, sink)| (t, (sink.counts, spans.remove(&t).unwrap_or_default())))
-        .collect();
-    Ok((out, reasons, orphan_quarantined))
+    let mut written = writers.finish()?;
+    let mut staged = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (t, sink) in sinks {
+        let (span, s) = written.remove(&t).unwrap_or_default();
+        staged.insert(t, s);
+        out.insert(t, (sink.counts, span));
+    }
+    Ok(PassTwo {
+        sinks: out,
+        staged,
+        reasons,
+        unrecognised: orphan_quarantined,
+    })
 }
 
 /// Writes the sample of scrubbed spans in their context (original text) to the version's encrypted
@@ -660,31 +718,114 @@ fn flush(table: Table, sink: &mut TableSink, writers: &mut TableWriters) -> Resu
     writers.write(table, sink.output.take_batch()?)
 }
 
-/// Rewrites a staged (scratch-encoded) table in its final encoding; with `withhold`, its singled-out
-/// values are withheld on the way (through the transform, which measures it again). Returns its coverage
-/// span.
-fn finish_table(
+/// One staged table to write in its final encoding.
+struct Rewrite {
+    table: Table,
+    /// Its singled-out values are withheld on the way.
+    withhold: bool,
+    /// Where its batches are.
+    staged: Staged,
+}
+
+/// Rewrites the staged tables in their final encoding ([`finish_table`]), two at a time in the order
+/// given (one table's rewrite alone leaves a core idle half the time). Returns each table's coverage
+/// span. The first error stops both (the other at its next batch) and is the answer.
+fn finish_tables(
     deid: &mut Deidentifier,
     staging: &Path,
-    table: Table,
-    withhold: bool,
+    tables: Vec<Rewrite>,
     key_id: &str,
     key: &Secret,
-) -> Result<Span> {
+) -> Result<Vec<(Table, Span)>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for t in &tables {
+        if t.withhold {
+            deid.begin_withholding(t.table);
+        }
+    }
+    let deid = std::sync::Mutex::new(deid);
+    let queue = std::sync::Mutex::new(tables.into_iter());
+    let first_error = std::sync::Mutex::new(None);
+    let failed = AtomicBool::new(false);
+    let poisoned = || Error::Internal("a rewriting thread panicked".into());
+    let spans = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| -> Result<Vec<(Table, Span)>> {
+                    let mut done = Vec::new();
+                    while !failed.load(Ordering::SeqCst) {
+                        let Some(t) = queue.lock().map_err(|_| poisoned())?.next() else {
+                            break;
+                        };
+                        match finish_table(&deid, staging, t, key_id, key, &failed) {
+                            Ok(span) => done.push(span),
+                            Err(e) => {
+                                // Kept before the flag is raised, so the other worker's "stopped" is
+                                // never the answer.
+                                if let Ok(mut first) = first_error.lock() {
+                                    first.get_or_insert(e);
+                                }
+                                failed.store(true, Ordering::SeqCst);
+                                break;
+                            }
+                        }
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        let mut spans = Vec::new();
+        for worker in workers {
+            spans.extend(worker.join().map_err(|_| poisoned())??);
+        }
+        Ok::<_, Error>(spans)
+    })?;
+    match first_error.into_inner().map_err(|_| poisoned())? {
+        Some(e) => Err(e),
+        None => Ok(spans),
+    }
+}
+
+/// Rewrites a staged table (held in memory, or scratch-encoded in its file) in its final encoding; with
+/// `withhold`, its singled-out values are withheld on the way (through the transform, which measures it
+/// again). Returns its coverage span.
+fn finish_table(
+    deid: &std::sync::Mutex<&mut Deidentifier>,
+    staging: &Path,
+    Rewrite {
+        table,
+        withhold,
+        staged,
+    }: Rewrite,
+    key_id: &str,
+    key: &Secret,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(Table, Span)> {
     let path = staging.join(format!("{}.parquet", table.name()));
     let rewritten = staging.join(format!("{}.parquet.final", table.name()));
-    if withhold {
-        deid.begin_withholding(table);
-    }
-    let schema = deid.schema(table);
+    let lock = || {
+        deid.lock()
+            .map_err(|_| Error::Internal("a rewriting thread panicked".into()))
+    };
+    let schema = lock()?.schema(table);
     let start = |plain: Vec<String>| -> Result<TableWriters> {
         let encoding = Encoding::Final { plain };
         let writer = EncryptedWriter::create_as(&rewritten, schema.clone(), key_id, key, encoding)?;
-        TableWriters::start(BTreeMap::from([(table, writer)]))
+        TableWriters::start(
+            BTreeMap::from([(table, writer::Sink::File(Box::new(writer)))]),
+            0,
+        )
     };
     let mut started: Option<TableWriters> = None;
-    // Decoding on one thread, withholding on this one, encoding on the writer's.
-    let batches = crate::storage::read_encrypted(&path, key)?;
+    // Decoding (of a scratch file) on one thread, withholding on this one, encoding on the writer's.
+    type Batches = Box<dyn Iterator<Item = Result<arrow::record_batch::RecordBatch>> + Send>;
+    let batches: Batches = match staged {
+        Staged::Empty => Box::new(std::iter::empty()),
+        Staged::Memory(held) => Box::new(held.into_iter().map(Ok)),
+        Staged::File => {
+            Box::new(crate::storage::read_encrypted(&path, key)?.map(|b| b.map_err(Error::from)))
+        }
+    };
     std::thread::scope(|scope| -> Result<()> {
         let (to_withhold, decoded) = std::sync::mpsc::sync_channel(2);
         scope.spawn(move || {
@@ -695,9 +836,12 @@ fn finish_table(
             }
         });
         for batch in decoded {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::Internal("another table's rewrite failed".into()));
+            }
             let batch = batch?;
             let batch = if withhold {
-                deid.withhold_batch(&batch)?
+                lock()?.withhold_batch(table, &batch)?
             } else {
                 batch
             };
@@ -714,9 +858,9 @@ fn finish_table(
         Some(w) => w,
         None => start(Vec::new())?,
     };
-    let span = writers.finish()?.remove(&table).unwrap_or_default();
+    let (span, _) = writers.finish()?.remove(&table).unwrap_or_default();
     std::fs::rename(&rewritten, &path).map_err(|e| Error::io(&path, e))?;
-    Ok(span)
+    Ok((table, span))
 }
 
 /// The text columns of `batch` (a table's first) whose values are mostly distinct (IDs, free text): a

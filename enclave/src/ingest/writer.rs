@@ -1,9 +1,12 @@
 //! The writer thread: encodes and encrypts the tables' batches (through [`EncryptedWriter`], which encodes
 //! a batch's columns on two threads) while the reading thread de-identifies the next rows.
 //!
-//! Batches travel over a bounded channel (a few batches at most in flight, so memory stays flat); the
-//! thread owns one [`EncryptedWriter`] per table and keeps each table's earliest and latest event as
-//! batches pass (as numbers, formatted once at the end, to the month for dates and times).
+//! Batches travel over a bounded channel (a few batches at most in flight); the
+//! thread owns one [`Sink`] per table and keeps each table's earliest and latest event as batches pass
+//! (as numbers, formatted once at the end, to the month for dates and times). A sink is an encrypted file,
+//! or batches held in memory while the run's staging budget lasts: past it, the table holding most goes to
+//! its (encrypted, scratch) file, so memory stays bounded whatever the export's size. A run dropped
+//! unfinished stops at the next batch, spilling nothing more.
 //! The first error stops the thread; the reading thread sees it at its next send or at [`finish`].
 //!
 //! [`finish`]: TableWriters::finish
@@ -28,9 +31,58 @@ pub(super) type Span = (Option<String>, Option<String>);
 /// Batches waiting for the writer thread at most: bounds the memory the pipeline holds.
 const IN_FLIGHT: usize = 4;
 
-type Written = BTreeMap<Table, Span>;
+/// Where a table's batches go.
+pub(super) enum Sink {
+    /// Into an encrypted file.
+    File(Box<EncryptedWriter>),
+    /// Held in memory while the staging budget lasts; past it, into the file `spill` creates.
+    Held {
+        /// Creates the table's file.
+        spill: Box<dyn FnOnce() -> Result<EncryptedWriter> + Send>,
+    },
+}
 
-/// One table's writer per table, on a thread of their own.
+/// What became of a table's batches.
+#[derive(Default)]
+pub(super) enum Staged {
+    /// Written to its file, which is finished.
+    File,
+    /// Held in memory, in the order written.
+    Memory(Vec<RecordBatch>),
+    /// Nothing was written.
+    #[default]
+    Empty,
+}
+
+/// A sink on the thread.
+enum Open {
+    File(Box<EncryptedWriter>),
+    Held {
+        batches: Vec<RecordBatch>,
+        bytes: usize,
+        spill: Box<dyn FnOnce() -> Result<EncryptedWriter> + Send>,
+    },
+}
+
+impl Open {
+    /// Writes the held batches to the table's file; the file is the sink from now on.
+    fn spill(self) -> Result<Open> {
+        match self {
+            Open::Held { batches, spill, .. } => {
+                let mut w = spill()?;
+                for b in &batches {
+                    w.write(b)?;
+                }
+                Ok(Open::File(Box::new(w)))
+            }
+            file => Ok(file),
+        }
+    }
+}
+
+type Written = BTreeMap<Table, (Span, Staged)>;
+
+/// One table's sink per table, on a thread of their own.
 pub(super) struct TableWriters {
     to_thread: Option<SyncSender<(Table, RecordBatch)>>,
     thread: Option<JoinHandle<Result<Written>>>,
@@ -39,35 +91,85 @@ pub(super) struct TableWriters {
 }
 
 impl TableWriters {
-    /// Starts the thread with these writers.
-    pub(super) fn start(writers: BTreeMap<Table, EncryptedWriter>) -> Result<TableWriters> {
+    /// Starts the thread with these sinks; the held ones together keep at most `budget` bytes of
+    /// batches in memory.
+    pub(super) fn start(sinks: BTreeMap<Table, Sink>, budget: usize) -> Result<TableWriters> {
         let (to_thread, batches) = sync_channel::<(Table, RecordBatch)>(IN_FLIGHT);
         let abandoned = Arc::new(AtomicBool::new(false));
         let stop = abandoned.clone();
         let thread = std::thread::Builder::new()
             .name("ingest-writer".into())
             .spawn(move || {
-                let mut writers = writers;
+                let mut sinks: BTreeMap<Table, Open> = sinks
+                    .into_iter()
+                    .map(|(t, s)| {
+                        let open = match s {
+                            Sink::File(w) => Open::File(w),
+                            Sink::Held { spill } => Open::Held {
+                                batches: Vec::new(),
+                                bytes: 0,
+                                spill,
+                            },
+                        };
+                        (t, open)
+                    })
+                    .collect();
                 let mut extremes: BTreeMap<Table, Extremes> =
-                    writers.keys().map(|t| (*t, Extremes::default())).collect();
+                    sinks.keys().map(|t| (*t, Extremes::default())).collect();
+                let mut held = 0usize;
                 for (table, batch) in batches {
-                    let writer = writers
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(Error::Internal("the ingest stopped".into()));
+                    }
+                    let sink = sinks
                         .get_mut(&table)
                         .ok_or_else(|| Error::Internal(format!("no writer for {table}")))?;
                     extremes.entry(table).or_default().widen(&batch)?;
-                    writer.write(&batch)?;
+                    match sink {
+                        Open::File(w) => w.write(&batch)?,
+                        Open::Held { batches, bytes, .. } => {
+                            let n = batch.get_array_memory_size();
+                            *bytes += n;
+                            held += n;
+                            batches.push(batch);
+                        }
+                    }
+                    // Over budget: the table holding most goes to its file, until under it again.
+                    while held > budget {
+                        let Some((largest, bytes)) = sinks
+                            .iter()
+                            .filter_map(|(t, s)| match s {
+                                Open::Held { bytes, .. } if *bytes > 0 => Some((*t, *bytes)),
+                                _ => None,
+                            })
+                            .max_by_key(|(_, bytes)| *bytes)
+                        else {
+                            break;
+                        };
+                        let open = sinks
+                            .remove(&largest)
+                            .ok_or_else(|| Error::Internal(format!("no writer for {largest}")))?;
+                        sinks.insert(largest, open.spill()?);
+                        held -= bytes;
+                    }
                 }
                 if stop.load(Ordering::Relaxed) {
                     // The run is abandoned: its files go with the staging directory, unfinished.
                     return Err(Error::Internal("the ingest stopped".into()));
                 }
-                for (_, w) in writers {
-                    w.finish()?;
+                let mut written = BTreeMap::new();
+                for (table, open) in sinks {
+                    let staged = match open {
+                        Open::File(w) => {
+                            w.finish()?;
+                            Staged::File
+                        }
+                        Open::Held { batches, .. } => Staged::Memory(batches),
+                    };
+                    let span = extremes.remove(&table).unwrap_or_default().span()?;
+                    written.insert(table, (span, staged));
                 }
-                extremes
-                    .into_iter()
-                    .map(|(t, e)| Ok((t, e.span()?)))
-                    .collect()
+                Ok(written)
             })
             .map_err(|e| Error::Io("writer thread".into(), e))?;
         Ok(TableWriters {
@@ -94,7 +196,8 @@ impl TableWriters {
         }
     }
 
-    /// Writes every footer, fsyncs every file, and returns each table's coverage span.
+    /// Writes every footer, fsyncs every file, and returns each table's coverage span and what became
+    /// of its batches.
     pub(super) fn finish(mut self) -> Result<Written> {
         self.join()
     }
@@ -200,6 +303,126 @@ mod tests {
             e.widen(b).expect("widen");
         }
         e.span().expect("span")
+    }
+
+    /// The rows of batches as (id, text).
+    fn rows_of<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> Vec<(i32, String)> {
+        use arrow::array::AsArray;
+        batches
+            .into_iter()
+            .flat_map(|b| {
+                let ids = b.column(0).as_primitive::<arrow::datatypes::Int32Type>();
+                let text = b.column(1).as_string::<i32>();
+                (0..b.num_rows())
+                    .map(|r| (ids.value(r), text.value(r).to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn held_tables_stay_in_memory_until_the_budget_and_then_the_largest_goes_to_its_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = crate::keys::random_secret().expect("key");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("year", DataType::Int32, false),
+            Field::new("text", DataType::Utf8, false),
+        ]));
+        let batch = |from: i32, rows: i32, width: usize| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int32Array::from_iter_values(from..from + rows)),
+                    Arc::new(arrow::array::StringArray::from_iter_values(
+                        (from..from + rows).map(|i| format!("{i:0width$}")),
+                    )),
+                ],
+            )
+            .expect("batch")
+        };
+        let held = |table: Table| {
+            let (path, schema, key) = (
+                tmp.path().join(format!("{table}.parquet")),
+                schema.clone(),
+                key.clone(),
+            );
+            let spill = move || {
+                EncryptedWriter::create_as(
+                    &path,
+                    schema,
+                    "dk-test",
+                    &key,
+                    crate::storage::Encoding::Scratch,
+                )
+            };
+            Sink::Held {
+                spill: Box::new(spill),
+            }
+        };
+        // Wide rows for observations, narrow ones for notes: each table's three batches fit the budget
+        // alone, but the last notes batch takes the two over it, and observations (holding most) goes.
+        let (wide, narrow) = (batch(0, 2000, 400), batch(5000, 2000, 4));
+        let (w, n) = (wide.get_array_memory_size(), narrow.get_array_memory_size());
+        let budget = 3 * w + 2 * n + n / 2;
+        let mut writers = TableWriters::start(
+            BTreeMap::from([
+                (Table::Observations, held(Table::Observations)),
+                (Table::Notes, held(Table::Notes)),
+                (Table::Patients, held(Table::Patients)),
+            ]),
+            budget,
+        )
+        .expect("start");
+        let mut sent: BTreeMap<Table, Vec<RecordBatch>> = BTreeMap::new();
+        for i in 0..3 {
+            for (table, b) in [
+                (Table::Observations, batch(i * 2000, 2000, 400)),
+                (Table::Notes, batch(5000 + i * 2000, 2000, 4)),
+            ] {
+                sent.entry(table).or_default().push(b.clone());
+                writers.write(table, b).expect("write");
+            }
+        }
+        let mut written = writers.finish().expect("finish");
+        // Observations went over the budget: its file holds every one of its rows, in order.
+        let (span, staged) = written.remove(&Table::Observations).expect("observations");
+        assert!(matches!(staged, Staged::File), "the largest table spilled");
+        assert_eq!(span, (Some("0".into()), Some("5999".into())));
+        let path = tmp.path().join("observations.parquet");
+        let back: Vec<RecordBatch> = crate::storage::read_encrypted(&path, &key)
+            .expect("read")
+            .collect::<std::result::Result<_, _>>()
+            .expect("batches");
+        assert_eq!(rows_of(&back), rows_of(&sent[&Table::Observations]));
+        // Notes stayed under it, in memory and in order; patients got nothing and has no file.
+        match written.remove(&Table::Notes).expect("notes") {
+            (_, Staged::Memory(held)) => {
+                assert_eq!(rows_of(&held), rows_of(&sent[&Table::Notes]));
+            }
+            _ => panic!("notes should stay in memory"),
+        }
+        assert!(!tmp.path().join("notes.parquet").exists());
+        match written.remove(&Table::Patients).expect("patients") {
+            (span, Staged::Memory(held)) => {
+                assert!(held.is_empty());
+                assert_eq!(span, (None, None));
+            }
+            _ => panic!("patients should stay in memory"),
+        }
+        assert!(!tmp.path().join("patients.parquet").exists());
+        // With no budget, every batch goes straight to its file.
+        let mut writers = TableWriters::start(
+            BTreeMap::from([(Table::Conditions, held(Table::Conditions))]),
+            0,
+        )
+        .expect("start");
+        writers.write(Table::Conditions, narrow).expect("write");
+        let mut written = writers.finish().expect("finish");
+        assert!(matches!(
+            written.remove(&Table::Conditions),
+            Some((_, Staged::File))
+        ));
+        assert!(tmp.path().join("conditions.parquet").exists());
     }
 
     #[test]
