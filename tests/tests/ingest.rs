@@ -776,15 +776,7 @@ fn staging_in_memory_or_in_scratch_files_releases_the_same_tables() {
         assert_eq!(held[figure], spilled[figure], "{figure}");
     }
     let opened = Opened::new(&s.path().join("data"));
-    for table in [
-        "patients",
-        "encounters",
-        "conditions",
-        "observations",
-        "medications",
-        "procedures",
-        "notes",
-    ] {
+    for table in policies::Table::ALL.map(policies::Table::name) {
         let rows = |dataset: &str| {
             let mut rows = opened.sql(dataset, &format!("SELECT * FROM {table}"));
             rows.sort();
