@@ -142,7 +142,9 @@ fn noise_matches_its_declared_scale_and_intervals_cover_95_percent() {
         "SUM sd {sd_s} vs {}",
         declared.1
     );
-    assert!((0.93..=0.97).contains(&cov_n), "COUNT coverage {cov_n}");
+    // COUNT's noise is integer (discrete Laplace): its ±1.96 sd interval covers P(|X| ≤ 7) ≈ 94.3 % at
+    // this scale, not 95 %, so four standard errors below that is 92 % (93 % failed about one run in 150).
+    assert!((0.92..=0.97).contains(&cov_n), "COUNT coverage {cov_n}");
     assert!((0.93..=0.97).contains(&cov_s), "SUM coverage {cov_s}");
     // Every answer above is audited.
     let pk = std::fs::read_to_string(dir.audit_public_key_path()).expect("pk");
