@@ -19,6 +19,7 @@ use std::sync::LazyLock;
 use ahash::AHashSet as HashSet;
 
 use regex::Regex;
+use regex_automata::meta::Regex as Automaton;
 
 use crate::scrub::PhiKind;
 
@@ -41,23 +42,34 @@ pub(crate) fn warm_up() {
     for set in [&FIRST, &LAST, &NOT_NAMES] {
         LazyLock::force(set);
     }
-    for re in [&WORD, &INTRODUCER, &CREDENTIAL] {
+    LazyLock::force(&WORD);
+    for re in [&INTRODUCER, &CREDENTIAL] {
         LazyLock::force(re);
     }
 }
 
 /// A capitalised word (with Synthea's numeric suffix, if any), or an initial (`J.`).
-static WORD: LazyLock<Regex> = LazyLock::new(|| {
+pub(crate) const WORD_SOURCE: &str = r"(?-u:\b)(?:[A-Z][A-Za-z'’-]*[a-z][A-Za-z'’-]*\d*|[A-Z]\.)";
+
+/// [`WORD_SOURCE`], compiled.
+static WORD: LazyLock<Automaton> = LazyLock::new(|| {
     // A constant of this file, exercised by the unit tests below.
     #[allow(clippy::expect_used)]
-    Regex::new(r"(?-u:\b)(?:[A-Z][A-Za-z'’-]*[a-z][A-Za-z'’-]*\d*|[A-Z]\.)").expect("word pattern")
+    Automaton::new(WORD_SOURCE).expect("word pattern")
 });
 
-/// Words that introduce a person's name: the name follows them.
+/// [`WORD_SOURCE`], compiled (for searches with a cache of the caller's: see `scrub::Patterns`).
+pub(crate) fn word_regex() -> &'static Automaton {
+    &WORD
+}
+
+/// Words that introduce a person's name: the name follows them. Word boundaries are ASCII ones, as in
+/// `scrub`'s patterns: the fast engines then run on text in any script (with Unicode boundaries they
+/// give up at the first letter outside ASCII, and a slow one takes over).
 static INTRODUCER: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     Regex::new(
-        r"(?i)(?:\b(?:son|daughter|wife|husband|mother|father|brother|sister|partner|spouse|fianc[eé]e?|friend|neighbou?r|caregiver|carer|aunt|uncle|niece|nephew|cousin|grandson|granddaughter|grandmother|grandfather|guardian|stepson|stepdaughter|boyfriend|girlfriend|surgeon|assistant|physiotherapist|therapist|pharmacist|midwife|consultant|registrar|resident|interpreter)(?:'s)?(?:,|:|\s+named|\s+called)?|\b(?:signed|dictated|transcribed|reviewed|seen|examined|referred|discussed with|spoke with|spoke to|called|per)(?:\s+by)?\s*:?|\b(?:attending|provider|physician|nurse|clinician|author|cc|pcp|gp|patient|name)\s*:)\s*$",
+        r"(?i)(?:(?-u:\b)(?:son|daughter|wife|husband|mother|father|brother|sister|partner|spouse|fianc[eé]e?|friend|neighbou?r|caregiver|carer|aunt|uncle|niece|nephew|cousin|grandson|granddaughter|grandmother|grandfather|guardian|stepson|stepdaughter|boyfriend|girlfriend|surgeon|assistant|physiotherapist|therapist|pharmacist|midwife|consultant|registrar|resident|interpreter)(?:'s)?(?:,|:|\s+named|\s+called)?|(?-u:\b)(?:signed|dictated|transcribed|reviewed|seen|examined|referred|discussed with|spoke with|spoke to|called|per)(?:\s+by)?\s*:?|(?-u:\b)(?:attending|provider|physician|nurse|clinician|author|cc|pcp|gp|patient|name)\s*:)\s*$",
     )
     .expect("introducer pattern")
 });
@@ -157,7 +169,7 @@ fn introduces(window: &str) -> bool {
 /// A credential after a name.
 static CREDENTIAL: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"^(?:MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|PharmD|MBBS|MBChB|FRCP|FRCS|CNM|LPN|DDS|OT|PT|SLP)\b")
+    Regex::new(r"^(?:MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|PharmD|MBBS|MBChB|FRCP|FRCS|CNM|LPN|DDS|OT|PT|SLP)(?-u:\b)")
         .expect("credential pattern")
 });
 
@@ -217,17 +229,16 @@ fn is_title(w: &str) -> bool {
 
 /// Adds a span per name found in `text`.
 pub(crate) fn find(text: &str, spans: &mut Vec<(usize, usize, PhiKind)>) {
-    find_with(&WORD, text, spans);
+    let words: Vec<(usize, usize)> = WORD.find_iter(text).map(|m| (m.start(), m.end())).collect();
+    find_in(text, &words, spans);
 }
 
-/// The capitalised-word pattern [`find_with`] takes (a thread's own copy: see `scrub::Patterns`).
-pub(crate) fn word_pattern() -> Regex {
-    WORD.clone()
-}
-
-/// [`find`] with `word` as the capitalised-word pattern (from [`word_pattern`]).
-pub(crate) fn find_with(word: &Regex, text: &str, spans: &mut Vec<(usize, usize, PhiKind)>) {
-    let words: Vec<(usize, usize)> = word.find_iter(text).map(|m| (m.start(), m.end())).collect();
+/// [`find`], given the matches of [`WORD_SOURCE`] in `text` (in order, as its `find_iter` gives them).
+pub(crate) fn find_in(
+    text: &str,
+    words: &[(usize, usize)],
+    spans: &mut Vec<(usize, usize, PhiKind)>,
+) {
     // Word i and i + 1 are one name's parts when only a space (or a hyphen-free line break) is between.
     let joined = |i: usize| {
         words.get(i + 1).is_some_and(|&(s, _)| {

@@ -174,6 +174,25 @@ struct TableMeter {
     columns: Vec<ColumnMeter>,
 }
 
+/// [`RiskMeter::hash_value`] under `hasher`.
+fn hash_value(hasher: &RandomState, v: Cell<'_>, time_of_day: bool) -> u64 {
+    let v = match v {
+        Cell::Int(t) if time_of_day => Cell::Int(t.rem_euclid(DAY_MICROS)),
+        v => v,
+    };
+    hasher.hash_one(v)
+}
+
+/// [`RiskMeter::record_key`] under `hasher`.
+fn record_key<'a>(hasher: &RandomState, class: u32, qis: impl Iterator<Item = Cell<'a>>) -> u64 {
+    let mut h = hasher.build_hasher();
+    class.hash(&mut h);
+    for c in qis {
+        c.hash(&mut h);
+    }
+    h.finish()
+}
+
 /// Accumulates the risk figures while rows are written.
 pub(crate) struct RiskMeter {
     hasher: RandomState,
@@ -333,52 +352,33 @@ impl RiskMeter {
 
     /// The hash a value is compared by (a time, by its time of day when `time_of_day`).
     pub(crate) fn hash_value(&self, v: Cell<'_>, time_of_day: bool) -> u64 {
-        let v = match v {
-            Cell::Int(t) if time_of_day => Cell::Int(t.rem_euclid(DAY_MICROS)),
-            v => v,
-        };
-        self.hasher.hash_one(v)
+        hash_value(&self.hasher, v, time_of_day)
     }
 
     /// The key of a record: its person's class and the table's own quasi-identifiers.
     pub(crate) fn record_key<'a>(&self, class: u32, qis: impl Iterator<Item = Cell<'a>>) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        class.hash(&mut h);
-        for c in qis {
-            c.hash(&mut h);
-        }
-        h.finish()
+        record_key(&self.hasher, class, qis)
     }
 
     /// Counts one written row of `table` for person `person` (index) in class `class`.
     pub(crate) fn record(&mut self, table: Table, person: usize, class: u32, row: &[Out]) {
-        let Some(t) = self.tables.get(&table) else {
-            return;
-        };
-        let key = self.record_key(
-            class,
-            t.row_qis
-                .iter()
-                .map(|&i| row.get(i).map_or(Cell::Null, Cell::of)),
-        );
-        let mut hashes = [None; 64];
-        for (slot, c) in hashes.iter_mut().zip(&t.columns) {
-            *slot = row
-                .get(c.spec.index)
-                .map(Cell::of)
-                .filter(|v| *v != Cell::Null)
-                .map(|v| self.hash_value(v, c.spec.time_of_day));
-        }
+        let hasher = &self.hasher;
         let Some(t) = self.tables.get_mut(&table) else {
             return;
         };
+        let cell = |i: usize| row.get(i).map_or(Cell::Null, Cell::of);
+        let key = record_key(hasher, class, t.row_qis.iter().map(|&i| cell(i)));
         t.records += 1;
         *t.classes.entry(key).or_default() += 1;
         let Ok(p) = u32::try_from(person) else {
             return;
         };
-        for (c, hash) in t.columns.iter_mut().zip(hashes) {
-            let Some(hash) = hash else { continue };
+        for c in &mut t.columns {
+            let v = cell(c.spec.index);
+            if v == Cell::Null {
+                continue;
+            }
+            let hash = hash_value(hasher, v, c.spec.time_of_day);
             mark(&mut c.holders, person);
             c.values += 1;
             let o = c.owner.entry(hash).or_insert(Owner { person: p, rows: 0 });

@@ -11,7 +11,11 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use chrono::NaiveDate;
-use regex::Regex;
+use regex_automata::hybrid::dfa::{Cache as StartsCache, DFA};
+use regex_automata::meta::{Cache, Regex};
+use regex_automata::nfa::thompson;
+use regex_automata::util::captures::Captures;
+use regex_automata::{Anchored, Input, MatchError, MatchKind};
 
 /// The kind of PHI a placeholder stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -186,12 +190,40 @@ impl KnownIdentifiers {
 }
 
 struct Pattern {
+    /// The regular expression, as compiled (ASCII word boundaries).
+    src: String,
     re: Regex,
     kind: PhiKind,
     /// Capture group holding the PHI (0: the whole match).
     group: usize,
     /// A check of the found span in its text (context the regex cannot express).
     check: Option<fn(&str, usize, usize) -> bool>,
+    /// Where the capture group starts in a match (start, end) of the pattern, when that follows from
+    /// the match's text alone (the group ends where the match does): no capturing search is needed.
+    group_start: Option<fn(&str, usize, usize) -> usize>,
+}
+
+/// A title-name match (`Dr. Ann Lee`): the name starts after the whitespace that follows the title
+/// (titles and their full stop hold none; the name starts with a capital).
+fn after_title(text: &str, start: usize, end: usize) -> usize {
+    let m = &text[start..end];
+    let gap = m.find(char::is_whitespace).unwrap_or(m.len());
+    let name = m[gap..]
+        .find(|c: char| !c.is_whitespace())
+        .map_or(m.len(), |i| gap + i);
+    start + name
+}
+
+/// A labelled or placed ZIP match (`MA 02118-1234`, `zip code: 02139`): the code is the match's
+/// trailing run of digits and hyphens (what comes before it ends in a space, `:`, `#` or a letter).
+fn trailing_code(text: &str, start: usize, end: usize) -> usize {
+    let m = &text.as_bytes()[start..end];
+    let run = m
+        .iter()
+        .rev()
+        .take_while(|b| b.is_ascii_digit() || **b == b'-')
+        .count();
+    end - run
 }
 
 /// A labelled ID's value holds a digit (the match runs from the label; the value is its last word).
@@ -228,18 +260,38 @@ fn numeric_date(text: &str, start: usize, end: usize) -> bool {
 /// Compiles the scrub patterns and builds the name lists now, rather than at the first text: a run calls
 /// it on a thread of its own while it reads patients, when the second core has little else to do.
 pub fn warm_up() {
-    LazyLock::force(&PATTERNS);
-    LazyLock::force(&PATTERN_SET);
+    LazyLock::force(&STARTS);
     crate::names::warm_up();
 }
 
-/// All of [`PATTERNS`] as one set, in the same order.
-static PATTERN_SET: LazyLock<regex::RegexSet> = LazyLock::new(|| {
-    // Built from the same sources as PATTERNS, which the unit tests compile and exercise.
+/// Index of the names' capitalised-word pattern in [`STARTS`] (after every one of [`PATTERNS`]).
+fn word_id() -> usize {
+    PATTERNS.len()
+}
+
+/// Every one of [`PATTERNS`] and the names' capitalised-word pattern as one reverse lazy DFA that reports
+/// each position where a match of each pattern starts (all of them, overlapping): one backward pass over
+/// a text says which patterns occur and where each can start. Its states are built as texts need them,
+/// in a cache of each thread's own.
+static STARTS: LazyLock<DFA> = LazyLock::new(|| {
+    let mut sources: Vec<&str> = PATTERNS.iter().map(|p| p.src.as_str()).collect();
+    sources.push(crate::names::WORD_SOURCE);
+    // Built from the constants of this file and `names`, which the unit tests compile and exercise.
     #[allow(clippy::expect_used)]
-    regex::RegexSet::new(PATTERNS.iter().map(|p| p.re.as_str()))
-        .expect("scrub pattern set compiles")
+    DFA::builder()
+        .configure(
+            DFA::config()
+                .match_kind(MatchKind::All)
+                .cache_capacity(STARTS_CACHE),
+        )
+        .thompson(thompson::Config::new().reverse(true))
+        .build_many(&sources)
+        .expect("scrub patterns compile into one reverse DFA")
 });
+
+/// Bytes of each thread's [`STARTS`] cache: room for the states notes need, so that it is rarely
+/// cleared (a cleared cache only costs time).
+const STARTS_CACHE: usize = 8 << 20;
 
 static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
     const STATES: &str = "Alabama|Alaska|Arizona|Arkansas|California|Colorado|Connecticut|Delaware|Florida|Georgia|Hawaii|Idaho|Illinois|Indiana|Iowa|Kansas|Kentucky|Louisiana|Maine|Maryland|Massachusetts|Michigan|Minnesota|Mississippi|Missouri|Montana|Nebraska|Nevada|New Hampshire|New Jersey|New Mexico|New York|North Carolina|North Dakota|Ohio|Oklahoma|Oregon|Pennsylvania|Rhode Island|South Carolina|South Dakota|Tennessee|Texas|Utah|Vermont|Virginia|Washington|West Virginia|Wisconsin|Wyoming";
@@ -302,23 +354,32 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
     ];
     specs
         .into_iter()
-        .map(|(src, kind, group)| Pattern {
-            check: if kind == PhiKind::Date
-                && (src.starts_with(r"\b\d{1,2}/") || src.starts_with(r"\b\d{1,2}\."))
-            {
-                Some(numeric_date as fn(&str, usize, usize) -> bool)
-            } else if kind == PhiKind::Id && group == 1 {
-                Some(labelled_value as fn(&str, usize, usize) -> bool)
-            } else {
-                None
-            },
+        .map(|(src, kind, group)| {
             // ASCII word boundaries keep the fast DFA engines usable on text with non-ASCII characters
-            // (Unicode `\b` makes them give up on the first such byte). The patterns are constants of this
-            // file, checked by the unit tests below.
-            #[allow(clippy::expect_used)]
-            re: Regex::new(&src.replace(r"\b", r"(?-u:\b)")).expect("scrub pattern compiles"),
-            kind,
-            group,
+            // (Unicode `\b` makes them give up on the first such byte).
+            let compiled = src.replace(r"\b", r"(?-u:\b)");
+            Pattern {
+                check: if kind == PhiKind::Date
+                    && (src.starts_with(r"\b\d{1,2}/") || src.starts_with(r"\b\d{1,2}\."))
+                {
+                    Some(numeric_date as fn(&str, usize, usize) -> bool)
+                } else if kind == PhiKind::Id && group == 1 {
+                    Some(labelled_value as fn(&str, usize, usize) -> bool)
+                } else {
+                    None
+                },
+                group_start: match (kind, group) {
+                    (PhiKind::Name, 1) => Some(after_title as fn(&str, usize, usize) -> usize),
+                    (PhiKind::Zip, 1) => Some(trailing_code as fn(&str, usize, usize) -> usize),
+                    _ => None,
+                },
+                // The patterns are constants of this file, checked by the unit tests below.
+                #[allow(clippy::expect_used)]
+                re: Regex::new(&compiled).expect("scrub pattern compiles"),
+                src: compiled,
+                kind,
+                group,
+            }
         })
         .collect()
 });
@@ -398,69 +459,171 @@ fn known_spans(text: &str, known: &KnownIdentifiers) -> Vec<(usize, usize, PhiKi
 /// The spans the patterns and name lists find in `text`, the same for every person (ages as `Age`
 /// whatever they say: [`with_patterns`] applies the person's age rule), in no particular order.
 pub fn pattern_spans(text: &str) -> Vec<(usize, usize, PhiKind)> {
-    let mut spans = Vec::new();
-    spans_with(&PATTERN_SET, |i| &PATTERNS[i].re, text, &mut spans);
-    crate::names::find(text, &mut spans);
-    spans
+    thread_local! {
+        static MINE: std::cell::RefCell<Patterns> = std::cell::RefCell::new(Patterns::default());
+    }
+    MINE.with_borrow_mut(|p| p.spans(text))
 }
 
-/// The compiled patterns, copied for one thread. A copy has search caches of its own: threads sharing
-/// one regex take turns at its cache pool, which costs more than the search on short texts.
-#[derive(Clone)]
+/// One thread's search state for the patterns: caches of its own (threads sharing one take turns at
+/// it, which costs more than the search on short texts) and reused buffers.
 pub(crate) struct Patterns {
-    set: regex::RegexSet,
-    each: Vec<Regex>,
-    word: Regex,
+    starts: StartsCache,
+    /// Per pattern (and the word pattern last), its cache for anchored searches.
+    each: Vec<Cache>,
+    /// Per pattern whose group takes a capturing search to find, room for its groups.
+    captures: Vec<Option<Captures>>,
+    /// (pattern, start) of every match start the reverse pass found.
+    found: Vec<(usize, usize)>,
+    /// The capitalised words of the text, in order.
+    words: Vec<(usize, usize)>,
 }
 
 impl Default for Patterns {
     fn default() -> Patterns {
+        let word = crate::names::word_regex();
         Patterns {
-            set: PATTERN_SET.clone(),
-            each: PATTERNS.iter().map(|p| p.re.clone()).collect(),
-            word: crate::names::word_pattern(),
+            starts: StartsCache::new(&STARTS),
+            each: PATTERNS
+                .iter()
+                .map(|p| p.re.create_cache())
+                .chain([word.create_cache()])
+                .collect(),
+            captures: PATTERNS
+                .iter()
+                .map(|p| (p.group > 0 && p.group_start.is_none()).then(|| p.re.create_captures()))
+                .collect(),
+            found: Vec::new(),
+            words: Vec::new(),
         }
     }
 }
 
 impl Patterns {
-    /// [`pattern_spans`] with this copy.
-    pub(crate) fn spans(&self, text: &str) -> Vec<(usize, usize, PhiKind)> {
+    /// [`pattern_spans`] with this thread's state.
+    pub(crate) fn spans(&mut self, text: &str) -> Vec<(usize, usize, PhiKind)> {
         let mut spans = Vec::new();
-        spans_with(&self.set, |i| &self.each[i], text, &mut spans);
-        crate::names::find_with(&self.word, text, &mut spans);
+        if self.search(text, &mut spans).is_err() {
+            // Not expected (the DFA is configured never to quit or give up); the slower way still
+            // finds every span.
+            spans.clear();
+            each_pattern(text, &mut spans);
+        }
         spans
+    }
+
+    /// Fills `found` with every (pattern, position) where a match of the pattern starts in `text`,
+    /// from one backward pass of [`STARTS`]. The pass is driven here, state by state, because a state
+    /// can say that several patterns start at one position, and each of them is wanted at that position
+    /// (the library's overlapping reverse search reports the second and later of them one byte early).
+    fn starts_of_matches(&mut self, text: &str) -> Result<(), MatchError> {
+        let dfa = &*STARTS;
+        let cache = &mut self.starts;
+        self.found.clear();
+        let bytes = text.as_bytes();
+        let mut sid = dfa.start_state_reverse(cache, &Input::new(text))?;
+        // Matches are reported one byte late: in a match state after reading the byte at `at`, the
+        // patterns it names start at `at + 1`; after the end-of-input transition, at 0.
+        for at in (0..bytes.len()).rev() {
+            sid = dfa
+                .next_state(cache, sid, bytes[at])
+                .map_err(|_| MatchError::gave_up(at))?;
+            if sid.is_match() {
+                for i in 0..dfa.match_len(cache, sid) {
+                    let pattern = dfa.match_pattern(cache, sid, i).as_usize();
+                    self.found.push((pattern, at + 1));
+                }
+            } else if sid.is_dead() || sid.is_quit() {
+                // Neither can happen unanchored with this configuration; stop rather than guess.
+                return Err(MatchError::quit(bytes[at], at));
+            }
+        }
+        sid = dfa
+            .next_eoi_state(cache, sid)
+            .map_err(|_| MatchError::gave_up(0))?;
+        if sid.is_match() {
+            for i in 0..dfa.match_len(cache, sid) {
+                self.found
+                    .push((dfa.match_pattern(cache, sid, i).as_usize(), 0));
+            }
+        }
+        Ok(())
+    }
+
+    /// The spans of `text`: where each pattern's matches start comes from one reverse pass over all
+    /// patterns; each match is then taken by an anchored search at its start. That yields exactly the
+    /// matches a leftmost-first search of each pattern alone yields (the next match after one ending
+    /// at `e` is the one starting at the first start at or after `e`), while each pattern reads only
+    /// its own matches rather than the whole text.
+    fn search(&mut self, text: &str, spans: &mut Vec<Span>) -> Result<(), MatchError> {
+        self.starts_of_matches(text)?;
+        self.found.sort_unstable();
+        self.found.dedup();
+        self.words.clear();
+        let word = word_id();
+        let mut next = 0;
+        while let Some(&(id, _)) = self.found.get(next) {
+            let group_end = next + self.found[next..].partition_point(|f| f.0 == id);
+            let mut pos = 0;
+            for k in next..group_end {
+                let start = self.found[k].1;
+                if start < pos {
+                    continue;
+                }
+                let at = Input::new(text).range(start..).anchored(Anchored::Yes);
+                if id == word {
+                    if let Some(m) = crate::names::word_regex().search_with(&mut self.each[id], &at)
+                    {
+                        self.words.push((m.start(), m.end()));
+                        pos = m.end();
+                    }
+                    continue;
+                }
+                let p = &PATTERNS[id];
+                let found = match self.captures[id].as_mut() {
+                    None => p.re.search_with(&mut self.each[id], &at).map(|m| {
+                        let phi = match p.group_start {
+                            Some(group_start) => regex_automata::Span::from(
+                                group_start(text, m.start(), m.end())..m.end(),
+                            ),
+                            None => m.span(),
+                        };
+                        (m.span(), phi)
+                    }),
+                    Some(caps) => {
+                        p.re.search_captures_with(&mut self.each[id], &at, caps);
+                        caps.get_match()
+                            .map(|m| m.span())
+                            .zip(caps.get_group(p.group))
+                    }
+                };
+                let Some((m, phi)) = found else { continue };
+                pos = m.end;
+                if p.check.is_none_or(|check| check(text, m.start, m.end)) {
+                    spans.push((phi.start, phi.end, p.kind));
+                }
+            }
+            next = group_end;
+        }
+        crate::names::find_in(text, &self.words, spans);
+        Ok(())
     }
 }
 
-/// The pattern spans of `text`, searched with `set` and `re` (the `i`th pattern's regex).
-fn spans_with<'r>(
-    set: &regex::RegexSet,
-    re: impl Fn(usize) -> &'r Regex,
-    text: &str,
-    spans: &mut Vec<(usize, usize, PhiKind)>,
-) {
-    // One pass over the text says which patterns occur at all; only those are searched for positions.
-    for i in set.matches(text).iter() {
-        let p = &PATTERNS[i];
-        let re = re(i);
-        for m in re.find_iter(text) {
-            if p.check
-                .is_some_and(|check| !check(text, m.start(), m.end()))
-            {
+/// The pattern spans of `text` found by a leftmost-first search of each pattern in turn over the whole
+/// text: the definition [`Patterns::search`] meets, and its fallback.
+fn each_pattern(text: &str, spans: &mut Vec<Span>) {
+    for p in PATTERNS.iter() {
+        for caps in p.re.captures_iter(text) {
+            let (Some(m), Some(phi)) = (caps.get_match(), caps.get_group(p.group)) else {
                 continue;
-            }
-            if p.group == 0 {
-                spans.push((m.start(), m.end(), p.kind));
-            } else if let Some(g) = re
-                .captures_at(&text[..m.end()], m.start())
-                .and_then(|c| c.get(p.group))
-            {
-                // Captures only where the fast search found a match.
-                spans.push((g.start(), g.end(), p.kind));
+            };
+            if p.check.is_none_or(|check| check(text, m.start(), m.end())) {
+                spans.push((phi.start, phi.end, p.kind));
             }
         }
     }
+    crate::names::find(text, spans);
 }
 
 /// Earliest start first; at equal starts, the longest span (and the known-identifier kind) wins; overlaps
@@ -558,30 +721,146 @@ fn is_word_byte(b: u8) -> bool {
 mod tests {
     use super::*;
 
+    use proptest::prelude::*;
+
+    /// [`Patterns::spans`] against its definition, [`each_pattern`], sorted.
+    fn assert_same_spans(patterns: &mut Patterns, text: &str) {
+        let mut fast = patterns.spans(text);
+        let mut slow = Vec::new();
+        each_pattern(text, &mut slow);
+        fast.sort();
+        slow.sort();
+        assert_eq!(fast, slow, "{text:?}");
+    }
+
     #[test]
-    fn a_threads_copy_of_the_patterns_finds_what_the_shared_ones_find() {
+    fn one_reverse_pass_and_anchored_searches_find_what_each_pattern_alone_finds() {
         let texts = [
             "Seen by Dr. Ann Lee, MD on 03/14/1962 at Riverside General Hospital; call 555-810-7203.",
             "Her son Kenji Watanabe (MRN: A1234567) lives at 12 Oak Street, Boston, MA 02118.",
             "92 year-old, e-mail ann@example.org, www.example.org, 10.0.0.1, 0.12/0.015 mg.",
             "",
+            // Matches of one pattern that touch, nest or overlap (each search resumes at the end of the
+            // match before), and matches that overlap another pattern's.
+            "12345678901234 1234567 MRN MRN10000003 NHS number 584 000 4251 12/12/12/12 1.2.3.4.5.6.7",
+            "Dr. Dr. Mrs Ann Mr.\nSmith Dr. A B C D E MA 02118-1234 02118-1234-5678 zip02139 zip code: 02139",
+            "December\n12, 2018 15 May 2024 May 2024 3 May 15, 2024 2024年5月15日 2024年5月",
+            "St. Mary General Hospital ABC DEF Clinic Health Center Health Centre \u{2019}Hospital",
+            "aged 95 aged of 3 95-year-old 12 y/o 90歳 ＭＲＮ 12345 mrn 1234 ssn 123-45-6789-123",
         ];
-        let copy = Patterns::default();
+        // A thread's own state, as the scrubbing workers hold it.
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
+                    let mut patterns = Patterns::default();
                     for t in texts {
-                        let mut a = copy.spans(t);
-                        let mut b = pattern_spans(t);
-                        a.sort();
-                        b.sort();
-                        assert_eq!(a, b, "{t}");
-                        assert!(t.is_empty() || !a.is_empty(), "{t}");
+                        assert_same_spans(&mut patterns, t);
+                        assert!(t.is_empty() || !patterns.spans(t).is_empty(), "{t}");
                     }
                 })
                 .join()
                 .expect("thread");
         });
+        // The hand-labelled corpus, with its labels as written.
+        let corpus = include_str!("../../tests/data/scrub-corpus/notes.txt");
+        let mut patterns = Patterns::default();
+        for note in corpus.split("\n====\n") {
+            assert_same_spans(&mut patterns, note);
+        }
+    }
+
+    /// Pieces of text the patterns turn on, and their edges: digits and separators of every kind,
+    /// titles, labels, month and state names, capitalised words, other scripts.
+    const PIECES: &[&str] = &[
+        "1",
+        "12",
+        "123",
+        "1234",
+        "12345",
+        "1234567",
+        "2024",
+        "-",
+        "/",
+        ".",
+        ":",
+        "#",
+        ",",
+        " ",
+        "  ",
+        "\n",
+        "(",
+        ")",
+        "+",
+        "@",
+        "年",
+        "月",
+        "日",
+        "歳",
+        "様",
+        "é",
+        "’",
+        "'",
+        "Dr",
+        "Mrs",
+        "Ann",
+        "Lee",
+        "Smith",
+        "MD",
+        "RN",
+        "MRN",
+        "NHS",
+        "number",
+        "no",
+        "is",
+        "zip",
+        "code",
+        "MA",
+        "Texas",
+        "New York",
+        "May",
+        "December",
+        "Sept",
+        "of",
+        "st",
+        "year",
+        "years",
+        "old",
+        "y/o",
+        "aged",
+        "age",
+        "Street",
+        "Hospital",
+        "Medical Center",
+        "www",
+        "http://",
+        "example",
+        "org",
+        "A",
+        "B",
+        "x",
+        "son",
+        "Signed",
+        "by",
+        "Linda",
+        "Garcia",
+        "Ms",
+        "Prof",
+        "postal",
+        "postcode",
+        "\u{a0}",
+        "\u{2003}",
+        "\t",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn pattern_spans_are_each_patterns_own_matches(
+            pieces in proptest::collection::vec(proptest::sample::select(PIECES), 0..40)
+        ) {
+            let text: String = pieces.concat();
+            assert_same_spans(&mut Patterns::default(), &text);
+        }
     }
 
     #[test]
