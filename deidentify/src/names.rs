@@ -63,13 +63,14 @@ pub(crate) fn word_regex() -> &'static Automaton {
     &WORD
 }
 
-/// Words that introduce a person's name: the name follows them. Word boundaries are ASCII ones, as in
-/// `scrub`'s patterns: the fast engines then run on text in any script (with Unicode boundaries they
-/// give up at the first letter outside ASCII, and a slow one takes over).
+/// Words that introduce a person's name: the name follows them. The word
+/// boundary before each word is spelt as the character before it (none, or one that is not a word
+/// character): the test a Unicode `\b` makes there, which the fast engines cannot run on text outside
+/// ASCII (a slow one would take over). Only whether it matches is asked, so what it consumes is moot.
 static INTRODUCER: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     Regex::new(
-        r"(?i)(?:(?-u:\b)(?:son|daughter|wife|husband|mother|father|brother|sister|partner|spouse|fianc[eé]e?|friend|neighbou?r|caregiver|carer|aunt|uncle|niece|nephew|cousin|grandson|granddaughter|grandmother|grandfather|guardian|stepson|stepdaughter|boyfriend|girlfriend|surgeon|assistant|physiotherapist|therapist|pharmacist|midwife|consultant|registrar|resident|interpreter)(?:'s)?(?:,|:|\s+named|\s+called)?|(?-u:\b)(?:signed|dictated|transcribed|reviewed|seen|examined|referred|discussed with|spoke with|spoke to|called|per)(?:\s+by)?\s*:?|(?-u:\b)(?:attending|provider|physician|nurse|clinician|author|cc|pcp|gp|patient|name)\s*:)\s*$",
+        r"(?i)(?:(?:^|\W)(?:son|daughter|wife|husband|mother|father|brother|sister|partner|spouse|fianc[eé]e?|friend|neighbou?r|caregiver|carer|aunt|uncle|niece|nephew|cousin|grandson|granddaughter|grandmother|grandfather|guardian|stepson|stepdaughter|boyfriend|girlfriend|surgeon|assistant|physiotherapist|therapist|pharmacist|midwife|consultant|registrar|resident|interpreter)(?:'s)?(?:,|:|\s+named|\s+called)?|(?:^|\W)(?:signed|dictated|transcribed|reviewed|seen|examined|referred|discussed with|spoke with|spoke to|called|per)(?:\s+by)?\s*:?|(?:^|\W)(?:attending|provider|physician|nurse|clinician|author|cc|pcp|gp|patient|name)\s*:)\s*$",
     )
     .expect("introducer pattern")
 });
@@ -166,10 +167,11 @@ fn introduces(window: &str) -> bool {
     INTRODUCER_ENDS.iter().any(|w| last.eq_ignore_ascii_case(w)) && INTRODUCER.is_match(window)
 }
 
-/// A credential after a name.
+/// A credential after a name (one ending in a full stop needs nothing after it; the others end where a
+/// word does, tested as for `INTRODUCER`).
 static CREDENTIAL: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"^(?:MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|PharmD|MBBS|MBChB|FRCP|FRCS|CNM|LPN|DDS|OT|PT|SLP)(?-u:\b)")
+    Regex::new(r"^(?:M\.D\.|D\.O\.|(?:MD|DO|RN|NP|PA-C|PA|PhD|PharmD|MBBS|MBChB|FRCP|FRCS|CNM|LPN|DDS|OT|PT|SLP)(?:$|\W))")
         .expect("credential pattern")
 });
 
@@ -323,6 +325,8 @@ mod tests {
         assert_eq!(names("Plan reviewed with J. Ortiz RN."), ["J. Ortiz"]);
         assert_eq!(names("Left a message for Linda."), ["Linda"]);
         assert_eq!(names("Attending: Okonkwo"), ["Okonkwo"]);
+        assert_eq!(names("Reviewed, Zyx Qwerty, M.D. today"), ["Zyx Qwerty"]);
+        assert_eq!(names("Seen with her \u{17f}on Zyx today."), ["Zyx"]);
     }
 
     #[test]

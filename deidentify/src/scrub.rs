@@ -215,15 +215,14 @@ fn after_title(text: &str, start: usize, end: usize) -> usize {
 }
 
 /// A labelled or placed ZIP match (`MA 02118-1234`, `zip code: 02139`): the code is the match's
-/// trailing run of digits and hyphens (what comes before it ends in a space, `:`, `#` or a letter).
+/// trailing run of digits (in any script, as `\d` takes them) and hyphens; what comes before it ends in
+/// whitespace, `:`, `#` or a letter, none of which a digit is.
 fn trailing_code(text: &str, start: usize, end: usize) -> usize {
-    let m = &text.as_bytes()[start..end];
-    let run = m
-        .iter()
-        .rev()
-        .take_while(|b| b.is_ascii_digit() || **b == b'-')
-        .count();
-    end - run
+    let m = &text[start..end];
+    let prefix = m.trim_end_matches(|c: char| {
+        c == '-' || !(c.is_whitespace() || c.is_alphabetic() || c == ':' || c == '#')
+    });
+    start + prefix.len()
 }
 
 /// A labelled ID's value holds a digit (the match runs from the label; the value is its last word).
@@ -504,8 +503,8 @@ impl Patterns {
     pub(crate) fn spans(&mut self, text: &str) -> Vec<(usize, usize, PhiKind)> {
         let mut spans = Vec::new();
         if self.search(text, &mut spans).is_err() {
-            // Not expected (the DFA is configured never to quit or give up); the slower way still
-            // finds every span.
+            // Not expected (with its default configuration the lazy DFA neither quits nor gives up, and
+            // unanchored it never dies); the slower way still finds every span.
             spans.clear();
             each_pattern(text, &mut spans);
         }
@@ -553,8 +552,9 @@ impl Patterns {
     /// The spans of `text`: where each pattern's matches start comes from one reverse pass over all
     /// patterns; each match is then taken by an anchored search at its start. That yields exactly the
     /// matches a leftmost-first search of each pattern alone yields (the next match after one ending
-    /// at `e` is the one starting at the first start at or after `e`), while each pattern reads only
-    /// its own matches rather than the whole text.
+    /// at `e` is the one starting at the first start at or after `e`: true because no pattern matches
+    /// the empty string, which a unit test checks), while each pattern reads only its own matches
+    /// rather than the whole text.
     fn search(&mut self, text: &str, spans: &mut Vec<Span>) -> Result<(), MatchError> {
         self.starts_of_matches(text)?;
         self.found.sort_unstable();
@@ -588,17 +588,18 @@ impl Patterns {
                             ),
                             None => m.span(),
                         };
-                        (m.span(), phi)
+                        (m.span(), Some(phi))
                     }),
                     Some(caps) => {
                         p.re.search_captures_with(&mut self.each[id], &at, caps);
                         caps.get_match()
-                            .map(|m| m.span())
-                            .zip(caps.get_group(p.group))
+                            .map(|m| (m.span(), caps.get_group(p.group)))
                     }
                 };
                 let Some((m, phi)) = found else { continue };
+                // The next match starts after this one, whether or not it is taken.
                 pos = m.end;
+                let Some(phi) = phi else { continue };
                 if p.check.is_none_or(|check| check(text, m.start, m.end)) {
                     spans.push((phi.start, phi.end, p.kind));
                 }
@@ -747,6 +748,8 @@ mod tests {
             "December\n12, 2018 15 May 2024 May 2024 3 May 15, 2024 2024年5月15日 2024年5月",
             "St. Mary General Hospital ABC DEF Clinic Health Center Health Centre \u{2019}Hospital",
             "aged 95 aged of 3 95-year-old 12 y/o 90歳 ＭＲＮ 12345 mrn 1234 ssn 123-45-6789-123",
+            // ZIPs in digits of other scripts, ending before a letter (where an ASCII boundary is).
+            "MA 0211８x MA ０2118 zip 02139-１２３４a Texas ١٢٣٤٥",
         ];
         // A thread's own state, as the scrubbing workers hold it.
         std::thread::scope(|scope| {
@@ -770,87 +773,33 @@ mod tests {
     }
 
     /// Pieces of text the patterns turn on, and their edges: digits and separators of every kind,
-    /// titles, labels, month and state names, capitalised words, other scripts.
+    /// titles, labels, month and state names, capitalised words, other scripts (and digits of other
+    /// scripts, which `\d` takes: fullwidth, Arabic-Indic, Devanagari).
+    #[rustfmt::skip]
     const PIECES: &[&str] = &[
-        "1",
-        "12",
-        "123",
-        "1234",
-        "12345",
-        "1234567",
-        "2024",
-        "-",
-        "/",
-        ".",
-        ":",
-        "#",
-        ",",
-        " ",
-        "  ",
-        "\n",
-        "(",
-        ")",
-        "+",
-        "@",
-        "年",
-        "月",
-        "日",
-        "歳",
-        "様",
-        "é",
-        "’",
-        "'",
-        "Dr",
-        "Mrs",
-        "Ann",
-        "Lee",
-        "Smith",
-        "MD",
-        "RN",
-        "MRN",
-        "NHS",
-        "number",
-        "no",
-        "is",
-        "zip",
-        "code",
-        "MA",
-        "Texas",
-        "New York",
-        "May",
-        "December",
-        "Sept",
-        "of",
-        "st",
-        "year",
-        "years",
-        "old",
-        "y/o",
-        "aged",
-        "age",
-        "Street",
-        "Hospital",
-        "Medical Center",
-        "www",
-        "http://",
-        "example",
-        "org",
-        "A",
-        "B",
-        "x",
-        "son",
-        "Signed",
-        "by",
-        "Linda",
-        "Garcia",
-        "Ms",
-        "Prof",
-        "postal",
-        "postcode",
-        "\u{a0}",
-        "\u{2003}",
-        "\t",
+        "1", "12", "123", "1234", "12345", "1234567", "2024", "-", "/", ".", ":", "#", ",", " ",
+        "  ", "\n", "(", ")", "+", "@", "年", "月", "日", "歳", "様", "é", "’", "'", "Dr", "Mrs", "Ann",
+        "Lee", "Smith", "MD", "RN", "MRN", "NHS", "number", "no", "is", "zip", "code", "MA",
+        "Texas", "New York", "May", "December", "Sept", "of", "st", "year", "years", "old", "y/o",
+        "aged", "age", "Street", "Hospital", "Medical Center", "www", "http://", "example", "org",
+        "A", "B", "x", "son", "Signed", "by", "Linda", "Garcia", "Ms", "Prof", "postal", "postcode",
+        "\u{a0}", "\u{2003}", "\t", "０", "８", "１２３４５", "١٢", "४",
     ];
+
+    #[test]
+    fn no_pattern_matches_the_empty_string() {
+        let sources = PATTERNS
+            .iter()
+            .map(|p| p.src.as_str())
+            .chain([crate::names::WORD_SOURCE]);
+        for src in sources {
+            let hir = regex_automata::util::syntax::parse(src).expect("parses");
+            assert!(
+                hir.properties().minimum_len().is_some_and(|n| n > 0),
+                "{src}"
+            );
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
