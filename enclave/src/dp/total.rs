@@ -12,7 +12,8 @@
 //! | `+`, `-`, `*` on numbers | kept | DataFusion evaluates them wrapping (no overflow error) |
 //! | `+`, `-` with a date, timestamp or interval operand | refused, but for date − date | arrow checks them and fails on overflow; the query could supply the extreme operand |
 //! | unary `-` | `0 - x` for signed integers; kept for floats; refused otherwise | a negated constant is computed checked |
-//! | comparisons, `AND`/`OR`/`NOT`, `IS [NOT] NULL`, `IN (…)`, `BETWEEN`, `CASE` | kept | defined for every value |
+//! | comparisons, `IS [NOT] DISTINCT FROM`, `AND`/`OR`/`NOT`, `IS [NOT] NULL`, `IN (…)`, `BETWEEN`, `CASE` | kept | defined for every value |
+//! | other binary operators (bitwise, shifts, `\|\|`, array and JSON operators such as `@>`) | refused | not on the list; some cannot even be planned on these columns |
 //! | `LIKE`/`ILIKE` | a literal pattern of at most 1,000 characters, no `ESCAPE` | no pattern is built from data; none exceeds the regex size limit |
 //! | regex operators, `SIMILAR TO` | refused | a pattern from data can fail to compile |
 //! | `abs(x)` over a signed integer | argument clamped to `MIN + 1` (`greatest`) | `abs(MIN)` is the only overflow; it saturates |
@@ -303,6 +304,31 @@ fn node(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                     format!("unary minus on {t} is not accepted"),
                 );
             }
+        }
+        Expr::BinaryExpr(BinaryExpr { op, .. })
+            if !matches!(
+                op,
+                Operator::Eq
+                    | Operator::NotEq
+                    | Operator::Lt
+                    | Operator::LtEq
+                    | Operator::Gt
+                    | Operator::GtEq
+                    | Operator::IsDistinctFrom
+                    | Operator::IsNotDistinctFrom
+                    | Operator::And
+                    | Operator::Or
+                    | Operator::Multiply
+            ) =>
+        {
+            // Bitwise and shift operators, `||`, and the array and JSON operators (`@>`, `->`, …,
+            // which DataFusion parses but cannot run on these columns): not on the list.
+            return refuse(
+                Rule::Function,
+                format!(
+                    "the operator {op} is not accepted (arithmetic, comparisons, AND, OR, NOT, IS [NOT] DISTINCT FROM and LIKE are)"
+                ),
+            );
         }
         Expr::BinaryExpr(_)
         | Expr::Column(_)
