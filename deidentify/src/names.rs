@@ -63,10 +63,10 @@ pub(crate) fn word_regex() -> &'static Automaton {
     &WORD
 }
 
-/// Words that introduce a person's name: the name follows them. The word
-/// boundary before each word is spelt as the character before it (none, or one that is not a word
-/// character): the test a Unicode `\b` makes there, which the fast engines cannot run on text outside
-/// ASCII (a slow one would take over). Only whether it matches is asked, so what it consumes is moot.
+/// Words that introduce a person's name: the name follows them. The word boundary before each word is
+/// spelt as the character before it (none, or one that is not a word character): the test a Unicode
+/// `\b` makes there, which the fast engines cannot run on text outside ASCII (a slow one would take
+/// over). Only whether it matches is asked, so what it consumes is moot.
 static INTRODUCER: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     Regex::new(
